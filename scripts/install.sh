@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs whatever sockwatch needs that this Debian machine lacks, then exits.
+# Idempotent: each step checks first. Run as root. Used by scripts/run.sh and scripts/test.sh.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${SOCKWATCH_VENV:-$here/.venv}
+say() { printf 'install: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install: run as root (sudo $0): it installs Debian packages and mounts tracefs" >&2
+  exit 3
+fi
+
+# 1. Debian packages: bcc (python3-bpfcc; PyPI's "bcc" is another project), bpftool,
+#    iproute2 (ss, ip netns), kernel headers for bcc to compile against, venv.
+pkgs=(python3-bpfcc bpftool iproute2 linux-headers-amd64 python3-venv python3-pip procps)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. bcc looks for headers at /lib/modules/$(uname -r)/{build,source}. A kernel without
+#    its own headers package gets Debian's newest ones; sockwatch reads only UAPI structs,
+#    so a version mismatch cannot shift any offset it uses.
+kver=$(uname -r)
+mod=/lib/modules/$kver
+if [ ! -e "$mod/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  com=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+  if [ -z "$hdr" ] || [ -z "$com" ]; then
+    echo "install: no linux-headers-*-amd64 under /usr/src after installing linux-headers-amd64" >&2
+    exit 3
+  fi
+  mkdir -p "$mod"
+  ln -sfn "$hdr" "$mod/build"
+  ln -sfn "$com" "$mod/source"
+  say "linked $mod/build -> $hdr"
+fi
+
+# 3. tracefs (bcc attaches tracepoints through it); a fresh machine has it unmounted.
+if [ ! -d /sys/kernel/tracing/events ]; then
+  mount -t tracefs tracefs /sys/kernel/tracing
+  say "mounted tracefs"
+fi
+
+# 4. A virtual environment on Debian's python3 (the one python3-bpfcc is built for),
+#    seeing its system packages for bcc, with sockwatch and its pinned dependencies.
+extra=${SOCKWATCH_EXTRAS:-}
+stamp="$venv/.sockwatch-installed$extra"
+if [ ! -x "$venv/bin/python" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+  [ -x "$venv/bin/python" ] || { say "creating $venv"; /usr/bin/python3 -m venv --system-site-packages "$venv"; }
+  say "pip install -e .${extra:+[$extra]}"
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$here${extra:+[$extra]}"
+  touch "$stamp"
+fi
+"$venv/bin/python" -c 'import bcc, typer, rich, prometheus_client' \
+  || { echo "install: the virtual environment cannot import bcc/typer/rich/prometheus_client" >&2; exit 3; }

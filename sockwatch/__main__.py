@@ -1,0 +1,3 @@
+from sockwatch.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The long-running agent and the local protocol front ends use to query it."""

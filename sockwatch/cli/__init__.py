@@ -1,0 +1,23 @@
+"""The `sockwatch` command: one module per subcommand."""
+
+from __future__ import annotations
+
+import typer
+
+from sockwatch.cli import doctor, serve, snapshot, status
+
+app = typer.Typer(
+    name="sockwatch",
+    help="Which socket, and which process, owns each port and connection, live, from stable BPF hooks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("snapshot", help=snapshot.HELP)(snapshot.snapshot)
+app.command("serve", help=serve.HELP)(serve.serve)
+app.command("status")(status.status)
+app.command("doctor")(doctor.doctor)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,72 @@
+"""`sockwatch doctor`: what this kernel offers sockwatch, and what to do about gaps."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import typer
+
+from sockwatch.cli.errors import EXIT_ENV
+
+
+def _probe_hooks() -> list[tuple[str, bool, str]]:
+    """Compile the real programs, load each and attach it by link for an instant."""
+    from sockwatch.kernel import bpfload, prereq  # noqa: PLC0415
+
+    out: list[tuple[str, bool, str]] = []
+    try:
+        b = bpfload.compile_programs(max_socks=1024, ringbuf_pages=16)
+    except (bpfload.LoadError, prereq.PrereqError) as e:
+        return [("compile", False, f"{e.what}; {e.fix}")]
+    except Exception as e:  # noqa: BLE001 - report anything else the same way
+        return [("compile", False, str(e))]
+    out.append(("compile", True, "bcc compiled bpf/sockwatch.bpf.c; struct sizes match"))
+    from bcc import BPF  # noqa: PLC0415
+
+    cg = prereq.cgroup2_path() or "/sys/fs/cgroup"
+    cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for h in bpfload.CGROUP_HOOKS:
+            try:
+                fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type)  # type: ignore[attr-defined]
+                os.close(bpfload.link_create(fn.fd, cg_fd, h.attach_type))
+                out.append((h.what, True, "loads and attaches by BPF link"))
+            except Exception as e:  # noqa: BLE001
+                out.append((h.what, False, str(e).splitlines()[0]))
+        missing = bpfload.missing_tracepoints(b)
+        for tp in bpfload.TRACEPOINTS:
+            ok = tp not in missing
+            out.append((f"tracepoint {tp}", ok, "attached (perf event fd)" if ok else "did not attach: is tracefs mounted?"))
+    finally:
+        os.close(cg_fd)
+        b.cleanup()  # type: ignore[attr-defined]
+    return out
+
+
+def doctor() -> None:
+    """Check root, bcc, cgroup v2, tracefs, kernel headers, and that every hook sockwatch
+    uses loads and attaches here. Exit status 3 if anything needed is missing."""
+    from sockwatch.kernel import prereq  # noqa: PLC0415
+
+    typer.echo(f"kernel {platform.release()}")
+    bad = False
+    checks = prereq.checks()
+    for c in checks:
+        needed = c.name != "btf"
+        mark = "ok " if c.ok else ("!! " if needed else "-- ")
+        typer.echo(f"  {mark}{c.name:<10} {c.detail}")
+        if not c.ok:
+            if c.fix:
+                typer.echo(f"               to fix: {c.fix}")
+            bad = bad or needed
+    if all(c.ok for c in checks if c.name in ("root", "bcc", "cgroup2", "headers")):
+        typer.echo("hooks:")
+        for name, ok, detail in _probe_hooks():
+            typer.echo(f"  {'ok ' if ok else '!! '}{name:<36} {detail}")
+            bad = bad or not ok
+        typer.echo("  -- kprobes, fentry/fexit, BPF LSM         not used: sockwatch relies only on stable hooks")
+    else:
+        typer.echo("hooks: not probed until the problems above are fixed")
+    if bad:
+        raise typer.Exit(EXIT_ENV)

@@ -1,0 +1,37 @@
+"""`sockwatch status`: the agent's own health: counts, losses, repairs, memory."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from sockwatch.agent import client
+from sockwatch.agent.protocol import DEFAULT_SOCKET
+from sockwatch.cli.errors import fail, friendly
+
+
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable."),
+    reconcile: bool = typer.Option(False, "--reconcile", help="Compare with the kernel now, then report."),
+    socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="The agent's socket."),
+) -> None:
+    with friendly():
+        answer = client.request("status", socket_path, reconcile=reconcile)
+    if answer is None:
+        raise fail(f"no sockwatch agent is running on {socket_path}", "start one with: sockwatch serve")
+    st = json.loads(answer[1])
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    tr = st["tracker"]
+    lines = [
+        f"agent pid {st['pid']}, up {st['uptime_seconds']:.0f}s, BPF loaded in {st['load_seconds']}s, {st['links']} links",
+        f"sockets {st['sockets']} in {st['namespaces']} namespaces; {st['pending']} waiting for a kernel read",
+        f"memory {st['rss_bytes'] / 2**20:.1f} MiB, cpu {st['cpu_seconds']}s",
+        f"BPF: {st['bpf']['events']} events; lost: ring buffer full {st['bpf']['ringbuf_full']}, "
+        f"map full {st['bpf']['map_full']}, pending full {st['bpf']['pending_full']}",
+        f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
+        f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}",
+    ]
+    typer.echo("\n".join(lines))

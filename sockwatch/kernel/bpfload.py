@@ -1,0 +1,209 @@
+"""Compile bpf/*.c with bcc, check the shared structs, attach every program through a
+BPF link, and give the tracker the maps and the ring buffer.
+
+Links (BPF_LINK_CREATE), never BPF_PROG_ATTACH: a link belongs to its file descriptor,
+so the kernel detaches every program when sockwatch exits, even on SIGKILL. The one
+tracepoint is attached through a perf event fd, which the kernel also closes on exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sockwatch.kernel import abi, prereq
+
+if "/usr/lib/python3/dist-packages" not in sys.path:
+    sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-bpfcc
+
+BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+if not BPF_DIR.is_dir():  # installed as a wheel: the C sources ride along as package data
+    BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+# enum bpf_attach_type (uapi/linux/bpf.h)
+BPF_CGROUP_INET_SOCK_CREATE = 2
+BPF_CGROUP_SOCK_OPS = 3
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_INET6_CONNECT = 11
+BPF_CGROUP_INET4_POST_BIND = 12
+BPF_CGROUP_INET6_POST_BIND = 13
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP6_SENDMSG = 15
+BPF_CGROUP_INET_SOCK_RELEASE = 34
+
+
+@dataclass(frozen=True)
+class Hook:
+    func: str
+    prog_type: str  # attribute name of bcc.BPF
+    attach_type: int
+    what: str
+
+
+CGROUP_HOOKS = (
+    Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (owner)"),
+    Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4"),
+    Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6"),
+    Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release"),
+    Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/state)"),
+    Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP)"),
+    Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP)"),
+    Hook("sw_sendmsg4", "CGROUP_SOCK_ADDR", BPF_CGROUP_UDP4_SENDMSG, "cgroup sendmsg4 (UDP autobind)"),
+    Hook("sw_sendmsg6", "CGROUP_SOCK_ADDR", BPF_CGROUP_UDP6_SENDMSG, "cgroup sendmsg6 (UDP autobind)"),
+)
+# bcc attaches TRACEPOINT_PROBE functions itself when it compiles them.
+TRACEPOINTS = ("syscalls:sys_exit_connect",)
+
+
+def missing_tracepoints(b: object) -> list[str]:
+    attached = getattr(b, "tracepoint_fds", {})
+    return [tp for tp in TRACEPOINTS if tp.encode() not in attached and tp not in attached]
+
+
+class LoadError(RuntimeError):
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
+
+
+def _libbpf() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    lib = ctypes.CDLL(name, use_errno=True)
+    lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_link_create.restype = ctypes.c_int
+    lib.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
+    lib.ring_buffer__epoll_fd.restype = ctypes.c_int
+    return lib
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    fd = _libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
+    if fd < 0:
+        err = -fd if fd < -1 else ctypes.get_errno()
+        raise OSError(err, f"BPF_LINK_CREATE: {os.strerror(err)}")
+    return fd
+
+
+def source_text() -> str:
+    """sockwatch.bpf.c with its *.bpf.c includes inlined (bcc rewrites tracepoint
+    arguments only in the main text)."""
+    main = (BPF_DIR / "sockwatch.bpf.c").read_text()
+    return re.sub(r'#include "(\w+\.bpf\.c)"', lambda m: (BPF_DIR / m.group(1)).read_text(), main)
+
+
+@dataclass
+class Loaded:
+    bpf: object  # bcc.BPF
+    link_fds: list[int] = field(default_factory=list)
+    cgroup_fd: int = -1
+
+    def counters(self) -> dict[str, int]:
+        table = self.bpf["counters"]  # type: ignore[index]
+        out = {}
+        for i, name in enumerate(abi.COUNTER_NAMES):
+            out[name] = int(sum(table.getvalue(table.Key(i))))
+        return out
+
+    def read_table(self) -> list[abi.SwSock]:
+        """Every row of the BPF table, read with batch lookups."""
+        table = self.bpf["socks"]  # type: ignore[index]
+        rows = []
+        try:
+            items = table.items_lookup_batch()
+            for _k, v in items:
+                rows.append(abi.SwSock.from_buffer_copy(v))
+        except Exception:  # noqa: BLE001 - kernels without batch ops: iterate
+            for _k, v in table.items():
+                rows.append(abi.SwSock.from_buffer_copy(v))
+        return rows
+
+    def open_events(self, handle: Callable[[abi.SwEvent], None]) -> int:
+        """Subscribe to the ring buffer; returns an fd to poll for readiness."""
+        size = ctypes.sizeof(abi.SwEvent)
+
+        def _cb(_ctx: object, data: int, length: int) -> int:
+            if length >= size:
+                handle(abi.SwEvent.from_address(data))
+            return 0
+
+        self.bpf["events"].open_ring_buffer(_cb)  # type: ignore[index]
+        manager = self.bpf._ringbuf_manager  # type: ignore[attr-defined]
+        return int(_libbpf().ring_buffer__epoll_fd(manager))
+
+    def consume(self) -> None:
+        """Deliver every event already in the ring buffer, without waiting."""
+        self.bpf.ring_buffer_consume()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for fd in self.link_fds:
+            os.close(fd)
+        self.link_fds.clear()
+        if self.cgroup_fd >= 0:
+            os.close(self.cgroup_fd)
+            self.cgroup_fd = -1
+        self.bpf.cleanup()  # type: ignore[attr-defined]
+
+
+def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 1024) -> object:
+    """Compile with bcc and check struct sizes; raises LoadError with a remedy."""
+    prereq.require()
+    from bcc import BPF  # noqa: PLC0415 - importing bcc is slow and needs root-only paths
+
+    cflags = [f"-I{BPF_DIR}", f"-DSW_MAX_SOCKS={max_socks}", f"-DSW_RINGBUF_PAGES={ringbuf_pages}", "-w"]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    try:
+        os.dup2(devnull, 2)  # clang's chatter about the headers is not for users
+        b = BPF(text=source_text(), cflags=cflags)
+    except Exception as e:
+        os.dup2(saved, 2)
+        raise LoadError(
+            f"bcc could not compile sockwatch's BPF programs ({e})",
+            "check the kernel headers with 'sockwatch doctor'; " + prereq.INSTALL_HINT,
+        ) from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    abi.check_sizes(
+        {
+            "sw_sock": ctypes.sizeof(b["socks"].Leaf),
+            "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
+            "sw_pending": ctypes.sizeof(b["pending_connect"].Leaf),
+        }
+    )
+    return b
+
+
+def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 1024) -> Loaded:
+    """Everything attached; close() (or process exit) detaches everything."""
+    from bcc import BPF  # noqa: PLC0415
+
+    b = compile_programs(max_socks, ringbuf_pages)
+    loaded = Loaded(bpf=b)
+    cg = prereq.cgroup2_path()
+    assert cg is not None  # prereq.require checked it
+    loaded.cgroup_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for h in CGROUP_HOOKS:
+            try:
+                fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type)
+            except Exception as e:
+                raise LoadError(f"the kernel refused to load {h.what}: {e}", "run 'sockwatch doctor'") from None
+            try:
+                loaded.link_fds.append(link_create(fn.fd, loaded.cgroup_fd, h.attach_type))
+            except OSError as e:
+                raise LoadError(f"could not attach {h.what} by BPF link: {e.strerror}", "run 'sockwatch doctor'") from None
+        for tp in missing_tracepoints(b):
+            raise LoadError(f"could not attach tracepoint {tp}", "check tracefs with 'sockwatch doctor'")
+    except BaseException:
+        loaded.close()
+        raise
+    return loaded

@@ -1,0 +1,105 @@
+"""What the kernel and the machine must offer, each checked with one clear sentence
+and what to do about it. `sockwatch doctor` shows them all; other commands stop at
+the first one that fails."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+
+TRACEFS = "/sys/kernel/tracing"
+INSTALL_HINT = "run scripts/install.sh (it installs and links everything sockwatch needs)"
+
+
+class PrereqError(RuntimeError):
+    """A missing prerequisite; str() is the sentence to show, .fix what to do."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def cgroup2_path() -> str | None:
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError:
+        pass
+    return None
+
+
+def headers_dir() -> str | None:
+    """Kernel headers bcc compiles against: /lib/modules/$(uname -r)/build, or kheaders."""
+    build = f"/lib/modules/{platform.release()}/build"
+    if os.path.isdir(os.path.join(build, "include")):
+        return os.path.realpath(build)
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return "/sys/kernel/kheaders.tar.xz"
+    return None
+
+
+def ensure_tracefs() -> bool:
+    """Mount tracefs if it is not (a fresh machine has neither tracefs nor debugfs)."""
+    if os.path.isdir(os.path.join(TRACEFS, "events")):
+        return True
+    if os.geteuid() != 0:
+        return False
+    subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS], capture_output=True, check=False)
+    return os.path.isdir(os.path.join(TRACEFS, "events"))
+
+
+def checks() -> list[Check]:
+    out = []
+    root = os.geteuid() == 0
+    out.append(Check("root", root, "running as root" if root else f"running as uid {os.geteuid()}",
+                     "" if root else "run sockwatch as root (sudo sockwatch ...): BPF and other namespaces need it"))
+    try:
+        import bcc  # noqa: F401
+
+        out.append(Check("bcc", True, "python3-bpfcc importable"))
+    except ImportError:
+        out.append(Check("bcc", False, "bcc's Python module (Debian python3-bpfcc) is not importable",
+                         INSTALL_HINT + "; PyPI's 'bcc' is an unrelated package"))
+    btf = os.path.exists("/sys/kernel/btf/vmlinux")
+    out.append(Check("btf", btf, "/sys/kernel/btf/vmlinux present" if btf else "no kernel BTF",
+                     "" if btf else "not required by sockwatch; needed only by CO-RE tools"))
+    cg = cgroup2_path()
+    out.append(Check("cgroup2", cg is not None, f"cgroup v2 at {cg}" if cg else "no cgroup v2 mount",
+                     "" if cg else "mount it: mount -t cgroup2 none /sys/fs/cgroup/unified"))
+    tr = ensure_tracefs() if root else os.path.isdir(os.path.join(TRACEFS, "events"))
+    out.append(Check("tracefs", tr, f"tracefs at {TRACEFS}" if tr else "tracefs is not mounted",
+                     "" if tr else f"mount it: mount -t tracefs tracefs {TRACEFS}"))
+    hd = headers_dir()
+    out.append(Check("headers", hd is not None,
+                     f"kernel headers at {hd}" if hd else f"no kernel headers for {platform.release()}",
+                     "" if hd else INSTALL_HINT))
+    return out
+
+
+def require(names: tuple[str, ...] = ("root", "bcc", "cgroup2", "tracefs", "headers")) -> None:
+    """Raise PrereqError for the first failed check among `names`."""
+    for c in checks():
+        if c.name in names and not c.ok:
+            raise PrereqError(c.detail, c.fix)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise PrereqError(
+            "sockwatch needs root to read every process's sockets and other network namespaces",
+            "run it with sudo",
+        )

@@ -1,0 +1,81 @@
+"""Human views of the table: grouped the way the kernel keys sockets."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+from sockwatch.model import IPPROTO_UDP, SockRow, TcpState
+
+GROUPS = (
+    ("udp", "UDP sockets, keyed by (local IP, local port); connected ones by the 4-tuple first"),
+    ("listen", "TCP listeners, keyed by (local IP, local port)"),
+    ("conn", "TCP connections, keyed by the 4-tuple"),
+)
+COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "INODE", "COOKIE")
+
+
+def group_of(row: SockRow) -> str:
+    if row.protocol == IPPROTO_UDP:
+        return "udp"
+    return "listen" if row.state == TcpState.LISTEN else "conn"
+
+
+def endpoint(addr: object, port: int, family: int) -> str:
+    a = str(addr)
+    return f"[{a}]:{port}" if family == 6 else f"{a}:{port}"
+
+
+def cells(r: SockRow) -> tuple[str, ...]:
+    remote = endpoint(r.remote_address, r.remote_port, r.family) if r.is_connection else "*"
+    proto = f"{r.proto_name}{r.family}"
+    return (
+        str(r.netns),
+        proto,
+        r.state_name,
+        endpoint(r.local_address, r.local_port, r.family),
+        remote,
+        "" if r.pid is None else str(r.pid),
+        r.comm or "",
+        "" if r.uid is None else str(r.uid),
+        "" if r.inode is None else str(r.inode),
+        str(r.cookie),
+    )
+
+
+def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout) -> None:
+    by_group: dict[str, list[tuple[str, ...]]] = {g: [] for g, _ in GROUPS}
+    for r in rows:
+        by_group[group_of(r)].append(cells(r))
+    rich_ok = out.isatty() and sum(len(v) for v in by_group.values()) <= 2000
+    if rich_ok:
+        from rich.console import Console  # noqa: PLC0415 - only for a terminal
+        from rich.table import Table  # noqa: PLC0415
+
+        console = Console(file=out)
+        for g, title in GROUPS:
+            if not by_group[g]:
+                continue
+            t = Table(title=f"{title} ({len(by_group[g])})", title_justify="left", box=None, header_style="bold")
+            for c in COLUMNS:
+                t.add_column(c, no_wrap=True, justify="right" if c in ("PID", "UID", "INODE", "COOKIE") else "left")
+            for c in by_group[g]:
+                t.add_row(*c)
+            console.print(t)
+            console.print()
+        return
+    all_rows = [c for g, _ in GROUPS for c in by_group[g]]
+    widths = [max([len(h)] + [len(c[i]) for c in all_rows]) for i, h in enumerate(COLUMNS)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    first = True
+    for g, title in GROUPS:
+        if not by_group[g]:
+            continue
+        if not first:
+            out.write("\n")
+        first = False
+        out.write(f"# {title} ({len(by_group[g])})\n")
+        out.write(fmt.format(*COLUMNS).rstrip() + "\n")
+        for c in by_group[g]:
+            out.write(fmt.format(*c).rstrip() + "\n")
