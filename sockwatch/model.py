@@ -128,9 +128,9 @@ class SockRow:
             "protocol": self.proto_name,
             "family": self.family,
             "state": self.state_name,
-            "local_address": str(self.local_address),
+            "local_address": fmt_addr(self.local_address),
             "local_port": self.local_port,
-            "remote_address": str(self.remote_address) if self.is_connection else None,
+            "remote_address": fmt_addr(self.remote_address) if self.remote_address is not None and self.is_connection else None,
             "remote_port": self.remote_port if self.is_connection else 0,
             "pid": self.pid,
             "comm": self.comm,
@@ -146,6 +146,12 @@ class SockRow:
         if self._json is None:
             self._json = json.dumps(self.as_dict(), separators=(",", ":")).encode()
         return self._json
+
+
+def fmt_addr(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """As ss prints it: v4-mapped IPv6 keeps its dotted quad (::ffff:127.0.0.1)."""
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return f"::ffff:{mapped}" if mapped is not None else str(addr)
 
 
 def wildcard(family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-from sockwatch.model import IPPROTO_UDP, SockRow, TcpState
+from sockwatch.model import IPPROTO_UDP, SockRow, TcpState, fmt_addr
 
 GROUPS = (
     ("udp", "UDP sockets, keyed by (local IP, local port); connected ones by the 4-tuple first"),
@@ -23,7 +23,7 @@ def group_of(row: SockRow) -> str:
 
 
 def endpoint(addr: object, port: int, family: int) -> str:
-    a = str(addr)
+    a = fmt_addr(addr)  # type: ignore[arg-type]
     return f"[{a}]:{port}" if family == 6 else f"{a}:{port}"
 
 

@@ -1,0 +1,22 @@
+"""Shared test plumbing. Kernel tests need root and BPF: they fail (never skip) when
+CI=true, so a green CI always means the BPF code ran."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def sockwatch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sockwatch", *args]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/tests/kernel/" in str(item.fspath) or "/bench/" in str(item.fspath):
+            item.add_marker(pytest.mark.kernel)

@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import IN_CI, sockwatch_cmd
+from tests.kernel import oracle
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _kernel_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        from sockwatch.kernel import prereq
+
+        prereq.require()
+    except Exception as e:  # noqa: BLE001
+        return f"BPF prerequisites missing: {e}"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_available() -> None:
+    problem = _kernel_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"kernel tests cannot run in CI: {problem}")
+        pytest.skip(f"kernel tests need root and BPF: {problem}")
+
+
+@dataclass
+class Netns:
+    name: str
+    inode: int
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    """A network namespace of the test's own, removed afterwards by name."""
+    name = f"sw-t-{uuid.uuid4().hex[:10]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield Netns(name, os.stat(f"/run/netns/{name}").st_ino)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class Child:
+    """A process of the test's that opens sockets on command (tests/kernel/sockproc.py)."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        cmd = [sys.executable, os.path.join(HERE, "sockproc.py")]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.do(op="pid")["pid"]
+        assert self.pid == self.proc.pid  # ip netns exec execs in place
+
+    def do(self, **cmd: object) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self.proc.stdout.readline())
+        assert "error" not in out, f"{cmd}: {out}"
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def child_factory() -> Iterator:
+    made: list[Child] = []
+
+    def make(netns: str | None = None) -> Child:
+        c = Child(netns)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+class AgentProc:
+    """`sockwatch serve` as systemd would run it, on a socket of the test's own."""
+
+    def __init__(self) -> None:
+        self.socket = f"/run/sockwatch-test/{uuid.uuid4().hex[:8]}/agent.sock"
+        self.proc = subprocess.Popen(
+            sockwatch_cmd("serve", "--socket", self.socket, "--reconcile-interval", "3600"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sockwatch serve exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            if os.path.exists(self.socket) and self.status_or_none() is not None:
+                return
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError("sockwatch serve did not become ready in 60 s")
+
+    def status_or_none(self, reconcile: bool = False) -> dict | None:
+        args = ["status", "--json", "--socket", self.socket] + (["--reconcile"] if reconcile else [])
+        r = subprocess.run(sockwatch_cmd(*args), capture_output=True, text=True)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def status(self, reconcile: bool = False) -> dict:
+        st = self.status_or_none(reconcile)
+        assert st is not None, "agent did not answer status"
+        return st
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def agent() -> Iterator[AgentProc]:
+    a = AgentProc()
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def fresh_agent() -> Iterator:
+    """Agents a test starts itself (e.g. after its sockets exist)."""
+    made: list[AgentProc] = []
+
+    def make() -> AgentProc:
+        a = AgentProc()
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+
+
+def snapshot(*args: str, socket: str | None = None) -> list[dict]:
+    extra = ["--socket", socket] if socket else ["--standalone"]
+    r = subprocess.run(sockwatch_cmd("snapshot", "--json", *extra, *args), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None) -> list[dict]:
+    """sockwatch's view of the namespace against ss's, taken back to back while the
+    test's sockets hold still. Returns sockwatch's rows."""
+    ours = snapshot("--netns", str(ns.inode), socket=socket)
+    theirs = oracle.ss(ns.name)
+    mine = {oracle.key_of(r): r for r in ours}
+    ss_keys = {r.key for r in theirs}
+    missing = ss_keys - set(mine)
+    extra = set(mine) - ss_keys
+    assert not missing and not extra, f"\nonly in ss: {sorted(map(str, missing))}\nonly in sockwatch: {sorted(map(str, extra))}"
+    for r in ours:
+        assert r["netns"] == ns.inode
+    for r in theirs:
+        row = mine[r.key]
+        if r.cookie is not None:
+            assert row["cookie"] == r.cookie, (r.key, row)
+        if r.users:
+            assert (row["comm"], row["pid"]) in r.users, f"{r.key}: sockwatch says {row['comm']}/{row['pid']}, ss {r.users}"
+        if expect_pid is not None and r.key.state != "TIME-WAIT":
+            assert row["pid"] == expect_pid, (r.key, row)
+    return ours

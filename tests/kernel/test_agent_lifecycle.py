@@ -1,0 +1,67 @@
+"""The agent's life: sockets from before it started, SIGKILL leaving nothing attached,
+one agent per socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from tests.conftest import sockwatch_cmd
+from tests.kernel.conftest import AgentProc, compare_with_ss
+
+
+def bpftool(*args: str) -> list[dict]:
+    r = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout or "[]")
+
+
+def test_sockets_from_before_the_agent_started(netns, child_factory, fresh_agent):
+    c = child_factory(netns.name)
+    lst = c.do(op="tcp_listen", addr="127.0.0.1", port=6000)
+    c.do(op="tcp_connect", addr="127.0.0.1", port=6000, accept_on=lst["id"])
+    c.do(op="udp_connect", addr="127.0.0.1", port=6001)
+    agent = fresh_agent()
+    rows = compare_with_ss(netns, agent.socket, expect_pid=c.pid)
+    assert {r["owner_source"] for r in rows} == {"proc"}  # the /proc scan at start found them
+    # and what happens to them afterwards is followed by the hooks
+    c.do(op="close", id=lst["id"])
+    new = c.do(op="udp_bind", addr="127.0.0.1", port=6002)
+    rows = compare_with_ss(netns, agent.socket, expect_pid=c.pid)
+    assert next(r for r in rows if r["cookie"] == new["cookie"])["owner_source"] == "hook"
+
+
+def test_sigkill_leaves_nothing_attached(fresh_agent):
+    agent: AgentProc = fresh_agent()
+    st = agent.status()
+    assert st["links"] == 9
+    progs = {p["id"]: p for p in bpftool("prog", "show")}
+    links = [link for link in bpftool("link", "show") if progs.get(link.get("prog_id"), {}).get("name", "").startswith("sw_")]
+    assert len(links) == 9, links
+    tracepoints = [p for p in bpftool("perf") if p.get("pid") == agent.proc.pid]
+    assert len(tracepoints) == 1, tracepoints
+    our_progs = {link["prog_id"] for link in links} | {tracepoints[0]["prog_id"]}
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # programs are freed by an RCU callback, not at once
+        left_links = {link["id"] for link in bpftool("link", "show")} & {link["id"] for link in links}
+        left_progs = {p["id"] for p in bpftool("prog", "show")} & our_progs
+        if not left_links and not left_progs:
+            break
+        time.sleep(0.2)
+    assert not left_links, f"links left after SIGKILL: {left_links}"
+    assert not left_progs, f"programs left after SIGKILL: {left_progs}"
+    cg = subprocess.run(["bpftool", "cgroup", "tree"], capture_output=True, text=True).stdout
+    assert not any(line.split()[0].isdigit() for line in cg.splitlines()[1:] if line.split()), cg
+    perf = bpftool("perf")
+    assert not [p for p in perf if p.get("pid") == agent.proc.pid], perf
+
+
+def test_second_agent_on_the_same_socket_is_refused(fresh_agent):
+    agent = fresh_agent()
+    r = subprocess.run(sockwatch_cmd("serve", "--socket", agent.socket), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert f"pid {agent.proc.pid}" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,154 @@
+"""sockwatch's table against ss's, socket for socket, in a namespace of the test's own.
+
+Every scenario runs twice: standalone (sock_diag + /proc) and against a `sockwatch serve`
+started before the sockets exist, where the hooks must have put every row in the table
+(owners from hooks, no reconcile repairs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.kernel.conftest import compare_with_ss
+
+
+@pytest.fixture(params=["standalone", "agent"])
+def mode(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "standalone":
+        return None
+    return request.getfixturevalue("agent").socket
+
+
+def check(netns, mode, child, agent_fixture=None) -> list[dict]:
+    rows = compare_with_ss(netns, mode, expect_pid=child.pid)
+    assert rows, "the scenario opened no sockets?"
+    if mode is not None:
+        for r in rows:
+            if r["state"] != "TIME-WAIT":
+                assert r["owner_source"] in ("hook", "listener"), f"owner of {r} not from a hook"
+    return rows
+
+
+def no_repairs(agent, rows: list[dict]) -> None:
+    st = agent.status(reconcile=True)
+    repaired = set(st["tracker"]["repaired_cookies"])
+    ours = {r["cookie"] for r in rows}
+    assert not (repaired & ours), f"reconcile had to repair {repaired & ours}"
+
+
+@pytest.fixture
+def finish(request: pytest.FixtureRequest, mode):
+    """After a scenario in agent mode: the reconcile must find nothing to repair."""
+
+    def done(rows: list[dict]) -> None:
+        if mode is not None:
+            no_repairs(request.getfixturevalue("agent"), rows)
+
+    return done
+
+
+def test_tcp_listener_and_both_ends(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    lst = c.do(op="tcp_listen", addr="127.0.0.1", port=8080)
+    conns = [c.do(op="tcp_connect", addr="127.0.0.1", port=8080, accept_on=lst["id"]) for _ in range(3)]
+    rows = check(netns, mode, c)
+    by_cookie = {r["cookie"]: r for r in rows}
+    assert by_cookie[lst["cookie"]]["state"] == "LISTEN"
+    for cn in conns:
+        client, server = by_cookie[cn["cookie"]], by_cookie[cn["accepted"]["cookie"]]
+        assert (client["remote_port"], server["remote_port"]) == (8080, client["local_port"])
+        assert client["inode"] == cn["inode"] and server["inode"] == cn["accepted"]["inode"]
+    finish(rows)
+
+
+def test_udp_wildcard_and_specific_same_port(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    c.do(op="udp_bind", addr="0.0.0.0", port=5353, reuseaddr=True)
+    c.do(op="udp_bind", addr="127.0.0.1", port=5353, reuseaddr=True)
+    rows = check(netns, mode, c)
+    assert sorted(r["local_address"] for r in rows if r["local_port"] == 5353) == ["0.0.0.0", "127.0.0.1"]
+    finish(rows)
+
+
+def test_reuseport_groups(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    tcp = [c.do(op="tcp_listen", addr="127.0.0.1", port=9000, reuseport=True) for _ in range(3)]
+    udp = [c.do(op="udp_bind", addr="0.0.0.0", port=9001, reuseport=True) for _ in range(3)]
+    rows = check(netns, mode, c)
+    cookies = {r["cookie"] for r in rows}
+    assert {s["cookie"] for s in tcp + udp} <= cookies
+    finish(rows)
+
+
+def test_ipv6_and_dual_stack_listener_takes_ipv4(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    dual = c.do(op="tcp_listen", family=6, addr="::", port=8443, v6only=False)
+    c.do(op="tcp_listen", family=6, addr="::1", port=8444)
+    c.do(op="udp_bind", family=6, addr="::1", port=5300)
+    v4 = c.do(op="tcp_connect", addr="127.0.0.1", port=8443, accept_on=dual["id"])
+    v6 = c.do(op="tcp_connect", family=6, addr="::1", port=8444)
+    rows = check(netns, mode, c)
+    accepted = next(r for r in rows if r["cookie"] == v4["accepted"]["cookie"])
+    assert accepted["family"] == 6 and accepted["local_address"] == "::ffff:127.0.0.1"
+    assert any(r["cookie"] == v6["cookie"] and r["family"] == 6 for r in rows)
+    finish(rows)
+
+
+def test_connected_udp(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    c.do(op="udp_bind", addr="127.0.0.1", port=5400)
+    auto = c.do(op="udp_connect", addr="127.0.0.1", port=5400)  # autobinds
+    bound = c.do(op="udp_connect", addr="127.0.0.1", port=5400, bind_addr="127.0.0.1", bind_port=5401)
+    v6 = c.do(op="udp_connect", family=6, addr="::1", port=5402)
+    rows = check(netns, mode, c)
+    by_cookie = {r["cookie"]: r for r in rows}
+    for s in (auto, bound, v6):
+        r = by_cookie[s["cookie"]]
+        assert r["state"] == "ESTAB" and r["local_port"] == s["local"][1] and r["remote_port"] == s["remote"][1]
+    finish(rows)
+
+
+def test_autobound_udp_and_tcp(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    srv = c.do(op="tcp_listen", addr="127.0.0.1", port=7000)
+    c.do(op="udp_bind", addr="127.0.0.1", port=7001)
+    sent = c.do(op="udp_sendto", addr="127.0.0.1", port=7001)  # sendto without bind
+    conn = c.do(op="tcp_connect", addr="127.0.0.1", port=7000, accept_on=srv["id"])  # connect without bind
+    nop = c.do(  # IP_BIND_ADDRESS_NO_PORT: bind the address, the port comes at connect
+        op="tcp_connect", addr="127.0.0.1", port=7000, no_port_bind=True, bind_addr="127.0.0.1", accept_on=srv["id"]
+    )
+    nobind = c.do(op="tcp_listen", addr="", bind=False)  # listen without bind: autobound port
+    rows = check(netns, mode, c)
+    by_cookie = {r["cookie"]: r for r in rows}
+    assert by_cookie[sent["cookie"]]["local_port"] == sent["local"][1]
+    assert by_cookie[conn["cookie"]]["local_port"] == conn["local"][1]
+    assert by_cookie[nop["cookie"]]["local_port"] == nop["local"][1]
+    assert by_cookie[nobind["cookie"]]["state"] == "LISTEN" and by_cookie[nobind["cookie"]]["local_port"] == nobind["local"][1]
+    finish(rows)
+
+
+def test_closed_sockets_disappear(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    lst = c.do(op="tcp_listen", addr="127.0.0.1", port=7100)
+    udp = c.do(op="udp_bind", addr="127.0.0.1", port=7101)
+    rst = c.do(op="tcp_connect", addr="127.0.0.1", port=7100, accept_on=lst["id"])
+    tw = c.do(op="tcp_connect", addr="127.0.0.1", port=7100, accept_on=lst["id"])
+    check(netns, mode, c)
+    c.do(op="close", id=udp["id"])
+    c.do(op="close", id=rst["id"], rst=True)
+    c.do(op="close", id=rst["accepted"]["id"])
+    c.do(op="close", id=tw["id"])  # active close: TIME-WAIT once the peer closes too
+    c.do(op="close", id=tw["accepted"]["id"])
+    c.do(op="close", id=lst["id"])
+    rows = check(netns, mode, c)
+    cookies = {r["cookie"] for r in rows}
+    assert not cookies & {udp["cookie"], rst["cookie"], rst["accepted"]["cookie"], lst["cookie"]}
+    assert [r["state"] for r in rows if r["cookie"] == tw["cookie"]] == ["TIME-WAIT"]
+    finish(rows)
+
+
+def test_second_namespace_is_reported_as_such(netns, mode, child_factory, finish):
+    c = child_factory(netns.name)
+    c.do(op="udp_bind", addr="0.0.0.0", port=53)
+    rows = check(netns, mode, c)
+    assert all(r["netns"] == netns.inode for r in rows)
+    finish(rows)
