@@ -130,7 +130,9 @@ class SockRow:
             "state": self.state_name,
             "local_address": fmt_addr(self.local_address),
             "local_port": self.local_port,
-            "remote_address": fmt_addr(self.remote_address) if self.remote_address is not None and self.is_connection else None,
+            "remote_address": fmt_addr(self.remote_address)
+            if self.remote_address is not None and self.is_connection
+            else None,
             "remote_port": self.remote_port if self.is_connection else 0,
             "pid": self.pid,
             "comm": self.comm,

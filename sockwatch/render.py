@@ -14,6 +14,7 @@ GROUPS = (
     ("conn", "TCP connections, keyed by the 4-tuple"),
 )
 COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "INODE", "COOKIE")
+NUMERIC = ("PID", "UID", "INODE", "COOKIE")
 
 
 def group_of(row: SockRow) -> str:
@@ -50,18 +51,18 @@ def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout) -> None:
         by_group[group_of(r)].append(cells(r))
     rich_ok = out.isatty() and sum(len(v) for v in by_group.values()) <= 2000
     if rich_ok:
-        from rich.console import Console  # noqa: PLC0415 - only for a terminal
-        from rich.table import Table  # noqa: PLC0415
+        from rich.console import Console
+        from rich.table import Table
 
         console = Console(file=out)
         for g, title in GROUPS:
             if not by_group[g]:
                 continue
             t = Table(title=f"{title} ({len(by_group[g])})", title_justify="left", box=None, header_style="bold")
-            for c in COLUMNS:
-                t.add_column(c, no_wrap=True, justify="right" if c in ("PID", "UID", "INODE", "COOKIE") else "left")
-            for c in by_group[g]:
-                t.add_row(*c)
+            for name in COLUMNS:
+                t.add_column(name, no_wrap=True, justify="right" if name in NUMERIC else "left")
+            for row in by_group[g]:
+                t.add_row(*row)
             console.print(t)
             console.print()
         return
@@ -77,5 +78,5 @@ def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout) -> None:
         first = False
         out.write(f"# {title} ({len(by_group[g])})\n")
         out.write(fmt.format(*COLUMNS).rstrip() + "\n")
-        for c in by_group[g]:
-            out.write(fmt.format(*c).rstrip() + "\n")
+        for row in by_group[g]:
+            out.write(fmt.format(*row).rstrip() + "\n")

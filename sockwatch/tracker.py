@@ -222,7 +222,10 @@ class Tracker:
             if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN and r.pid is not None:
                 listeners.setdefault((r.netns, r.family, r.local_address, r.local_port), r)
         for r in need:
-            cands = [(r.netns, r.family, r.local_address, r.local_port), (r.netns, r.family, wildcard(r.family), r.local_port)]
+            cands = [
+                (r.netns, r.family, r.local_address, r.local_port),
+                (r.netns, r.family, wildcard(r.family), r.local_port),
+            ]
             mapped = getattr(r.local_address, "ipv4_mapped", None)
             if mapped is not None:
                 cands.append((r.netns, 4, mapped, r.local_port))

@@ -12,17 +12,17 @@ from sockwatch.cli.errors import EXIT_ENV
 
 def _probe_hooks() -> list[tuple[str, bool, str]]:
     """Compile the real programs, load each and attach it by link for an instant."""
-    from sockwatch.kernel import bpfload, prereq  # noqa: PLC0415
+    from sockwatch.kernel import bpfload, prereq
 
     out: list[tuple[str, bool, str]] = []
     try:
         b = bpfload.compile_programs(max_socks=1024, ringbuf_pages=16)
     except (bpfload.LoadError, prereq.PrereqError) as e:
         return [("compile", False, f"{e.what}; {e.fix}")]
-    except Exception as e:  # noqa: BLE001 - report anything else the same way
+    except Exception as e:
         return [("compile", False, str(e))]
     out.append(("compile", True, "bcc compiled bpf/sockwatch.bpf.c; struct sizes match"))
-    from bcc import BPF  # noqa: PLC0415
+    from bcc import BPF
 
     cg = prereq.cgroup2_path() or "/sys/fs/cgroup"
     cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
@@ -32,12 +32,14 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
                 fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type)  # type: ignore[attr-defined]
                 os.close(bpfload.link_create(fn.fd, cg_fd, h.attach_type))
                 out.append((h.what, True, "loads and attaches by BPF link"))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 out.append((h.what, False, str(e).splitlines()[0]))
         missing = bpfload.missing_tracepoints(b)
         for tp in bpfload.TRACEPOINTS:
             ok = tp not in missing
-            out.append((f"tracepoint {tp}", ok, "attached (perf event fd)" if ok else "did not attach: is tracefs mounted?"))
+            out.append(
+                (f"tracepoint {tp}", ok, "attached (perf event fd)" if ok else "did not attach: is tracefs mounted?")
+            )
     finally:
         os.close(cg_fd)
         b.cleanup()  # type: ignore[attr-defined]
@@ -47,7 +49,7 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
 def doctor() -> None:
     """Check root, bcc, cgroup v2, tracefs, kernel headers, and that every hook sockwatch
     uses loads and attaches here. Exit status 3 if anything needed is missing."""
-    from sockwatch.kernel import prereq  # noqa: PLC0415
+    from sockwatch.kernel import prereq
 
     typer.echo(f"kernel {platform.release()}")
     bad = False

@@ -19,11 +19,15 @@ def serve(
     reconcile_interval: float = typer.Option(
         30.0, "--reconcile-interval", min=1.0, help="Seconds between full comparisons with the kernel's tables."
     ),
-    max_socks: int = typer.Option(262144, "--max-sockets", min=1024, max=16_777_216, help="Size of the BPF socket table."),
-    ringbuf_pages: int = typer.Option(1024, "--ringbuf-pages", min=16, help="Ring buffer size in 4 KiB pages (power of two)."),
+    max_socks: int = typer.Option(
+        262144, "--max-sockets", min=1024, max=16_777_216, help="Size of the BPF socket table."
+    ),
+    ringbuf_pages: int = typer.Option(
+        1024, "--ringbuf-pages", min=16, help="Ring buffer size in 4 KiB pages (power of two)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does."),
 ) -> None:
-    from sockwatch.agent.server import Agent, AgentRunning, Settings  # noqa: PLC0415
+    from sockwatch.agent.server import Agent, AgentRunning, Settings
 
     if ringbuf_pages & (ringbuf_pages - 1):
         raise fail(f"--ringbuf-pages {ringbuf_pages} is not a power of two", "use 256, 1024, 4096, ...", 2)

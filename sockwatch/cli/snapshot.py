@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import typer
@@ -39,7 +38,9 @@ def snapshot(
     state: list[str] = typer.Option([], "--state", help="ss's state names: listen, estab, unconn, time-wait, ..."),
     pid: list[str] = typer.Option([], "--pid", help="Owner's process id."),
     netns: list[str] = typer.Option([], "--netns", help="Network namespace inode (stat -L -c %i /proc/PID/ns/net)."),
-    standalone: bool = typer.Option(False, "--standalone", help="Do not ask a running agent; read the kernel directly."),
+    standalone: bool = typer.Option(
+        False, "--standalone", help="Do not ask a running agent; read the kernel directly."
+    ),
     socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="The agent's socket."),
 ) -> None:
     with friendly():
@@ -54,8 +55,8 @@ def snapshot(
                 if answer is not None:
                     _print_rows_from_json(answer[1])
                     return
-        from sockwatch.kernel import prereq  # noqa: PLC0415
-        from sockwatch.tracker import Tracker  # noqa: PLC0415
+        from sockwatch.kernel import prereq
+        from sockwatch.tracker import Tracker
 
         prereq.require_root()
         tracker = Tracker()
@@ -65,11 +66,11 @@ def snapshot(
         finally:
             tracker.registry.close()
         if as_json:
-            from sockwatch.model import render_json  # noqa: PLC0415
+            from sockwatch.model import render_json
 
             _write(render_json(rows))
         else:
-            from sockwatch.render import print_table  # noqa: PLC0415
+            from sockwatch.render import print_table
 
             print_table(rows)
 
@@ -79,10 +80,10 @@ def _write(data: bytes) -> None:
 
 
 def _print_rows_from_json(body: bytes) -> None:
-    import ipaddress  # noqa: PLC0415
+    import ipaddress
 
-    from sockwatch.model import PROTO_NUMBERS, STATE_NUMBERS, SockRow  # noqa: PLC0415
-    from sockwatch.render import print_table  # noqa: PLC0415
+    from sockwatch.model import PROTO_NUMBERS, STATE_NUMBERS, SockRow
+    from sockwatch.render import print_table
 
     rows = []
     for d in json.loads(body):

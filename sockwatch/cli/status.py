@@ -26,7 +26,8 @@ def status(
         return
     tr = st["tracker"]
     lines = [
-        f"agent pid {st['pid']}, up {st['uptime_seconds']:.0f}s, BPF loaded in {st['load_seconds']}s, {st['links']} links",
+        f"agent pid {st['pid']}, up {st['uptime_seconds']:.0f}s, "
+        f"BPF loaded in {st['load_seconds']}s, {st['links']} links",
         f"sockets {st['sockets']} in {st['namespaces']} namespaces; {st['pending']} waiting for a kernel read",
         f"memory {st['rss_bytes'] / 2**20:.1f} MiB, cpu {st['cpu_seconds']}s",
         f"BPF: {st['bpf']['events']} events; lost: ring buffer full {st['bpf']['ringbuf_full']}, "

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sockwatch.kernel import abi, prereq
 
@@ -119,7 +120,7 @@ class Loaded:
             items = table.items_lookup_batch()
             for _k, v in items:
                 rows.append(abi.SwSock.from_buffer_copy(v))
-        except Exception:  # noqa: BLE001 - kernels without batch ops: iterate
+        except Exception:
             for _k, v in table.items():
                 rows.append(abi.SwSock.from_buffer_copy(v))
         return rows
@@ -154,7 +155,7 @@ class Loaded:
 def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 1024) -> object:
     """Compile with bcc and check struct sizes; raises LoadError with a remedy."""
     prereq.require()
-    from bcc import BPF  # noqa: PLC0415 - importing bcc is slow and needs root-only paths
+    from bcc import BPF
 
     cflags = [f"-I{BPF_DIR}", f"-DSW_MAX_SOCKS={max_socks}", f"-DSW_RINGBUF_PAGES={ringbuf_pages}", "-w"]
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -184,9 +185,9 @@ def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 1024) -> obje
 
 def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 1024) -> Loaded:
     """Everything attached; close() (or process exit) detaches everything."""
-    from bcc import BPF  # noqa: PLC0415
+    from bcc import BPF
 
-    b = compile_programs(max_socks, ringbuf_pages)
+    b: Any = compile_programs(max_socks, ringbuf_pages)
     loaded = Loaded(bpf=b)
     cg = prereq.cgroup2_path()
     assert cg is not None  # prereq.require checked it
@@ -200,7 +201,9 @@ def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 1024) -> Loade
             try:
                 loaded.link_fds.append(link_create(fn.fd, loaded.cgroup_fd, h.attach_type))
             except OSError as e:
-                raise LoadError(f"could not attach {h.what} by BPF link: {e.strerror}", "run 'sockwatch doctor'") from None
+                raise LoadError(
+                    f"could not attach {h.what} by BPF link: {e.strerror}", "run 'sockwatch doctor'"
+                ) from None
         for tp in missing_tracepoints(b):
             raise LoadError(f"could not attach tracepoint {tp}", "check tracefs with 'sockwatch doctor'")
     except BaseException:

@@ -65,28 +65,63 @@ def ensure_tracefs() -> bool:
 def checks() -> list[Check]:
     out = []
     root = os.geteuid() == 0
-    out.append(Check("root", root, "running as root" if root else f"running as uid {os.geteuid()}",
-                     "" if root else "run sockwatch as root (sudo sockwatch ...): BPF and other namespaces need it"))
+    out.append(
+        Check(
+            "root",
+            root,
+            "running as root" if root else f"running as uid {os.geteuid()}",
+            "" if root else "run sockwatch as root (sudo sockwatch ...): BPF and other namespaces need it",
+        )
+    )
     try:
         import bcc  # noqa: F401
 
         out.append(Check("bcc", True, "python3-bpfcc importable"))
     except ImportError:
-        out.append(Check("bcc", False, "bcc's Python module (Debian python3-bpfcc) is not importable",
-                         INSTALL_HINT + "; PyPI's 'bcc' is an unrelated package"))
+        out.append(
+            Check(
+                "bcc",
+                False,
+                "bcc's Python module (Debian python3-bpfcc) is not importable",
+                INSTALL_HINT + "; PyPI's 'bcc' is an unrelated package",
+            )
+        )
     btf = os.path.exists("/sys/kernel/btf/vmlinux")
-    out.append(Check("btf", btf, "/sys/kernel/btf/vmlinux present" if btf else "no kernel BTF",
-                     "" if btf else "not required by sockwatch; needed only by CO-RE tools"))
+    out.append(
+        Check(
+            "btf",
+            btf,
+            "/sys/kernel/btf/vmlinux present" if btf else "no kernel BTF",
+            "" if btf else "not required by sockwatch; needed only by CO-RE tools",
+        )
+    )
     cg = cgroup2_path()
-    out.append(Check("cgroup2", cg is not None, f"cgroup v2 at {cg}" if cg else "no cgroup v2 mount",
-                     "" if cg else "mount it: mount -t cgroup2 none /sys/fs/cgroup/unified"))
+    out.append(
+        Check(
+            "cgroup2",
+            cg is not None,
+            f"cgroup v2 at {cg}" if cg else "no cgroup v2 mount",
+            "" if cg else "mount it: mount -t cgroup2 none /sys/fs/cgroup/unified",
+        )
+    )
     tr = ensure_tracefs() if root else os.path.isdir(os.path.join(TRACEFS, "events"))
-    out.append(Check("tracefs", tr, f"tracefs at {TRACEFS}" if tr else "tracefs is not mounted",
-                     "" if tr else f"mount it: mount -t tracefs tracefs {TRACEFS}"))
+    out.append(
+        Check(
+            "tracefs",
+            tr,
+            f"tracefs at {TRACEFS}" if tr else "tracefs is not mounted",
+            "" if tr else f"mount it: mount -t tracefs tracefs {TRACEFS}",
+        )
+    )
     hd = headers_dir()
-    out.append(Check("headers", hd is not None,
-                     f"kernel headers at {hd}" if hd else f"no kernel headers for {platform.release()}",
-                     "" if hd else INSTALL_HINT))
+    out.append(
+        Check(
+            "headers",
+            hd is not None,
+            f"kernel headers at {hd}" if hd else f"no kernel headers for {platform.release()}",
+            "" if hd else INSTALL_HINT,
+        )
+    )
     return out
 
 

@@ -31,7 +31,7 @@ _REQ = struct.Struct("=BBBBI48s")
 # inet_diag_msg: family, state, timer, retrans, sport, dport (big-endian), src, dst, if,
 # cookie (two host-order u32 = one little-endian u64 here), expires, rqueue, wqueue, uid, inode
 _MSG = struct.Struct("<BBBBHH16s16sIQIIIII")
-_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_FAMILY: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 6}
 
 
 class SockDiagError(OSError):

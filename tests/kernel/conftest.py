@@ -25,7 +25,7 @@ def _kernel_problem() -> str | None:
         from sockwatch.kernel import prereq
 
         prereq.require()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"BPF prerequisites missing: {e}"
     return None
 
@@ -125,7 +125,7 @@ class AgentProc:
 
     def status_or_none(self, reconcile: bool = False) -> dict | None:
         args = ["status", "--json", "--socket", self.socket] + (["--reconcile"] if reconcile else [])
-        r = subprocess.run(sockwatch_cmd(*args), capture_output=True, text=True)
+        r = subprocess.run(sockwatch_cmd(*args), check=False, capture_output=True, text=True)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
     def status(self, reconcile: bool = False) -> dict:
@@ -173,7 +173,7 @@ def fresh_agent() -> Iterator:
 
 def snapshot(*args: str, socket: str | None = None) -> list[dict]:
     extra = ["--socket", socket] if socket else ["--standalone"]
-    r = subprocess.run(sockwatch_cmd("snapshot", "--json", *extra, *args), capture_output=True, text=True)
+    r = subprocess.run(sockwatch_cmd("snapshot", "--json", *extra, *args), check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -187,7 +187,9 @@ def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None
     ss_keys = {r.key for r in theirs}
     missing = ss_keys - set(mine)
     extra = set(mine) - ss_keys
-    assert not missing and not extra, f"\nonly in ss: {sorted(map(str, missing))}\nonly in sockwatch: {sorted(map(str, extra))}"
+    assert not missing and not extra, (
+        f"\nonly in ss: {sorted(map(str, missing))}\nonly in sockwatch: {sorted(map(str, extra))}"
+    )
     for r in ours:
         assert r["netns"] == ns.inode
     for r in theirs:
@@ -195,7 +197,9 @@ def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None
         if r.cookie is not None:
             assert row["cookie"] == r.cookie, (r.key, row)
         if r.users:
-            assert (row["comm"], row["pid"]) in r.users, f"{r.key}: sockwatch says {row['comm']}/{row['pid']}, ss {r.users}"
+            assert (row["comm"], row["pid"]) in r.users, (
+                f"{r.key}: sockwatch says {row['comm']}/{row['pid']}, ss {r.users}"
+            )
         if expect_pid is not None and r.key.state != "TIME-WAIT":
             assert row["pid"] == expect_pid, (r.key, row)
     return ours

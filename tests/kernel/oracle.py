@@ -50,7 +50,7 @@ def parse(text: str) -> list[SsRow]:
         rest = " ".join(f[6:])
         la, lp = _endpoint(local, True)
         ra, rp = _endpoint(peer, False)
-        if ra is not None and ra == ipaddress.ip_address("0.0.0.0") or rp == 0:
+        if (ra is not None and ra == ipaddress.ip_address("0.0.0.0")) or rp == 0:
             ra, rp = None, 0
         if ra is not None and ra.version == 6 and int(ra) == 0:
             ra, rp = None, 0

@@ -28,7 +28,13 @@ def info(i, s):
         remote = s.getpeername()
     except OSError:
         remote = None
-    return {"id": i, "cookie": cookie, "inode": ino, "local": list(local[:2]), "remote": list(remote[:2]) if remote else None}
+    return {
+        "id": i,
+        "cookie": cookie,
+        "inode": ino,
+        "local": list(local[:2]),
+        "remote": list(remote[:2]) if remote else None,
+    }
 
 
 def keep(s):

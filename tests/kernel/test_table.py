@@ -122,7 +122,10 @@ def test_autobound_udp_and_tcp(netns, mode, child_factory, finish):
     assert by_cookie[sent["cookie"]]["local_port"] == sent["local"][1]
     assert by_cookie[conn["cookie"]]["local_port"] == conn["local"][1]
     assert by_cookie[nop["cookie"]]["local_port"] == nop["local"][1]
-    assert by_cookie[nobind["cookie"]]["state"] == "LISTEN" and by_cookie[nobind["cookie"]]["local_port"] == nobind["local"][1]
+    assert (
+        by_cookie[nobind["cookie"]]["state"] == "LISTEN"
+        and by_cookie[nobind["cookie"]]["local_port"] == nobind["local"][1]
+    )
     finish(rows)
 
 
