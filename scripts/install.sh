@@ -14,6 +14,8 @@ fi
 # 1. Debian packages: bcc (python3-bpfcc; PyPI's "bcc" is another project), bpftool,
 #    iproute2 (ss, ip netns), kernel headers for bcc to compile against, venv.
 pkgs=(python3-bpfcc bpftool iproute2 linux-headers-amd64 python3-venv python3-pip procps)
+# the tests also compile the shared header with gcc and drop privileges with setpriv
+[ "${SOCKWATCH_EXTRAS:-}" = dev ] && pkgs+=(gcc libc6-dev linux-libc-dev util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

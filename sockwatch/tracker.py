@@ -184,7 +184,7 @@ class Tracker:
                 old.inode = 0  # a time-wait socket has no inode, as ss shows
                 old.ts_ns = s.ts_ns
                 old.touch()
-                self._need(cookie, NEED_TIMEWAIT)
+                self.pending[cookie] = {NEED_TIMEWAIT}
             return
 
         netns = self._netns_inode(s)

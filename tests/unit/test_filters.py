@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sockwatch import filters as flt
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
+
+
+def row(**kw) -> SockRow:
+    base = dict(
+        cookie=1,
+        protocol=IPPROTO_TCP,
+        family=4,
+        state=TcpState.ESTABLISHED,
+        local_address=ipaddress.ip_address("10.0.0.1"),
+        local_port=443,
+        remote_address=ipaddress.ip_address("192.0.2.7"),
+        remote_port=51000,
+        netns=4026531840,
+        pid=100,
+    )
+    base.update(kw)
+    return SockRow(**base)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": ["99999"]}, "out of range"),
+        ({"port": ["-1"]}, "not a number"),
+        ({"port": ["http"]}, "not a number"),
+        ({"port": ["9000-8000"]}, "backwards"),
+        ({"addr": ["10.0.0.300"]}, "not an IP address"),
+        ({"addr": ["10.0.0.0/33"]}, "not an IP address"),
+        ({"state": ["established-ish"]}, "not one of"),
+        ({"protocol": ["sctp"]}, "not tcp or udp"),
+        ({"pid": ["abc"]}, "not a number"),
+        ({"pid": ["0"]}, "positive"),
+        ({"netns": ["-4"]}, "positive"),
+    ],
+)
+def test_malformed_filters_say_what_is_wrong(kwargs, message):
+    with pytest.raises(flt.FilterError, match=message):
+        flt.build(**kwargs)
+
+
+@given(st.integers(min_value=-(10**6), max_value=10**6))
+def test_ports_in_range_parse_and_others_are_rejected(p):
+    if 0 <= p <= 65535:
+        assert flt.parse_port(str(p)) == (p, p)
+    else:
+        with pytest.raises(flt.FilterError):
+            flt.parse_port(str(p))
+
+
+def test_each_filter_matches_what_it_says():
+    r = row()
+    assert flt.build(protocol=["tcp"]).match(r)
+    assert not flt.build(protocol=["udp"]).match(r)
+    assert flt.build(port=["443"]).match(r)
+    assert flt.build(port=["50000-52000"]).match(r)  # the remote port counts too
+    assert not flt.build(port=["80"]).match(r)
+    assert flt.build(addr=["10.0.0.0/8"]).match(r)
+    assert flt.build(addr=["192.0.2.7"]).match(r)
+    assert not flt.build(addr=["172.16.0.0/12"]).match(r)
+    assert flt.build(state=["established"]).match(r)
+    assert flt.build(state=["ESTAB", "listen"]).match(r)
+    assert not flt.build(state=["time_wait"]).match(r)
+    assert flt.build(pid=["100"]).match(r)
+    assert not flt.build(pid=["101"]).match(r)
+    assert flt.build(netns=["4026531840"]).match(r)
+    assert not flt.build(protocol=["tcp"], port=["80"]).match(r)  # AND across options
+
+
+def test_ipv4_filter_matches_v4_mapped_addresses_of_dual_stack_sockets():
+    r = row(family=6, local_address=ipaddress.ip_address("::ffff:127.0.0.1"), remote_address=None, remote_port=0)
+    assert flt.build(addr=["127.0.0.0/8"]).match(r)
+    assert not flt.build(addr=["10.0.0.0/8"]).match(r)
+
+
+def test_unconnected_port_zero_does_not_match_port_zero_filters_by_accident():
+    r = row(protocol=IPPROTO_UDP, state=TcpState.CLOSE, remote_address=None, remote_port=0)
+    assert not flt.build(port=["0-10"]).match(r)
+
+
+def test_wire_round_trip():
+    f = flt.build(protocol=["udp"], port=["53", "8000-8100"], addr=["::1"], state=["unconn"], pid=["7"], netns=["9"])
+    assert flt.from_wire(f.to_wire()) == f

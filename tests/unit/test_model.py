@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, fmt_addr, render_json, sort_key
+
+
+def mk(protocol=IPPROTO_TCP, state=TcpState.LISTEN, local="0.0.0.0", lport=80, remote=None, rport=0, cookie=1):
+    la = ipaddress.ip_address(local)
+    return SockRow(
+        cookie=cookie,
+        protocol=protocol,
+        family=la.version,
+        state=state,
+        local_address=la,
+        local_port=lport,
+        remote_address=ipaddress.ip_address(remote) if remote else None,
+        remote_port=rport,
+    )
+
+
+def test_visible_is_what_the_kernel_hashes():
+    assert mk().visible
+    assert mk(protocol=IPPROTO_UDP, state=TcpState.CLOSE).visible  # unconnected UDP
+    assert not mk(state=TcpState.CLOSE).visible  # bound-only TCP: not in ss -ta
+    assert not mk(lport=0).visible  # IP_BIND_ADDRESS_NO_PORT before connect
+    assert mk(state=TcpState.TIME_WAIT, remote="10.0.0.2", rport=5).visible
+
+
+def test_keys_follow_the_kernel():
+    udp = mk(protocol=IPPROTO_UDP, state=TcpState.CLOSE, local="0.0.0.0", lport=53)
+    conn = mk(state=TcpState.ESTABLISHED, local="10.0.0.1", lport=80, remote="10.0.0.2", rport=4000)
+    assert udp.key() == (0, IPPROTO_UDP, ipaddress.ip_address("0.0.0.0"), 53)
+    assert len(conn.key()) == 6
+
+
+def test_json_has_the_documented_keys_and_ss_state_names():
+    r = mk(protocol=IPPROTO_UDP, state=TcpState.CLOSE, local="::ffff:127.0.0.1", lport=53)
+    d = json.loads(r.json_bytes())
+    assert set(d) >= {
+        "protocol",
+        "family",
+        "state",
+        "local_address",
+        "local_port",
+        "remote_address",
+        "remote_port",
+        "pid",
+        "comm",
+        "uid",
+        "inode",
+        "cookie",
+        "netns",
+    }
+    assert (d["protocol"], d["family"], d["state"], d["local_address"]) == ("udp", 6, "UNCONN", "::ffff:127.0.0.1")
+    assert (d["remote_address"], d["remote_port"]) == (None, 0)
+
+
+def test_json_cache_is_dropped_on_change():
+    r = mk()
+    first = r.json_bytes()
+    r.state = TcpState.CLOSE_WAIT
+    r.touch()
+    assert json.loads(r.json_bytes())["state"] == "CLOSE-WAIT" != json.loads(first)["state"]
+
+
+def test_render_json_is_one_array():
+    rows = [mk(cookie=i, lport=1000 + i) for i in range(5)]
+    assert [d["cookie"] for d in json.loads(render_json(rows))] == list(range(5))
+    assert json.loads(render_json([])) == []
+
+
+def test_grouping_udp_then_listeners_then_connections():
+    conn = mk(state=TcpState.ESTABLISHED, lport=1, remote="10.0.0.2", rport=4000)
+    lst = mk(lport=9)
+    udp = mk(protocol=IPPROTO_UDP, state=TcpState.CLOSE, lport=65000)
+    assert sorted([conn, lst, udp], key=sort_key) == [udp, lst, conn]
+
+
+def test_fmt_addr_keeps_dotted_quads_of_mapped_addresses():
+    assert fmt_addr(ipaddress.ip_address("::ffff:10.1.2.3")) == "::ffff:10.1.2.3"
+    assert fmt_addr(ipaddress.ip_address("2001:db8::1")) == "2001:db8::1"
