@@ -14,7 +14,7 @@
 #define SW_MAX_SOCKS 262144
 #endif
 #ifndef SW_RINGBUF_PAGES
-#define SW_RINGBUF_PAGES 1024 /* 4 MiB, ~43k events before a burst overflows */
+#define SW_RINGBUF_PAGES 4096 /* 16 MiB: ~170k events of burst before a loss */
 #endif
 
 /* Kernel TCP state numbers (include/net/tcp_states.h; not in UAPI). */

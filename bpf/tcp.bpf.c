@@ -54,6 +54,9 @@ static __always_inline int on_state(struct bpf_sock_ops *o)
 		return 1;
 	s->state = new;
 	s->ts_ns = bpf_ktime_get_boot_ns();
+	/* ->ESTABLISHED is followed at once by ACTIVE_ESTABLISHED_CB: one event is enough */
+	if (new == SW_TCP_ESTABLISHED)
+		return 1;
 	emit(s, SW_EV_STATE, old);
 	/* A closed TCP socket is unhashed; its row goes once no file holds it either. */
 	if (new == SW_TCP_CLOSE && (s->flags & SW_F_RELEASED))

@@ -83,6 +83,7 @@ class SockRow:
     flags: int = 0
     ts_ns: int = 0  # CLOCK_BOOTTIME of the last change seen
     _json: bytes | None = field(default=None, repr=False, compare=False)
+    _sort: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def proto_name(self) -> str:
@@ -122,6 +123,7 @@ class SockRow:
     def touch(self) -> None:
         """Drop the cached rendering after a change."""
         self._json = None
+        self._sort = None
 
     def as_dict(self) -> dict:
         return {
@@ -169,6 +171,12 @@ def addr_from_words(family: int, words: bytes) -> ipaddress.IPv4Address | ipaddr
 
 def sort_key(row: SockRow) -> tuple:
     """Group as the kernel keys sockets: UDP, then TCP listeners, then TCP connections."""
+    if row._sort is None:
+        row._sort = _sort_key(row)
+    return row._sort
+
+
+def _sort_key(row: SockRow) -> tuple:
     group = 0 if row.protocol == IPPROTO_UDP else (1 if row.state == TcpState.LISTEN else 2)
     return (
         row.netns,

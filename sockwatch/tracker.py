@@ -96,6 +96,9 @@ class Tracker:
         self.removed_at: dict[int, int] = {}  # cookie -> boottime ns, guards reconcile races
         self.stats = Stats()
         self.unknown_netns: Counter = Counter()  # events whose namespace vanished first
+        self.version = 0  # bumped on every change: views cache what they built from it
+        self._sorted: tuple[int, list[SockRow]] = (-1, [])
+        self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
 
     # ---- reading the kernel's own tables -------------------------------------------------
 
@@ -133,7 +136,9 @@ class Tracker:
                 self.rows[row.cookie] = row
                 fresh.append(row)
         self._fill_owners(fresh)
+        self._listeners = None
         self._inherit_listener_owners(fresh)
+        self.version += 1
 
     # ---- hook events ---------------------------------------------------------------------
 
@@ -145,7 +150,10 @@ class Tracker:
         self.pending.setdefault(cookie, set()).add(reason)
 
     def _remove(self, cookie: int, when: int) -> None:
-        self.rows.pop(cookie, None)
+        row = self.rows.pop(cookie, None)
+        if row is not None and row.state == TcpState.LISTEN:
+            self._listeners = None
+        self.version += 1
         self.pending.pop(cookie, None)
         self.pending_tries.pop(cookie, None)
         self.removed_at[cookie] = when
@@ -154,8 +162,11 @@ class Tracker:
         s = ev.sock
         kind = ev.kind
         self.stats.events[abi.EVENT_NAMES.get(kind, str(kind))] += 1
+        self.version += 1
         cookie = s.cookie
         old = self.rows.get(cookie)
+        if TcpState.LISTEN in (s.state, ev.old_state) or (old is not None and old.state == TcpState.LISTEN):
+            self._listeners = None
 
         if kind == abi.SW_EV_RELEASE:
             if old is None:
@@ -217,10 +228,12 @@ class Tracker:
         need = [r for r in rows if r.pid is None and r.protocol == IPPROTO_TCP and r.is_connection]
         if not need:
             return
-        listeners: dict[tuple, SockRow] = {}
-        for r in self.rows.values():
-            if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN and r.pid is not None:
-                listeners.setdefault((r.netns, r.family, r.local_address, r.local_port), r)
+        if self._listeners is None:  # one pass after listeners changed, not one per accept
+            self._listeners = {}
+            for r in self.rows.values():
+                if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN and r.pid is not None:
+                    self._listeners.setdefault((r.netns, r.family, r.local_address, r.local_port), r)
+        listeners = self._listeners
         for r in need:
             cands = [
                 (r.netns, r.family, r.local_address, r.local_port),
@@ -279,6 +292,9 @@ class Tracker:
                 self.pending.pop(c, None)
                 self.pending_tries.pop(c, None)
                 fixed += 1
+        if fixed:
+            self.version += 1
+            self._listeners = None
         return fixed
 
     @staticmethod
@@ -348,8 +364,10 @@ class Tracker:
                 counts["removed"] += 1
                 self.stats.repaired_cookies.append(cookie)
             self._remove(cookie, boottime_ns())
+        self._listeners = None
         self._fill_owners(added)
         self._inherit_listener_owners(added)
+        self.version += 1
         now = boottime_ns()
         self.removed_at = {c: t for c, t in self.removed_at.items() if now - t < 120_000_000_000}
         self.stats.repairs.update(counts)
@@ -360,7 +378,11 @@ class Tracker:
     # ---- the views' one way in ---------------------------------------------------------------
 
     def snapshot(self, filters: Filters | None = None) -> list[SockRow]:
-        match = filters.match if filters is not None and not filters.empty else None
-        out = [r for r in self.rows.values() if r.visible and (match is None or match(r))]
-        out.sort(key=sort_key)
-        return out
+        """Visible rows in the kernel's grouping; sorted once per table version."""
+        version, ordered = self._sorted
+        if version != self.version:
+            ordered = sorted((r for r in self.rows.values() if r.visible), key=sort_key)
+            self._sorted = (self.version, ordered)
+        if filters is None or filters.empty:
+            return list(ordered)
+        return [r for r in ordered if filters.match(r)]

@@ -33,7 +33,7 @@ class Settings:
     resolve_interval: float = 0.2
     drop_check_interval: float = 1.0
     max_socks: int = 262144
-    ringbuf_pages: int = 1024
+    ringbuf_pages: int = 4096
 
 
 class AgentRunning(RuntimeError):
@@ -57,6 +57,7 @@ class Agent:
         self._last_drops = 0
         self.load_seconds = 0.0
         self.bootstrap_seconds = 0.0
+        self._json_cache: tuple[int, bytes] = (-1, b"")
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -155,7 +156,9 @@ class Agent:
                 next_drops = now + self.settings.drop_check_interval
             if now >= next_reconcile:
                 self.tracker.reconcile(drain=self.loaded.consume)
-                next_reconcile = time.monotonic() + self.settings.reconcile_interval
+                # a full comparison is O(sockets): keep it under 1% of one CPU however large the table
+                spent = self.tracker.stats.last_reconcile_s
+                next_reconcile = time.monotonic() + max(self.settings.reconcile_interval, 100 * spent)
         ep.close()
 
     def _check_drops(self) -> None:
@@ -211,14 +214,27 @@ class Agent:
                 conn.sendall(encode_header(False, error=str(e)))
                 return
             self.tracker.resolve_pending()
-            rows = self.tracker.snapshot(f)
-            conn.sendall(encode_header(True, rows=len(rows)) + render_json(rows))
+            if f.empty:
+                body = self._full_json()
+                conn.sendall(encode_header(True))
+                conn.sendall(body)
+            else:
+                rows = self.tracker.snapshot(f)
+                conn.sendall(encode_header(True, rows=len(rows)) + render_json(rows))
         elif op == "status":
             if req.get("reconcile"):
                 self.tracker.reconcile(drain=self.loaded.consume)
             conn.sendall(encode_header(True) + json.dumps(self.status()).encode() + b"\n")
         else:
             conn.sendall(encode_header(False, error=f"unknown request {op!r}"))
+
+    def _full_json(self) -> bytes:
+        """The whole table as JSON, built once per table version."""
+        version, body = self._json_cache
+        if version != self.tracker.version:
+            body = render_json(self.tracker.snapshot())
+            self._json_cache = (self.tracker.version, body)
+        return body
 
     def status(self) -> dict:
         assert self.loaded is not None

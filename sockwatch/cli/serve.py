@@ -17,13 +17,13 @@ BPF links: when the agent exits, however it exits, the kernel detaches it all.""
 def serve(
     socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="Where to answer queries (root-only)."),
     reconcile_interval: float = typer.Option(
-        30.0, "--reconcile-interval", min=1.0, help="Seconds between full comparisons with the kernel's tables."
+        30.0, "--reconcile-interval", min=1.0, help="Seconds between full comparisons with the kernel's tables (stretched to keep them under 1% CPU)."
     ),
     max_socks: int = typer.Option(
         262144, "--max-sockets", min=1024, max=16_777_216, help="Size of the BPF socket table."
     ),
     ringbuf_pages: int = typer.Option(
-        1024, "--ringbuf-pages", min=16, help="Ring buffer size in 4 KiB pages (power of two)."
+        4096, "--ringbuf-pages", min=16, help="Ring buffer size in 4 KiB pages (power of two)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does."),
 ) -> None:

@@ -7,6 +7,7 @@ a header change that Python does not follow fails loudly instead of misreading.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 
 from sockwatch.model import FAMILY_VERSION, SockRow, TcpState
@@ -98,7 +99,12 @@ def check_sizes(compiled: dict[str, int]) -> None:
 
 
 def _addr(family: int, raw: ctypes.Array) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    b = bytes(raw)
+    return _addr_cached(family, bytes(raw))
+
+
+@functools.lru_cache(maxsize=65536)
+def _addr_cached(family: int, b: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Events repeat few addresses; bounded, since remote peers are unbounded over time."""
     return ipaddress.IPv4Address(b[:4]) if family == 4 else ipaddress.IPv6Address(b)
 
 

@@ -152,7 +152,7 @@ class Loaded:
         self.bpf.cleanup()  # type: ignore[attr-defined]
 
 
-def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 1024) -> object:
+def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 4096) -> object:
     """Compile with bcc and check struct sizes; raises LoadError with a remedy."""
     prereq.require()
     from bcc import BPF
@@ -183,7 +183,7 @@ def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 1024) -> obje
     return b
 
 
-def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 1024) -> Loaded:
+def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 4096) -> Loaded:
     """Everything attached; close() (or process exit) detaches everything."""
     from bcc import BPF
 

@@ -13,6 +13,10 @@ from sockwatch.tracker import NEED_INODE, NEED_ORPHAN, NEED_TIMEWAIT, NEED_TUPLE
 NS_COOKIE, NS_INODE = 4096, 4026532000
 
 
+class Ns:
+    inode = NS_INODE
+
+
 class OneNamespace:
     """The registry's interface for a host with one namespace."""
 
@@ -20,10 +24,7 @@ class OneNamespace:
         self.by_inode: dict = {}
 
     def resolve_cookie(self, cookie: int, pid: int | None = None):
-        class Ns:
-            inode = NS_INODE
-
-        return Ns() if cookie == NS_COOKIE else None
+        return Ns if cookie == NS_COOKIE else None
 
 
 def ev(kind, cookie, proto=IPPROTO_TCP, state=7, local=("0.0.0.0", 0), remote=None, owner=None, flags=0, old=0):

@@ -1,0 +1,176 @@
+"""Snapshot speed at scale, against ss in the same run.
+
+Opens --sockets TCP sockets (spread over processes: one process may hold 20,000 files
+here) in a network namespace of its own, then times, each --repeat times:
+
+  ss -tan            the kernel's table, no owners           (baseline for the agent)
+  ss -tanp           with owners, by scanning /proc/*/fd     (baseline for standalone)
+  sockwatch snapshot --json              asking a running `sockwatch serve`
+  sockwatch snapshot --json --standalone reading the kernel itself
+
+and prints min/median and the ratios the core issue sets (agent <= 1.5x ss -tan;
+standalone <= 1.5x ss -tanp), plus the agent's memory and its CPU while idle.
+Everything it creates (namespace, processes, the agent) is removed by id at the end.
+
+  sudo .venv/bin/python bench/bench_snapshot.py --sockets 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SW = [sys.executable, "-m", "sockwatch"]
+PER_PROCESS = 16_000
+
+
+def timed(cmd: list[str], repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sockets", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument("--json-out", default=os.path.join(HERE, "results", "snapshot.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: run as root (sudo)", file=sys.stderr)
+        return 3
+
+    ns = f"sw-bench-{uuid.uuid4().hex[:8]}"
+    sock = f"/run/sockwatch-bench/{ns}/agent.sock"
+    workers: list[subprocess.Popen] = []
+    agent: subprocess.Popen | None = None
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        agent = subprocess.Popen([*SW, "serve", "--socket", sock, "--max-sockets", "524288"], stderr=subprocess.PIPE)
+        while subprocess.run([*SW, "status", "--socket", sock], check=False, capture_output=True).returncode:
+            if agent.poll() is not None:  # hooks are attached once the agent answers
+                raise SystemExit(f"agent failed: {agent.stderr.read().decode() if agent.stderr else ''}")
+            time.sleep(0.1)
+
+        t0 = time.perf_counter()
+        left, i = args.sockets, 0
+        while left > 0:
+            n = min(PER_PROCESS, left)
+            addr = f"127.0.0.{1 + i}"
+            w = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, os.path.join(HERE, "sockets_worker.py"), str(n), "9000", addr],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            workers.append(w)
+            left -= n
+            i += 1
+        held = sum(int(w.stdout.readline()) for w in workers if w.stdout)
+        opened_s = time.perf_counter() - t0
+
+        def status() -> dict:
+            r = subprocess.run([*SW, "status", "--json", "--socket", sock], check=True, capture_output=True, text=True)
+            return json.loads(r.stdout)
+
+        t0 = time.perf_counter()
+        while (st := status())["pending"] and time.perf_counter() - t0 < 120:
+            time.sleep(0.2)
+        settle_s = time.perf_counter() - t0
+
+        ss_tan = timed(["ss", "-N", ns, "-tan"], args.repeat)
+        ss_tanp = timed(["ss", "-N", ns, "-tanp"], args.repeat)
+        sw_agent = timed([*SW, "snapshot", "--json", "--socket", sock], args.repeat)
+        sw_alone = timed([*SW, "snapshot", "--json", "--standalone"], args.repeat)
+
+        # the agent's own answer has every socket (and ss agrees on the count)
+        rows = json.loads(subprocess.run([*SW, "snapshot", "--json", "--socket", sock], check=True, capture_output=True).stdout)
+        ss_rows = subprocess.run(["ss", "-N", ns, "-tanH"], check=True, capture_output=True, text=True).stdout.count("\n")
+        mine = sum(1 for r in rows if r["protocol"] == "tcp")
+
+        st = status()
+        cpu0 = proc_cpu_seconds(agent.pid)
+        time.sleep(args.idle_seconds)
+        idle_cpu = (proc_cpu_seconds(agent.pid) - cpu0) / args.idle_seconds
+        st_after = status()
+
+        def mm(xs: list[float]) -> str:
+            return f"min {min(xs):.3f}s  median {statistics.median(xs):.3f}s"
+
+        r_agent = statistics.median(sw_agent) / statistics.median(ss_tan)
+        r_alone = statistics.median(sw_alone) / statistics.median(ss_tanp)
+        report = {
+            "sockets_held": held,
+            "tcp_rows_sockwatch": mine,
+            "tcp_rows_ss": ss_rows,
+            "open_seconds": round(opened_s, 2),
+            "agent_settle_seconds": round(settle_s, 2),
+            "ss_tan": sw_round(ss_tan),
+            "ss_tanp": sw_round(ss_tanp),
+            "sockwatch_agent": sw_round(sw_agent),
+            "sockwatch_standalone": sw_round(sw_alone),
+            "ratio_agent_vs_ss_tan": round(r_agent, 3),
+            "ratio_standalone_vs_ss_tanp": round(r_alone, 3),
+            "ratio_agent_vs_ss_tanp": round(statistics.median(sw_agent) / statistics.median(ss_tanp), 3),
+            "agent_rss_mib": round(st["rss_bytes"] / 2**20, 1),
+            "agent_idle_cpu_percent": round(100 * idle_cpu, 2),
+            "agent_bpf": st_after["bpf"],
+            "agent_tracker": {k: v for k, v in st_after["tracker"].items() if k != "repaired_cookies"},
+        }
+        print(f"sockets held: {held} (ss -tan rows {ss_rows}, sockwatch tcp rows {mine}); opened in {opened_s:.1f}s")
+        print(f"agent settled (nothing waiting) {settle_s:.1f}s after")
+        print(f"ss -tan                          {mm(ss_tan)}")
+        print(f"ss -tanp                         {mm(ss_tanp)}")
+        print(f"sockwatch snapshot --json (agent) {mm(sw_agent)}   x{r_agent:.2f} of ss -tan   (target <= 1.5)")
+        print(f"sockwatch snapshot --json --standalone {mm(sw_alone)}   x{r_alone:.2f} of ss -tanp  (target <= 1.5)")
+        print(f"agent: {report['agent_rss_mib']} MiB RSS at {held} sockets; idle CPU {report['agent_idle_cpu_percent']}%")
+        print(f"agent BPF counters: {st_after['bpf']}")
+        os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+        return 0
+    finally:
+        for w in workers:
+            if w.stdin:
+                w.stdin.close()
+        for w in workers:
+            try:
+                w.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(w.pid, signal.SIGKILL)
+                w.wait()
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(agent.pid, signal.SIGKILL)
+                agent.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def sw_round(xs: list[float]) -> dict:
+    return {"min": round(min(xs), 4), "median": round(statistics.median(xs), 4), "runs": [round(x, 4) for x in xs]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
