@@ -29,6 +29,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SW = [sys.executable, "-m", "sockwatch"]
+WORKER = os.path.join(HERE, "sockets_worker.py")
 PER_PROCESS = 16_000
 
 
@@ -51,7 +52,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sockets", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "snapshot.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -77,7 +78,7 @@ def main() -> int:
             n = min(PER_PROCESS, left)
             addr = f"127.0.0.{1 + i}"
             w = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, os.path.join(HERE, "sockets_worker.py"), str(n), "9000", addr],
+                ["ip", "netns", "exec", ns, sys.executable, WORKER, str(n), "9000", addr],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -103,8 +104,10 @@ def main() -> int:
         sw_alone = timed([*SW, "snapshot", "--json", "--standalone"], args.repeat)
 
         # the agent's own answer has every socket (and ss agrees on the count)
-        rows = json.loads(subprocess.run([*SW, "snapshot", "--json", "--socket", sock], check=True, capture_output=True).stdout)
-        ss_rows = subprocess.run(["ss", "-N", ns, "-tanH"], check=True, capture_output=True, text=True).stdout.count("\n")
+        answer = subprocess.run([*SW, "snapshot", "--json", "--socket", sock], check=True, capture_output=True)
+        rows = json.loads(answer.stdout)
+        ss_out = subprocess.run(["ss", "-N", ns, "-tanH"], check=True, capture_output=True, text=True).stdout
+        ss_rows = ss_out.count("\n")
         mine = sum(1 for r in rows if r["protocol"] == "tcp")
 
         st = status()
@@ -142,7 +145,8 @@ def main() -> int:
         print(f"ss -tanp                         {mm(ss_tanp)}")
         print(f"sockwatch snapshot --json (agent) {mm(sw_agent)}   x{r_agent:.2f} of ss -tan   (target <= 1.5)")
         print(f"sockwatch snapshot --json --standalone {mm(sw_alone)}   x{r_alone:.2f} of ss -tanp  (target <= 1.5)")
-        print(f"agent: {report['agent_rss_mib']} MiB RSS at {held} sockets; idle CPU {report['agent_idle_cpu_percent']}%")
+        rss, idle = report["agent_rss_mib"], report["agent_idle_cpu_percent"]
+        print(f"agent: {rss} MiB RSS at {held} sockets; idle CPU {idle}% over {args.idle_seconds:.0f}s")
         print(f"agent BPF counters: {st_after['bpf']}")
         os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
         with open(args.json_out, "w") as f:

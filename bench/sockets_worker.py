@@ -8,7 +8,7 @@ import sys
 
 def main() -> None:
     n, port, addr = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     lst = socket.socket()
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

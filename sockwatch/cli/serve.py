@@ -17,7 +17,10 @@ BPF links: when the agent exits, however it exits, the kernel detaches it all.""
 def serve(
     socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="Where to answer queries (root-only)."),
     reconcile_interval: float = typer.Option(
-        30.0, "--reconcile-interval", min=1.0, help="Seconds between full comparisons with the kernel's tables (stretched to keep them under 1% CPU)."
+        30.0,
+        "--reconcile-interval",
+        min=1.0,
+        help="Seconds between full comparisons with the kernel's tables (stretched to stay under 1% CPU).",
     ),
     max_socks: int = typer.Option(
         262144, "--max-sockets", min=1024, max=16_777_216, help="Size of the BPF socket table."
