@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from sockwatch import filters as flt
 from sockwatch.agent.protocol import MAX_REQUEST, encode_header
-from sockwatch.kernel import bpfload
+from sockwatch.kernel import bpfload, prereq
 from sockwatch.model import render_json
 from sockwatch.tracker import Tracker
 
@@ -91,6 +91,7 @@ class Agent:
         return s
 
     def start(self) -> None:
+        prereq.require()  # before creating anything: a refused start leaves nothing behind
         self.listener = self._claim_socket()
         t0 = time.monotonic()
         self.loaded = bpfload.load_and_attach(self.settings.max_socks, self.settings.ringbuf_pages)

@@ -3,19 +3,61 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import sockwatch_cmd
+from tests.conftest import ROOT, sockwatch_cmd
+
+NOBODY = "65534"
 
 
-def run(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
-    cmd = sockwatch_cmd(*args)
-    if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+def run(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*(prefix or []), *sockwatch_cmd(*args)], check=False, capture_output=True, text=True, timeout=120
+    )
+
+
+def as_nobody(*cmd: str) -> list[str]:
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
+
+
+@pytest.fixture
+def nobody_run() -> Iterator:
+    """Run sockwatch as an unprivileged user. A checkout under a private directory (here
+    /tmp is 0700) is bind-mounted where that user can reach it, and unmounted after."""
+    if os.geteuid() != 0:
+        yield run
+        return
+    reachable = subprocess.run(as_nobody(sys.executable, "-c", "import sockwatch"), check=False).returncode == 0
+    if reachable:
+        yield lambda *args: run(*args, prefix=as_nobody())
+        return
+    if not sys.prefix.startswith(ROOT + os.sep):
+        pytest.fail(f"the venv {sys.prefix} is outside the checkout and not reachable by uid {NOBODY}")
+    top = tempfile.mkdtemp(dir="/var/tmp", prefix="sockwatch-nobody-")
+    os.chmod(top, 0o755)
+    mnt = os.path.join(top, "src")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "--bind", ROOT, mnt], check=True)
+    try:
+        python = os.path.join(mnt, os.path.relpath(sys.executable, ROOT))
+
+        def go(*args: str) -> subprocess.CompletedProcess:
+            env = {**os.environ, "PYTHONPATH": mnt}
+            cmd = as_nobody("env", f"PYTHONPATH={mnt}", python, "-m", "sockwatch", *args)
+            return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env, cwd="/")
+
+        yield go
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+        os.rmdir(mnt)
+        os.rmdir(top)
 
 
 @pytest.mark.parametrize(
@@ -34,11 +76,12 @@ def test_bad_input_is_one_clear_sentence(args, needle):
     assert needle in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
-@pytest.mark.parametrize("args", [["snapshot", "--standalone"], ["serve", "--socket", "/tmp/sw-nonroot/a.sock"]])
-def test_not_root_says_so(args):
-    r = run(*args, user="65534")
+@pytest.mark.parametrize("args", [["snapshot", "--standalone"], ["serve", "--socket", "/var/tmp/sw-nonroot/a.sock"]])
+def test_not_root_says_so(args, nobody_run):
+    assert shutil.which("setpriv"), "setpriv (util-linux) is installed by scripts/install.sh"
+    r = nobody_run(*args)
     assert r.returncode == 3, r
+    assert not os.path.exists("/var/tmp/sw-nonroot"), "a refused start must create nothing"
     assert "root" in r.stderr and "Traceback" not in r.stderr
 
 
