@@ -170,6 +170,11 @@ def main() -> int:
                 os.kill(agent.pid, signal.SIGKILL)
                 agent.wait()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+        for path in (sock, sock + ".lock", os.path.dirname(sock), os.path.dirname(os.path.dirname(sock))):
+            try:
+                os.unlink(path) if path.startswith(sock) else os.rmdir(path)
+            except OSError:
+                pass
 
 
 def sw_round(xs: list[float]) -> dict:

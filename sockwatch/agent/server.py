@@ -119,6 +119,16 @@ class Agent:
             self.loaded.close()
         self.tracker.registry.close()
         if self._lock_fd >= 0:
+            # still holding the lock: nobody else can be using the file or the directory
+            for leftover in (self.settings.socket_path + ".lock",):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+            try:
+                os.rmdir(os.path.dirname(self.settings.socket_path))
+            except OSError:
+                pass  # not empty: something else lives there
             os.close(self._lock_fd)
 
     # ---- the loop ---------------------------------------------------------------------

@@ -105,8 +105,8 @@ def child_factory() -> Iterator:
 class AgentProc:
     """`sockwatch serve` as systemd would run it, on a socket of the test's own."""
 
-    def __init__(self) -> None:
-        self.socket = f"/run/sockwatch-test/{uuid.uuid4().hex[:8]}/agent.sock"
+    def __init__(self, socket: str | None = None) -> None:
+        self.socket = socket or f"/run/sockwatch-test/{uuid.uuid4().hex[:8]}/agent.sock"
         self.proc = subprocess.Popen(
             sockwatch_cmd("serve", "--socket", self.socket, "--reconcile-interval", "3600"),
             stdout=subprocess.DEVNULL,
@@ -142,11 +142,25 @@ class AgentProc:
                 self.kill()
         if self.proc.stderr:
             self.proc.stderr.close()
+        self.remove_files()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """What a SIGKILLed agent could not remove: its socket, lock file and directory."""
+        d = os.path.dirname(self.socket)
+        for f in (self.socket, self.socket + ".lock"):
+            if os.path.exists(f):
+                os.unlink(f)
+        for path in (d, os.path.dirname(d)):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 @pytest.fixture(scope="session")
@@ -161,8 +175,8 @@ def fresh_agent() -> Iterator:
     """Agents a test starts itself (e.g. after its sockets exist)."""
     made: list[AgentProc] = []
 
-    def make() -> AgentProc:
-        a = AgentProc()
+    def make(socket: str | None = None) -> AgentProc:
+        a = AgentProc(socket)
         made.append(a)
         return a
 

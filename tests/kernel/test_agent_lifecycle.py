@@ -60,6 +60,10 @@ def test_sigkill_leaves_nothing_attached(fresh_agent):
     assert not any(line.split()[0].isdigit() for line in cg.splitlines()[1:] if line.split()), cg
     perf = bpftool("perf")
     assert not [p for p in perf if p.get("pid") == agent.proc.pid], perf
+    # what systemd does next: a new agent on the dead one's (stale) socket starts and serves
+    assert os.path.exists(agent.socket)
+    again = fresh_agent(agent.socket)
+    assert again.status()["links"] == 9
 
 
 def test_second_agent_on_the_same_socket_is_refused(fresh_agent):
