@@ -102,9 +102,14 @@ class Tracker:
 
     # ---- reading the kernel's own tables -------------------------------------------------
 
-    def _dump(self, ns: Namespace, protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP)) -> list[sockdiag.DiagSock]:
+    def _dump(
+        self,
+        ns: Namespace,
+        protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP),
+        states: int = sockdiag.ALL_STATES,
+    ) -> list[sockdiag.DiagSock]:
         try:
-            return sockdiag.dump_all(ns.diag, protocols)
+            return sockdiag.dump_all(ns.diag, protocols, states)
         except OSError as e:
             log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
             return []
@@ -253,8 +258,10 @@ class Tracker:
 
     # ---- reading the kernel for what hooks cannot see ---------------------------------------
 
-    def resolve_pending(self, max_tries: int = 5) -> int:
-        """One sock_diag read per (namespace, protocol) that has waiting rows."""
+    def resolve_pending(self, max_tries: int = 5, exact_limit: int = 256) -> int:
+        """Read from the kernel what waiting rows need, as cheaply as the kernel allows:
+        TCP connections by exact 4-tuple lookups (O(1) each), listeners from the listener
+        hash only, everything else (and bursts) with one dump per namespace and protocol."""
         if not self.pending:
             return 0
         groups: dict[tuple[int, int], list[int]] = {}
@@ -271,13 +278,24 @@ class Tracker:
                 for c in cookies:
                     self._remove(c, boottime_ns())
                 continue
-            kernel = {d.cookie: d for d in self._dump(ns, (proto,))}
+            found: dict[int, sockdiag.DiagSock | None] = {}
+            rest = cookies
+            if proto == IPPROTO_TCP:
+                conns = [c for c in cookies if self.rows[c].is_connection]
+                if len(conns) <= exact_limit:
+                    for c in conns:
+                        found[c] = self._lookup(ns, self.rows[c])
+                    rest = [c for c in cookies if c not in found]
+            if rest:
+                only_listeners = proto == IPPROTO_TCP and all(self.rows[c].state == TcpState.LISTEN for c in rest)
+                states = sockdiag.LISTEN_ONLY if only_listeners else sockdiag.ALL_STATES
+                kernel = {d.cookie: d for d in self._dump(ns, (proto,), states)}
+                found.update((c, kernel.get(c)) for c in rest)
             self.stats.resolves += 1
-            for c in cookies:
+            for c, d in found.items():
                 row = self.rows[c]
                 reasons = self.pending.get(c, set())
-                d = kernel.get(c)
-                if d is None:
+                if d is None or d.cookie != c:
                     if reasons & {NEED_TIMEWAIT, NEED_ORPHAN}:
                         self._remove(c, boottime_ns())  # it is gone from the kernel too
                         fixed += 1
@@ -296,6 +314,22 @@ class Tracker:
             self.version += 1
             self._listeners = None
         return fixed
+
+    def _lookup(self, ns: Namespace, row: SockRow) -> sockdiag.DiagSock | None:
+        assert row.remote_address is not None
+        try:
+            return sockdiag.lookup_one(
+                ns.diag,
+                row.protocol,
+                row.family,
+                row.local_address,
+                row.local_port,
+                row.remote_address,
+                row.remote_port,
+            )
+        except OSError as e:
+            log.warning("sock_diag lookup in netns %s failed: %s", ns.inode, e)
+            return None
 
     @staticmethod
     def _take_kernel_fields(row: SockRow, d: sockdiag.DiagSock) -> bool:

@@ -167,9 +167,9 @@ class Agent:
                 next_drops = now + self.settings.drop_check_interval
             if now >= next_reconcile:
                 self.tracker.reconcile(drain=self.loaded.consume)
-                # a full comparison is O(sockets): keep it under 1% of one CPU however large the table
+                # a full comparison is O(sockets): keep it under 0.5% of one CPU however large the table
                 spent = self.tracker.stats.last_reconcile_s
-                next_reconcile = time.monotonic() + max(self.settings.reconcile_interval, 100 * spent)
+                next_reconcile = time.monotonic() + max(self.settings.reconcile_interval, 200 * spent)
         ep.close()
 
     def _check_drops(self) -> None:

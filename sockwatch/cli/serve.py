@@ -20,7 +20,7 @@ def serve(
         30.0,
         "--reconcile-interval",
         min=1.0,
-        help="Seconds between full comparisons with the kernel's tables (stretched to stay under 1% CPU).",
+        help="Seconds between full comparisons with the kernel's tables (stretched to stay under 0.5% CPU).",
     ),
     max_socks: int = typer.Option(
         262144, "--max-sockets", min=1024, max=16_777_216, help="Size of the BPF socket table."

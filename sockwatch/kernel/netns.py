@@ -12,6 +12,7 @@ import ctypes
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -85,6 +86,7 @@ class NamespaceRegistry:
     def __init__(self) -> None:
         self.by_inode: dict[int, Namespace] = {}
         self.by_cookie: dict[int, Namespace] = {}
+        self._missed: dict[int, float] = {}  # cookie -> when a full search last failed
 
     def _open(self, path: str) -> Namespace | None:
         try:
@@ -138,8 +140,16 @@ class NamespaceRegistry:
             if cand is not None and cand.cookie == cookie:
                 ns = cand
         if ns is None:
+            # a full search scans /proc: at most once a second for a cookie nobody has
+            now = time.monotonic()
+            if now - self._missed.get(cookie, -10.0) < 1.0:
+                return None
             self.refresh()
             ns = self.by_cookie.get(cookie)
+            if ns is None:
+                if len(self._missed) > 4096:
+                    self._missed.clear()
+                self._missed[cookie] = now
         return ns
 
     def prune(self) -> list[Namespace]:

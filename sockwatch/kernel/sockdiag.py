@@ -24,6 +24,8 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 # TCP states 0..11 as ss -a asks (request sockets are reported as SYN-RECV).
 ALL_STATES = 0xFFF
+LISTEN_ONLY = 1 << 10  # the kernel then walks the listener hash only
+INET_DIAG_NOCOOKIE = 0xFFFFFFFFFFFFFFFF
 
 _NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, sockid(48)
@@ -131,11 +133,56 @@ def dump(
             off += (length + 3) & ~3
 
 
-def dump_all(sock: socket.socket, protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP)) -> list[DiagSock]:
+def _sockid(family: int, local: bytes, lport: int, remote: bytes, rport: int, cookie: int) -> bytes:
+    return (
+        struct.pack(">HH", lport, rport)
+        + local.ljust(16, b"\0")
+        + remote.ljust(16, b"\0")
+        + struct.pack("=IQ", 0, cookie)
+    )
+
+
+def lookup_one(
+    sock: socket.socket,
+    protocol: int,
+    family: int,
+    local: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    lport: int,
+    remote: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    rport: int,
+) -> DiagSock | None:
+    """The one socket with this 4-tuple (the kernel's own exact lookup: O(1), where a
+    dump walks every socket). None if there is none."""
+    af = socket.AF_INET6 if family == 6 else socket.AF_INET
+    sockid = _sockid(af, local.packed, lport, remote.packed, rport, INET_DIAG_NOCOOKIE)
+    req = _REQ.pack(af, protocol, 0, 0, ALL_STATES, sockid)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 2, 0) + req)
+    data = sock.recv(65536)
+    length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
+    if mtype == NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
+        if -err in (errno.ENOENT, errno.ESTALE, 0):
+            return None
+        raise SockDiagError(-err, f"sock_diag lookup failed: {errno.errorcode.get(-err, -err)}")
+    if mtype != SOCK_DIAG_BY_FAMILY or length < _NLMSGHDR.size + _MSG.size:
+        return None
+    (_f, state, _t, _r, sp, dp, src, dst, _if, cookie, _e, _rq, _wq, uid, inode) = _MSG.unpack_from(
+        data, _NLMSGHDR.size
+    )
+    fam = _FAMILY[af]
+    cache = AddrCache()
+    return DiagSock(
+        protocol, fam, state, cache.get(fam, src), _swap16(sp), cache.get(fam, dst), _swap16(dp), cookie, uid, inode
+    )
+
+
+def dump_all(
+    sock: socket.socket, protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP), states: int = ALL_STATES
+) -> list[DiagSock]:
     """TCP and UDP, IPv4 and IPv6, in the namespace of `sock`."""
     cache = AddrCache()
     out: list[DiagSock] = []
     for proto in protocols:
         for family in (socket.AF_INET, socket.AF_INET6):
-            out.extend(dump(sock, proto, family, cache=cache))
+            out.extend(dump(sock, proto, family, states, cache=cache))
     return out
