@@ -147,6 +147,8 @@ def main() -> int:
         print(f"sockwatch snapshot --json --standalone {mm(sw_alone)}   x{r_alone:.2f} of ss -tanp  (target <= 1.5)")
         rss, idle = report["agent_rss_mib"], report["agent_idle_cpu_percent"]
         print(f"agent: {rss} MiB RSS at {held} sockets; idle CPU {idle}% over {args.idle_seconds:.0f}s")
+        tr = st_after["tracker"]
+        print(f"agent reconciles: {tr['reconciles']} in the run, the last took {tr['last_reconcile_seconds']}s of CPU")
         print(f"agent BPF counters: {st_after['bpf']}")
         os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
         with open(args.json_out, "w") as f:
