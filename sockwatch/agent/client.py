@@ -63,15 +63,15 @@ def stream(op: str, out_fd: int, path: str = DEFAULT_SOCKET, **args: object) -> 
     with s:
         s.sendall(encode_request(op, **args))
         header, body = _read_header(s)
-        _write_all(out_fd, body)
+        write_all(out_fd, body)
         buf = bytearray(1 << 20)
         view = memoryview(buf)
         while n := s.recv_into(buf):
-            _write_all(out_fd, view[:n])
+            write_all(out_fd, view[:n])
     return header
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)

@@ -68,15 +68,11 @@ def snapshot(
         if as_json:
             from sockwatch.model import render_json
 
-            _write(render_json(rows))
+            client.write_all(sys.stdout.fileno(), render_json(rows))
         else:
             from sockwatch.render import print_table
 
             print_table(rows)
-
-
-def _write(data: bytes) -> None:
-    client._write_all(sys.stdout.fileno(), data)
 
 
 def _print_rows_from_json(body: bytes) -> None:
