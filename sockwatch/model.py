@@ -162,13 +162,6 @@ def wildcard(family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.IPv4Address(0) if family == 4 else ipaddress.IPv6Address(0)
 
 
-def addr_from_words(family: int, words: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Address from 16 network-order bytes (IPv4 in the first 4)."""
-    if family == 4:
-        return ipaddress.IPv4Address(words[:4])
-    return ipaddress.IPv6Address(words[:16])
-
-
 def sort_key(row: SockRow) -> tuple:
     """Group as the kernel keys sockets: UDP, then TCP listeners, then TCP connections."""
     if row._sort is None:

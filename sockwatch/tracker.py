@@ -52,6 +52,7 @@ class Stats:
     resolves: int = 0
     resyncs: int = 0
     unresolved: int = 0
+    unknown_netns: int = 0  # events dropped: their namespace was gone before we could name it
     last_reconcile_s: float = 0.0
     repaired_cookies: deque = field(default_factory=lambda: deque(maxlen=4096))
 
@@ -64,6 +65,7 @@ class Stats:
             "resolves": self.resolves,
             "resyncs": self.resyncs,
             "unresolved": self.unresolved,
+            "unknown_netns": self.unknown_netns,
             "last_reconcile_seconds": round(self.last_reconcile_s, 4),
             "repaired_cookies": list(self.repaired_cookies),
         }
@@ -95,7 +97,6 @@ class Tracker:
         self.pending_tries: Counter = Counter()
         self.removed_at: dict[int, int] = {}  # cookie -> boottime ns, guards reconcile races
         self.stats = Stats()
-        self.unknown_netns: Counter = Counter()  # events whose namespace vanished first
         self.version = 0  # bumped on every change: views cache what they built from it
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
@@ -205,7 +206,7 @@ class Tracker:
 
         netns = self._netns_inode(s)
         if netns is None:
-            self.unknown_netns[s.netns_cookie] += 1
+            self.stats.unknown_netns += 1
             return
         row = abi.row_from_sock(s, netns)
         if old is not None:

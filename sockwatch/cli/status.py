@@ -33,6 +33,7 @@ def status(
         f"BPF: {st['bpf']['events']} events; lost: ring buffer full {st['bpf']['ringbuf_full']}, "
         f"map full {st['bpf']['map_full']}, pending full {st['bpf']['pending_full']}",
         f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
-        f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}",
+        f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}, "
+        f"events from vanished namespaces {tr['unknown_netns']}",
     ]
     typer.echo("\n".join(lines))

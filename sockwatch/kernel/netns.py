@@ -14,14 +14,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from sockwatch.kernel import sockdiag
 
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71
-SO_COOKIE = 57
 _libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.Lock()
 T = TypeVar("T")
@@ -47,10 +46,6 @@ def in_netns(ns_fd: int, fn: Callable[[], T]) -> T:
             os.close(home)
 
 
-def socket_cookie(s: socket.socket) -> int:
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
-
-
 def netns_cookie_of(s: socket.socket) -> int:
     return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
@@ -61,23 +56,22 @@ class Namespace:
     cookie: int
     fd: int  # keeps the namespace alive and enterable while we know it
     diag: socket.socket  # sock_diag socket opened inside it
-    names: set[str] = field(default_factory=set)  # /run/netns names, if any
 
     def close(self) -> None:
         self.diag.close()
         os.close(self.fd)
 
 
-def _candidates() -> Iterator[tuple[str, str | None]]:
-    """(path of a namespace file, its ip-netns name or None), cheapest sources first."""
+def _candidates() -> Iterator[str]:
+    """Paths of namespace files: ip-netns names (which may hold no process) and processes'."""
     try:
         for name in sorted(os.listdir("/run/netns")):
-            yield f"/run/netns/{name}", name
+            yield f"/run/netns/{name}"
     except OSError:
         pass
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            yield f"/proc/{pid}/ns/net", None
+            yield f"/proc/{pid}/ns/net"
 
 
 class NamespaceRegistry:
@@ -110,19 +104,15 @@ class NamespaceRegistry:
     def refresh(self) -> list[Namespace]:
         """Find namespaces not known yet (stat first: entering is the costly part)."""
         new: list[Namespace] = []
-        for path, name in _candidates():
+        for path in _candidates():
             try:
                 inode = os.stat(path).st_ino
             except OSError:
                 continue
-            ns = self.by_inode.get(inode)
-            if ns is None:
+            if inode not in self.by_inode:
                 ns = self._open(path)
-                if ns is None:
-                    continue
-                new.append(ns)
-            if name:
-                ns.names.add(name)
+                if ns is not None:
+                    new.append(ns)
         return new
 
     def for_pid(self, pid: int) -> Namespace | None:
@@ -156,7 +146,7 @@ class NamespaceRegistry:
         """Forget namespaces nothing else holds any more (we hold one fd; nsfs has nlink 1)."""
         gone = []
         live: set[int] = set()
-        for path, _ in _candidates():
+        for path in _candidates():
             try:
                 live.add(os.stat(path).st_ino)
             except OSError:

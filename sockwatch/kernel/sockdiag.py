@@ -133,7 +133,7 @@ def dump(
             off += (length + 3) & ~3
 
 
-def _sockid(family: int, local: bytes, lport: int, remote: bytes, rport: int, cookie: int) -> bytes:
+def _sockid(local: bytes, lport: int, remote: bytes, rport: int, cookie: int) -> bytes:
     return (
         struct.pack(">HH", lport, rport)
         + local.ljust(16, b"\0")
@@ -154,7 +154,7 @@ def lookup_one(
     """The one socket with this 4-tuple (the kernel's own exact lookup: O(1), where a
     dump walks every socket). None if there is none."""
     af = socket.AF_INET6 if family == 6 else socket.AF_INET
-    sockid = _sockid(af, local.packed, lport, remote.packed, rport, INET_DIAG_NOCOOKIE)
+    sockid = _sockid(local.packed, lport, remote.packed, rport, INET_DIAG_NOCOOKIE)
     req = _REQ.pack(af, protocol, 0, 0, ALL_STATES, sockid)
     sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 2, 0) + req)
     data = sock.recv(65536)
@@ -169,11 +169,9 @@ def lookup_one(
     (_f, state, _t, _r, sp, dp, src, dst, _if, cookie, _e, _rq, _wq, uid, inode) = _MSG.unpack_from(
         data, _NLMSGHDR.size
     )
-    fam = _FAMILY[af]
-    cache = AddrCache()
-    return DiagSock(
-        protocol, fam, state, cache.get(fam, src), _swap16(sp), cache.get(fam, dst), _swap16(dp), cookie, uid, inode
-    )
+    n = 4 if family == 4 else 16
+    got_local, got_remote = ipaddress.ip_address(src[:n]), ipaddress.ip_address(dst[:n])
+    return DiagSock(protocol, family, state, got_local, _swap16(sp), got_remote, _swap16(dp), cookie, uid, inode)
 
 
 def dump_all(

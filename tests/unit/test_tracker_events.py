@@ -137,4 +137,4 @@ def test_events_from_an_unknown_namespace_are_counted_not_guessed():
     e = ev(abi.SW_EV_BIND, 9, IPPROTO_UDP, local=("0.0.0.0", 1))
     e.sock.netns_cookie = 1
     t.apply(e)
-    assert t.rows == {} and t.unknown_netns[1] == 1
+    assert t.rows == {} and t.stats.unknown_netns == 1
