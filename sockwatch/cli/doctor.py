@@ -17,7 +17,7 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
     out: list[tuple[str, bool, str]] = []
     try:
         b = bpfload.compile_programs(max_socks=1024, ringbuf_pages=16)
-    except (bpfload.LoadError, prereq.PrereqError) as e:
+    except bpfload.LoadError as e:
         return [("compile", False, f"{e.what}; {e.fix}")]
     except Exception as e:
         return [("compile", False, str(e))]

@@ -153,8 +153,8 @@ class Loaded:
 
 
 def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 4096) -> object:
-    """Compile with bcc and check struct sizes; raises LoadError with a remedy."""
-    prereq.require()
+    """Compile with bcc and check struct sizes; raises LoadError with a remedy.
+    Callers have run prereq.require() (or doctor's checks) first."""
     from bcc import BPF
 
     cflags = [f"-I{BPF_DIR}", f"-DSW_MAX_SOCKS={max_socks}", f"-DSW_RINGBUF_PAGES={ringbuf_pages}", "-w"]
@@ -184,7 +184,8 @@ def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 4096) -> obje
 
 
 def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 4096) -> Loaded:
-    """Everything attached; close() (or process exit) detaches everything."""
+    """Everything attached; close() (or process exit) detaches everything. Callers have run
+    prereq.require() first (the agent does, before it creates its socket)."""
     from bcc import BPF
 
     b: Any = compile_programs(max_socks, ringbuf_pages)

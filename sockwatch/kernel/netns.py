@@ -81,6 +81,7 @@ class NamespaceRegistry:
         self.by_inode: dict[int, Namespace] = {}
         self.by_cookie: dict[int, Namespace] = {}
         self._missed: dict[int, float] = {}  # cookie -> when a full search last failed
+        self._seen: set[int] | None = None  # inodes the last refresh found on the host
 
     def _open(self, path: str) -> Namespace | None:
         try:
@@ -99,20 +100,25 @@ class NamespaceRegistry:
             return None
         self.by_inode[inode] = ns
         self.by_cookie[ns.cookie] = ns
+        if self._seen is not None:
+            self._seen.add(inode)  # found alive now, even if after the last scan
         return ns
 
     def refresh(self) -> list[Namespace]:
         """Find namespaces not known yet (stat first: entering is the costly part)."""
         new: list[Namespace] = []
+        seen: set[int] = set()
         for path in _candidates():
             try:
                 inode = os.stat(path).st_ino
             except OSError:
                 continue
+            seen.add(inode)
             if inode not in self.by_inode:
                 ns = self._open(path)
                 if ns is not None:
                     new.append(ns)
+        self._seen = seen
         return new
 
     def for_pid(self, pid: int) -> Namespace | None:
@@ -143,14 +149,12 @@ class NamespaceRegistry:
         return ns
 
     def prune(self) -> list[Namespace]:
-        """Forget namespaces nothing else holds any more (we hold one fd; nsfs has nlink 1)."""
-        gone = []
-        live: set[int] = set()
-        for path in _candidates():
-            try:
-                live.add(os.stat(path).st_ino)
-            except OSError:
-                pass
+        """Forget namespaces the last refresh() found nothing else holding (we hold an fd,
+        so they would otherwise live on); reuses that scan rather than walking /proc again."""
+        gone: list[Namespace] = []
+        live = self._seen
+        if live is None:
+            return gone
         for inode, ns in list(self.by_inode.items()):
             if inode not in live:
                 gone.append(ns)
