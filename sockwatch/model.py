@@ -145,6 +145,27 @@ class SockRow:
             "owner_source": self.owner_source,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> SockRow:
+        """The inverse of as_dict (a front end rebuilding rows from the agent's JSON)."""
+        remote = d["remote_address"]
+        return cls(
+            cookie=d["cookie"],
+            protocol=PROTO_NUMBERS[d["protocol"]],
+            family=d["family"],
+            state=STATE_NUMBERS.get(d["state"], 0),
+            local_address=ipaddress.ip_address(d["local_address"]),
+            local_port=d["local_port"],
+            remote_address=ipaddress.ip_address(remote) if remote else None,
+            remote_port=d["remote_port"],
+            netns=d["netns"],
+            inode=d["inode"],
+            pid=d["pid"],
+            comm=d["comm"],
+            uid=d["uid"],
+            owner_source=d.get("owner_source"),
+        )
+
     def json_bytes(self) -> bytes:
         """The row as JSON, rendered once per change (the agent answers with these)."""
         if self._json is None:

@@ -76,29 +76,7 @@ def snapshot(
 
 
 def _print_rows_from_json(body: bytes) -> None:
-    import ipaddress
-
-    from sockwatch.model import PROTO_NUMBERS, STATE_NUMBERS, SockRow
+    from sockwatch.model import SockRow
     from sockwatch.render import print_table
 
-    rows = []
-    for d in json.loads(body):
-        rows.append(
-            SockRow(
-                cookie=d["cookie"],
-                protocol=PROTO_NUMBERS[d["protocol"]],
-                family=d["family"],
-                state=STATE_NUMBERS.get(d["state"], 0),
-                local_address=ipaddress.ip_address(d["local_address"]),
-                local_port=d["local_port"],
-                remote_address=ipaddress.ip_address(d["remote_address"]) if d["remote_address"] else None,
-                remote_port=d["remote_port"],
-                netns=d["netns"],
-                inode=d["inode"],
-                pid=d["pid"],
-                comm=d["comm"],
-                uid=d["uid"],
-                owner_source=d.get("owner_source"),
-            )
-        )
-    print_table(rows)
+    print_table([SockRow.from_dict(d) for d in json.loads(body)])

@@ -57,6 +57,17 @@ def test_json_has_the_documented_keys_and_ss_state_names():
     assert (d["remote_address"], d["remote_port"]) == (None, 0)
 
 
+def test_from_dict_inverts_as_dict():
+    rows = [
+        mk(),
+        mk(protocol=IPPROTO_UDP, state=TcpState.CLOSE, local="::ffff:127.0.0.1", lport=53),
+        mk(state=TcpState.TIME_WAIT, local="2001:db8::1", lport=443, remote="2001:db8::2", rport=40000),
+    ]
+    rows[0].pid, rows[0].comm, rows[0].uid, rows[0].inode, rows[0].owner_source = 7, "nginx", 33, 1234, "hook"
+    for r in rows:
+        assert SockRow.from_dict(r.as_dict()).as_dict() == r.as_dict()
+
+
 def test_json_cache_is_dropped_on_change():
     r = mk()
     first = r.json_bytes()
