@@ -88,18 +88,22 @@ class Child:
                 self.proc.wait()
 
 
-@pytest.fixture
-def child_factory() -> Iterator:
-    made: list[Child] = []
+def _stopping_factory(cls: type) -> Iterator:
+    """A fixture body: hand out cls(...) instances, stop every one of them afterwards."""
+    made: list = []
 
-    def make(netns: str | None = None) -> Child:
-        c = Child(netns)
-        made.append(c)
-        return c
+    def make(*args: object) -> object:
+        made.append(cls(*args))
+        return made[-1]
 
     yield make
-    for c in made:
-        c.stop()
+    for m in made:
+        m.stop()
+
+
+@pytest.fixture
+def child_factory() -> Iterator:
+    yield from _stopping_factory(Child)
 
 
 class AgentProc:
@@ -173,16 +177,7 @@ def agent() -> Iterator[AgentProc]:
 @pytest.fixture
 def fresh_agent() -> Iterator:
     """Agents a test starts itself (e.g. after its sockets exist)."""
-    made: list[AgentProc] = []
-
-    def make(socket: str | None = None) -> AgentProc:
-        a = AgentProc(socket)
-        made.append(a)
-        return a
-
-    yield make
-    for a in made:
-        a.stop()
+    yield from _stopping_factory(AgentProc)
 
 
 def snapshot(*args: str, socket: str | None = None) -> list[dict]:
@@ -208,8 +203,10 @@ def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None
         assert r["netns"] == ns.inode
     for r in theirs:
         row = mine[r.key]
-        if r.cookie is not None:
-            assert row["cookie"] == r.cookie, (r.key, row)
+        assert r.cookie is not None, f"ss -e printed no sk: for {r.key}: is the parser still right?"
+        assert row["cookie"] == r.cookie, (r.key, row)
+        if r.key.inode:  # it has a file, and only the test's child opens files here: ss must name it
+            assert r.users, f"ss -p named no process for {r.key}: is the parser still right?"
         if r.users:
             assert (row["comm"], row["pid"]) in r.users, (
                 f"{r.key}: sockwatch says {row['comm']}/{row['pid']}, ss {r.users}"

@@ -56,14 +56,25 @@ def test_sigkill_leaves_nothing_attached(fresh_agent):
         time.sleep(0.2)
     assert not left_links, f"links left after SIGKILL: {left_links}"
     assert not left_progs, f"programs left after SIGKILL: {left_progs}"
-    cg = subprocess.run(["bpftool", "cgroup", "tree"], check=False, capture_output=True, text=True).stdout
-    assert not any(line.split()[0].isdigit() for line in cg.splitlines()[1:] if line.split()), cg
+    attached = {p["id"] for cg in bpftool("cgroup", "tree") for p in cg.get("programs", [])}
+    assert not (attached & our_progs), f"cgroup attachments left after SIGKILL: {attached & our_progs}"
     perf = bpftool("perf")
     assert not [p for p in perf if p.get("pid") == agent.proc.pid], perf
     # what systemd does next: a new agent on the dead one's (stale) socket starts and serves
     assert os.path.exists(agent.socket)
     again = fresh_agent(agent.socket)
     assert again.status()["links"] == 9
+
+
+def test_snapshot_without_an_agent_filtered_to_nothing_is_an_empty_array(tmp_path):
+    r = subprocess.run(
+        sockwatch_cmd("snapshot", "--json", "--port", "1", "--socket", str(tmp_path / "none.sock")),
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
 
 
 def test_second_agent_on_the_same_socket_is_refused(fresh_agent):

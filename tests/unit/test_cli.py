@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -95,11 +94,3 @@ def test_help_documents_filters():
 def test_status_without_agent(tmp_path):
     r = run("status", "--socket", str(tmp_path / "none.sock"))
     assert r.returncode != 0 and "no sockwatch agent is running" in r.stderr
-
-
-def test_snapshot_json_is_valid_without_an_agent_even_when_filtered_to_nothing(tmp_path):
-    r = run("snapshot", "--json", "--port", "1", "--socket", str(tmp_path / "none.sock"))
-    if r.returncode == 3:  # not root: the one sentence, checked above
-        return
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == []
