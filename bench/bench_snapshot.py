@@ -66,7 +66,7 @@ def main() -> int:
     try:
         subprocess.run(["ip", "netns", "add", ns], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        agent = subprocess.Popen([*SW, "serve", "--socket", sock, "--max-sockets", "524288"], stderr=subprocess.PIPE)
+        agent = subprocess.Popen([*SW, "serve", "--socket", sock], stderr=subprocess.PIPE)
         while subprocess.run([*SW, "status", "--socket", sock], check=False, capture_output=True).returncode:
             if agent.poll() is not None:  # hooks are attached once the agent answers
                 raise SystemExit(f"agent failed: {agent.stderr.read().decode() if agent.stderr else ''}")

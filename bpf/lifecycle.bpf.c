@@ -1,89 +1,84 @@
-/* lifecycle.bpf.c — cgroup sock hooks: creation (owner), bind (local side), release.
- * Included by sockwatch.bpf.c. */
+/* lifecycle.bpf.c — cgroup sock hooks: creation, bind, release. Included by
+ * sockwatch.bpf.c. TCP needs none of them on its hot path: sockops sees every TCP
+ * socket that gets an address (listen, connect, accept) and every state change after,
+ * so these return at once for TCP except to catch sockets from before sockwatch. */
 
-static __always_inline int tracked_proto(u32 protocol)
-{
-	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP;
-}
-
-/* cgroup/sock_create: runs in socket() in the creating task, so the owner is exact. */
+/* cgroup/sock_create: runs in socket() in the creating task, so the owner is exact.
+ * Only UDP keeps it (udp.bpf.c says why). */
 int sw_sock_create(struct bpf_sock *sk)
 {
-	if (!tracked_proto(sk->protocol))
+	if (sk->protocol != IPPROTO_UDP)
 		return 1;
-	struct sw_sock s = {};
-	s.cookie = bpf_get_socket_cookie(sk);
-	s.netns_cookie = bpf_get_netns_cookie(sk);
-	s.ts_ns = bpf_ktime_get_boot_ns();
-	s.family = sk->family;
-	s.protocol = sk->protocol;
-	s.state = SW_TCP_CLOSE;
-	take_owner(&s);
-	row_insert(&s);
+	u64 cookie = bpf_get_socket_cookie(sk);
+	struct sw_udp u = {};
+	u.netns_cookie = bpf_get_netns_cookie(sk);
+	u.pid = bpf_get_current_pid_tgid() >> 32;
+	u.uid = (u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(u.comm, sizeof(u.comm));
+	if (udp_socks.update(&cookie, &u))
+		count(SW_C_MAP_FULL);
+	else
+		count(SW_C_UDP_CREATED);
 	return 1;
 }
 
-/* cgroup/post_bind4 and post_bind6: the local address and port bind() settled on. */
+/* cgroup/post_bind4 and post_bind6: the local address and port bind() settled on. A TCP
+ * bind is not announced: a bound TCP socket is in no lookup table until it listens or
+ * connects, and sockops reports both with the address. */
 static __always_inline int on_post_bind(struct bpf_sock *sk, int v6)
 {
-	if (!tracked_proto(sk->protocol))
+	if (sk->protocol != IPPROTO_UDP)
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(sk);
-	struct sw_sock *s = socks.lookup(&cookie);
-	if (!s) {
-		/* created before sockwatch: bind runs in the binder's context, so own it here */
-		struct sw_sock n = {};
-		n.cookie = cookie;
-		n.netns_cookie = bpf_get_netns_cookie(sk);
-		n.family = sk->family;
-		n.protocol = sk->protocol;
-		n.state = SW_TCP_CLOSE;
-		take_owner(&n);
-		s = row_insert(&n);
-		if (!s)
-			return 1;
-	}
-	local_from_sock(s, sk, v6);
-	s->ts_ns = bpf_ktime_get_boot_ns();
-	s->flags |= SW_F_ANNOUNCED;
-	emit(s, SW_EV_BIND, 0);
+	udp_announce(cookie);
+	struct sw_event *e = event_new(cookie, SW_EV_BIND, bpf_get_netns_cookie(sk), sk->family, IPPROTO_UDP,
+				       SW_TCP_CLOSE, 0);
+	if (!e)
+		return 1;
+	__builtin_memset(e->remote_addr, 0, sizeof(e->remote_addr));
+	local_from_sock(e, sk, v6);
+	take_owner(e);
+	event_send(e);
 	return 1;
 }
 
 int sw_post_bind4(struct bpf_sock *sk) { return on_post_bind(sk, 0); }
 int sw_post_bind6(struct bpf_sock *sk) { return on_post_bind(sk, 1); }
 
-/* cgroup/sock_release: the last file reference is gone. UDP sockets and TCP sockets
- * that are not connected go away now; a connected TCP socket lives on as an orphan
- * (FIN-WAIT, LAST-ACK, ...) and leaves the table on its STATE_CB to CLOSE. */
+/* cgroup/sock_release: the last file reference is gone. A UDP socket leaves the table
+ * now. A TCP socket reports its end through its state callbacks (a connected one lives
+ * on as an orphan until CLOSE), except one from before sockwatch started, which has no
+ * state callbacks: those are told apart by cookie (user space sets the bound). */
 int sw_sock_release(struct bpf_sock *sk)
 {
-	if (!tracked_proto(sk->protocol))
-		return 1;
-	u64 cookie = bpf_get_socket_cookie(sk);
 	u8 state = sk->state;
-	int gone = sk->protocol == IPPROTO_UDP || state == SW_TCP_CLOSE ||
-		   state == SW_TCP_LISTEN || state == SW_TCP_SYN_SENT;
-	struct sw_sock *s = socks.lookup(&cookie);
-	if (!s) {
-		/* a socket from before sockwatch: tell user space, it knows it from the dump */
-		struct sw_sock n = {};
-		n.cookie = cookie;
-		n.netns_cookie = bpf_get_netns_cookie(sk);
-		n.family = sk->family;
-		n.protocol = sk->protocol;
-		n.state = state;
-		n.flags = SW_F_RELEASED;
-		n.ts_ns = bpf_ktime_get_boot_ns();
-		/* (release may not read the local address; the cookie is enough) */
-		emit(&n, SW_EV_RELEASE, state);
-		return 1;
+	u8 flags = 0;
+	if (sk->protocol == IPPROTO_UDP) {
+		u64 cookie = bpf_get_socket_cookie(sk);
+		struct sw_udp *u = udp_socks.lookup(&cookie);
+		if (u) {
+			int told = u->flags & SW_U_ANNOUNCED;
+			udp_socks.delete(&cookie);
+			if (!told) {
+				count(SW_C_UDP_SILENT_GONE);
+				return 1;
+			}
+		}
+		/* announced, or not in the map (from before sockwatch, or the map was full) */
+		goto tell;
 	}
-	s->flags |= SW_F_RELEASED;
-	s->ts_ns = bpf_ktime_get_boot_ns();
-	if (s->flags & SW_F_ANNOUNCED)
-		emit(s, SW_EV_RELEASE, state);
-	if (gone)
-		socks.delete(&cookie);
+	if (sk->protocol != IPPROTO_TCP || state == SW_TCP_CLOSE || state == SW_TCP_SYN_SENT)
+		return 1;
+	if (bpf_get_socket_cookie(sk) > config_get(SW_CFG_PRESTART_COOKIE))
+		return 1;
+	flags = SW_F_PRESTART;
+tell:;
+	struct sw_event *e = event_new(bpf_get_socket_cookie(sk), SW_EV_RELEASE, bpf_get_netns_cookie(sk), sk->family,
+				       sk->protocol, state, state);
+	if (!e)
+		return 1;
+	zero_addrs(e);
+	e->flags = flags;
+	event_send(e);
 	return 1;
 }

@@ -4,17 +4,25 @@
  * its own file below. Only UAPI context structs (bpf_sock, bpf_sock_ops,
  * bpf_sock_addr) and helpers are read: the headers bcc compiles against may come
  * from another kernel version, so no kernel-internal struct is ever dereferenced.
+ *
+ * Every hook here runs on someone's production traffic. What keeps them cheap: no
+ * map write for TCP at all, one ring-buffer record per change and no wakeup for it
+ * (user space drains on a short timer; every SW_WAKE_EVERY-th record per CPU wakes it
+ * so that a burst cannot fill the ring between two timer ticks).
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
 #include <linux/socket.h>
 #include "sockwatch.h"
 
-#ifndef SW_MAX_SOCKS
-#define SW_MAX_SOCKS 262144
+#ifndef SW_MAX_UDP
+#define SW_MAX_UDP 65536
 #endif
 #ifndef SW_RINGBUF_PAGES
-#define SW_RINGBUF_PAGES 4096 /* 16 MiB: ~170k events of burst before a loss */
+#define SW_RINGBUF_PAGES 4096 /* 16 MiB: ~160k events of burst before a loss */
+#endif
+#ifndef SW_WAKE_EVERY
+#define SW_WAKE_EVERY 8192 /* records per CPU between forced wakeups; a power of two */
 #endif
 
 /* Kernel TCP state numbers (include/net/tcp_states.h; not in UAPI). */
@@ -23,75 +31,98 @@
 #define SW_TCP_CLOSE       7
 #define SW_TCP_LISTEN      10
 
-/* The live table: one row per TCP/UDP socket, keyed by socket cookie. */
-BPF_HASH(socks, u64, struct sw_sock, SW_MAX_SOCKS);
-/* Every change to a row, in order, for the tracker and the event stream. */
+/* Every change, in order, for the tracker and the event stream. */
 BPF_RINGBUF_OUTPUT(events, SW_RINGBUF_PAGES);
 /* Losses and totals, per CPU so that counting needs no atomics. */
 BPF_PERCPU_ARRAY(counters, u64, SW_C_MAX);
-/* UDP connect in flight, keyed by pid_tgid; LRU so connects that never reach the
- * syscall exit tracepoint (io_uring) cannot fill it. */
-BPF_TABLE("lru_hash", u64, struct sw_pending, pending_connect, 16384);
+/* Written by user space only. */
+BPF_ARRAY(config, u64, SW_CFG_MAX);
+/* UDP sockets created while we run, until released (see udp.bpf.c). */
+BPF_HASH(udp_socks, u64, struct sw_udp, SW_MAX_UDP);
 /* Never written: gives user space the compiled size of struct sw_event. */
 BPF_ARRAY(abi_event, struct sw_event, 1);
 
-static __always_inline void count(u32 idx)
+static __always_inline u64 count(u32 idx)
 {
 	u64 *v = counters.lookup(&idx);
-	if (v)
-		(*v)++;
+	if (!v)
+		return 0;
+	return ++*v;
 }
 
-static __always_inline void emit(struct sw_sock *s, u8 kind, u8 old_state)
+static __always_inline u64 config_get(u32 idx)
+{
+	u64 *v = config.lookup(&idx);
+	return v ? *v : 0;
+}
+
+/* A record for `cookie` with every field but the addresses, owner and comm set, or
+ * NULL (counted) when the ring is full. Fields a hook does not set stay as an older
+ * record left them: flags say which are valid, and the ring holds only our own records.
+ * The clock is the coarse one (jiffies): the precise clock read costs as much as the
+ * rest of the record on some hosts. */
+static __always_inline struct sw_event *event_new(u64 cookie, u8 kind, u64 netns_cookie, u8 family, u8 protocol,
+						  u8 state, u8 old_state)
 {
 	struct sw_event *e = events.ringbuf_reserve(sizeof(struct sw_event));
 	if (!e) {
 		count(SW_C_RINGBUF_FULL);
-		return;
-	}
-	__builtin_memcpy(&e->sock, s, sizeof(struct sw_sock));
-	e->kind = kind;
-	e->old_state = old_state;
-	e->pad = 0;
-	e->err = 0;
-	events.ringbuf_submit(e, 0);
-	count(SW_C_EVENTS);
-}
-
-/* Only valid in hooks that run in the context of the task that holds the socket. */
-static __always_inline void take_owner(struct sw_sock *s)
-{
-	s->pid = bpf_get_current_pid_tgid() >> 32;
-	s->uid = (u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(s->comm, sizeof(s->comm));
-	s->flags |= SW_F_OWNER;
-}
-
-/* Insert a fresh row and return the map's copy; counts a full map. */
-static __always_inline struct sw_sock *row_insert(struct sw_sock *s)
-{
-	if (socks.update(&s->cookie, s)) {
-		count(SW_C_MAP_FULL);
 		return 0;
 	}
-	return socks.lookup(&s->cookie);
+	e->cookie = cookie;
+	e->netns_cookie = netns_cookie;
+	e->ts_ns = bpf_ktime_get_coarse_ns();
+	e->family = family;
+	e->protocol = protocol;
+	e->kind = kind;
+	e->state = state;
+	e->old_state = old_state;
+	e->flags = 0;
+	e->local_port = 0;
+	e->remote_port = 0;
+	e->err = 0;
+	return e;
+}
+
+static __always_inline void zero_addrs(struct sw_event *e)
+{
+	__builtin_memset(e->local_addr, 0, sizeof(e->local_addr));
+	__builtin_memset(e->remote_addr, 0, sizeof(e->remote_addr));
+}
+
+static __always_inline void event_send(struct sw_event *e)
+{
+	u64 n = count(SW_C_EVENTS);
+	events.ringbuf_submit(e, (n & (SW_WAKE_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
+}
+
+/* Only valid in hooks that run in the syscall of the task that holds the socket. */
+static __always_inline void take_owner(struct sw_event *e)
+{
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->uid = (u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->flags |= SW_F_OWNER;
 }
 
 /* v6 is a constant at every call: post_bind4 may read only src_ip4 and post_bind6 only
  * src_ip6 (a v6 socket binding a v4-mapped address still runs post_bind6). */
-static __always_inline void local_from_sock(struct sw_sock *s, struct bpf_sock *sk, int v6)
+static __always_inline void local_from_sock(struct sw_event *e, struct bpf_sock *sk, int v6)
 {
 	if (v6) {
-		s->local_addr[0] = sk->src_ip6[0];
-		s->local_addr[1] = sk->src_ip6[1];
-		s->local_addr[2] = sk->src_ip6[2];
-		s->local_addr[3] = sk->src_ip6[3];
+		e->local_addr[0] = sk->src_ip6[0];
+		e->local_addr[1] = sk->src_ip6[1];
+		e->local_addr[2] = sk->src_ip6[2];
+		e->local_addr[3] = sk->src_ip6[3];
 	} else {
-		s->local_addr[0] = sk->src_ip4;
+		e->local_addr[0] = sk->src_ip4;
+		e->local_addr[1] = 0;
+		e->local_addr[2] = 0;
+		e->local_addr[3] = 0;
 	}
-	s->local_port = sk->src_port; /* host order in bpf_sock */
+	e->local_port = sk->src_port; /* host order in bpf_sock */
 }
 
-#include "lifecycle.bpf.c"
-#include "tcp.bpf.c"
 #include "udp.bpf.c"
+#include "tcp.bpf.c"
+#include "lifecycle.bpf.c"

@@ -1,66 +1,60 @@
-/* tcp.bpf.c — sockops: listen, connect, established (both ends), state changes.
- * Included by sockwatch.bpf.c. Sockops callbacks may run in softirq context, so no
- * owner is ever taken here: it comes from sock_create, or from the listener. */
+/* tcp.bpf.c — sockops: listen, connect, accept, state changes. Included by
+ * sockwatch.bpf.c.
+ *
+ * TCP_LISTEN_CB and TCP_CONNECT_CB run inside listen() and connect(), so the owner is
+ * the current task; PASSIVE_ESTABLISHED_CB and STATE_CB may run in softirq, so they
+ * carry no owner (an accepted socket belongs to its listener's owner, in user space).
+ * Four records per short connection (connect, accept, two closes) is the floor: the
+ * active side's ->ESTABLISHED is not sent, because the read that gives a new row its
+ * inode, when a view first asks, gives its state too. */
 
-static __always_inline void tuple_from_ops(struct sw_sock *s, struct bpf_sock_ops *o)
+static __always_inline void tuple_from_ops(struct sw_event *e, struct bpf_sock_ops *o)
 {
 	if (o->family == AF_INET6) {
-		s->local_addr[0] = o->local_ip6[0];
-		s->local_addr[1] = o->local_ip6[1];
-		s->local_addr[2] = o->local_ip6[2];
-		s->local_addr[3] = o->local_ip6[3];
-		s->remote_addr[0] = o->remote_ip6[0];
-		s->remote_addr[1] = o->remote_ip6[1];
-		s->remote_addr[2] = o->remote_ip6[2];
-		s->remote_addr[3] = o->remote_ip6[3];
+		e->local_addr[0] = o->local_ip6[0];
+		e->local_addr[1] = o->local_ip6[1];
+		e->local_addr[2] = o->local_ip6[2];
+		e->local_addr[3] = o->local_ip6[3];
+		e->remote_addr[0] = o->remote_ip6[0];
+		e->remote_addr[1] = o->remote_ip6[1];
+		e->remote_addr[2] = o->remote_ip6[2];
+		e->remote_addr[3] = o->remote_ip6[3];
 	} else {
-		s->local_addr[0] = o->local_ip4;
-		s->remote_addr[0] = o->remote_ip4;
+		zero_addrs(e);
+		e->local_addr[0] = o->local_ip4;
+		e->remote_addr[0] = o->remote_ip4;
 	}
-	s->local_port = o->local_port;               /* host order */
-	s->remote_port = bpf_ntohl(o->remote_port);  /* network order in the high half */
+	e->local_port = o->local_port;               /* host order */
+	e->remote_port = bpf_ntohl(o->remote_port);  /* network order in the high half */
 }
 
-static __always_inline int on_tcp(struct bpf_sock_ops *o, u8 kind, u8 state, u8 flags)
+static __always_inline int on_tcp(struct bpf_sock_ops *o, u8 kind, u8 state, int owner)
 {
-	u64 cookie = bpf_get_socket_cookie(o);
-	struct sw_sock *s = socks.lookup(&cookie);
-	if (!s) {
-		struct sw_sock n = {};
-		n.cookie = cookie;
-		n.netns_cookie = bpf_get_netns_cookie(o);
-		n.family = o->family;
-		n.protocol = IPPROTO_TCP;
-		n.flags = flags;
-		s = row_insert(&n);
-		if (!s)
-			return 1;
-	}
-	tuple_from_ops(s, o);
-	s->state = state;
-	s->ts_ns = bpf_ktime_get_boot_ns();
-	s->flags |= SW_F_ANNOUNCED | SW_F_STATECB;
+	/* every later state change of this socket calls back (on_state) */
 	bpf_sock_ops_cb_flags_set(o, o->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	emit(s, kind, 0);
+	struct sw_event *e = event_new(bpf_get_socket_cookie(o), kind, bpf_get_netns_cookie(o), o->family,
+				       IPPROTO_TCP, state, 0);
+	if (!e)
+		return 1;
+	tuple_from_ops(e, o);
+	if (owner)
+		take_owner(e);
+	event_send(e);
 	return 1;
 }
 
 static __always_inline int on_state(struct bpf_sock_ops *o)
 {
 	u8 old = o->args[0], new = o->args[1];
-	u64 cookie = bpf_get_socket_cookie(o);
-	struct sw_sock *s = socks.lookup(&cookie);
-	if (!s)
-		return 1;
-	s->state = new;
-	s->ts_ns = bpf_ktime_get_boot_ns();
-	/* ->ESTABLISHED is followed at once by ACTIVE_ESTABLISHED_CB: one event is enough */
+	/* ->ESTABLISHED: an accept is reported by its own callback, a connect when read */
 	if (new == SW_TCP_ESTABLISHED)
 		return 1;
-	emit(s, SW_EV_STATE, old);
-	/* A closed TCP socket is unhashed; its row goes once no file holds it either. */
-	if (new == SW_TCP_CLOSE && (s->flags & SW_F_RELEASED))
-		socks.delete(&cookie);
+	struct sw_event *e = event_new(bpf_get_socket_cookie(o), SW_EV_STATE, bpf_get_netns_cookie(o), o->family,
+				       IPPROTO_TCP, new, old);
+	if (!e)
+		return 1;
+	tuple_from_ops(e, o);
+	event_send(e);
 	return 1;
 }
 
@@ -68,13 +62,11 @@ int sw_sockops(struct bpf_sock_ops *o)
 {
 	switch (o->op) {
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		return on_tcp(o, SW_EV_LISTEN, SW_TCP_LISTEN, 0);
+		return on_tcp(o, SW_EV_LISTEN, SW_TCP_LISTEN, 1);
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		return on_tcp(o, SW_EV_CONNECT, SW_TCP_SYN_SENT, 0);
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		return on_tcp(o, SW_EV_ESTABLISHED, SW_TCP_ESTABLISHED, 0);
+		return on_tcp(o, SW_EV_CONNECT, SW_TCP_SYN_SENT, 1);
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		return on_tcp(o, SW_EV_ACCEPT, SW_TCP_ESTABLISHED, SW_F_PASSIVE);
+		return on_tcp(o, SW_EV_ACCEPT, SW_TCP_ESTABLISHED, 0);
 	case BPF_SOCK_OPS_STATE_CB:
 		return on_state(o);
 	}

@@ -80,8 +80,8 @@ class SockRow:
     uid: int | None = None
     owner_source: str | None = None
     netns_cookie: int = 0
-    flags: int = 0
-    ts_ns: int = 0  # CLOCK_BOOTTIME of the last change seen
+    flags: int = 0  # the tracker's bookkeeping bits
+    gen: int = 0  # the tracker's batch that last set it from an event
     _json: bytes | None = field(default=None, repr=False, compare=False)
     _sort: tuple | None = field(default=None, repr=False, compare=False)
 

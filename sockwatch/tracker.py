@@ -1,9 +1,11 @@
 """The one owner of the socket table. Data flows one way into it (bootstrap dump, hook
-events, reconcile) and out of it to the views (snapshots, later live/events/metrics).
+events, kernel reads when a view asks, reconcile) and out of it to the views.
 
-What hooks cannot see is read from the kernel's own tables (sock_diag) and said so:
-a socket's inode, the local side the kernel chose for a connected UDP socket, whether a
-closed TCP socket became TIME-WAIT, and sockets from before sockwatch started.
+The hooks send as little as the table needs (bpf/tcp.bpf.c says what they leave out);
+what they cannot see is read from the kernel's own tables (sock_diag) when a view asks,
+not per event: a socket's inode, the state an active open reached, the local side the
+kernel chose for a connected or autobound UDP socket, whether a closed TCP socket became
+TIME-WAIT, and sockets from before sockwatch started.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from sockwatch import events as ev
+from sockwatch.events import Event
 from sockwatch.filters import Filters
 from sockwatch.kernel import abi, procscan, sockdiag
 from sockwatch.kernel.netns import Namespace, NamespaceRegistry
 from sockwatch.model import (
+    FAMILY_VERSION,
     IPPROTO_TCP,
     IPPROTO_UDP,
     OWNER_HOOK,
@@ -31,21 +37,29 @@ from sockwatch.model import (
 
 log = logging.getLogger(__name__)
 
-# Why a row waits for a sock_diag read.
-NEED_INODE = "inode"
+# Why a row waits for a sock_diag read (done when a view asks, or at reconcile).
+NEED_INODE = "inode"  # not read yet, or 0 while the connection waits in an accept queue
+NEED_STATE = "state"  # an active open: SYN-SENT until read (->ESTABLISHED is not sent)
 NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
 NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
 NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
-TCP_GONE_AT_RELEASE = (TcpState.CLOSE, TcpState.LISTEN, TcpState.SYN_SENT)
+
+# SockRow.flags, the tracker's own bookkeeping
+R_RELEASED = 0x01  # no file holds it (a TCP orphan lives on until CLOSE)
+R_NO_CALLBACKS = 0x02  # from before sockwatch: no state callbacks will tell its end
 
 
-def boottime_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+class Change(NamedTuple):
+    """What one applied event did to the table: 'add', 'update' or 'remove'."""
+
+    op: str
+    cookie: int
 
 
 @dataclass
 class Stats:
-    events: Counter = field(default_factory=Counter)  # by kind name
+    events: Counter = field(default_factory=Counter)  # by kind
+    coalesced: int = 0  # events of sockets born and gone within one batch: never tabled
     repairs: Counter = field(default_factory=Counter)  # reconcile fixes, by kind
     expired: int = 0  # TIME-WAIT rows the kernel let go (expected, not a repair)
     reconciles: int = 0
@@ -53,12 +67,14 @@ class Stats:
     resyncs: int = 0
     unresolved: int = 0
     unknown_netns: int = 0  # events dropped: their namespace was gone before we could name it
+    autobound_udp: int = 0  # UDP sockets found bound by a send, not a bind
     last_reconcile_s: float = 0.0
     repaired_cookies: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def as_dict(self) -> dict:
         return {
-            "events": dict(self.events),
+            "events": {ev.KIND_NAMES.get(k, str(k)): n for k, n in self.events.items()},
+            "coalesced": self.coalesced,
             "repairs": dict(self.repairs),
             "timewait_expired": self.expired,
             "reconciles": self.reconciles,
@@ -66,6 +82,7 @@ class Stats:
             "resyncs": self.resyncs,
             "unresolved": self.unresolved,
             "unknown_netns": self.unknown_netns,
+            "autobound_udp": self.autobound_udp,
             "last_reconcile_seconds": round(self.last_reconcile_s, 4),
             "repaired_cookies": list(self.repaired_cookies),
         }
@@ -89,15 +106,39 @@ def row_from_diag(d: sockdiag.DiagSock, ns: Namespace) -> SockRow:
     )
 
 
+def row_from_event(e: Event, netns: int) -> SockRow:
+    family = FAMILY_VERSION.get(e.family, 4)  # type: ignore[call-overload]
+    connected = e.remote_port != 0
+    owner = e.has_owner
+    return SockRow(
+        cookie=e.cookie,
+        protocol=e.protocol,
+        family=family,
+        state=e.state,
+        local_address=abi.address(family, e.local_addr),
+        local_port=e.local_port,
+        remote_address=abi.address(family, e.remote_addr) if connected else None,
+        remote_port=e.remote_port,
+        netns=netns,
+        pid=e.pid if owner else None,
+        uid=e.uid if owner else None,
+        comm=e.comm.rstrip(b"\0").decode(errors="replace") if owner else None,
+        owner_source=OWNER_HOOK if owner else None,
+        netns_cookie=e.netns_cookie,
+    )
+
+
 class Tracker:
     def __init__(self, registry: NamespaceRegistry | None = None) -> None:
         self.registry = registry or NamespaceRegistry()
         self.rows: dict[int, SockRow] = {}
         self.pending: dict[int, set[str]] = {}  # cookie -> reasons
         self.pending_tries: Counter = Counter()
-        self.removed_at: dict[int, int] = {}  # cookie -> boottime ns, guards reconcile races
         self.stats = Stats()
         self.version = 0  # bumped on every change: views cache what they built from it
+        self.max_bootstrap_cookie = 0  # TCP sockets up to this cookie may lack state callbacks
+        self._gen = 0  # bumped per applied batch; a row remembers the batch that last set it
+        self._removed_during: set[int] | None = None  # cookies removed while a reconcile runs
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
 
@@ -127,106 +168,144 @@ class Tracker:
                 row.pid, row.comm, row.owner_source = o.pid, o.comm, OWNER_PROC
                 row.touch()
 
-    def bootstrap(self, hook_rows: Iterable[abi.SwSock] = ()) -> None:
-        """The table as the kernel has it now; owners from hooks where they had them."""
+    def bootstrap(self) -> None:
+        """The table as the kernel has it now. With hooks attached before, the events
+        applied after this fill in owners and everything that changed meanwhile."""
         self.registry.refresh()
-        hooked = {s.cookie: s for s in hook_rows if s.flags & abi.SW_F_OWNER}
-        fresh: list[SockRow] = []
         for ns in list(self.registry.by_inode.values()):
             for d in self._dump(ns):
                 row = row_from_diag(d, ns)
-                h = hooked.get(row.cookie)
-                if h is not None:
-                    row.pid, row.uid, row.comm = h.pid, h.uid, h.comm.decode(errors="replace")
-                    row.owner_source = OWNER_HOOK
+                if row.protocol == IPPROTO_TCP:
+                    row.flags |= R_NO_CALLBACKS
+                    self.max_bootstrap_cookie = max(self.max_bootstrap_cookie, row.cookie)
                 self.rows[row.cookie] = row
-                fresh.append(row)
-        self._fill_owners(fresh)
         self._listeners = None
-        self._inherit_listener_owners(fresh)
+        self.version += 1
+
+    def fill_owners(self) -> None:
+        """Owners for rows no hook named: one /proc scan (sockets from before start), then
+        listeners' owners for connections still in an accept queue (no file yet)."""
+        need = [r for r in self.rows.values() if r.pid is None]
+        self._fill_owners(need)
+        self._listeners = None  # listeners may have just got theirs
+        self._inherit_listener_owners(need)
         self.version += 1
 
     # ---- hook events ---------------------------------------------------------------------
 
-    def _netns_inode(self, s: abi.SwSock) -> int | None:
-        ns = self.registry.resolve_cookie(s.netns_cookie, s.pid or None)
+    def _netns_inode(self, e: Event) -> int | None:
+        ns = self.registry.resolve_cookie(e.netns_cookie, e.pid if e.has_owner else None)
         return ns.inode if ns is not None else None
 
     def _need(self, cookie: int, reason: str) -> None:
         self.pending.setdefault(cookie, set()).add(reason)
 
-    def _remove(self, cookie: int, when: int) -> None:
+    def _remove(self, cookie: int) -> bool:
         row = self.rows.pop(cookie, None)
-        if row is not None and row.state == TcpState.LISTEN:
-            self._listeners = None
-        self.version += 1
         self.pending.pop(cookie, None)
         self.pending_tries.pop(cookie, None)
-        self.removed_at[cookie] = when
-
-    def apply(self, ev: abi.SwEvent) -> None:
-        s = ev.sock
-        kind = ev.kind
-        self.stats.events[abi.EVENT_NAMES.get(kind, str(kind))] += 1
+        if row is None:
+            return False
+        if row.state == TcpState.LISTEN:
+            self._listeners = None
+        if self._removed_during is not None:
+            self._removed_during.add(cookie)
         self.version += 1
-        cookie = s.cookie
+        return True
+
+    def apply_batch(self, events: Sequence[Event]) -> list[Change]:
+        """Apply events in order and return what changed. A socket that is born and gone
+        within the batch (the common case under churn) is never tabled at all."""
+        if not events:
+            return []
+        self._gen += 1
+        last: dict[int, Event] = {}
+        for e in events:
+            last[e.cookie] = e
+        rows = self.rows
+        gone = {c for c, e in last.items() if c not in rows and ev.ends_socket(e)}
+        if self._removed_during is not None:
+            self._removed_during |= gone  # a reconcile's dump may have seen them alive
+        changes: list[Change] = []
+        counts = self.stats.events
+        for e in events:
+            counts[e.kind] += 1
+            if e.cookie in gone:
+                self.stats.coalesced += 1
+                continue
+            ch = self._apply(e)
+            if ch is not None:
+                changes.append(ch)
+        return changes
+
+    def apply(self, e: Event) -> Change | None:
+        """One event (tests and tools; the agent applies batches)."""
+        changes = self.apply_batch([e])
+        return changes[0] if changes else None
+
+    def _apply(self, e: Event) -> Change | None:
+        cookie = e.cookie
         old = self.rows.get(cookie)
-        if TcpState.LISTEN in (s.state, ev.old_state) or (old is not None and old.state == TcpState.LISTEN):
+        kind = e.kind
+        if e.state == TcpState.LISTEN or (old is not None and old.state == TcpState.LISTEN):
             self._listeners = None
 
-        if kind == abi.SW_EV_RELEASE:
+        if kind == ev.RELEASE:
             if old is None:
-                return
-            if s.protocol == IPPROTO_UDP or ev.old_state in TCP_GONE_AT_RELEASE:
-                self._remove(cookie, s.ts_ns)
-                return
-            old.flags |= abi.SW_F_RELEASED
-            if not (s.flags & abi.SW_F_STATECB) and not (old.flags & abi.SW_F_STATECB):
+                return None
+            if ev.ends_socket(e):
+                return Change("remove", cookie) if self._remove(cookie) else None
+            old.flags |= R_RELEASED
+            if e.flags & ev.F_PRESTART or old.flags & R_NO_CALLBACKS:
                 self._need(cookie, NEED_ORPHAN)  # no state callbacks: only the kernel knows its end
-            return
+            return None
 
-        if kind == abi.SW_EV_STATE and s.state == TcpState.CLOSE:
-            after = abi.tcp_state_after_close(ev.old_state)
+        if kind == ev.STATE and e.state == TcpState.CLOSE:
+            after = ev.tcp_state_after_close(e.old_state)
             if after is None:
-                if s.flags & abi.SW_F_RELEASED or old is None:
-                    self._remove(cookie, s.ts_ns)
-                else:
-                    old.state = TcpState.CLOSE
-                    old.ts_ns = s.ts_ns
-                    old.touch()
-                    self.pending.pop(cookie, None)
-                return
-            if old is not None:
-                old.state = after
-                old.inode = 0  # a time-wait socket has no inode, as ss shows
-                old.ts_ns = s.ts_ns
-                old.touch()
-                self.pending[cookie] = {NEED_TIMEWAIT}
-            return
+                return Change("remove", cookie) if self._remove(cookie) else None
+            if old is None:
+                return None
+            old.state = after
+            old.inode = 0  # a time-wait socket has no inode, as ss shows
+            old.touch()
+            self.pending[cookie] = {NEED_TIMEWAIT}
+            self.version += 1
+            return Change("update", cookie)
 
-        netns = self._netns_inode(s)
+        if kind == ev.STATE and old is not None:
+            # the common state change: the row has everything else already
+            old.state = e.state
+            old.gen = self._gen
+            old.touch()
+            self.version += 1
+            return Change("update", cookie)
+
+        netns = old.netns if old is not None else self._netns_inode(e)
         if netns is None:
             self.stats.unknown_netns += 1
-            return
-        row = abi.row_from_sock(s, netns)
+            return None
+        row = row_from_event(e, netns)
+        row.gen = self._gen
         if old is not None:
             # keep what the event cannot know
             row.inode = old.inode
+            row.flags = old.flags & ~R_NO_CALLBACKS
             if row.pid is None:
                 row.pid, row.uid, row.comm, row.owner_source = old.pid, old.uid, old.comm, old.owner_source
-            if old.flags & abi.SW_F_RELEASED:
-                row.flags |= abi.SW_F_RELEASED
-        if s.protocol == IPPROTO_UDP:
-            row.state = TcpState.ESTABLISHED if kind == abi.SW_EV_UDP_CONNECT else TcpState.CLOSE
-        if kind == abi.SW_EV_UDP_CONNECT:
+            if kind == ev.UDP_CONNECT:
+                row.local_address, row.local_port = old.local_address, old.local_port
+        if kind == ev.UDP_CONNECT:
             self._need(cookie, NEED_TUPLE)
-        if kind == abi.SW_EV_ACCEPT and row.pid is None:
+        elif kind == ev.CONNECT:
+            self._need(cookie, NEED_STATE)
+        if kind == ev.ACCEPT and row.pid is None:
             self._inherit_listener_owners([row])
         self.rows[cookie] = row
-        if row.visible and row.inode is None:
+        if row.visible and not row.inode:
             self._need(cookie, NEED_INODE)
-        elif not row.visible and NEED_INODE in self.pending.get(cookie, ()):
-            self.pending[cookie].discard(NEED_INODE)
+        self.version += 1
+        return Change("update" if old is not None else "add", cookie)
 
     def _inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
         """An accepted connection belongs to whoever holds its listener (exact address
@@ -253,8 +332,7 @@ class Tracker:
                 lst = listeners.get(key)
                 if lst is not None:
                     r.pid, r.uid, r.comm, r.owner_source = lst.pid, lst.uid, lst.comm, OWNER_LISTENER
-                    if r.inode is not None:
-                        r.touch()
+                    r.touch()
                     break
 
     # ---- reading the kernel for what hooks cannot see ---------------------------------------
@@ -277,7 +355,7 @@ class Tracker:
             ns = self.registry.by_inode.get(netns)
             if ns is None:
                 for c in cookies:
-                    self._remove(c, boottime_ns())
+                    self._remove(c)
                 continue
             found: dict[int, sockdiag.DiagSock | None] = {}
             rest = cookies
@@ -297,8 +375,8 @@ class Tracker:
                 row = self.rows[c]
                 reasons = self.pending.get(c, set())
                 if d is None or d.cookie != c:
-                    if reasons & {NEED_TIMEWAIT, NEED_ORPHAN}:
-                        self._remove(c, boottime_ns())  # it is gone from the kernel too
+                    if reasons & {NEED_TIMEWAIT, NEED_ORPHAN, NEED_STATE}:
+                        self._remove(c)  # it is gone from the kernel too
                         fixed += 1
                         continue
                     self.pending_tries[c] += 1
@@ -308,8 +386,14 @@ class Tracker:
                         self.pending_tries.pop(c, None)
                     continue
                 self._take_kernel_fields(row, d)
-                self.pending.pop(c, None)
                 self.pending_tries.pop(c, None)
+                if d.inode == 0 and d.state not in (TcpState.TIME_WAIT, TcpState.SYN_SENT) and c in self.pending:
+                    # still in an accept queue: its inode comes when accept() runs
+                    self.pending[c] = {NEED_INODE}
+                elif d.state == TcpState.SYN_SENT:
+                    self.pending[c] = {NEED_STATE}
+                else:
+                    self.pending.pop(c, None)
                 fixed += 1
         if fixed:
             self.version += 1
@@ -353,58 +437,101 @@ class Tracker:
         row.touch()
         return changed
 
-    def reconcile(self, drain: Callable[[], None] = lambda: None) -> dict[str, int]:
+    def find_autobound_udp(self, entries: Sequence[tuple[int, abi.SwUdp]], announce: Callable[..., bool]) -> int:
+        """UDP sockets created while we run that no event announced may have been bound by
+        an unconnected sendto(): find them in their namespace's UDP table, with the owner
+        sock_create recorded, and tell the BPF side (`announce`) so that their release
+        is reported. Returns how many were found."""
+        silent = [(c, u) for c, u in entries if not (u.flags & abi.SW_U_ANNOUNCED) and c not in self.rows]
+        if not silent:
+            return 0
+        by_ns: dict[int, list[tuple[int, abi.SwUdp]]] = {}
+        for c, u in silent:
+            by_ns.setdefault(u.netns_cookie, []).append((c, u))
+        found = 0
+        for ns_cookie, items in by_ns.items():
+            ns = self.registry.resolve_cookie(ns_cookie, items[0][1].pid)
+            if ns is None:
+                continue
+            kernel = {d.cookie: d for d in self._dump(ns, (IPPROTO_UDP,))}
+            for c, u in items:
+                d = kernel.get(c)
+                if d is None or not announce(c, u):
+                    continue  # not bound (yet), or released meanwhile
+                row = row_from_diag(d, ns)
+                row.pid, row.uid = u.pid, u.uid
+                row.comm = u.comm.rstrip(b"\0").decode(errors="replace")
+                row.owner_source = OWNER_HOOK
+                row.gen = self._gen
+                self.rows[c] = row
+                found += 1
+        if found:
+            self.stats.autobound_udp += found
+            self.version += 1
+        return found
+
+    def reconcile(self, drain: Callable[[], object] = lambda: None) -> dict[str, int]:
         """Compare every namespace's kernel table with ours, repair and count differences.
 
-        `drain` applies the events that arrived during the dump before comparing, so a
-        socket that opened or closed meanwhile is not mistaken for drift.
+        `drain` applies the events that arrived during the dump before comparing: a row
+        an event set after the dump began is newer than the dump, and a socket removed
+        meanwhile is not mistaken for one the hooks missed.
         """
         t0 = time.monotonic()
-        start = boottime_ns()
-        self.registry.refresh()
-        kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
-        for ns in list(self.registry.by_inode.values()):
-            for d in self._dump(ns):
-                kernel[d.cookie] = (d, ns)
-        drain()
+        gen0 = self._gen
+        self._removed_during = set()
+        try:
+            self.registry.refresh()
+            kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
+            for ns in list(self.registry.by_inode.values()):
+                for d in self._dump(ns):
+                    kernel[d.cookie] = (d, ns)
+            drain()
+            removed_meanwhile = self._removed_during
+        finally:
+            self._removed_during = None
         for ns in self.registry.prune():
             for c in [c for c, r in self.rows.items() if r.netns == ns.inode]:
-                self._remove(c, boottime_ns())
+                self._remove(c)
         added: list[SockRow] = []
         counts: Counter = Counter()
         for cookie, (d, ns) in kernel.items():
             row = self.rows.get(cookie)
             if row is None:
-                if self.removed_at.get(cookie, 0) > start:
+                if cookie in removed_meanwhile:
                     continue  # closed while we were dumping
                 row = row_from_diag(d, ns)
                 self.rows[cookie] = row
                 added.append(row)
                 counts["added"] += 1
                 self.stats.repaired_cookies.append(cookie)
-            elif row.ts_ns <= start:
-                if self._take_kernel_fields(row, d):
+            elif row.gen <= gen0:
+                pending = self.pending.pop(cookie, None)
+                # fields an event never carries are expected to differ until read
+                if self._take_kernel_fields(row, d) and not pending:
                     counts["changed"] += 1
                     self.stats.repaired_cookies.append(cookie)
-                self.pending.pop(cookie, None)
-            elif row.inode is None:
+            elif not row.inode:
                 row.inode = d.inode
                 row.touch()
         for cookie, row in list(self.rows.items()):
-            if cookie in kernel or not row.visible or row.ts_ns > start:
+            if cookie in kernel or not row.visible or row.gen > gen0:
                 continue
             if row.state == TcpState.TIME_WAIT:
                 self.stats.expired += 1
+            elif self.pending.get(cookie, set()) & {NEED_STATE, NEED_ORPHAN}:
+                pass  # its end was not reported by design: not a repair
             else:
                 counts["removed"] += 1
                 self.stats.repaired_cookies.append(cookie)
-            self._remove(cookie, boottime_ns())
+            self._remove(cookie)
+        for row in added:
+            if row.protocol == IPPROTO_TCP:
+                row.flags |= R_NO_CALLBACKS
         self._listeners = None
         self._fill_owners(added)
         self._inherit_listener_owners(added)
         self.version += 1
-        now = boottime_ns()
-        self.removed_at = {c: t for c, t in self.removed_at.items() if now - t < 120_000_000_000}
         self.stats.repairs.update(counts)
         self.stats.reconciles += 1
         self.stats.last_reconcile_s = time.monotonic() - t0

@@ -1,6 +1,11 @@
 """`sockwatch serve`: load the BPF programs once, keep the tracker live, answer local
-queries. One thread: an epoll loop over the ring buffer and the query socket, with
-timers for reading what hooks cannot see, drop checks, and the periodic reconcile."""
+queries. One thread: an epoll loop over the ring buffer and the query socket.
+
+The hooks do not wake the agent per event: it drains the ring every `drain_interval`
+(the bound on how stale the table can be between queries), when the BPF side forces a
+wakeup because a burst is filling the ring, and before answering any query (so an
+answer includes everything that happened before it was asked). What the hooks leave to
+a kernel read is read when a query needs it, not per event."""
 
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ import signal
 import socket
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from sockwatch import filters as flt
 from sockwatch.agent.protocol import MAX_REQUEST, encode_header
-from sockwatch.kernel import bpfload, prereq
+from sockwatch.kernel import abi, bpfload, prereq
+from sockwatch.kernel.ringbuf import RingReader
 from sockwatch.model import render_json
 from sockwatch.tracker import Tracker
 
@@ -30,14 +37,41 @@ log = logging.getLogger(__name__)
 class Settings:
     socket_path: str
     reconcile_interval: float = 30.0
-    resolve_interval: float = 0.2
+    drain_interval: float = 0.1
     drop_check_interval: float = 1.0
-    max_socks: int = 262144
+    max_udp: int = 65536
     ringbuf_pages: int = 4096
 
 
 class AgentRunning(RuntimeError):
     pass
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class CostWindow:
+    """The agent's own cost over the last minute, from one sample a second."""
+
+    def __init__(self, seconds: int = 60) -> None:
+        self.samples: deque[tuple[float, int, float]] = deque(maxlen=seconds + 1)
+        self.sample(0, _cpu_seconds())
+
+    def sample(self, events: int, cpu: float) -> None:
+        self.samples.append((time.monotonic(), events, cpu))
+
+    def last_minute(self, events: int, cpu: float) -> dict:
+        t0, e0, c0 = self.samples[0]
+        span = time.monotonic() - t0
+        if span <= 0:
+            return {"seconds": 0.0, "cpu_percent": 0.0, "events_per_second": 0.0}
+        return {
+            "seconds": round(span, 1),
+            "cpu_percent": round(100 * (cpu - c0) / span, 2),
+            "events_per_second": round((events - e0) / span, 1),
+        }
 
 
 def _rss_bytes() -> int:
@@ -51,10 +85,13 @@ class Agent:
         self.started = time.time()
         self.tracker = Tracker()
         self.loaded: bpfload.Loaded | None = None
+        self.ring: RingReader | None = None
         self.listener: socket.socket | None = None
         self._lock_fd = -1
         self._stop = False
-        self._last_drops = 0
+        self._last_losses = (0, 0)
+        self._udp_announced_by_us = 0
+        self.cost = CostWindow()
         self.load_seconds = 0.0
         self.bootstrap_seconds = 0.0
         self._json_cache: tuple[int, bytes] = (-1, b"")
@@ -94,15 +131,20 @@ class Agent:
         prereq.require()  # before creating anything: a refused start leaves nothing behind
         self.listener = self._claim_socket()
         t0 = time.monotonic()
-        self.loaded = bpfload.load_and_attach(self.settings.max_socks, self.settings.ringbuf_pages)
+        self.loaded = bpfload.load_and_attach(self.settings.max_udp, self.settings.ringbuf_pages)
+        self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
         self.load_seconds = time.monotonic() - t0
         t0 = time.monotonic()
-        # hooks are live from here: the dump sees everything older, events everything newer
-        self.tracker.bootstrap(self.loaded.read_table())
+        # Hooks are live from here: the dump sees everything older, events everything newer.
+        # Until the dump says which TCP sockets predate us, every TCP release is reported.
+        self.loaded.set_config(abi.SW_CFG_PRESTART_COOKIE, 2**64 - 1)
+        self.tracker.bootstrap()
+        self.loaded.set_config(abi.SW_CFG_PRESTART_COOKIE, self.tracker.max_bootstrap_cookie)
+        self.drain()
+        self.tracker.fill_owners()
         self.bootstrap_seconds = time.monotonic() - t0
-        self._rb_fd = self.loaded.open_events(self.tracker.apply)
-        self.loaded.consume()
-        self._last_drops = self.loaded.counters()["ringbuf_full"]
+        c = self.loaded.counters()
+        self._last_losses = (c["ringbuf_full"], c["map_full"])
         log.info("attached; %d sockets in %d namespaces", len(self.tracker.rows), len(self.tracker.registry.by_inode))
 
     def stop(self, *_: object) -> None:
@@ -134,53 +176,78 @@ class Agent:
     # ---- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
-        assert self.loaded is not None and self.listener is not None
+        assert self.loaded is not None and self.listener is not None and self.ring is not None
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         ep = select.epoll()
-        ep.register(self._rb_fd, select.EPOLLIN)
+        ep.register(self.ring.fd, select.EPOLLIN)
         ep.register(self.listener.fileno(), select.EPOLLIN)
         now = time.monotonic()
-        next_resolve = now + self.settings.resolve_interval
-        next_drops = now + self.settings.drop_check_interval
+        next_drain = now + self.settings.drain_interval
+        next_second = now + self.settings.drop_check_interval
         next_reconcile = now + self.settings.reconcile_interval
         while not self._stop:
-            timeout = max(0.0, min(next_resolve, next_drops, next_reconcile) - time.monotonic())
+            timeout = max(0.0, min(next_drain, next_second, next_reconcile) - time.monotonic())
             try:
                 ready = ep.poll(timeout)
             except InterruptedError:
                 continue
             for fd, _ in ready:
-                if fd == self._rb_fd:
-                    self.loaded.consume()
+                if fd == self.ring.fd:
+                    self.drain()
                 else:
                     self._accept()
             now = time.monotonic()
-            if now >= next_resolve:
-                self.loaded.consume()
-                t0 = time.monotonic()
-                self.tracker.resolve_pending()
-                # a dump at 100k sockets is not free: never spend more than a third of the time on it
-                next_resolve = now + max(self.settings.resolve_interval, 2 * (time.monotonic() - t0))
-            if now >= next_drops:
-                self._check_drops()
-                next_drops = now + self.settings.drop_check_interval
+            if now >= next_drain:
+                self.drain()
+                next_drain = now + self.settings.drain_interval
+            if now >= next_second:
+                self._check_losses()
+                self.cost.sample(self.tracker.stats.events.total(), _cpu_seconds())
+                next_second = now + self.settings.drop_check_interval
             if now >= next_reconcile:
-                self.tracker.reconcile(drain=self.loaded.consume)
+                self.tracker.reconcile(drain=self.drain)
                 # a full comparison is O(sockets): keep it under 0.5% of one CPU however large the table
                 spent = self.tracker.stats.last_reconcile_s
                 next_reconcile = time.monotonic() + max(self.settings.reconcile_interval, 200 * spent)
         ep.close()
 
-    def _check_drops(self) -> None:
-        """Events lost to a full ring buffer: the map still has the truth, resync from it."""
+    def drain(self) -> list:
+        """Apply every event the hooks committed so far; returns what changed."""
+        if self.ring is None:
+            return []
+        events = self.ring.read()
+        if not events:
+            return []
+        return self.tracker.apply_batch(events)
+
+    def _check_losses(self) -> None:
+        """Events lost to a full ring, or UDP owners to a full map: resync from the kernel."""
         assert self.loaded is not None
-        drops = self.loaded.counters()["ringbuf_full"]
-        if drops != self._last_drops:
-            log.warning("%d events lost (ring buffer full): resyncing", drops - self._last_drops)
-            self._last_drops = drops
+        c = self.loaded.counters()
+        losses = (c["ringbuf_full"], c["map_full"])
+        if losses != self._last_losses:
+            log.warning(
+                "lost %d events (ring buffer full) and %d UDP owners (map full): resyncing",
+                losses[0] - self._last_losses[0],
+                losses[1] - self._last_losses[1],
+            )
+            self._last_losses = losses
             self.tracker.stats.resyncs += 1
-            self.tracker.reconcile(drain=self.loaded.consume)
+            self.tracker.reconcile(drain=self.drain)
+
+    def prepare_answer(self) -> None:
+        """Before answering: every event so far applied, and what hooks cannot see read."""
+        assert self.loaded is not None
+        self.drain()
+        self._check_losses()
+        self.tracker.resolve_pending()
+        c = self.loaded.counters()
+        silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
+        if silent > 0:
+            self._udp_announced_by_us += self.tracker.find_autobound_udp(
+                self.loaded.udp_entries(), self.loaded.udp_mark_announced
+            )
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -217,14 +284,13 @@ class Agent:
             conn.sendall(encode_header(False, error="malformed request"))
             return
         assert self.loaded is not None
-        self.loaded.consume()  # everything that happened before the question is in the answer
         if op == "snapshot":
             try:
                 f = flt.from_wire(req.get("filters") or {})
             except flt.FilterError as e:
                 conn.sendall(encode_header(False, error=str(e)))
                 return
-            self.tracker.resolve_pending()
+            self.prepare_answer()
             if f.empty:
                 body = self._full_json()
                 conn.sendall(encode_header(True))
@@ -233,8 +299,10 @@ class Agent:
                 rows = self.tracker.snapshot(f)
                 conn.sendall(encode_header(True, rows=len(rows)) + render_json(rows))
         elif op == "status":
+            self.drain()
             if req.get("reconcile"):
-                self.tracker.reconcile(drain=self.loaded.consume)
+                self.prepare_answer()
+                self.tracker.reconcile(drain=self.drain)
             conn.sendall(encode_header(True) + json.dumps(self.status()).encode() + b"\n")
         else:
             conn.sendall(encode_header(False, error=f"unknown request {op!r}"))
@@ -264,5 +332,7 @@ class Agent:
             "tracker": t.stats.as_dict(),
             "rss_bytes": _rss_bytes(),
             "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3),
+            "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
+            "ring_bytes_read": self.ring.bytes_read if self.ring else 0,
             "links": len(self.loaded.link_fds),
         }

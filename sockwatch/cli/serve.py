@@ -22,8 +22,12 @@ def serve(
         min=1.0,
         help="Seconds between full comparisons with the kernel's tables (stretched to stay under 0.5% CPU).",
     ),
-    max_socks: int = typer.Option(
-        262144, "--max-sockets", min=1024, max=16_777_216, help="Size of the BPF socket table."
+    max_udp: int = typer.Option(
+        65536,
+        "--max-udp",
+        min=1024,
+        max=16_777_216,
+        help="UDP sockets whose owner the BPF side keeps until they close (TCP needs no BPF table).",
     ),
     ringbuf_pages: int = typer.Option(
         4096, "--ringbuf-pages", min=16, help="Ring buffer size in 4 KiB pages (power of two)."
@@ -35,7 +39,7 @@ def serve(
     if ringbuf_pages & (ringbuf_pages - 1):
         raise fail(f"--ringbuf-pages {ringbuf_pages} is not a power of two", "use 256, 1024, 4096, ...", 2)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
-    agent = Agent(Settings(socket_path, reconcile_interval, max_socks=max_socks, ringbuf_pages=ringbuf_pages))
+    agent = Agent(Settings(socket_path, reconcile_interval, max_udp=max_udp, ringbuf_pages=ringbuf_pages))
     with friendly():
         try:
             agent.start()

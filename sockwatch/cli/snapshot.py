@@ -62,6 +62,7 @@ def snapshot(
         tracker = Tracker()
         try:
             tracker.bootstrap()
+            tracker.fill_owners()
             rows = tracker.snapshot(f)
         finally:
             tracker.registry.close()

@@ -25,13 +25,16 @@ def status(
         typer.echo(json.dumps(st, indent=2))
         return
     tr = st["tracker"]
+    bpf = st["bpf"]
+    cost = st["last_minute"]
     lines = [
         f"agent pid {st['pid']}, up {st['uptime_seconds']:.0f}s, "
         f"BPF loaded in {st['load_seconds']}s, {st['links']} links",
         f"sockets {st['sockets']} in {st['namespaces']} namespaces; {st['pending']} waiting for a kernel read",
-        f"memory {st['rss_bytes'] / 2**20:.1f} MiB, cpu {st['cpu_seconds']}s",
-        f"BPF: {st['bpf']['events']} events; lost: ring buffer full {st['bpf']['ringbuf_full']}, "
-        f"map full {st['bpf']['map_full']}, pending full {st['bpf']['pending_full']}",
+        f"cost over the last {cost['seconds']:.0f}s: {cost['cpu_percent']}% of one CPU, "
+        f"{cost['events_per_second']} events/s; memory {st['rss_bytes'] / 2**20:.1f} MiB, cpu {st['cpu_seconds']}s total",
+        f"BPF: {bpf['events']} events ({tr['coalesced']} never tabled: born and gone between two reads); "
+        f"lost: ring buffer full {bpf['ringbuf_full']}, UDP owner map full {bpf['map_full']}",
         f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
         f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}, "
         f"events from vanished namespaces {tr['unknown_netns']}",

@@ -1,7 +1,7 @@
-"""ctypes mirrors of bpf/sockwatch.h and their decoding into model rows.
+"""The edge between kernel and Python: mirrors of bpf/sockwatch.h, checked against the
+compiled structs at load, and the bulk decoding of ring-buffer records into events.
 
-Sizes are checked against what the compiler produced (bcc's map leaf types) at load:
-a header change that Python does not follow fails loudly instead of misreading.
+A header change that Python does not follow fails loudly at load instead of misreading.
 """
 
 from __future__ import annotations
@@ -9,77 +9,51 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
+import re
+import struct
+from collections.abc import Iterator
+from typing import Any
 
-from sockwatch.model import FAMILY_VERSION, SockRow, TcpState
+from sockwatch.events import Event
 
 SW_COMM_LEN = 16
 
-SW_F_OWNER = 0x01
-SW_F_ANNOUNCED = 0x02
-SW_F_RELEASED = 0x04
-SW_F_PASSIVE = 0x08
-SW_F_STATECB = 0x10
-
-SW_EV_BIND = 1
-SW_EV_LISTEN = 2
-SW_EV_CONNECT = 3
-SW_EV_ESTABLISHED = 4
-SW_EV_ACCEPT = 5
-SW_EV_STATE = 6
-SW_EV_UDP_CONNECT = 7
-SW_EV_RELEASE = 8
-SW_EV_SENDTO = 9
-EVENT_NAMES = {
-    SW_EV_BIND: "bind",
-    SW_EV_LISTEN: "listen",
-    SW_EV_CONNECT: "connect",
-    SW_EV_ESTABLISHED: "established",
-    SW_EV_ACCEPT: "accept",
-    SW_EV_STATE: "state",
-    SW_EV_UDP_CONNECT: "udp_connect",
-    SW_EV_RELEASE: "release",
-    SW_EV_SENDTO: "sendto",
-}
+SW_U_ANNOUNCED = 0x01
 
 SW_C_RINGBUF_FULL = 0
 SW_C_MAP_FULL = 1
-SW_C_PENDING_FULL = 2
-SW_C_EVENTS = 3
-SW_C_MAX = 4
-COUNTER_NAMES = ("ringbuf_full", "map_full", "pending_full", "events")
+SW_C_EVENTS = 2
+SW_C_UDP_CREATED = 3
+SW_C_UDP_ANNOUNCED = 4
+SW_C_UDP_SILENT_GONE = 5
+SW_C_MAX = 6
+COUNTER_NAMES = ("ringbuf_full", "map_full", "events", "udp_created", "udp_announced", "udp_silent_gone")
+
+SW_CFG_PRESTART_COOKIE = 0
+
+# struct sw_event, field for field (see Event); '<' = x86-64/arm64 little-endian, no padding
+EVENT = struct.Struct("<QQQ16s16sIIHHBBBBBBHi16s")
+# a ring record: 8-byte header (u32 length with BUSY/DISCARD bits, u32 page offset), the
+# event, padded to 8 bytes
+RECORD_HEADER = 8
+RECORD = struct.Struct("<8x" + EVENT.format[1:] + f"{(-EVENT.size) % 8}x")
+RINGBUF_BUSY = 1 << 31
+RINGBUF_DISCARD = 1 << 30
+# the high byte of a record's length word: BUSY or DISCARD set, or a length > 2^24
+_UNUSUAL_HIGH_BYTE = re.compile(rb"[\x01-\xff]")
 
 
-class SwSock(ctypes.Structure):
+class SwUdp(ctypes.Structure):
+    """struct sw_udp: the owner of a UDP socket created while sockwatch runs."""
+
     _fields_ = [
-        ("cookie", ctypes.c_uint64),
         ("netns_cookie", ctypes.c_uint64),
-        ("ts_ns", ctypes.c_uint64),
-        ("local_addr", ctypes.c_uint8 * 16),  # network order
-        ("remote_addr", ctypes.c_uint8 * 16),  # network order
         ("pid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32),
-        ("local_port", ctypes.c_uint16),  # host order
-        ("remote_port", ctypes.c_uint16),  # host order
-        ("family", ctypes.c_uint8),
-        ("protocol", ctypes.c_uint8),
-        ("state", ctypes.c_uint8),
-        ("flags", ctypes.c_uint8),
         ("comm", ctypes.c_char * SW_COMM_LEN),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
     ]
-
-
-class SwEvent(ctypes.Structure):
-    _fields_ = [
-        ("sock", SwSock),
-        ("kind", ctypes.c_uint8),
-        ("old_state", ctypes.c_uint8),
-        ("pad", ctypes.c_uint16),
-        ("err", ctypes.c_int32),
-    ]
-
-
-class SwPending(ctypes.Structure):
-    _fields_ = [("cookie", ctypes.c_uint64)]
 
 
 class AbiMismatch(RuntimeError):
@@ -88,58 +62,50 @@ class AbiMismatch(RuntimeError):
 
 def check_sizes(compiled: dict[str, int]) -> None:
     """compiled: struct name -> size the C compiler gave it."""
-    ours = {"sw_sock": SwSock, "sw_event": SwEvent, "sw_pending": SwPending}
+    ours = {"sw_event": EVENT.size, "sw_udp": ctypes.sizeof(SwUdp)}
     for name, size in compiled.items():
-        mine = ctypes.sizeof(ours[name])
-        if mine != size:
+        if ours[name] != size:
             raise AbiMismatch(
-                f"struct {name} is {size} bytes in bpf/sockwatch.h but {mine} in sockwatch/kernel/abi.py: "
-                "update the ctypes mirror"
+                f"struct {name} is {size} bytes in bpf/sockwatch.h but {ours[name]} in sockwatch/kernel/abi.py: "
+                "update the mirror"
             )
 
 
-def _addr(family: int, raw: ctypes.Array) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return _addr_cached(family, bytes(raw))
+def decode_records(chunk: bytes | memoryview) -> tuple[list[Event], int]:
+    """Events from a run of ring records, and how many bytes they took.
+
+    Every record sockwatch writes has the same size, so a run of committed records is
+    decoded by one struct.iter_unpack; the run ends at the first record still being
+    written (BUSY) or of another shape, which the caller reads next time.
+    """
+    n = len(chunk) // RECORD.size
+    if n == 0:
+        return [], 0
+    # byte 3 of each header: length >> 24 plus the BUSY and DISCARD bits
+    highs = bytes(chunk[3 : n * RECORD.size : RECORD.size])
+    lows = bytes(chunk[0 : n * RECORD.size : RECORD.size])
+    m = _UNUSUAL_HIGH_BYTE.search(highs)
+    if m is not None:
+        n = m.start()
+    if lows.count(EVENT.size) != len(lows):  # a record of another size: stop before it
+        n = min(n, next(i for i, b in enumerate(lows) if b != EVENT.size))
+    make = Event._make
+    return [make(t) for t in RECORD.iter_unpack(chunk[: n * RECORD.size])], n * RECORD.size
+
+
+def records(events: list[Event]) -> bytes:
+    """The inverse of decode_records (tests build ring contents with it)."""
+    pad = b"\0" * (RECORD.size - RECORD_HEADER - EVENT.size)
+    return b"".join(struct.pack("<II", EVENT.size, 0) + EVENT.pack(*e) + pad for e in events)
 
 
 @functools.lru_cache(maxsize=65536)
-def _addr_cached(family: int, b: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def address(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Events repeat few addresses; bounded, since remote peers are unbounded over time."""
-    return ipaddress.IPv4Address(b[:4]) if family == 4 else ipaddress.IPv6Address(b)
+    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
 
 
-def row_from_sock(s: SwSock, netns: int) -> SockRow:
-    """A model row from the kernel's view of one socket (owner only if the hook had it)."""
-    family = FAMILY_VERSION.get(s.family, 4)
-    connected = s.remote_port != 0
-    owner = bool(s.flags & SW_F_OWNER)
-    return SockRow(
-        cookie=s.cookie,
-        protocol=s.protocol,
-        family=family,
-        state=s.state,
-        local_address=_addr(family, s.local_addr),
-        local_port=s.local_port,
-        remote_address=_addr(family, s.remote_addr) if connected else None,
-        remote_port=s.remote_port,
-        netns=netns,
-        pid=s.pid if owner else None,
-        uid=s.uid if owner else None,
-        comm=s.comm.decode(errors="replace") if owner else None,
-        owner_source="hook" if owner else None,
-        netns_cookie=s.netns_cookie,
-        flags=s.flags,
-        ts_ns=s.ts_ns,
-    )
-
-
-def tcp_state_after_close(old_state: int) -> int | None:
-    """The state ss will show after a STATE_CB to CLOSE from old_state.
-
-    The full socket is replaced by a time-wait socket after FIN-WAIT-2 and CLOSING; the
-    hook sees only '-> CLOSE', so the tracker keeps the row as TIME-WAIT and lets a
-    sock_diag read confirm it (a reset in FIN-WAIT-2 also ends in CLOSE).
-    """
-    if old_state in (TcpState.FIN_WAIT2, TcpState.CLOSING):
-        return TcpState.TIME_WAIT
-    return None
+def iter_udp_entries(items: Iterator[tuple[Any, Any]]) -> Iterator[tuple[int, SwUdp]]:
+    """(cookie, entry) from bcc's udp_socks items."""
+    for k, v in items:
+        yield int(getattr(k, "value", k)), SwUdp.from_buffer_copy(v)

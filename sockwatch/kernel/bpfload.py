@@ -1,24 +1,24 @@
 """Compile bpf/*.c with bcc, check the shared structs, attach every program through a
-BPF link, and give the tracker the maps and the ring buffer.
+BPF link, and give the agent the maps and the ring buffer.
 
 Links (BPF_LINK_CREATE), never BPF_PROG_ATTACH: a link belongs to its file descriptor,
-so the kernel detaches every program when sockwatch exits, even on SIGKILL. The one
-tracepoint is attached through a perf event fd, which the kernel also closes on exit.
+so the kernel detaches every program when sockwatch exits, even on SIGKILL.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sockwatch.kernel import abi, prereq
+from sockwatch.kernel.ringbuf import RingReader
 
 if "/usr/lib/python3/dist-packages" not in sys.path:
     sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-bpfcc
@@ -34,9 +34,8 @@ BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_INET4_POST_BIND = 12
 BPF_CGROUP_INET6_POST_BIND = 13
-BPF_CGROUP_UDP4_SENDMSG = 14
-BPF_CGROUP_UDP6_SENDMSG = 15
 BPF_CGROUP_INET_SOCK_RELEASE = 34
+BPF_EXIST = 2
 
 
 @dataclass(frozen=True)
@@ -48,23 +47,14 @@ class Hook:
 
 
 CGROUP_HOOKS = (
-    Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (owner)"),
-    Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4"),
-    Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6"),
+    Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (UDP owner)"),
+    Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (UDP)"),
+    Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (UDP)"),
     Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release"),
-    Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/state)"),
+    Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/accept/state)"),
     Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP)"),
     Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP)"),
-    Hook("sw_sendmsg4", "CGROUP_SOCK_ADDR", BPF_CGROUP_UDP4_SENDMSG, "cgroup sendmsg4 (UDP autobind)"),
-    Hook("sw_sendmsg6", "CGROUP_SOCK_ADDR", BPF_CGROUP_UDP6_SENDMSG, "cgroup sendmsg6 (UDP autobind)"),
 )
-# bcc attaches TRACEPOINT_PROBE functions itself when it compiles them.
-TRACEPOINTS = ("syscalls:sys_exit_connect",)
-
-
-def missing_tracepoints(b: object) -> list[str]:
-    attached = getattr(b, "tracepoint_fds", {})
-    return [tp for tp in TRACEPOINTS if tp.encode() not in attached and tp not in attached]
 
 
 class LoadError(RuntimeError):
@@ -74,13 +64,14 @@ class LoadError(RuntimeError):
         self.fix = fix
 
 
+@functools.cache
 def _libbpf() -> ctypes.CDLL:
     name = ctypes.util.find_library("bpf") or "libbpf.so.1"
     lib = ctypes.CDLL(name, use_errno=True)
     lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.bpf_link_create.restype = ctypes.c_int
-    lib.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
-    lib.ring_buffer__epoll_fd.restype = ctypes.c_int
+    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+    lib.bpf_map_update_elem.restype = ctypes.c_int
     return lib
 
 
@@ -101,63 +92,61 @@ def source_text() -> str:
 
 @dataclass
 class Loaded:
-    bpf: object  # bcc.BPF
+    bpf: Any  # bcc.BPF
     link_fds: list[int] = field(default_factory=list)
     cgroup_fd: int = -1
+    ring: RingReader | None = None
 
     def counters(self) -> dict[str, int]:
-        table = self.bpf["counters"]  # type: ignore[index]
-        out = {}
-        for i, name in enumerate(abi.COUNTER_NAMES):
-            out[name] = int(sum(table.getvalue(table.Key(i))))
-        return out
+        table = self.bpf["counters"]
+        return {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(abi.COUNTER_NAMES)}
 
-    def read_table(self) -> list[abi.SwSock]:
-        """Every row of the BPF table, read with batch lookups."""
-        table = self.bpf["socks"]  # type: ignore[index]
-        rows = []
+    def set_config(self, index: int, value: int) -> None:
+        table = self.bpf["config"]
+        table[table.Key(index)] = table.Leaf(value)
+
+    def open_ring(self, pages: int) -> RingReader:
+        self.ring = RingReader(self.bpf["events"].map_fd, pages * os.sysconf("SC_PAGE_SIZE"))
+        return self.ring
+
+    def udp_entries(self) -> list[tuple[int, abi.SwUdp]]:
+        """Every UDP socket created while we run and not yet released, with its owner."""
+        table = self.bpf["udp_socks"]
         try:
-            items = table.items_lookup_batch()
-            for _k, v in items:
-                rows.append(abi.SwSock.from_buffer_copy(v))
-        except Exception:
-            for _k, v in table.items():
-                rows.append(abi.SwSock.from_buffer_copy(v))
-        return rows
+            return list(abi.iter_udp_entries(iter(table.items_lookup_batch())))
+        except Exception:  # kernels without batch ops on hash maps
+            return list(abi.iter_udp_entries(iter(table.items())))
 
-    def open_events(self, handle: Callable[[abi.SwEvent], None]) -> int:
-        """Subscribe to the ring buffer; returns an fd to poll for readiness."""
-        size = ctypes.sizeof(abi.SwEvent)
-
-        def _cb(_ctx: object, data: int, length: int) -> int:
-            if length >= size:
-                handle(abi.SwEvent.from_address(data))
-            return 0
-
-        self.bpf["events"].open_ring_buffer(_cb)  # type: ignore[index]
-        manager = self.bpf._ringbuf_manager  # type: ignore[attr-defined]
-        return int(_libbpf().ring_buffer__epoll_fd(manager))
-
-    def consume(self) -> None:
-        """Deliver every event already in the ring buffer, without waiting."""
-        self.bpf.ring_buffer_consume()  # type: ignore[attr-defined]
+    def udp_mark_announced(self, cookie: int, entry: abi.SwUdp) -> bool:
+        """Tell the release hook that user space knows this socket (so it reports the
+        release). False if the socket was released meanwhile."""
+        table = self.bpf["udp_socks"]
+        entry.flags |= abi.SW_U_ANNOUNCED
+        key = table.Key(cookie)
+        leaf = table.Leaf.from_buffer_copy(bytes(entry))
+        lib = _libbpf()
+        rc = lib.bpf_map_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_EXIST)
+        return rc == 0
 
     def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
         for fd in self.link_fds:
             os.close(fd)
         self.link_fds.clear()
         if self.cgroup_fd >= 0:
             os.close(self.cgroup_fd)
             self.cgroup_fd = -1
-        self.bpf.cleanup()  # type: ignore[attr-defined]
+        self.bpf.cleanup()
 
 
-def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 4096) -> object:
+def compile_programs(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Any:
     """Compile with bcc and check struct sizes; raises LoadError with a remedy.
     Callers have run prereq.require() (or doctor's checks) first."""
     from bcc import BPF
 
-    cflags = [f"-I{BPF_DIR}", f"-DSW_MAX_SOCKS={max_socks}", f"-DSW_RINGBUF_PAGES={ringbuf_pages}", "-w"]
+    cflags = [f"-I{BPF_DIR}", f"-DSW_MAX_UDP={max_udp}", f"-DSW_RINGBUF_PAGES={ringbuf_pages}", "-w"]
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(2)
     try:
@@ -175,20 +164,19 @@ def compile_programs(max_socks: int = 262144, ringbuf_pages: int = 4096) -> obje
         os.close(devnull)
     abi.check_sizes(
         {
-            "sw_sock": ctypes.sizeof(b["socks"].Leaf),
             "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
-            "sw_pending": ctypes.sizeof(b["pending_connect"].Leaf),
+            "sw_udp": ctypes.sizeof(b["udp_socks"].Leaf),
         }
     )
     return b
 
 
-def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 4096) -> Loaded:
+def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
     """Everything attached; close() (or process exit) detaches everything. Callers have run
     prereq.require() first (the agent does, before it creates its socket)."""
     from bcc import BPF
 
-    b: Any = compile_programs(max_socks, ringbuf_pages)
+    b = compile_programs(max_udp, ringbuf_pages)
     loaded = Loaded(bpf=b)
     cg = prereq.cgroup2_path()
     assert cg is not None  # prereq.require checked it
@@ -205,8 +193,6 @@ def load_and_attach(max_socks: int = 262144, ringbuf_pages: int = 4096) -> Loade
                 raise LoadError(
                     f"could not attach {h.what} by BPF link: {e.strerror}", "run 'sockwatch doctor'"
                 ) from None
-        for tp in missing_tracepoints(b):
-            raise LoadError(f"could not attach tracepoint {tp}", "check tracefs with 'sockwatch doctor'")
     except BaseException:
         loaded.close()
         raise

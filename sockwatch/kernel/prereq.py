@@ -110,7 +110,7 @@ def checks() -> list[Check]:
             "tracefs",
             tr,
             f"tracefs at {TRACEFS}" if tr else "tracefs is not mounted",
-            "" if tr else f"mount it: mount -t tracefs tracefs {TRACEFS}",
+            "" if tr else "not required by sockwatch (it attaches no tracepoint); bcc's tracing tools need it",
         )
     )
     hd = headers_dir()
@@ -125,7 +125,7 @@ def checks() -> list[Check]:
     return out
 
 
-def require(names: tuple[str, ...] = ("root", "bcc", "cgroup2", "tracefs", "headers")) -> None:
+def require(names: tuple[str, ...] = ("root", "bcc", "cgroup2", "headers")) -> None:
     """Raise PrereqError for the first failed check among `names`."""
     for c in checks():
         if c.name in names and not c.ok:

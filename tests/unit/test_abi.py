@@ -1,26 +1,37 @@
-"""The ctypes mirrors against the C compiler's layout of bpf/sockwatch.h: every field's
-offset and every struct's size (the agent repeats the size check against bcc at load)."""
+"""The Python side of bpf/sockwatch.h against the C compiler's layout: every field's
+offset and every struct's size (the agent repeats the size check against bcc at load),
+and the ring-record decoding against records built by hand."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
+import socket
+import struct
 import subprocess
 import tempfile
 
 import pytest
 
+from sockwatch import events
+from sockwatch.events import Event
 from sockwatch.kernel import abi
 from sockwatch.kernel.bpfload import BPF_DIR
 
-STRUCTS = {"sw_sock": abi.SwSock, "sw_event": abi.SwEvent, "sw_pending": abi.SwPending}
+
+def event_offsets() -> dict[str, int]:
+    codes = re.findall(r"\d*[a-zA-Z]", abi.EVENT.format[1:])
+    assert len(codes) == len(Event._fields)
+    return {name: struct.calcsize("<" + "".join(codes[:i])) for i, name in enumerate(Event._fields)}
 
 
 def compiled_layout() -> dict[str, int]:
+    fields = {"sw_event": list(Event._fields), "sw_udp": [f for f, *_ in abi.SwUdp._fields_]}
     lines = []
-    for cname, py in STRUCTS.items():
+    for cname, names in fields.items():
         lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
-        for fname, *_ in py._fields_:
+        for fname in names:
             lines.append(f'printf("{cname}.{fname} %zu\\n", offsetof(struct {cname}, {fname}));')
     src = (
         "#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"
@@ -37,23 +48,64 @@ def compiled_layout() -> dict[str, int]:
 
 def test_every_field_and_size_matches_the_header():
     layout = compiled_layout()
-    for cname, py in STRUCTS.items():
-        assert ctypes.sizeof(py) == layout[cname], cname
-        for fname, *_ in py._fields_:
-            assert getattr(py, fname).offset == layout[f"{cname}.{fname}"], f"{cname}.{fname}"
+    assert abi.EVENT.size == layout["sw_event"]
+    for name, off in event_offsets().items():
+        assert off == layout[f"sw_event.{name}"], name
+    assert ctypes.sizeof(abi.SwUdp) == layout["sw_udp"]
+    for fname, *_ in abi.SwUdp._fields_:
+        assert getattr(abi.SwUdp, fname).offset == layout[f"sw_udp.{fname}"], fname
 
 
 def test_size_mismatch_is_reported_with_a_remedy():
-    with pytest.raises(abi.AbiMismatch, match="update the ctypes mirror"):
-        abi.check_sizes({"sw_sock": ctypes.sizeof(abi.SwSock) + 8})
+    with pytest.raises(abi.AbiMismatch, match="update the mirror"):
+        abi.check_sizes({"sw_event": abi.EVENT.size + 8})
 
 
-def test_header_and_mirror_agree_on_event_and_counter_numbers():
+def test_header_and_python_agree_on_every_number():
     text = (BPF_DIR / "sockwatch.h").read_text()
-    defines = {}
+    homes = {"SW_EV_": (events, ""), "SW_F_": (events, "F_"), "SW_C_": (abi, "SW_C_"), "SW_U_": (abi, "SW_U_")}
+    seen = 0
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[0] == "#define" and parts[1].startswith(("SW_EV_", "SW_C_", "SW_F_")):
-            defines[parts[1]] = int(parts[2], 0)
-    for name, value in defines.items():
-        assert getattr(abi, name) == value, name
+        if len(parts) < 3 or parts[0] != "#define":
+            continue
+        for prefix, (module, py_prefix) in homes.items():
+            if parts[1].startswith(prefix):
+                name = py_prefix + parts[1][len(prefix) :]
+                assert getattr(module, name) == int(parts[2], 0), parts[1]
+                seen += 1
+    assert seen >= 18
+    assert abi.SW_CFG_PRESTART_COOKIE == 0 and "#define SW_CFG_PRESTART_COOKIE 0" in text
+
+
+def ev(cookie: int, kind: int = events.CONNECT, **kw: object) -> Event:
+    base = dict.fromkeys(Event._fields, 0) | {"local_addr": bytes(16), "remote_addr": bytes(16), "comm": bytes(16)}
+    base |= {"cookie": cookie, "kind": kind, "family": socket.AF_INET, "protocol": 6} | kw
+    return Event(**base)  # type: ignore[arg-type]
+
+
+def test_records_decode_back_to_the_same_events():
+    evs = [ev(i, local_port=1000 + i, comm=b"nginx".ljust(16, b"\0")) for i in range(1, 50)]
+    decoded, used = abi.decode_records(abi.records(evs))
+    assert decoded == evs and used == len(evs) * abi.RECORD.size
+
+
+def test_decoding_stops_at_a_record_still_being_written():
+    raw = bytearray(abi.records([ev(1), ev(2), ev(3)]))
+    struct.pack_into("<I", raw, abi.RECORD.size, abi.EVENT.size | abi.RINGBUF_BUSY)
+    decoded, used = abi.decode_records(bytes(raw))
+    assert [e.cookie for e in decoded] == [1] and used == abi.RECORD.size
+    assert abi.decode_records(bytes(raw[abi.RECORD.size :])) == ([], 0)
+
+
+def test_decoding_stops_before_a_record_of_another_size():
+    raw = bytearray(abi.records([ev(1), ev(2)]))
+    struct.pack_into("<I", raw, abi.RECORD.size, 40)
+    decoded, _ = abi.decode_records(bytes(raw))
+    assert [e.cookie for e in decoded] == [1]
+
+
+def test_a_partial_record_is_left_for_next_time():
+    raw = abi.records([ev(1), ev(2)])
+    decoded, used = abi.decode_records(raw[: abi.RECORD.size + 10])
+    assert [e.cookie for e in decoded] == [1] and used == abi.RECORD.size

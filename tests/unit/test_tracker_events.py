@@ -1,14 +1,15 @@
-"""How hook events change the table: the rules the BPF side cannot apply itself."""
+"""How hook events change the table: the rules the BPF side leaves to the tracker,
+driven with plain Event values (no root, no kernel)."""
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import socket
 
-from sockwatch.kernel import abi
+from sockwatch import events as E
+from sockwatch.events import Event
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, OWNER_HOOK, OWNER_LISTENER, TcpState
-from sockwatch.tracker import NEED_INODE, NEED_ORPHAN, NEED_TIMEWAIT, NEED_TUPLE, Tracker
+from sockwatch.tracker import NEED_INODE, NEED_ORPHAN, NEED_STATE, NEED_TIMEWAIT, NEED_TUPLE, R_NO_CALLBACKS, Tracker
 
 NS_COOKIE, NS_INODE = 4096, 4026532000
 
@@ -28,23 +29,28 @@ class OneNamespace:
 
 
 def ev(kind, cookie, proto=IPPROTO_TCP, state=7, local=("0.0.0.0", 0), remote=None, owner=None, flags=0, old=0):
-    e = abi.SwEvent()
-    s = e.sock
     la = ipaddress.ip_address(local[0])
-    s.cookie, s.netns_cookie, s.protocol = cookie, NS_COOKIE, proto
-    s.family = socket.AF_INET6 if la.version == 6 else socket.AF_INET
-    s.state, s.flags = state, flags
-    ctypes.memmove(s.local_addr, la.packed, len(la.packed))
-    s.local_port = local[1]
-    if remote:
-        ra = ipaddress.ip_address(remote[0])
-        ctypes.memmove(s.remote_addr, ra.packed, len(ra.packed))
-        s.remote_port = remote[1]
-    if owner:
-        s.pid, s.uid, s.comm = owner[0], 0, owner[1].encode()
-        s.flags |= abi.SW_F_OWNER
-    e.kind, e.old_state = kind, old
-    return e
+    ra = ipaddress.ip_address(remote[0]) if remote else None
+    return Event(
+        cookie=cookie,
+        netns_cookie=NS_COOKIE,
+        ts_ns=0,
+        local_addr=la.packed.ljust(16, b"\0"),
+        remote_addr=ra.packed.ljust(16, b"\0") if ra else bytes(16),
+        pid=owner[0] if owner else 0,
+        uid=0,
+        local_port=local[1],
+        remote_port=remote[1] if remote else 0,
+        family=socket.AF_INET6 if la.version == 6 else socket.AF_INET,
+        protocol=proto,
+        kind=kind,
+        state=state,
+        old_state=old,
+        flags=flags | (E.F_OWNER if owner else 0),
+        pad=0,
+        err=0,
+        comm=(owner[1].encode() if owner else b"").ljust(16, b"\0"),
+    )
 
 
 def tracker() -> Tracker:
@@ -53,7 +59,7 @@ def tracker() -> Tracker:
 
 def test_bind_then_release_of_udp():
     t = tracker()
-    t.apply(ev(abi.SW_EV_BIND, 1, IPPROTO_UDP, local=("0.0.0.0", 53), owner=(10, "dnsd")))
+    assert t.apply(ev(E.BIND, 1, IPPROTO_UDP, local=("0.0.0.0", 53), owner=(10, "dnsd")))
     (r,) = t.snapshot()
     assert (r.proto_name, r.state_name, r.local_port, r.pid, r.comm, r.owner_source, r.netns) == (
         "udp",
@@ -65,76 +71,86 @@ def test_bind_then_release_of_udp():
         NS_INODE,
     )
     assert t.pending[1] == {NEED_INODE}
-    t.apply(ev(abi.SW_EV_RELEASE, 1, IPPROTO_UDP, local=("0.0.0.0", 53), flags=abi.SW_F_RELEASED))
+    assert t.apply(ev(E.RELEASE, 1, IPPROTO_UDP)) == ("remove", 1)
     assert t.snapshot() == [] and 1 not in t.pending
-
-
-def test_bound_tcp_is_hidden_until_it_listens():
-    t = tracker()
-    t.apply(ev(abi.SW_EV_BIND, 2, local=("127.0.0.1", 8080), owner=(11, "web")))
-    assert t.snapshot() == []
-    t.apply(ev(abi.SW_EV_LISTEN, 2, state=TcpState.LISTEN, local=("127.0.0.1", 8080), owner=(11, "web")))
-    assert [r.state_name for r in t.snapshot()] == ["LISTEN"]
 
 
 def test_accepted_connection_takes_its_listeners_owner():
     t = tracker()
-    t.apply(ev(abi.SW_EV_LISTEN, 1, state=TcpState.LISTEN, local=("::", 443), owner=(20, "proxy")))
-    t.apply(ev(abi.SW_EV_LISTEN, 2, state=TcpState.LISTEN, local=("10.0.0.1", 443), owner=(21, "other")))
+    t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("::", 443), owner=(20, "proxy")))
+    t.apply(ev(E.LISTEN, 2, state=TcpState.LISTEN, local=("10.0.0.1", 443), owner=(21, "other")))
     # dual-stack listener taking IPv4: the child is IPv6 with a v4-mapped address
-    t.apply(ev(abi.SW_EV_ACCEPT, 3, state=1, local=("::ffff:127.0.0.1", 443), remote=("::ffff:127.0.0.1", 5000)))
-    t.apply(ev(abi.SW_EV_ACCEPT, 4, state=1, local=("10.0.0.1", 443), remote=("10.0.0.9", 5001)))
+    t.apply(ev(E.ACCEPT, 3, state=1, local=("::ffff:127.0.0.1", 443), remote=("::ffff:127.0.0.1", 5000)))
+    t.apply(ev(E.ACCEPT, 4, state=1, local=("10.0.0.1", 443), remote=("10.0.0.9", 5001)))
     rows = {r.cookie: r for r in t.snapshot()}
     assert (rows[3].pid, rows[3].owner_source) == (20, OWNER_LISTENER)
     assert rows[4].pid == 21  # the exact address wins over the wildcard
 
 
+def test_active_open_waits_for_a_kernel_read_of_its_state():
+    t = tracker()
+    t.apply(ev(E.CONNECT, 5, state=2, local=("10.0.0.1", 4000), remote=("10.0.0.2", 80), owner=(1, "c")))
+    assert t.rows[5].state_name == "SYN-SENT" and NEED_STATE in t.pending[5]
+
+
 def test_close_after_fin_wait2_is_time_wait_until_the_kernel_confirms():
     t = tracker()
-    t.apply(ev(abi.SW_EV_CONNECT, 5, state=2, local=("10.0.0.1", 4000), remote=("10.0.0.2", 80), owner=(1, "c")))
+    t.apply(ev(E.CONNECT, 5, state=2, local=("10.0.0.1", 4000), remote=("10.0.0.2", 80), owner=(1, "c")))
     t.rows[5].inode = 99
-    t.apply(
-        ev(
-            abi.SW_EV_STATE,
-            5,
-            state=TcpState.CLOSE,
-            local=("10.0.0.1", 4000),
-            remote=("10.0.0.2", 80),
-            old=TcpState.FIN_WAIT2,
-            flags=abi.SW_F_RELEASED | abi.SW_F_STATECB,
-        )
-    )
+    t.apply(ev(E.STATE, 5, state=TcpState.FIN_WAIT1, old=TcpState.ESTABLISHED))
+    t.apply(ev(E.STATE, 5, state=TcpState.FIN_WAIT2, old=TcpState.FIN_WAIT1))
+    t.apply(ev(E.STATE, 5, state=TcpState.CLOSE, old=TcpState.FIN_WAIT2))
     (r,) = t.snapshot()
-    assert (r.state_name, r.inode) == ("TIME-WAIT", 0)
+    assert (r.state_name, r.inode, r.pid) == ("TIME-WAIT", 0, 1)
     assert t.pending[5] == {NEED_TIMEWAIT}
 
 
 def test_reset_connection_leaves_at_once():
     t = tracker()
-    t.apply(ev(abi.SW_EV_ESTABLISHED, 6, state=1, local=("10.0.0.1", 4001), remote=("10.0.0.2", 80), owner=(1, "c")))
-    t.apply(ev(abi.SW_EV_STATE, 6, state=TcpState.CLOSE, old=TcpState.ESTABLISHED, flags=abi.SW_F_RELEASED))
+    t.apply(ev(E.ACCEPT, 6, state=1, local=("10.0.0.1", 4001), remote=("10.0.0.2", 80)))
+    assert t.apply(ev(E.STATE, 6, state=TcpState.CLOSE, old=TcpState.ESTABLISHED)) == ("remove", 6)
     assert t.snapshot() == []
+
+
+def test_a_socket_born_and_gone_within_one_batch_is_never_tabled():
+    t = tracker()
+    t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("127.0.0.1", 80), owner=(5, "web")))
+    batch = []
+    for c in range(100, 200, 2):
+        batch += [
+            ev(E.CONNECT, c, state=2, local=("127.0.0.1", c), remote=("127.0.0.1", 80), owner=(6, "ab")),
+            ev(E.ACCEPT, c + 1, state=1, local=("127.0.0.1", 80), remote=("127.0.0.1", c)),
+            ev(E.STATE, c, state=TcpState.CLOSE, old=TcpState.ESTABLISHED),
+            ev(E.STATE, c + 1, state=TcpState.CLOSE, old=TcpState.ESTABLISHED),
+        ]
+    survivor = ev(E.ACCEPT, 999, state=1, local=("127.0.0.1", 80), remote=("127.0.0.1", 999))
+    changes = t.apply_batch([*batch, survivor])
+    assert changes == [("add", 999)]
+    assert t.stats.coalesced == len(batch) and t.stats.events.total() == len(batch) + 2
+    assert [r.cookie for r in t.snapshot()] == [1, 999]
+    # a known socket's end is always applied, even in the batch that would coalesce it
+    assert t.apply_batch([ev(E.STATE, 999, state=TcpState.CLOSE, old=TcpState.ESTABLISHED)]) == [("remove", 999)]
 
 
 def test_released_connection_without_state_callbacks_is_checked_with_the_kernel():
     t = tracker()
-    t.apply(ev(abi.SW_EV_BIND, 7, local=("10.0.0.1", 4002), owner=(1, "c")))
-    t.rows[7].state, t.rows[7].remote_address, t.rows[7].remote_port = 1, ipaddress.ip_address("10.0.0.2"), 80
-    t.apply(ev(abi.SW_EV_RELEASE, 7, flags=abi.SW_F_RELEASED, old=TcpState.ESTABLISHED))
+    t.apply(ev(E.ACCEPT, 7, state=1, local=("10.0.0.1", 4002), remote=("10.0.0.2", 80)))
+    t.rows[7].flags |= R_NO_CALLBACKS  # as bootstrap marks sockets from before start
+    t.apply(ev(E.RELEASE, 7, state=1, old=TcpState.ESTABLISHED, flags=E.F_PRESTART))
     assert NEED_ORPHAN in t.pending[7]
     assert t.snapshot()  # an orphan still holds its 4-tuple
 
 
 def test_udp_connect_waits_for_the_kernels_choice_of_local_side():
     t = tracker()
-    t.apply(ev(abi.SW_EV_UDP_CONNECT, 8, IPPROTO_UDP, state=1, owner=(3, "dig")))
+    t.apply(ev(E.BIND, 8, IPPROTO_UDP, local=("0.0.0.0", 5000), owner=(3, "dig")))
+    t.apply(ev(E.UDP_CONNECT, 8, IPPROTO_UDP, state=1, remote=("10.0.0.53", 53), owner=(3, "dig")))
     assert NEED_TUPLE in t.pending[8]
-    assert t.rows[8].state == TcpState.ESTABLISHED
+    r = t.rows[8]
+    assert (r.state, r.local_port, r.remote_port) == (TcpState.ESTABLISHED, 5000, 53)
 
 
 def test_events_from_an_unknown_namespace_are_counted_not_guessed():
     t = tracker()
-    e = ev(abi.SW_EV_BIND, 9, IPPROTO_UDP, local=("0.0.0.0", 1))
-    e.sock.netns_cookie = 1
-    t.apply(e)
+    t.apply(ev(E.BIND, 9, IPPROTO_UDP, local=("0.0.0.0", 1))._replace(netns_cookie=1))
     assert t.rows == {} and t.stats.unknown_netns == 1

@@ -1,0 +1,92 @@
+"""What the kernel hooks report, as plain values (pure; no root).
+
+An `Event` is one ring-buffer record decoded once, at the edge (kernel/abi.py): the
+tracker applies them, and an event stream can fan them out without touching kernel
+memory. Addresses stay as the 16 raw bytes the hook wrote (network order, IPv4 in the
+first four); the tracker turns them into ipaddress objects only for rows it keeps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, TcpState
+
+# kinds (bpf/sockwatch.h SW_EV_*)
+BIND = 1
+LISTEN = 2
+CONNECT = 3
+ESTABLISHED = 4  # reserved: an active open is confirmed by a kernel read
+ACCEPT = 5
+STATE = 6
+UDP_CONNECT = 7
+RELEASE = 8
+KIND_NAMES = {
+    BIND: "bind",
+    LISTEN: "listen",
+    CONNECT: "connect",
+    ESTABLISHED: "established",
+    ACCEPT: "accept",
+    STATE: "state",
+    UDP_CONNECT: "udp_connect",
+    RELEASE: "release",
+}
+
+# flags (SW_F_*)
+F_OWNER = 0x01  # pid/uid/comm came from the owner's own syscall
+F_PRESTART = 0x02  # RELEASE of a TCP socket with no state callbacks (from before start)
+
+TCP_GONE_AT_RELEASE = (TcpState.CLOSE, TcpState.LISTEN, TcpState.SYN_SENT)
+
+
+class Event(NamedTuple):
+    """One change to one socket, in the order of bpf/sockwatch.h's struct sw_event."""
+
+    cookie: int
+    netns_cookie: int
+    ts_ns: int  # CLOCK_MONOTONIC_COARSE at the hook
+    local_addr: bytes  # 16 bytes, network order
+    remote_addr: bytes
+    pid: int
+    uid: int
+    local_port: int
+    remote_port: int
+    family: int  # AF_INET / AF_INET6
+    protocol: int
+    kind: int
+    state: int  # TCP_* numbering after the change (UDP: CLOSE unconnected, ESTABLISHED connected)
+    old_state: int
+    flags: int
+    pad: int
+    err: int
+    comm: bytes  # NUL padded
+
+    @property
+    def has_owner(self) -> bool:
+        return bool(self.flags & F_OWNER)
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES.get(self.kind, str(self.kind))
+
+
+def tcp_state_after_close(old_state: int) -> int | None:
+    """The state ss will show after a STATE_CB to CLOSE from old_state.
+
+    The full socket is replaced by a time-wait socket after FIN-WAIT-2 and CLOSING; the
+    hook sees only '-> CLOSE', so the tracker keeps the row as TIME-WAIT and lets a
+    sock_diag read confirm it (a reset in FIN-WAIT-2 also ends in CLOSE).
+    """
+    if old_state in (TcpState.FIN_WAIT2, TcpState.CLOSING):
+        return TcpState.TIME_WAIT
+    return None
+
+
+def ends_socket(e: Event) -> bool:
+    """True if after this event the socket is in no kernel lookup table and never will
+    be again under this cookie: nothing of it needs to stay in the table."""
+    if e.kind == RELEASE:
+        return e.protocol == IPPROTO_UDP or e.old_state in TCP_GONE_AT_RELEASE
+    if e.kind == STATE and e.protocol == IPPROTO_TCP and e.state == TcpState.CLOSE:
+        return tcp_state_after_close(e.old_state) is None
+    return False
