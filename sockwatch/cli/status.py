@@ -32,7 +32,8 @@ def status(
         f"BPF loaded in {st['load_seconds']}s, {st['links']} links",
         f"sockets {st['sockets']} in {st['namespaces']} namespaces; {st['pending']} waiting for a kernel read",
         f"cost over the last {cost['seconds']:.0f}s: {cost['cpu_percent']}% of one CPU, "
-        f"{cost['events_per_second']} events/s; memory {st['rss_bytes'] / 2**20:.1f} MiB, cpu {st['cpu_seconds']}s total",
+        f"{cost['events_per_second']} events/s; memory {st['rss_bytes'] / 2**20:.1f} MiB, "
+        f"cpu {st['cpu_seconds']}s total",
         f"BPF: {bpf['events']} events ({tr['coalesced']} never tabled: born and gone between two reads); "
         f"lost: ring buffer full {bpf['ringbuf_full']}, UDP owner map full {bpf['map_full']}",
         f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
