@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# Install what is missing, then run the snapshot benchmark (100,000 sockets by default;
-# a few minutes). Arguments go to bench/bench_snapshot.py (e.g. --sockets 200000).
+# Install what is missing (gcc too, for the load generators), then run a benchmark:
+#   sudo scripts/bench.sh cost       # the host's cost with vs without the agent (~5 minutes)
+#   sudo scripts/bench.sh snapshot   # snapshot speed at 100,000 sockets vs ss (~2 minutes)
+# Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-"$here/scripts/install.sh"
-exec "${SOCKWATCH_VENV:-$here/.venv}/bin/python" "$here/bench/bench_snapshot.py" "$@"
+SOCKWATCH_EXTRAS=dev "$here/scripts/install.sh"
+which=${1:-cost}
+[ $# -gt 0 ] && shift
+case "$which" in
+  cost|snapshot) ;;
+  *) echo "bench: say 'cost' or 'snapshot'" >&2; exit 2 ;;
+esac
+exec "${SOCKWATCH_VENV:-$here/.venv}/bin/python" "$here/bench/bench_$which.py" "$@"

@@ -482,6 +482,9 @@ class Tracker:
         self._removed_during = set()
         try:
             self.registry.refresh()
+            for ns in self.registry.prune():  # gone: neither dumped nor kept
+                for c in [c for c, r in self.rows.items() if r.netns == ns.inode]:
+                    self._remove(c)
             kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
             for ns in list(self.registry.by_inode.values()):
                 for d in self._dump(ns):
@@ -490,9 +493,6 @@ class Tracker:
             removed_meanwhile = self._removed_during
         finally:
             self._removed_during = None
-        for ns in self.registry.prune():
-            for c in [c for c, r in self.rows.items() if r.netns == ns.inode]:
-                self._remove(c)
         added: list[SockRow] = []
         counts: Counter = Counter()
         for cookie, (d, ns) in kernel.items():

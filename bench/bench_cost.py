@@ -1,0 +1,225 @@
+"""What `sockwatch serve` costs the host: the same workloads with and without the agent,
+interleaved in one run, with the ratios the always-on cost issue sets.
+
+  tcp_crr     TCP connect/accept/close cycles/s, one process, SO_LINGER 0   (loss <= 5%)
+  udp_sendto  unconnected sendto() of 64-byte datagrams                      (loss <= 3%)
+  udp_send    connected send() of 64-byte datagrams                          (loss <= 2%)
+  udp_churn   socket(), sendto() (autobind), close()                         (reported)
+
+Each round runs every workload without the agent, then starts `sockwatch serve`, runs
+them again, and stops it (odd rounds in the other order). Workloads run in a network
+namespace of the benchmark's own, pinned to CPU 0; the agent runs wherever the kernel
+puts it. Then, with the agent running: its CPU while tcp_crr is paced at 10,000
+cycles/s, and its memory before and after --churn-seconds of that churn.
+
+Everything it creates (namespace, processes, the agent, the compiled load generator)
+is removed by id at the end. Results: bench/results/cost.json.
+
+  sudo .venv/bin/python bench/bench_cost.py --repeat 5 --seconds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SW = [sys.executable, "-m", "sockwatch"]
+WORKLOADS = {"tcp_crr": 0.05, "udp_sendto": 0.03, "udp_send": 0.02, "udp_churn": None}  # allowed loss
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Bench:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ns = f"sw-cost-{uuid.uuid4().hex[:8]}"
+        self.tmp = tempfile.mkdtemp(prefix="sw-cost-")
+        self.loadgen = os.path.join(self.tmp, "loadgen")
+        self.sock = f"/run/sockwatch-bench/{self.ns}/agent.sock"
+        self.agent: subprocess.Popen | None = None
+        self.pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
+
+    def setup(self) -> None:
+        subprocess.run(["gcc", "-O2", "-o", self.loadgen, os.path.join(HERE, "loadgen.c")], check=True)
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        subprocess.run(["ip", "-n", self.ns, "link", "set", "lo", "up"], check=True)
+
+    def run(self, mode: str, seconds: float | None = None, rate: float = 0) -> float:
+        cmd = ["ip", "netns", "exec", self.ns, *self.pin, self.loadgen, mode, "127.0.0.1", "9000"]
+        r = subprocess.run([*cmd, str(seconds or self.seconds), str(rate)], check=True, capture_output=True, text=True)
+        return float(json.loads(r.stdout)["rate"])
+
+    def start_agent(self) -> int:
+        self.agent = subprocess.Popen([*SW, "serve", "--socket", self.sock], stderr=subprocess.PIPE)
+        while subprocess.run([*SW, "status", "--socket", self.sock], check=False, capture_output=True).returncode:
+            if self.agent.poll() is not None:
+                err = self.agent.stderr.read().decode() if self.agent.stderr else ""
+                raise SystemExit(f"bench: the agent failed to start: {err}")
+            time.sleep(0.1)
+        return self.agent.pid
+
+    def status(self) -> dict:
+        r = subprocess.run([*SW, "status", "--json", "--socket", self.sock], check=True, capture_output=True)
+        return json.loads(r.stdout)
+
+    def stop_agent(self) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.terminate()
+            try:
+                self.agent.wait(15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+        self.agent = None
+        for path in (self.sock, self.sock + ".lock"):  # what a killed agent could not remove
+            if os.path.exists(path):
+                os.unlink(path)
+        for d in (os.path.dirname(self.sock), os.path.dirname(os.path.dirname(self.sock))):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+    def cleanup(self) -> None:
+        self.stop_agent()
+        subprocess.run(["ip", "netns", "del", self.ns], check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def summarize(xs: list[float]) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "runs": xs}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=5, help="rounds with and without the agent (>= 5 for figures)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each workload run")
+    ap.add_argument("--paced-rate", type=float, default=10_000, help="tcp_crr cycles/s for the agent-CPU figure")
+    ap.add_argument("--paced-seconds", type=float, default=20.0)
+    ap.add_argument("--churn-seconds", type=float, default=60.0, help="churn before the memory figure (600 = 10 min)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--json-out", default=os.path.join(HERE, "results", "cost.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: run as root (sudo)", file=sys.stderr)
+        return 3
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not 1 <= args.repeat <= 100 or not 0.2 <= args.seconds <= 60:
+        names = ",".join(WORKLOADS)
+        print(f"bench: --workloads from {names}; --repeat 1..100; --seconds 0.2..60", file=sys.stderr)
+        return 2
+
+    b = Bench(args.seconds)
+    without: dict[str, list[float]] = {w: [] for w in workloads}
+    with_agent: dict[str, list[float]] = {w: [] for w in workloads}
+    result: dict = {}
+    try:
+        b.setup()
+        for rnd in range(args.repeat):
+            order = ["without", "with"] if rnd % 2 == 0 else ["with", "without"]
+            for mode in order:
+                if mode == "with":
+                    b.start_agent()
+                for w in workloads:
+                    (with_agent if mode == "with" else without)[w].append(b.run(w))
+                if mode == "with":
+                    b.stop_agent()
+            print(f"round {rnd + 1}/{args.repeat} done", file=sys.stderr)
+
+        pid = b.start_agent()
+        time.sleep(1)
+        rss0 = proc_rss_mib(pid)
+        cpu0, t0 = proc_cpu_seconds(pid), time.monotonic()
+        paced = b.run("tcp_crr", args.paced_seconds, args.paced_rate)
+        cpu_paced = (proc_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        st_paced = b.status()
+        left = args.churn_seconds - args.paced_seconds
+        while left > 0:
+            b.run("tcp_crr", min(left, 60), args.paced_rate)
+            left -= 60
+        time.sleep(3)
+        cpu1, t1 = proc_cpu_seconds(pid), time.monotonic()
+        time.sleep(10)
+        cpu_idle = (proc_cpu_seconds(pid) - cpu1) / (time.monotonic() - t1)
+        rss1 = proc_rss_mib(pid)
+        st = b.status()
+        b.stop_agent()
+
+        result = {
+            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+            "seconds_per_run": args.seconds,
+            "repeat": args.repeat,
+            "workloads": {},
+            "agent": {
+                "paced_rate": round(paced),
+                "cpu_percent_paced": round(100 * cpu_paced, 2),
+                "cpu_percent_idle_after": round(100 * cpu_idle, 2),
+                "rss_mib_start": round(rss0, 1),
+                "rss_mib_after_churn": round(rss1, 1),
+                "churn_seconds": args.churn_seconds,
+                "rss_growth_percent": round(100 * (rss1 - rss0) / rss0, 1),
+                "events_lost": st["bpf"]["ringbuf_full"],
+                "status_after_paced": st_paced["last_minute"],
+                "coalesced": st["tracker"]["coalesced"],
+                "events": st["bpf"]["events"],
+            },
+        }
+        head = f"{'workload':<12} {'without (min/median)':>24} {'with (min/median)':>24} {'ratio':>7} {'loss':>7}"
+        print(f"\n{head}  target")
+        ok = True
+        for w in workloads:
+            a, z = summarize(without[w]), summarize(with_agent[w])
+            ratio = z["median"] / a["median"]
+            loss = 1 - ratio
+            allowed = WORKLOADS[w]
+            verdict = "" if allowed is None else (f"<= {allowed:.0%} " + ("met" if loss <= allowed else "MISSED"))
+            ok = ok and (allowed is None or loss <= allowed)
+            result["workloads"][w] = {"without": a, "with": z, "ratio_of_medians": round(ratio, 4), "target": allowed}
+            print(
+                f"{w:<12} {a['min']:>11.0f}/{a['median']:<12.0f} {z['min']:>11.0f}/{z['median']:<12.0f} "
+                f"{ratio:>7.3f} {loss:>7.1%}  {verdict}"
+            )
+        ag = result["agent"]
+        print(
+            f"\nagent CPU at {ag['paced_rate']} tcp cycles/s: {ag['cpu_percent_paced']}% of one core (target <= 10%); "
+            f"idle after: {ag['cpu_percent_idle_after']}%"
+        )
+        print(
+            f"agent memory: {ag['rss_mib_start']} MiB at start, {ag['rss_mib_after_churn']} MiB after "
+            f"{args.churn_seconds:.0f}s of churn ({ag['rss_growth_percent']:+}%; target within 10%); "
+            f"events lost: {ag['events_lost']}"
+        )
+        result["targets_met"] = ok
+        os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"results: {args.json_out}")
+    finally:
+        b.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
