@@ -45,13 +45,7 @@ if [ ! -e "$mod/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
   say "linked $mod/build -> $hdr"
 fi
 
-# 3. tracefs (bcc attaches tracepoints through it); a fresh machine has it unmounted.
-if [ ! -d /sys/kernel/tracing/events ]; then
-  mount -t tracefs tracefs /sys/kernel/tracing
-  say "mounted tracefs"
-fi
-
-# 4. A virtual environment on Debian's python3 (the one python3-bpfcc is built for),
+# 3. A virtual environment on Debian's python3 (the one python3-bpfcc is built for),
 #    seeing its system packages for bcc, with sockwatch and its pinned dependencies.
 extra=${SOCKWATCH_EXTRAS:-}
 stamp="$venv/.sockwatch-installed$extra"
