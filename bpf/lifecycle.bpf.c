@@ -53,8 +53,9 @@ int sw_sock_release(struct bpf_sock *sk)
 {
 	u8 state = sk->state;
 	u8 flags = 0;
+	u64 cookie;
 	if (sk->protocol == IPPROTO_UDP) {
-		u64 cookie = bpf_get_socket_cookie(sk);
+		cookie = bpf_get_socket_cookie(sk);
 		struct sw_udp *u = udp_socks.lookup(&cookie);
 		if (u) {
 			int told = u->flags & SW_U_ANNOUNCED;
@@ -69,11 +70,12 @@ int sw_sock_release(struct bpf_sock *sk)
 	}
 	if (sk->protocol != IPPROTO_TCP || state == SW_TCP_CLOSE || state == SW_TCP_SYN_SENT)
 		return 1;
-	if (bpf_get_socket_cookie(sk) > config_get(SW_CFG_PRESTART_COOKIE))
+	cookie = bpf_get_socket_cookie(sk);
+	if (cookie > config_get(SW_CFG_PRESTART_COOKIE))
 		return 1;
 	flags = SW_F_PRESTART;
 tell:;
-	struct sw_event *e = event_new(bpf_get_socket_cookie(sk), SW_EV_RELEASE, bpf_get_netns_cookie(sk), sk->family,
+	struct sw_event *e = event_new(cookie, SW_EV_RELEASE, bpf_get_netns_cookie(sk), sk->family,
 				       sk->protocol, state, state);
 	if (!e)
 		return 1;

@@ -221,8 +221,9 @@ class Agent:
             return []
         return self.tracker.apply_batch(events)
 
-    def _check_losses(self) -> None:
-        """Events lost to a full ring, or UDP owners to a full map: resync from the kernel."""
+    def _check_losses(self) -> dict[str, int]:
+        """Events lost to a full ring, or UDP owners to a full map: resync from the kernel.
+        Returns the counters it read."""
         assert self.loaded is not None
         c = self.loaded.counters()
         losses = (c["ringbuf_full"], c["map_full"])
@@ -235,14 +236,14 @@ class Agent:
             self._last_losses = losses
             self.tracker.stats.resyncs += 1
             self.tracker.reconcile(drain=self.drain)
+        return c
 
     def prepare_answer(self) -> None:
         """Before answering: every event so far applied, and what hooks cannot see read."""
         assert self.loaded is not None
         self.drain()
-        self._check_losses()
+        c = self._check_losses()
         self.tracker.resolve_pending()
-        c = self.loaded.counters()
         silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
         if silent > 0:
             self._udp_announced_by_us += self.tracker.find_autobound_udp(
