@@ -8,6 +8,7 @@ first four); the tracker turns them into ipaddress objects only for rows it keep
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, TcpState
@@ -82,11 +83,77 @@ def tcp_state_after_close(old_state: int) -> int | None:
     return None
 
 
+def _ends(kind: int, protocol: int, state: int, old_state: int) -> bool:
+    if kind == RELEASE:
+        return protocol == IPPROTO_UDP or old_state in TCP_GONE_AT_RELEASE
+    if kind == STATE and protocol == IPPROTO_TCP and state == TcpState.CLOSE:
+        return tcp_state_after_close(old_state) is None
+    return False
+
+
+class _EndsTable(dict):
+    """_ends memoized on (kind, protocol, state, old_state): a few dozen keys ever occur,
+    so a batch asks it with one C-level map instead of a Python call per record."""
+
+    def __missing__(self, key: tuple[int, int, int, int]) -> bool:
+        value = self[key] = _ends(*key)
+        return value
+
+
+ENDS = _EndsTable()
+
+
 def ends_socket(e: Event) -> bool:
     """True if after this event the socket is in no kernel lookup table and never will
     be again under this cookie: nothing of it needs to stay in the table."""
-    if e.kind == RELEASE:
-        return e.protocol == IPPROTO_UDP or e.old_state in TCP_GONE_AT_RELEASE
-    if e.kind == STATE and e.protocol == IPPROTO_TCP and e.state == TcpState.CLOSE:
-        return tcp_state_after_close(e.old_state) is None
-    return False
+    return ENDS[e.kind, e.protocol, e.state, e.old_state]
+
+
+class EventBatch:
+    """Events in ring order, as columns plus an event decoded on demand.
+
+    Under churn nearly every record belongs to a socket born and gone within one batch;
+    the tracker recognises those from the columns alone (cookie, kind, protocol, state,
+    old state) and asks for Event values only for the records it applies. `event(i)`
+    decodes record i from the batch's own copy, never from kernel memory.
+    """
+
+    __slots__ = ("cookies", "event", "kinds", "old_states", "protocols", "states")
+
+    def __init__(
+        self,
+        cookies: list[int],
+        kinds: Sequence[int],
+        protocols: Sequence[int],
+        states: Sequence[int],
+        old_states: Sequence[int],
+        event: Callable[[int], Event],
+    ) -> None:
+        self.cookies = cookies
+        self.kinds = kinds
+        self.protocols = protocols
+        self.states = states
+        self.old_states = old_states
+        self.event = event
+
+    @classmethod
+    def of(cls, events: Sequence[Event]) -> EventBatch:
+        events = list(events)
+        return cls(
+            [e.cookie for e in events],
+            [e.kind for e in events],
+            [e.protocol for e in events],
+            [e.state for e in events],
+            [e.old_state for e in events],
+            events.__getitem__,
+        )
+
+    def __len__(self) -> int:
+        return len(self.cookies)
+
+    def ends(self) -> list[bool]:
+        """ends_socket for every record, in order."""
+        return list(map(ENDS.__getitem__, zip(self.kinds, self.protocols, self.states, self.old_states, strict=True)))
+
+    def events(self) -> list[Event]:
+        return [self.event(i) for i in range(len(self.cookies))]

@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import NamedTuple
 
 from sockwatch import events as ev
@@ -213,29 +214,38 @@ class Tracker:
         self.version += 1
         return True
 
-    def apply_batch(self, events: Sequence[Event]) -> list[Change]:
+    def apply_batch(self, batch: ev.EventBatch | Sequence[Event]) -> list[Change]:
         """Apply events in order and return what changed. A socket that is born and gone
-        within the batch (the common case under churn) is never tabled at all."""
-        if not events:
+        within the batch (the common case under churn) is never tabled at all; its
+        records are recognised from the batch's columns and never decoded."""
+        if not isinstance(batch, ev.EventBatch):
+            batch = ev.EventBatch.of(batch)
+        n = len(batch)
+        if not n:
             return []
         self._gen += 1
-        last: dict[int, Event] = {}
-        for e in events:
-            last[e.cookie] = e
-        rows = self.rows
-        gone = {c for c, e in last.items() if c not in rows and ev.ends_socket(e)}
-        if self._removed_during is not None:
-            self._removed_during |= gone  # a reconcile's dump may have seen them alive
+        self.stats.events.update(batch.kinds)
+        cookies = batch.cookies
+        last = dict(zip(cookies, range(n), strict=True))  # each cookie's last record
+        ends = batch.ends()
+        gone = set(compress(last.keys(), map(ends.__getitem__, last.values())))
+        gone -= self.rows.keys()
+        if gone:
+            if self._removed_during is not None:
+                self._removed_during |= gone  # a reconcile's dump may have seen them alive
+            keep = last.keys() - gone
+            todo: Iterable[int] = compress(range(n), map(keep.__contains__, cookies))
+        else:
+            todo = range(n)
         changes: list[Change] = []
-        counts = self.stats.events
-        for e in events:
-            counts[e.kind] += 1
-            if e.cookie in gone:
-                self.stats.coalesced += 1
-                continue
-            ch = self._apply(e)
+        applied = 0
+        event = batch.event
+        for i in todo:
+            applied += 1
+            ch = self._apply(event(i))
             if ch is not None:
                 changes.append(ch)
+        self.stats.coalesced += n - applied
         return changes
 
     def apply(self, e: Event) -> Change | None:

@@ -216,10 +216,10 @@ class Agent:
         """Apply every event the hooks committed so far; returns what changed."""
         if self.ring is None:
             return []
-        events = self.ring.read()
-        if not events:
-            return []
-        return self.tracker.apply_batch(events)
+        changes = []
+        for batch in self.ring.read():
+            changes += self.tracker.apply_batch(batch)
+        return changes
 
     def _check_losses(self) -> dict[str, int]:
         """Events lost to a full ring, or UDP owners to a full map: resync from the kernel.

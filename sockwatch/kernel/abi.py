@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from sockwatch.events import Event
+from sockwatch.events import Event, EventBatch
 
 SW_COMM_LEN = 16
 
@@ -71,26 +71,55 @@ def check_sizes(compiled: dict[str, int]) -> None:
             )
 
 
-def decode_records(chunk: bytes | memoryview) -> tuple[list[Event], int]:
-    """Events from a run of ring records, and how many bytes they took.
+def _offset_in_record(prefix: str) -> int:
+    """Byte offset in a ring record of the field after `prefix` (EVENT's leading formats)."""
+    return RECORD_HEADER + struct.calcsize("<" + prefix)
 
-    Every record sockwatch writes has the same size, so a run of committed records is
-    decoded by one struct.iter_unpack; the run ends at the first record still being
-    written (BUSY) or of another shape, which the caller reads next time.
+
+_COOKIE_WORD = RECORD_HEADER // 8  # the cookie is the record's second u64
+_PROTOCOL = _offset_in_record("QQQ16s16sIIHHB")
+_KIND, _STATE, _OLD_STATE = _PROTOCOL + 1, _PROTOCOL + 2, _PROTOCOL + 3
+assert RECORD.size % 8 == 0 and EVENT.format.startswith("<QQQ16s16sIIHHBBBBB")
+_new_event = functools.partial(tuple.__new__, Event)
+
+
+def decode_batch(chunk: bytes | memoryview) -> tuple[EventBatch, int]:
+    """The committed records at the start of chunk, copied once, and how many bytes
+    they took.
+
+    Every record sockwatch writes has the same size, so the run of committed records
+    ends at the first one still being written (BUSY) or of another shape, which the
+    caller reads next time. The columns the tracker needs to skip born-and-gone sockets
+    are strided slices of the copy; an Event is unpacked only when asked for.
     """
     n = len(chunk) // RECORD.size
-    if n == 0:
-        return [], 0
-    # byte 3 of each header: length >> 24 plus the BUSY and DISCARD bits
-    highs = bytes(chunk[3 : n * RECORD.size : RECORD.size])
-    lows = bytes(chunk[0 : n * RECORD.size : RECORD.size])
-    m = _UNUSUAL_HIGH_BYTE.search(highs)
-    if m is not None:
-        n = m.start()
-    if lows.count(EVENT.size) != len(lows):  # a record of another size: stop before it
-        n = min(n, next(i for i, b in enumerate(lows) if b != EVENT.size))
-    make = Event._make
-    return [make(t) for t in RECORD.iter_unpack(chunk[: n * RECORD.size])], n * RECORD.size
+    if n:
+        # byte 3 of each header: length >> 24 plus the BUSY and DISCARD bits
+        highs = bytes(chunk[3 : n * RECORD.size : RECORD.size])
+        lows = bytes(chunk[0 : n * RECORD.size : RECORD.size])
+        m = _UNUSUAL_HIGH_BYTE.search(highs)
+        if m is not None:
+            n = m.start()
+        if lows.count(EVENT.size) != len(lows):  # a record of another size: stop before it
+            n = min(n, next(i for i, b in enumerate(lows) if b != EVENT.size))
+    size = RECORD.size
+    data = bytes(chunk[: n * size])
+    unpack = RECORD.unpack_from
+    batch = EventBatch(
+        memoryview(data).cast("Q")[_COOKIE_WORD :: size // 8].tolist(),
+        data[_KIND::size],
+        data[_PROTOCOL::size],
+        data[_STATE::size],
+        data[_OLD_STATE::size],
+        lambda i: _new_event(unpack(data, i * size)),
+    )
+    return batch, n * size
+
+
+def decode_records(chunk: bytes | memoryview) -> tuple[list[Event], int]:
+    """decode_batch, every event decoded (tests, and streams that want them all)."""
+    batch, used = decode_batch(chunk)
+    return batch.events(), used
 
 
 def records(events: list[Event]) -> bytes:

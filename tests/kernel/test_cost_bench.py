@@ -24,7 +24,13 @@ def test_short_cost_benchmark(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert res["workloads"]["tcp_crr"]["ratio_of_medians"] > 0.75, res["workloads"]["tcp_crr"]
-    assert res["workloads"]["udp_sendto"]["ratio_of_medians"] > 0.85, res["workloads"]["udp_sendto"]
+    # best run against best run: this VM's noise only ever slows a run down, and three
+    # one-second rounds are too few for medians (the full benchmark reports those)
+    for workload, floor in (("tcp_crr", 0.8), ("udp_sendto", 0.9)):
+        w = res["workloads"][workload]
+        assert w["with"]["max"] / w["without"]["max"] > floor, (workload, w)
     assert res["agent"]["cpu_percent_paced"] < 15, res["agent"]
     assert res["agent"]["rss_growth_percent"] < 10, res["agent"]
+    # the ring never refuses a record while the agent keeps up (a torn write of the
+    # consumer position once made the kernel see a full ring about every 16 MiB)
+    assert res["agent"]["events_lost"] == 0 and res["agent"]["events_lost_full_speed"] == 0, res["agent"]

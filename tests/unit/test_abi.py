@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sockwatch import events
 from sockwatch.events import Event
@@ -109,3 +111,24 @@ def test_a_partial_record_is_left_for_next_time():
     raw = abi.records([ev(1), ev(2)])
     decoded, used = abi.decode_records(raw[: abi.RECORD.size + 10])
     assert [e.cookie for e in decoded] == [1] and used == abi.RECORD.size
+
+
+_small = st.integers(min_value=0, max_value=255)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 2**64 - 1), st.sampled_from([*events.KIND_NAMES]), st.sampled_from([6, 17]), _small, _small
+        ),
+        max_size=40,
+    )
+)
+def test_batch_columns_agree_with_the_events_they_come_from(specs):
+    evs = [ev(c, kind, protocol=p, state=s, old_state=o, pid=i) for i, (c, kind, p, s, o) in enumerate(specs)]
+    batch, used = abi.decode_batch(abi.records(evs))
+    assert used == len(evs) * abi.RECORD.size and len(batch) == len(evs)
+    assert batch.events() == evs
+    assert batch.cookies == [e.cookie for e in evs]
+    assert list(batch.kinds) == [e.kind for e in evs]
+    assert batch.ends() == [events.ends_socket(e) for e in evs]

@@ -6,8 +6,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+import pytest
+
 from sockwatch import events as E
 from sockwatch.events import Event
+from sockwatch.kernel import abi
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, OWNER_HOOK, OWNER_LISTENER, TcpState
 from sockwatch.tracker import NEED_INODE, NEED_ORPHAN, NEED_STATE, NEED_TIMEWAIT, NEED_TUPLE, R_NO_CALLBACKS, Tracker
 
@@ -112,7 +115,8 @@ def test_reset_connection_leaves_at_once():
     assert t.snapshot() == []
 
 
-def test_a_socket_born_and_gone_within_one_batch_is_never_tabled():
+@pytest.mark.parametrize("through_ring", [False, True], ids=["events", "ring-records"])
+def test_a_socket_born_and_gone_within_one_batch_is_never_tabled(through_ring):
     t = tracker()
     t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("127.0.0.1", 80), owner=(5, "web")))
     batch = []
@@ -124,7 +128,8 @@ def test_a_socket_born_and_gone_within_one_batch_is_never_tabled():
             ev(E.STATE, c + 1, state=TcpState.CLOSE, old=TcpState.ESTABLISHED),
         ]
     survivor = ev(E.ACCEPT, 999, state=1, local=("127.0.0.1", 80), remote=("127.0.0.1", 999))
-    changes = t.apply_batch([*batch, survivor])
+    evs = [*batch, survivor]
+    changes = t.apply_batch(abi.decode_batch(abi.records(evs))[0] if through_ring else evs)
     assert changes == [("add", 999)]
     assert t.stats.coalesced == len(batch) and t.stats.events.total() == len(batch) + 2
     assert [r.cookie for r in t.snapshot()] == [1, 999]
