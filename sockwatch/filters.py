@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -13,6 +14,34 @@ Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class FilterError(ValueError):
     """A filter the user typed cannot be understood; the message says why."""
+
+
+PID_MAX = 4_194_304  # PID_MAX_LIMIT on 64-bit kernels
+NETNS_MAX = 2**32 - 1  # namespace inodes are 32-bit (proc_inum)
+MAX_VALUES = 256  # values per filter on the wire
+MAX_TEXT = 100  # characters in one filter value
+# ASCII digits only: int() also takes '1_000', ' +5' and digits of other scripts
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+def shown(text: object) -> str:
+    """User input as an error message quotes it: repr'd (no terminal escapes), cut short."""
+    s = str(text)
+    return repr(s) if len(s) <= 40 else repr(s[:40]) + "..."
+
+
+def _number(text: str | int, what: str, lo: int, hi: int) -> int:
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise FilterError(f"{what} {shown(text)} is not a number")
+    if isinstance(text, int):
+        n = text
+    else:
+        if not _DIGITS.fullmatch(text.strip()):
+            raise FilterError(f"{what} {shown(text)} is not a number")
+        n = int(text.strip())
+    if not lo <= n <= hi:
+        raise FilterError(f"{what} {shown(text)} is out of range: {lo} to {hi}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -75,24 +104,22 @@ def _in(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, net: Net) -> bool:
 def parse_port(text: str) -> tuple[int, int]:
     """'53' or '8000-8100' -> inclusive range; ports are 0..65535."""
     lo_s, sep, hi_s = text.strip().partition("-")
-    try:
-        lo = int(lo_s)
-        hi = int(hi_s) if sep else lo
-    except ValueError:
-        raise FilterError(f"port {text!r} is not a number or a range like 8000-8100") from None
-    for p in (lo, hi):
-        if not 0 <= p <= 65535:
-            raise FilterError(f"port {p} is out of range: ports are 0 to 65535")
+    if not _DIGITS.fullmatch(lo_s.strip()) or (sep and not _DIGITS.fullmatch(hi_s.strip())):
+        raise FilterError(f"port {shown(text)} is not a number or a range like 8000-8100")
+    lo = _number(lo_s, "port", 0, 65535)
+    hi = _number(hi_s, "port", 0, 65535) if sep else lo
     if lo > hi:
-        raise FilterError(f"port range {text!r} is backwards: write {hi}-{lo}")
+        raise FilterError(f"port range {shown(text)} is backwards: write {hi}-{lo}")
     return lo, hi
 
 
 def parse_network(text: str) -> Net:
     try:
+        if len(text) > MAX_TEXT:
+            raise ValueError
         return ipaddress.ip_network(text.strip().strip("[]"), strict=False)
     except ValueError:
-        raise FilterError(f"address {text!r} is not an IP address or CIDR (e.g. 10.0.0.0/8, ::1)") from None
+        raise FilterError(f"address {shown(text)} is not an IP address or CIDR (e.g. 10.0.0.0/8, ::1)") from None
 
 
 def parse_state(text: str) -> int:
@@ -101,25 +128,15 @@ def parse_state(text: str) -> int:
     name = aliases.get(name, name)
     if name not in STATE_NUMBERS:
         known = ", ".join(sorted(STATE_NUMBERS))
-        raise FilterError(f"state {text!r} is not one of: {known}")
+        raise FilterError(f"state {shown(text)} is not one of: {known}")
     return STATE_NUMBERS[name]
 
 
 def parse_protocol(text: str) -> int:
     name = text.strip().lower()
     if name not in PROTO_NUMBERS:
-        raise FilterError(f"protocol {text!r} is not tcp or udp")
+        raise FilterError(f"protocol {shown(text)} is not tcp or udp")
     return PROTO_NUMBERS[name]
-
-
-def _positive(text: str | int, what: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise FilterError(f"{what} {text!r} is not a number") from None
-    if n <= 0:
-        raise FilterError(f"{what} {text!r} must be a positive number")
-    return n
 
 
 def build(
@@ -136,17 +153,30 @@ def build(
         ports=tuple(parse_port(p) for p in port),
         networks=tuple(parse_network(a) for a in addr),
         states=frozenset(parse_state(s) for s in state),
-        pids=frozenset(_positive(p, "pid") for p in pid),
-        netns=frozenset(_positive(n, "netns") for n in netns),
+        pids=frozenset(_number(p, "pid", 1, PID_MAX) for p in pid),
+        netns=frozenset(_number(n, "netns", 1, NETNS_MAX) for n in netns),
     )
 
 
-def from_wire(d: dict) -> Filters:
-    return build(
-        protocol=d.get("protocol", ()),
-        port=d.get("port", ()),
-        addr=d.get("addr", ()),
-        state=d.get("state", ()),
-        pid=d.get("pid", ()),
-        netns=d.get("netns", ()),
-    )
+WIRE_KEYS = ("protocol", "port", "addr", "state", "pid", "netns")
+
+
+def from_wire(d: object) -> Filters:
+    """Filters from a request (untrusted JSON): every key, type and size checked."""
+    if not isinstance(d, dict):
+        raise FilterError("filters must be a JSON object")
+    unknown = [k for k in d if k not in WIRE_KEYS]
+    if unknown:
+        raise FilterError(f"unknown filter {shown(unknown[0])}: use {', '.join(WIRE_KEYS)}")
+    lists: dict[str, list] = {}
+    for key in WIRE_KEYS:
+        values = d.get(key, [])
+        if not isinstance(values, list) or len(values) > MAX_VALUES:
+            raise FilterError(f"filter {key!r} must be a list of at most {MAX_VALUES} values")
+        numeric = key in ("pid", "netns")
+        for v in values:
+            text_ok = isinstance(v, str) and len(v) <= MAX_TEXT
+            if not text_ok and not (numeric and isinstance(v, int) and not isinstance(v, bool)):
+                raise FilterError(f"filter {key!r} has a value of the wrong type: {shown(v)}")
+        lists[key] = values
+    return build(**lists)

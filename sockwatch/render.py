@@ -17,6 +17,21 @@ COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "
 NUMERIC = ("PID", "UID", "INODE", "COOKIE")
 
 
+# C0 controls, DEL and C1 controls (ESC sequences, CSI 0x9b, ...) shown as \xNN
+_CELL_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS = {c: v for c, v in _CELL_CONTROLS.items() if c != ord("\n")}  # our own lines stay lines
+
+
+def printable(text: str) -> str:
+    """Text that came from outside (a process name, the wire) made safe for a terminal."""
+    return text.translate(_CONTROLS)
+
+
+def printable_cell(text: str) -> str:
+    """printable, on one line."""
+    return text.translate(_CELL_CONTROLS)
+
+
 def group_of(row: SockRow) -> str:
     if row.protocol == IPPROTO_UDP:
         return "udp"
@@ -38,7 +53,7 @@ def cells(r: SockRow) -> tuple[str, ...]:
         endpoint(r.local_address, r.local_port, r.family),
         remote,
         "" if r.pid is None else str(r.pid),
-        r.comm or "",
+        printable_cell(r.comm or ""),
         "" if r.uid is None else str(r.uid),
         "" if r.inode is None else str(r.inode),
         str(r.cookie),
@@ -53,6 +68,7 @@ def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout) -> None:
     if rich_ok:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         console = Console(file=out)
         for g, title in GROUPS:
@@ -62,7 +78,7 @@ def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout) -> None:
             for name in COLUMNS:
                 t.add_column(name, no_wrap=True, justify="right" if name in NUMERIC else "left")
             for row in by_group[g]:
-                t.add_row(*row)
+                t.add_row(*(Text(c) for c in row))  # Text: no markup is read from a process name
             console.print(t)
             console.print()
         return

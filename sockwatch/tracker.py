@@ -22,7 +22,7 @@ from sockwatch import events as ev
 from sockwatch.events import Event
 from sockwatch.filters import Filters
 from sockwatch.kernel import abi, procscan, sockdiag
-from sockwatch.kernel.netns import Namespace, NamespaceRegistry
+from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry
 from sockwatch.model import (
     FAMILY_VERSION,
     IPPROTO_TCP,
@@ -68,6 +68,7 @@ class Stats:
     resyncs: int = 0
     unresolved: int = 0
     unknown_netns: int = 0  # events dropped: their namespace was gone before we could name it
+    namespaces_gone: int = 0  # namespaces that died while we ran (their rows went with them)
     autobound_udp: int = 0  # UDP sockets found bound by a send, not a bind
     last_reconcile_s: float = 0.0
     repaired_cookies: deque = field(default_factory=lambda: deque(maxlen=4096))
@@ -83,6 +84,7 @@ class Stats:
             "resyncs": self.resyncs,
             "unresolved": self.unresolved,
             "unknown_netns": self.unknown_netns,
+            "namespaces_gone": self.namespaces_gone,
             "autobound_udp": self.autobound_udp,
             "last_reconcile_seconds": round(self.last_reconcile_s, 4),
             "repaired_cookies": list(self.repaired_cookies),
@@ -152,7 +154,10 @@ class Tracker:
         states: int = sockdiag.ALL_STATES,
     ) -> list[sockdiag.DiagSock]:
         try:
-            return sockdiag.dump_all(ns.diag, protocols, states)
+            with self.registry.reading():
+                return sockdiag.dump_all(self.registry.diag(ns), protocols, states)
+        except NamespaceGone:
+            return []
         except OSError as e:
             log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
             return []
@@ -173,8 +178,10 @@ class Tracker:
         """The table as the kernel has it now. With hooks attached before, the events
         applied after this fill in owners and everything that changed meanwhile."""
         self.registry.refresh()
-        for ns in list(self.registry.by_inode.values()):
-            for d in self._dump(ns):
+        with self.registry.reading():
+            dumps = [(ns, self._dump(ns)) for ns in list(self.registry.by_cookie.values())]
+        for ns, diags in dumps:
+            for d in diags:
                 row = row_from_diag(d, ns)
                 if row.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS
@@ -359,10 +366,14 @@ class Tracker:
             if row is None or not self.pending[cookie]:
                 self.pending.pop(cookie, None)
                 continue
-            groups.setdefault((row.netns, row.protocol), []).append(cookie)
+            groups.setdefault((row.netns_cookie, row.protocol), []).append(cookie)
+        with self.registry.reading():
+            return self._resolve_groups(groups, exact_limit, max_tries)
+
+    def _resolve_groups(self, groups: dict[tuple[int, int], list[int]], exact_limit: int, max_tries: int) -> int:
         fixed = 0
-        for (netns, proto), cookies in groups.items():
-            ns = self.registry.by_inode.get(netns)
+        for (netns_cookie, proto), cookies in groups.items():
+            ns = self.registry.by_cookie.get(netns_cookie)
             if ns is None:
                 for c in cookies:
                     self._remove(c)
@@ -413,8 +424,10 @@ class Tracker:
     def _lookup(self, ns: Namespace, row: SockRow) -> sockdiag.DiagSock | None:
         assert row.remote_address is not None
         try:
+            with self.registry.reading():
+                diag = self.registry.diag(ns)
             return sockdiag.lookup_one(
-                ns.diag,
+                diag,
                 row.protocol,
                 row.family,
                 row.local_address,
@@ -422,6 +435,8 @@ class Tracker:
                 row.remote_address,
                 row.remote_port,
             )
+        except NamespaceGone:
+            return None
         except OSError as e:
             log.warning("sock_diag lookup in netns %s failed: %s", ns.inode, e)
             return None
@@ -447,6 +462,17 @@ class Tracker:
         row.touch()
         return changed
 
+    def forget_dead_namespaces(self) -> int:
+        """Drop the rows of namespaces that died (the registry checks each cheaply)."""
+        gone = {ns.cookie for ns in self.registry.check_alive()}
+        if not gone:
+            return 0
+        dead = [c for c, r in self.rows.items() if r.netns_cookie in gone]
+        for c in dead:
+            self._remove(c)
+        self.stats.namespaces_gone += len(gone)
+        return len(dead)
+
     def find_autobound_udp(self, entries: Sequence[tuple[int, abi.SwUdp]], announce: Callable[..., bool]) -> int:
         """UDP sockets created while we run that no event announced may have been bound by
         an unconnected sendto(): find them in their namespace's UDP table, with the owner
@@ -458,6 +484,14 @@ class Tracker:
         by_ns: dict[int, list[tuple[int, abi.SwUdp]]] = {}
         for c, u in silent:
             by_ns.setdefault(u.netns_cookie, []).append((c, u))
+        with self.registry.reading():
+            found = self._adopt_autobound(by_ns, announce)
+        if found:
+            self.stats.autobound_udp += found
+            self.version += 1
+        return found
+
+    def _adopt_autobound(self, by_ns: dict[int, list[tuple[int, abi.SwUdp]]], announce: Callable[..., bool]) -> int:
         found = 0
         for ns_cookie, items in by_ns.items():
             ns = self.registry.resolve_cookie(ns_cookie, items[0][1].pid)
@@ -475,9 +509,6 @@ class Tracker:
                 row.gen = self._gen
                 self.rows[c] = row
                 found += 1
-        if found:
-            self.stats.autobound_udp += found
-            self.version += 1
         return found
 
     def reconcile(self, drain: Callable[[], object] = lambda: None) -> dict[str, int]:
@@ -492,13 +523,19 @@ class Tracker:
         self._removed_during = set()
         try:
             self.registry.refresh()
-            for ns in self.registry.prune():  # gone: neither dumped nor kept
-                for c in [c for c, r in self.rows.items() if r.netns == ns.inode]:
-                    self._remove(c)
+            gone = {ns.cookie for ns in self.registry.prune()}  # neither dumped nor kept
             kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
-            for ns in list(self.registry.by_inode.values()):
-                for d in self._dump(ns):
-                    kernel[d.cookie] = (d, ns)
+            with self.registry.reading():
+                for ns in list(self.registry.by_cookie.values()):
+                    try:
+                        self.registry.diag(ns)
+                    except NamespaceGone:
+                        gone.add(ns.cookie)
+                        continue
+                    for d in self._dump(ns):
+                        kernel[d.cookie] = (d, ns)
+            for c in [c for c, r in self.rows.items() if r.netns_cookie in gone]:
+                self._remove(c)
             drain()
             removed_meanwhile = self._removed_during
         finally:

@@ -7,6 +7,12 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# no per-example deadline: CI machines and benchmarks running beside the suite make timing
+# noise, and what these properties check is correctness, not speed
+settings.register_profile("sockwatch", deadline=None)
+settings.load_profile("sockwatch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -1,73 +1,135 @@
 """Asking a running agent. Kept import-light: `snapshot --json` against an agent must
-start, ask and stream the answer in a fraction of what ss takes."""
+start, ask and stream the answer in a fraction of what ss takes.
+
+What answers is checked before it is believed: the peer must be root (SO_PEERCRED), the
+header must parse, and callers turn any malformed body into one clear error. A path given
+with --socket must be a live agent's socket; only the default path falls back to reading
+the kernel directly when no agent runs there.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import stat
+import struct
 
-from sockwatch.agent.protocol import DEFAULT_SOCKET, encode_request
+from sockwatch.agent import sockpath
+from sockwatch.agent.protocol import DEFAULT_SOCKET, MAX_HEADER, ProtocolError, encode_request, parse_header
+
+ANSWER_TIMEOUT = 120.0  # seconds without a byte from the agent before giving up
 
 
 class AgentError(RuntimeError):
     pass
 
 
-def _connect(path: str) -> socket.socket | None:
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "not a socket"
+
+
+def _connect(path: str | None) -> socket.socket | None:
+    """A connection to a verified agent; None when the default path has no agent."""
+    explicit = path is not None
+    where = path if path is not None else DEFAULT_SOCKET
+    if explicit:
+        try:
+            where = sockpath.validate(where)
+        except sockpath.PathError as e:
+            raise AgentError(str(e)) from None
+        try:
+            mode = os.stat(where).st_mode
+        except FileNotFoundError:
+            raise AgentError(f"there is no agent socket at {where}") from None
+        except PermissionError:
+            raise AgentError(f"the agent socket {where} is root-only: run with sudo") from None
+        if not stat.S_ISSOCK(mode):
+            raise AgentError(f"{where} is {_kind(mode)}, not an agent's socket")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(ANSWER_TIMEOUT)
     try:
-        s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
+        s.connect(where)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
         s.close()
+        if explicit:
+            raise AgentError(f"no sockwatch agent is listening on {where}") from None
         return None  # no agent: callers fall back to standalone
     except PermissionError:
         s.close()
-        raise AgentError(f"the agent socket {path} is root-only: run with sudo") from None
+        raise AgentError(f"the agent socket {where} is root-only: run with sudo") from None
+    except OSError as e:
+        s.close()
+        raise AgentError(f"cannot reach the agent at {where}: {e.strerror}") from None
+    uid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+    if uid != 0:
+        s.close()
+        raise AgentError(f"{where} is served by uid {uid}, not root: that is not a sockwatch agent to trust")
     return s
 
 
 def _read_header(s: socket.socket) -> tuple[dict, bytes]:
     buf = b""
     while b"\n" not in buf:
+        if len(buf) > MAX_HEADER:
+            raise AgentError("the agent's answer is malformed: its header has no end")
         chunk = s.recv(65536)
         if not chunk:
             raise AgentError("the agent closed the connection without answering")
         buf += chunk
     line, _, rest = buf.partition(b"\n")
-    header = json.loads(line)
-    if not header.get("ok"):
-        raise AgentError(header.get("error", "the agent refused the request"))
+    try:
+        header = parse_header(line)
+    except ProtocolError as e:
+        raise AgentError(str(e)) from None
+    if not header["ok"]:
+        raise AgentError(f"the agent refused the request: {header['error'][:300]!r}")
     return header, rest
 
 
-def request(op: str, path: str = DEFAULT_SOCKET, **args: object) -> tuple[dict, bytes] | None:
-    """(header, body) from the agent, or None when no agent is running."""
+def request(op: str, path: str | None = None, **args: object) -> tuple[dict, bytes] | None:
+    """(header, body) from the agent, or None when no agent runs at the default path."""
     s = _connect(path)
     if s is None:
         return None
-    with s:
-        s.sendall(encode_request(op, **args))
-        header, body = _read_header(s)
-        chunks = [body]
-        while chunk := s.recv(1 << 20):
-            chunks.append(chunk)
+    try:
+        with s:
+            s.sendall(encode_request(op, **args))
+            header, body = _read_header(s)
+            chunks = [body]
+            while chunk := s.recv(1 << 20):
+                chunks.append(chunk)
+    except TimeoutError:
+        raise AgentError(f"the agent did not answer within {ANSWER_TIMEOUT:.0f}s") from None
+    except OSError as e:
+        raise AgentError(f"the connection to the agent failed: {e.strerror or e}") from None
     return header, b"".join(chunks)
 
 
-def stream(op: str, out_fd: int, path: str = DEFAULT_SOCKET, **args: object) -> dict | None:
-    """Copy the agent's answer straight to out_fd (no parsing). None: no agent."""
+def stream(op: str, out_fd: int, path: str | None = None, **args: object) -> dict | None:
+    """Copy the agent's answer straight to out_fd (no parsing: the peer is a root agent,
+    and its body is JSON with every string escaped). None: no agent."""
     s = _connect(path)
     if s is None:
         return None
-    with s:
-        s.sendall(encode_request(op, **args))
-        header, body = _read_header(s)
-        write_all(out_fd, body)
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while n := s.recv_into(buf):
-            write_all(out_fd, view[:n])
+    try:
+        with s:
+            s.sendall(encode_request(op, **args))
+            header, body = _read_header(s)
+            write_all(out_fd, body)
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            while n := s.recv_into(buf):
+                write_all(out_fd, view[:n])
+    except TimeoutError:
+        raise AgentError(f"the agent did not answer within {ANSWER_TIMEOUT:.0f}s") from None
+    except (BrokenPipeError, ConnectionResetError) as e:
+        if isinstance(e, BrokenPipeError):
+            raise  # our reader went away (| head): handled by the CLI
+        raise AgentError("the agent closed the connection mid-answer") from None
     return header
 
 

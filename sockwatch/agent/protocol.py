@@ -1,13 +1,32 @@
 """The agent's local wire format: one JSON request line; one JSON header line back,
-then the body (for snapshots, the JSON array ready to print) until the agent closes."""
+then the body (for snapshots, the JSON array ready to print) until the agent closes.
+
+Both sides treat what comes over the socket as untrusted: a request is checked field by
+field before the agent acts on it, and an answer is checked before the CLI shows it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_SOCKET = os.environ.get("SOCKWATCH_SOCKET", "/run/sockwatch/agent.sock")
 MAX_REQUEST = 64 * 1024
+MAX_HEADER = 64 * 1024
+OPS = ("snapshot", "status")
+
+
+class ProtocolError(ValueError):
+    """A request or answer that does not follow the protocol; the message says how."""
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str
+    filters: dict[str, Any] = field(default_factory=dict)  # checked by filters.from_wire
+    reconcile: bool = False
 
 
 def encode_request(op: str, **args: object) -> bytes:
@@ -16,3 +35,44 @@ def encode_request(op: str, **args: object) -> bytes:
 
 def encode_header(ok: bool, **info: object) -> bytes:
     return json.dumps({"ok": ok, **info}).encode() + b"\n"
+
+
+def _loads(line: bytes, what: str) -> Any:
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply") from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise ProtocolError(f"{what} is not valid JSON") from None
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line into a Request, or ProtocolError naming what is wrong."""
+    d = _loads(line, "the request")
+    if not isinstance(d, dict):
+        raise ProtocolError("the request is not a JSON object")
+    op = d.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(f"'op' must be one of: {', '.join(OPS)}")
+    unknown = sorted(str(k)[:40] for k in d if k not in ("op", "filters", "reconcile"))
+    if unknown:
+        raise ProtocolError(f"unknown request fields: {', '.join(unknown[:5])}")
+    filters = d.get("filters")
+    if filters is None:
+        filters = {}
+    if not isinstance(filters, dict):
+        raise ProtocolError("'filters' must be a JSON object")
+    reconcile = d.get("reconcile", False)
+    if not isinstance(reconcile, bool):
+        raise ProtocolError("'reconcile' must be true or false")
+    return Request(op, filters, reconcile)
+
+
+def parse_header(line: bytes) -> dict[str, Any]:
+    """An answer's header line (client side)."""
+    h = _loads(line, "the agent's answer")
+    if not isinstance(h, dict) or not isinstance(h.get("ok"), bool):
+        raise ProtocolError("the agent's answer has no valid header")
+    if not h["ok"] and not isinstance(h.get("error"), str):
+        raise ProtocolError("the agent refused the request without saying why")
+    return h

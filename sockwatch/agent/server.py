@@ -9,10 +9,10 @@ a kernel read is read when a query needs it, not per event."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import select
@@ -20,17 +20,31 @@ import signal
 import socket
 import struct
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 from sockwatch import filters as flt
-from sockwatch.agent.protocol import MAX_REQUEST, encode_header
+from sockwatch.agent import sockpath
+from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, encode_header, parse_request
 from sockwatch.kernel import abi, bpfload, prereq
 from sockwatch.kernel.ringbuf import RingReader
 from sockwatch.model import render_json
 from sockwatch.tracker import Tracker
 
 log = logging.getLogger(__name__)
+
+
+REQUEST_SECONDS = 5.0  # to send one request line
+ANSWER_SECONDS = 60.0  # to read one whole answer (a 100,000-row snapshot is ~30 MB)
+MAX_CLIENTS = 64
+
+
+@dataclass(eq=False)
+class Client:
+    sock: socket.socket
+    deadline: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    out: deque[memoryview] = field(default_factory=deque)
 
 
 @dataclass
@@ -41,10 +55,6 @@ class Settings:
     drop_check_interval: float = 1.0
     max_udp: int = 65536
     ringbuf_pages: int = 4096
-
-
-class AgentRunning(RuntimeError):
-    pass
 
 
 def _cpu_seconds() -> float:
@@ -87,9 +97,13 @@ class Agent:
         self.loaded: bpfload.Loaded | None = None
         self.ring: RingReader | None = None
         self.listener: socket.socket | None = None
-        self._lock_fd = -1
+        self.claim: sockpath.Claim | None = None
+        self.clients: dict[int, Client] = {}
+        self.clients_dropped: Counter[str] = Counter()
+        self._ep: select.epoll | None = None
         self._stop = False
         self._last_losses = (0, 0)
+        self._last_counters: dict[str, int] = {}
         self._udp_announced_by_us = 0
         self.cost = CostWindow()
         self.load_seconds = 0.0
@@ -98,38 +112,10 @@ class Agent:
 
     # ---- start and stop ---------------------------------------------------------------
 
-    def _claim_socket(self) -> socket.socket:
-        path = self.settings.socket_path
-        d = os.path.dirname(path)
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-        self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                holder = os.pread(self._lock_fd, 32, 0).decode().strip() or "?"
-                raise AgentRunning(f"another sockwatch agent (pid {holder}) is serving {path}") from None
-            raise
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            os.unlink(path)  # stale socket of an agent that died (the lock says none runs)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            s.bind(path)
-        finally:
-            os.umask(old)
-        s.listen(64)
-        s.setblocking(False)
-        return s
-
     def start(self) -> None:
         prereq.require()  # before creating anything: a refused start leaves nothing behind
-        self.listener = self._claim_socket()
+        self.claim = sockpath.claim(self.settings.socket_path)
+        self.listener = self.claim.listener
         t0 = time.monotonic()
         self.loaded = bpfload.load_and_attach(self.settings.max_udp, self.settings.ringbuf_pages)
         self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
@@ -145,33 +131,21 @@ class Agent:
         self.bootstrap_seconds = time.monotonic() - t0
         c = self.loaded.counters()
         self._last_losses = (c["ringbuf_full"], c["map_full"])
-        log.info("attached; %d sockets in %d namespaces", len(self.tracker.rows), len(self.tracker.registry.by_inode))
+        log.info("attached; %d sockets in %d namespaces", len(self.tracker.rows), len(self.tracker.registry.by_cookie))
 
     def stop(self, *_: object) -> None:
         self._stop = True
 
     def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            try:
-                os.unlink(self.settings.socket_path)
-            except FileNotFoundError:
-                pass
+        for c in list(self.clients.values()):
+            self._drop(c)
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
+            self.listener = None
         if self.loaded is not None:
             self.loaded.close()
         self.tracker.registry.close()
-        if self._lock_fd >= 0:
-            # still holding the lock: nobody else can be using the file or the directory
-            for leftover in (self.settings.socket_path + ".lock",):
-                try:
-                    os.unlink(leftover)
-                except FileNotFoundError:
-                    pass
-            try:
-                os.rmdir(os.path.dirname(self.settings.socket_path))
-            except OSError:
-                pass  # not empty: something else lives there
-            os.close(self._lock_fd)
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -179,7 +153,7 @@ class Agent:
         assert self.loaded is not None and self.listener is not None and self.ring is not None
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        ep = select.epoll()
+        ep = self._ep = select.epoll()
         ep.register(self.ring.fd, select.EPOLLIN)
         ep.register(self.listener.fileno(), select.EPOLLIN)
         now = time.monotonic()
@@ -187,22 +161,26 @@ class Agent:
         next_second = now + self.settings.drop_check_interval
         next_reconcile = now + self.settings.reconcile_interval
         while not self._stop:
-            timeout = max(0.0, min(next_drain, next_second, next_reconcile) - time.monotonic())
+            timeout = max(0.0, min(next_drain, next_second, next_reconcile, self._next_deadline()) - time.monotonic())
             try:
                 ready = ep.poll(timeout)
             except InterruptedError:
                 continue
-            for fd, _ in ready:
+            for fd, mask in ready:
                 if fd == self.ring.fd:
                     self.drain()
-                else:
+                elif fd == self.listener.fileno():
                     self._accept()
+                elif (c := self.clients.get(fd)) is not None:
+                    self._on_client(c, mask)
             now = time.monotonic()
+            self._expire_clients(now)
             if now >= next_drain:
                 self.drain()
                 next_drain = now + self.settings.drain_interval
             if now >= next_second:
                 self._check_losses()
+                self.tracker.forget_dead_namespaces()
                 self.cost.sample(self.tracker.stats.events.total(), _cpu_seconds())
                 next_second = now + self.settings.drop_check_interval
             if now >= next_reconcile:
@@ -210,6 +188,9 @@ class Agent:
                 # a full comparison is O(sockets): keep it under 0.5% of one CPU however large the table
                 spent = self.tracker.stats.last_reconcile_s
                 next_reconcile = time.monotonic() + max(self.settings.reconcile_interval, 200 * spent)
+        for c in list(self.clients.values()):
+            self._drop(c)
+        self._ep = None
         ep.close()
 
     def drain(self) -> list:
@@ -225,7 +206,7 @@ class Agent:
         """Events lost to a full ring, or UDP owners to a full map: resync from the kernel.
         Returns the counters it read."""
         assert self.loaded is not None
-        c = self.loaded.counters()
+        c = self._last_counters = self.loaded.counters()
         losses = (c["ringbuf_full"], c["map_full"])
         if losses != self._last_losses:
             log.warning(
@@ -243,6 +224,7 @@ class Agent:
         assert self.loaded is not None
         self.drain()
         c = self._check_losses()
+        self.tracker.forget_dead_namespaces()
         self.tracker.resolve_pending()
         silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
         if silent > 0:
@@ -252,61 +234,134 @@ class Agent:
 
     # ---- queries ----------------------------------------------------------------------
 
+    # Clients never block the loop: each is non-blocking in the same epoll, with a
+    # deadline to send its request and another to read its answer, and a bounded request
+    # buffer. An answer is a list of byte strings sent as the socket takes them (the full
+    # snapshot is the cached body itself, not a copy). Past a deadline, or beyond
+    # MAX_CLIENTS, a client is dropped and counted.
+
     def _accept(self) -> None:
-        assert self.listener is not None
+        assert self.listener is not None and self._ep is not None
         while True:
             try:
                 conn, _ = self.listener.accept()
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 return
-            with conn:
-                conn.setblocking(True)
-                conn.settimeout(10)
-                try:
-                    self._serve(conn)
-                except (OSError, ValueError) as e:
-                    log.debug("query failed: %s", e)
+            except OSError as e:  # EMFILE and friends: leave it queued, say so once per burst
+                log.warning("cannot accept a client: %s", e.strerror)
+                self.clients_dropped["accept_failed"] += 1
+                return
+            conn.setblocking(False)
+            if len(self.clients) >= MAX_CLIENTS:
+                self.clients_dropped["too_many"] += 1
+                with contextlib.suppress(OSError):
+                    conn.send(encode_header(False, error=f"the agent is serving {MAX_CLIENTS} clients already"))
+                conn.close()
+                continue
+            c = Client(conn, time.monotonic() + REQUEST_SECONDS)
+            self.clients[conn.fileno()] = c
+            self._ep.register(conn.fileno(), select.EPOLLIN)
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid != 0:
+                self._answer(c, [encode_header(False, error="only root may query the sockwatch agent")])
 
-    def _serve(self, conn: socket.socket) -> None:
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-        if uid != 0:
-            conn.sendall(encode_header(False, error="only root may query the sockwatch agent"))
+    def _on_client(self, c: Client, mask: int) -> None:
+        if c.out:
+            self._flush(c)
             return
-        buf = b""
-        while b"\n" not in buf and len(buf) < MAX_REQUEST:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            buf += chunk
+        if not mask & select.EPOLLIN:
+            self._drop(c)  # hung up or errored before sending a request
+            return
         try:
-            req = json.loads(buf.split(b"\n", 1)[0])
-            op = req["op"]
-        except (ValueError, KeyError, TypeError):
-            conn.sendall(encode_header(False, error="malformed request"))
+            chunk = c.sock.recv(MAX_REQUEST + 1 - len(c.inbuf))
+        except (BlockingIOError, InterruptedError):
             return
-        assert self.loaded is not None
-        if op == "snapshot":
+        except OSError:
+            self._drop(c)
+            return
+        if not chunk:
+            self._drop(c)  # closed without a whole request
+            return
+        c.inbuf += chunk
+        line, newline, _ = c.inbuf.partition(b"\n")
+        if newline:
+            self._answer(c, self._handle(bytes(line)))
+        elif len(c.inbuf) > MAX_REQUEST:
+            self.clients_dropped["oversized"] += 1
+            self._answer(c, [encode_header(False, error=f"request longer than {MAX_REQUEST} bytes")])
+
+    def _answer(self, c: Client, chunks: list[bytes]) -> None:
+        assert self._ep is not None
+        c.inbuf.clear()
+        c.out = deque(memoryview(b) for b in chunks if b)
+        c.deadline = time.monotonic() + ANSWER_SECONDS
+        self._ep.modify(c.sock.fileno(), select.EPOLLOUT)
+        self._flush(c)
+
+    def _flush(self, c: Client) -> None:
+        while c.out:
             try:
-                f = flt.from_wire(req.get("filters") or {})
-            except flt.FilterError as e:
-                conn.sendall(encode_header(False, error=str(e)))
+                n = c.sock.send(c.out[0])
+            except (BlockingIOError, InterruptedError):
                 return
-            self.prepare_answer()
-            if f.empty:
-                body = self._full_json()
-                conn.sendall(encode_header(True))
-                conn.sendall(body)
+            except OSError:  # the reader went away
+                self._drop(c)
+                return
+            if n == len(c.out[0]):
+                c.out.popleft()
             else:
+                c.out[0] = c.out[0][n:]
+        self._drop(c)  # answered: the end of the body is the end of the connection
+
+    def _drop(self, c: Client) -> None:
+        fd = c.sock.fileno()
+        if self.clients.pop(fd, None) is not None and self._ep is not None:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(fd)
+        c.out.clear()
+        c.sock.close()
+
+    def _next_deadline(self) -> float:
+        return min((c.deadline for c in self.clients.values()), default=math.inf)
+
+    def _expire_clients(self, now: float) -> None:
+        for c in [c for c in self.clients.values() if c.deadline <= now]:
+            self.clients_dropped["slow_reader" if c.out else "idle"] += 1
+            self._drop(c)
+
+    def _handle(self, line: bytes) -> list[bytes]:
+        """One request's answer; never raises for anything a client can send."""
+        try:
+            req = parse_request(line)
+            if req.op == "snapshot":
+                f = flt.from_wire(req.filters)
+                self.prepare_answer()
+                if f.empty:
+                    return [encode_header(True, partial=self.partial()), self._full_json()]
                 rows = self.tracker.snapshot(f)
-                conn.sendall(encode_header(True, rows=len(rows)) + render_json(rows))
-        elif op == "status":
+                return [encode_header(True, rows=len(rows), partial=self.partial()), render_json(rows)]
             self.drain()
-            if req.get("reconcile"):
+            if req.reconcile:
                 self.prepare_answer()
                 self.tracker.reconcile(drain=self.drain)
-            conn.sendall(encode_header(True) + json.dumps(self.status()).encode() + b"\n")
-        else:
-            conn.sendall(encode_header(False, error=f"unknown request {op!r}"))
+            return [encode_header(True), json.dumps(self.status()).encode() + b"\n"]
+        except (ProtocolError, flt.FilterError) as e:
+            return [encode_header(False, error=str(e))]
+        except Exception:
+            # a bug in answering must not take the host's agent down with it
+            log.exception("answering a request failed")
+            self.clients_dropped["internal_error"] += 1
+            return [encode_header(False, error="internal error in the agent (logged)")]
+
+    def partial(self) -> list[str]:
+        """Why the table may be missing something right now (empty: it is complete)."""
+        c = self._last_counters
+        why = []
+        if c.get("map_full"):
+            why.append(f"{c['map_full']} UDP sockets found the owner map full (--max-udp): their owners may be unknown")
+        if self.tracker.stats.unknown_netns:
+            why.append(f"{self.tracker.stats.unknown_netns} events came from namespaces gone before they were read")
+        return why
 
     def _full_json(self) -> bytes:
         """The whole table as JSON, built once per table version."""
@@ -328,7 +383,7 @@ class Agent:
             "sockets": sum(1 for r in t.rows.values() if r.visible),
             "rows": len(t.rows),
             "pending": len(t.pending),
-            "namespaces": len(t.registry.by_inode),
+            "namespaces": len(t.registry.by_cookie),
             "bpf": self.loaded.counters(),
             "tracker": t.stats.as_dict(),
             "rss_bytes": _rss_bytes(),
@@ -336,4 +391,7 @@ class Agent:
             "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
             "ring_bytes_read": self.ring.bytes_read if self.ring else 0,
             "links": len(self.loaded.link_fds),
+            "clients": len(self.clients),
+            "clients_dropped": dict(self.clients_dropped),
+            "partial": self.partial(),
         }

@@ -6,8 +6,10 @@ import logging
 
 import typer
 
+from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import DEFAULT_SOCKET
-from sockwatch.cli.errors import EXIT_RUNTIME, fail, friendly
+from sockwatch.cli import args
+from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
 
 HELP = """Load the BPF programs once, keep the socket table live, and answer local
 queries (snapshot, status) on a root-only unix socket. Everything is attached through
@@ -16,36 +18,44 @@ BPF links: when the agent exits, however it exits, the kernel detaches it all.""
 
 def serve(
     socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="Where to answer queries (root-only)."),
-    reconcile_interval: float = typer.Option(
-        30.0,
+    reconcile_interval: str = typer.Option(
+        "30",
         "--reconcile-interval",
-        min=1.0,
-        help="Seconds between full comparisons with the kernel's tables (stretched to stay under 0.5% CPU).",
+        help="Seconds between full comparisons with the kernel's tables, 1 to 86400 "
+        "(stretched to stay under 0.5% CPU).",
     ),
-    max_udp: int = typer.Option(
-        65536,
+    max_udp: str = typer.Option(
+        "65536",
         "--max-udp",
-        min=1024,
-        max=16_777_216,
-        help="UDP sockets whose owner the BPF side keeps until they close (TCP needs no BPF table).",
+        help="UDP sockets whose owner the BPF side keeps until they close, 1024 to 16777216 (TCP needs no BPF table).",
     ),
-    ringbuf_pages: int = typer.Option(
-        4096, "--ringbuf-pages", min=16, help="Ring buffer size in 4 KiB pages (power of two)."
+    ringbuf_pages: str = typer.Option(
+        "4096", "--ringbuf-pages", help="Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does."),
 ) -> None:
-    from sockwatch.agent.server import Agent, AgentRunning, Settings
+    from sockwatch.agent.server import Agent, Settings
 
-    if ringbuf_pages & (ringbuf_pages - 1):
-        raise fail(f"--ringbuf-pages {ringbuf_pages} is not a power of two", "use 256, 1024, 4096, ...", 2)
+    try:
+        socket_path = sockpath.validate(socket_path)
+        interval = args.seconds(reconcile_interval, "--reconcile-interval", 1, 86400)
+        udp = args.integer(max_udp, "--max-udp", 1024, 16_777_216)
+        pages = args.integer(ringbuf_pages, "--ringbuf-pages", 16, 65536)
+    except (sockpath.PathError, args.ArgError) as e:
+        raise fail(str(e), code=EXIT_USAGE) from None
+    if pages & (pages - 1):
+        raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
-    agent = Agent(Settings(socket_path, reconcile_interval, max_udp=max_udp, ringbuf_pages=ringbuf_pages))
+    agent = Agent(Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages))
     with friendly():
         try:
             agent.start()
-        except AgentRunning as e:
+        except sockpath.AgentRunning as e:
             agent.close()
             raise fail(str(e), "query it (sockwatch snapshot), or stop it first", EXIT_RUNTIME) from None
+        except sockpath.PathError as e:
+            agent.close()
+            raise fail(str(e), "choose another --socket path", EXIT_USAGE) from None
         except BaseException:
             agent.close()
             raise

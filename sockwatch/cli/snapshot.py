@@ -41,19 +41,24 @@ def snapshot(
     standalone: bool = typer.Option(
         False, "--standalone", help="Do not ask a running agent; read the kernel directly."
     ),
-    socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="The agent's socket."),
+    socket_path: str = typer.Option(
+        None, "--socket", help=f"The agent's socket (an error if no agent answers there). [default: {DEFAULT_SOCKET}]"
+    ),
 ) -> None:
     with friendly():
         f = flt.build(protocol=protocol, port=port, addr=addr, state=state, pid=pid, netns=netns)
         if not standalone:
             if as_json:
                 sys.stdout.flush()
-                if client.stream("snapshot", sys.stdout.fileno(), socket_path, filters=f.to_wire()) is not None:
+                header = client.stream("snapshot", sys.stdout.fileno(), socket_path, filters=f.to_wire())
+                if header is not None:
+                    _say_if_partial(header)
                     return
             else:
                 answer = client.request("snapshot", socket_path, filters=f.to_wire())
                 if answer is not None:
                     _print_rows_from_json(answer[1])
+                    _say_if_partial(answer[0])
                     return
         from sockwatch.kernel import prereq
         from sockwatch.tracker import Tracker
@@ -80,4 +85,17 @@ def _print_rows_from_json(body: bytes) -> None:
     from sockwatch.model import SockRow
     from sockwatch.render import print_table
 
-    print_table([SockRow.from_dict(d) for d in json.loads(body)])
+    try:
+        rows = [SockRow.from_dict(d) for d in json.loads(body)]
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise client.AgentError("the agent's answer is malformed: its rows do not parse") from None
+    print_table(rows)
+
+
+def _say_if_partial(header: dict) -> None:
+    from sockwatch.render import printable
+
+    partial = header.get("partial")
+    if isinstance(partial, list) and partial:
+        for why in partial[:10]:
+            sys.stderr.write(f"sockwatch: the table may be partial: {printable(str(why))[:300]}\n")

@@ -9,21 +9,27 @@ import typer
 from sockwatch.agent import client
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 from sockwatch.cli.errors import fail, friendly
+from sockwatch.render import printable
 
 
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable."),
     reconcile: bool = typer.Option(False, "--reconcile", help="Compare with the kernel now, then report."),
-    socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="The agent's socket."),
+    socket_path: str = typer.Option(None, "--socket", help=f"The agent's socket. [default: {DEFAULT_SOCKET}]"),
 ) -> None:
     with friendly():
         answer = client.request("status", socket_path, reconcile=reconcile)
     if answer is None:
-        raise fail(f"no sockwatch agent is running on {socket_path}", "start one with: sockwatch serve")
-    st = json.loads(answer[1])
-    if as_json:
-        typer.echo(json.dumps(st, indent=2))
-        return
+        raise fail(f"no sockwatch agent is running on {DEFAULT_SOCKET}", "start one with: sockwatch serve")
+    try:
+        st = json.loads(answer[1])
+        text = json.dumps(st, indent=2) if as_json else _lines(st)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise fail("the agent's status answer is malformed") from None
+    typer.echo(text if as_json else printable(text))
+
+
+def _lines(st: dict) -> str:
     tr = st["tracker"]
     bpf = st["bpf"]
     cost = st["last_minute"]
@@ -39,5 +45,7 @@ def status(
         f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
         f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}, "
         f"events from vanished namespaces {tr['unknown_netns']}",
+        f"clients now {st['clients']}, dropped {st['clients_dropped'] or 'none'}",
     ]
-    typer.echo("\n".join(lines))
+    lines += [f"the table may be partial: {why}" for why in st["partial"]]
+    return "\n".join(lines)

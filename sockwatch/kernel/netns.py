@@ -2,12 +2,19 @@
 
 A namespace is named by its inode (as in /proc/PID/ns/net, what people compare) and
 known to BPF by its cookie (bpf_get_netns_cookie); SO_NETNS_COOKIE on a socket opened
-inside it links the two. Python 3.11 has no os.setns, so libc's is called directly;
+inside it links the two. The cookie is the identity: an inode is reused as soon as a
+namespace dies. Python 3.11 has no os.setns, so libc's is called directly;
 setns(CLONE_NEWNET) changes only the calling thread, and the thread switches back.
+
+Nothing here keeps a namespace alive: a namespace file descriptor, or any socket opened
+inside, would (after `ip netns del`, its devices would live on). The registry remembers
+where a namespace was found; a read enters it through that path (checking the cookie),
+and its sock_diag socket is closed when the read ends (`reading()`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
@@ -50,16 +57,15 @@ def netns_cookie_of(s: socket.socket) -> int:
     return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 
+class NamespaceGone(OSError):
+    """The namespace a read wanted no longer exists."""
+
+
 @dataclass
 class Namespace:
     inode: int
     cookie: int
-    fd: int  # keeps the namespace alive and enterable while we know it
-    diag: socket.socket  # sock_diag socket opened inside it
-
-    def close(self) -> None:
-        self.diag.close()
-        os.close(self.fd)
+    path: str  # where it was last found (/run/netns/NAME or /proc/PID/ns/net); holds nothing
 
 
 def _candidates() -> Iterator[str]:
@@ -75,34 +81,101 @@ def _candidates() -> Iterator[str]:
 
 
 class NamespaceRegistry:
-    """Every network namespace on the host we have seen, by inode and by cookie."""
+    """Every network namespace on the host we have seen, by cookie and by inode. It holds
+    no file descriptor or socket between reads."""
 
     def __init__(self) -> None:
         self.by_inode: dict[int, Namespace] = {}
         self.by_cookie: dict[int, Namespace] = {}
         self._missed: dict[int, float] = {}  # cookie -> when a full search last failed
         self._seen: set[int] | None = None  # inodes the last refresh found on the host
+        self._reading: dict[int, socket.socket] | None = None  # cookie -> diag socket, during a read
 
-    def _open(self, path: str) -> Namespace | None:
+    # ---- entering -------------------------------------------------------------------------
+
+    @staticmethod
+    def _diag_at(path: str, inode: int | None = None) -> tuple[int, socket.socket] | None:
+        """(inode, sock_diag socket opened inside) for a namespace file, or None."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None  # the process or namespace went away
         try:
-            inode = os.fstat(fd).st_ino
-            if inode in self.by_inode:
-                os.close(fd)
-                return self.by_inode[inode]
-            diag = in_netns(fd, sockdiag.open_diag_socket)
-            ns = Namespace(inode=inode, cookie=netns_cookie_of(diag), fd=fd, diag=diag)
+            found = os.fstat(fd).st_ino
+            if inode is not None and found != inode:
+                return None
+            return found, in_netns(fd, sockdiag.open_diag_socket)
         except OSError:
-            os.close(fd)
             return None
+        finally:
+            os.close(fd)
+
+    def _add(self, path: str, inode: int, diag: socket.socket) -> Namespace:
+        cookie = netns_cookie_of(diag)
+        # If the inode was another namespace's, that one died: it stays in by_cookie until
+        # check_alive() or prune() reports it, so that its rows go with it.
+        ns = self.by_cookie.get(cookie)
+        if ns is None:
+            ns = Namespace(inode, cookie, path)
+            self.by_cookie[cookie] = ns
+        ns.path = path
         self.by_inode[inode] = ns
-        self.by_cookie[ns.cookie] = ns
         if self._seen is not None:
             self._seen.add(inode)  # found alive now, even if after the last scan
         return ns
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """One read of the kernel's tables: sock_diag sockets opened by diag() live until it ends."""
+        if self._reading is not None:
+            yield  # nested: the outer read closes them
+            return
+        self._reading = {}
+        try:
+            yield
+        finally:
+            for s in self._reading.values():
+                s.close()
+            self._reading = None
+
+    def diag(self, ns: Namespace) -> socket.socket:
+        """A sock_diag socket inside ns for the current read (inside reading()), or
+        NamespaceGone. The namespace is entered where it was found, and the socket's
+        cookie must be ns's: a path or inode may by now belong to another namespace."""
+        assert self._reading is not None, "diag() is for use inside reading()"
+        s = self._reading.get(ns.cookie)
+        if s is not None:
+            return s
+        paths = [ns.path] + [p for p in _candidates() if p != ns.path]
+        for i, path in enumerate(paths):
+            if i == 1:
+                try:  # the usual case is settled by the first path; a search stats first
+                    paths = [p for p in paths[1:] if os.stat(p).st_ino == ns.inode]
+                except OSError:
+                    pass
+            got = self._diag_at(path, ns.inode)
+            if got is None:
+                continue
+            if netns_cookie_of(got[1]) == ns.cookie:
+                ns.path = path
+                self._reading[ns.cookie] = got[1]
+                return got[1]
+            self._add(path, *got)  # the inode is another namespace's now
+            got[1].close()
+        self._forget(ns)
+        raise NamespaceGone(f"network namespace {ns.inode} is gone")
+
+    # ---- finding --------------------------------------------------------------------------
+
+    def _open(self, path: str) -> Namespace | None:
+        got = self._diag_at(path)
+        if got is None:
+            return None
+        inode, diag = got
+        try:
+            return self._add(path, inode, diag)
+        finally:
+            diag.close()
 
     def refresh(self) -> list[Namespace]:
         """Find namespaces not known yet (stat first: entering is the costly part)."""
@@ -135,6 +208,11 @@ class NamespaceRegistry:
             cand = self.for_pid(pid)
             if cand is not None and cand.cookie == cookie:
                 ns = cand
+            elif cand is not None:
+                # the inode known for that pid's namespace may be a dead one's: look again
+                ns = self._open(f"/proc/{pid}/ns/net")
+                if ns is not None and ns.cookie != cookie:
+                    ns = None
         if ns is None:
             # a full search scans /proc: at most once a second for a cookie nobody has
             now = time.monotonic()
@@ -148,23 +226,46 @@ class NamespaceRegistry:
                 self._missed[cookie] = now
         return ns
 
+    def _forget(self, ns: Namespace) -> None:
+        self.by_cookie.pop(ns.cookie, None)
+        if self.by_inode.get(ns.inode) is ns:
+            del self.by_inode[ns.inode]
+
+    def check_alive(self) -> list[Namespace]:
+        """Forget, and return, namespaces that died since they were found: one stat of
+        where each was found (entering only if that path is gone). Inodes are reused at
+        once, so a dead namespace's rows must go before a new one takes its number."""
+        gone = []
+        for ns in list(self.by_cookie.values()):
+            if self.by_inode.get(ns.inode) is ns:
+                try:
+                    if os.stat(ns.path).st_ino == ns.inode:
+                        continue
+                except OSError:
+                    pass
+                with self.reading():
+                    try:
+                        self.diag(ns)  # held elsewhere (its first process exited)?
+                        continue
+                    except NamespaceGone:
+                        pass  # diag() forgot it
+            else:
+                self.by_cookie.pop(ns.cookie, None)  # its inode is another namespace's now
+            gone.append(ns)
+        return gone
+
     def prune(self) -> list[Namespace]:
-        """Forget namespaces the last refresh() found nothing else holding (we hold an fd,
-        so they would otherwise live on); reuses that scan rather than walking /proc again."""
-        gone: list[Namespace] = []
+        """Forget namespaces the last refresh() did not find on the host; reuses that scan
+        rather than walking /proc again. Returns them (their rows go too)."""
         live = self._seen
         if live is None:
-            return gone
-        for inode, ns in list(self.by_inode.items()):
-            if inode not in live:
-                gone.append(ns)
-                del self.by_inode[inode]
-                self.by_cookie.pop(ns.cookie, None)
-                ns.close()
+            return []
+        known = {id(ns) for ns in self.by_inode.values()}
+        gone = [ns for ns in self.by_cookie.values() if ns.inode not in live or id(ns) not in known]
+        for ns in gone:
+            self._forget(ns)
         return gone
 
     def close(self) -> None:
-        for ns in self.by_inode.values():
-            ns.close()
         self.by_inode.clear()
         self.by_cookie.clear()

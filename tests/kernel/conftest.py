@@ -110,6 +110,7 @@ class AgentProc:
     """`sockwatch serve` as systemd would run it, on a socket of the test's own."""
 
     def __init__(self, socket: str | None = None) -> None:
+        self.own_dirs = socket is None  # directories the test chose, to clean if the agent could not
         self.socket = socket or f"/run/sockwatch-test/{uuid.uuid4().hex[:8]}/agent.sock"
         self.proc = subprocess.Popen(
             sockwatch_cmd("serve", "--socket", self.socket, "--reconcile-interval", "3600"),
@@ -160,7 +161,7 @@ class AgentProc:
         for f in (self.socket, self.socket + ".lock"):
             if os.path.exists(f):
                 os.unlink(f)
-        for path in (d, os.path.dirname(d)):
+        for path in (d, os.path.dirname(d)) if self.own_dirs else ():
             try:
                 os.rmdir(path)
             except OSError:

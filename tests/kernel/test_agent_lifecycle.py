@@ -67,9 +67,9 @@ def test_sigkill_leaves_nothing_attached(fresh_agent):
     assert again.status()["links"] == n
 
 
-def test_snapshot_without_an_agent_filtered_to_nothing_is_an_empty_array(tmp_path):
+def test_snapshot_without_an_agent_filtered_to_nothing_is_an_empty_array():
     r = subprocess.run(
-        sockwatch_cmd("snapshot", "--json", "--port", "1", "--socket", str(tmp_path / "none.sock")),
+        sockwatch_cmd("snapshot", "--json", "--port", "1", "--standalone"),
         check=False,
         capture_output=True,
         text=True,

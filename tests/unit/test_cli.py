@@ -62,7 +62,7 @@ def nobody_run() -> Iterator:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["snapshot", "--port", "70000"], "port 70000 is out of range"),
+        (["snapshot", "--port", "70000"], "port '70000' is out of range"),
         (["snapshot", "--addr", "10.0.0.0/40"], "is not an IP address or CIDR"),
         (["snapshot", "--state", "sleepy"], "state 'sleepy' is not one of"),
         (["snapshot", "--proto", "icmp"], "not tcp or udp"),
@@ -93,4 +93,4 @@ def test_help_documents_filters():
 
 def test_status_without_agent(tmp_path):
     r = run("status", "--socket", str(tmp_path / "none.sock"))
-    assert r.returncode != 0 and "no sockwatch agent is running" in r.stderr
+    assert r.returncode != 0 and "there is no agent socket at" in r.stderr

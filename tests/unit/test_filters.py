@@ -39,13 +39,63 @@ def row(**kw) -> SockRow:
         ({"state": ["established-ish"]}, "not one of"),
         ({"protocol": ["sctp"]}, "not tcp or udp"),
         ({"pid": ["abc"]}, "not a number"),
-        ({"pid": ["0"]}, "positive"),
-        ({"netns": ["-4"]}, "positive"),
+        ({"pid": ["0"]}, "out of range"),
+        ({"netns": ["-4"]}, "not a number"),
+        ({"port": ["1_000"]}, "not a number"),
+        ({"port": ["\u0661\u0662"]}, "not a number"),  # Arabic-Indic digits: int() takes them
+        ({"pid": [str(2**64)]}, "out of range"),
+        ({"netns": [str(2**64 + 1)]}, "out of range"),
+        ({"port": ["8000-"]}, "not a number"),
+        ({"addr": ["1" * 5000]}, "not an IP address"),
     ],
 )
 def test_malformed_filters_say_what_is_wrong(kwargs, message):
-    with pytest.raises(flt.FilterError, match=message):
+    with pytest.raises(flt.FilterError, match=message) as e:
         flt.build(**kwargs)
+    assert len(str(e.value)) < 200  # never echoes a huge input back
+
+
+def test_a_5000_digit_number_is_quoted_short():
+    with pytest.raises(flt.FilterError) as e:
+        flt.build(pid=["9" * 5000])
+    assert len(str(e.value)) < 120 and "..." in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        "x",
+        [],
+        {"addr": [1]},
+        {"addr": "10.0.0.0/8"},
+        {"port": [None]},
+        {"pid": [True]},
+        {"pid": [1.5]},
+        {"state": [["listen"]]},
+        {"nope": []},
+        {"port": ["1"] * 1000},
+        {"addr": [{"a": {"b": 1}}]},
+    ],
+)
+def test_wire_filters_of_the_wrong_shape_are_refused(wire):
+    with pytest.raises(flt.FilterError):
+        flt.from_wire(wire)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.sampled_from([*flt.WIRE_KEYS, "x"]), _json, max_size=4))
+def test_any_json_filters_parse_or_raise_filter_error(wire):
+    try:
+        f = flt.from_wire(wire)
+    except flt.FilterError:
+        return
+    assert flt.from_wire(f.to_wire()) == f
 
 
 @given(st.integers(min_value=-(10**6), max_value=10**6))

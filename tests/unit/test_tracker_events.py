@@ -25,7 +25,7 @@ class OneNamespace:
     """The registry's interface for a host with one namespace."""
 
     def __init__(self) -> None:
-        self.by_inode: dict = {}
+        self.by_cookie: dict = {}
 
     def resolve_cookie(self, cookie: int, pid: int | None = None):
         return Ns if cookie == NS_COOKIE else None
