@@ -10,6 +10,7 @@ TIME-WAIT, and sockets from before sockwatch started.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import Counter, deque
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 NEED_INODE = "inode"  # not read yet, or 0 while the connection waits in an accept queue
 NEED_STATE = "state"  # an active open: SYN-SENT until read (->ESTABLISHED is not sent)
 NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
+TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
 NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
 NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
 
@@ -144,6 +146,7 @@ class Tracker:
         self._removed_during: set[int] | None = None  # cookies removed while a reconcile runs
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
+        self._tw_due: list[tuple[float, int]] = []  # (when the kernel drops it, cookie): TIME-WAIT rows
 
     # ---- reading the kernel's own tables -------------------------------------------------
 
@@ -183,6 +186,7 @@ class Tracker:
         for ns, diags in dumps:
             for d in diags:
                 row = row_from_diag(d, ns)
+                self._watch_timewait(d)
                 if row.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS
                     self.max_bootstrap_cookie = max(self.max_bootstrap_cookie, row.cookie)
@@ -287,6 +291,8 @@ class Tracker:
             old.inode = 0  # a time-wait socket has no inode, as ss shows
             old.touch()
             self.pending[cookie] = {NEED_TIMEWAIT}
+            # the kernel drops it TCP_TIMEWAIT_LEN (60 s) after this at the latest
+            heapq.heappush(self._tw_due, (time.monotonic() + TIMEWAIT_SECONDS, cookie))
             self.version += 1
             return Change("update", cookie)
 
@@ -441,9 +447,36 @@ class Tracker:
             log.warning("sock_diag lookup in netns %s failed: %s", ns.inode, e)
             return None
 
-    @staticmethod
-    def _take_kernel_fields(row: SockRow, d: sockdiag.DiagSock) -> bool:
+    def _watch_timewait(self, d: sockdiag.DiagSock) -> None:
+        """TIME-WAIT ends on the kernel's timer, with no hook to say so: remember when."""
+        if d.state == TcpState.TIME_WAIT:
+            heapq.heappush(self._tw_due, (time.monotonic() + d.expires_ms / 1000 + 0.05, d.cookie))
+
+    def expire_timewait(self, now: float | None = None) -> int:
+        """Drop TIME-WAIT rows whose time is up, each checked with the kernel first (it
+        may have been reused or reset meanwhile). Returns how many went."""
+        now = time.monotonic() if now is None else now
+        due: list[int] = []
+        while self._tw_due and self._tw_due[0][0] <= now:
+            due.append(heapq.heappop(self._tw_due)[1])
+        # a row may be due twice (its close event, then a kernel read): check it once
+        rows = [r for c in dict.fromkeys(due) if (r := self.rows.get(c)) is not None and r.state == TcpState.TIME_WAIT]
+        gone = 0
+        with self.registry.reading():
+            for row in rows:
+                ns = self.registry.by_cookie.get(row.netns_cookie)
+                d = self._lookup(ns, row) if ns is not None and row.remote_address is not None else None
+                if d is not None and d.cookie == row.cookie and d.state == TcpState.TIME_WAIT:
+                    self._watch_timewait(d)  # not yet: look again when it says
+                    continue
+                self._remove(row.cookie)
+                self.stats.expired += 1
+                gone += 1
+        return gone
+
+    def _take_kernel_fields(self, row: SockRow, d: sockdiag.DiagSock) -> bool:
         """Copy state/addresses/inode from the kernel; True if anything but the inode differed."""
+        self._watch_timewait(d)
         connected = d.remote_port != 0
         remote = d.remote_address if connected else None
         changed = (
@@ -548,6 +581,7 @@ class Tracker:
                 if cookie in removed_meanwhile:
                     continue  # closed while we were dumping
                 row = row_from_diag(d, ns)
+                self._watch_timewait(d)
                 self.rows[cookie] = row
                 added.append(row)
                 counts["added"] += 1

@@ -181,6 +181,7 @@ class Agent:
             if now >= next_second:
                 self._check_losses()
                 self.tracker.forget_dead_namespaces()
+                self.tracker.expire_timewait()
                 self.cost.sample(self.tracker.stats.events.total(), _cpu_seconds())
                 next_second = now + self.settings.drop_check_interval
             if now >= next_reconcile:
@@ -226,6 +227,7 @@ class Agent:
         c = self._check_losses()
         self.tracker.forget_dead_namespaces()
         self.tracker.resolve_pending()
+        self.tracker.expire_timewait()
         silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
         if silent > 0:
             self._udp_announced_by_us += self.tracker.find_autobound_udp(

@@ -52,6 +52,7 @@ class DiagSock:
     cookie: int
     uid: int
     inode: int
+    expires_ms: int = 0  # a TIME-WAIT socket: milliseconds until the kernel drops it
 
 
 def _swap16(p: int) -> int:
@@ -113,7 +114,7 @@ def dump(
                     return
                 raise SockDiagError(-err, f"sock_diag dump failed: {errno.errorcode.get(-err, -err)}")
             if mtype == SOCK_DIAG_BY_FAMILY:
-                (_f, state, _t, _r, sport, dport, src, dst, _if, cookie, _e, _rq, _wq, uid, inode) = msg_unpack(
+                (_f, state, _t, _r, sport, dport, src, dst, _if, cookie, expires, _rq, _wq, uid, inode) = msg_unpack(
                     data, off + hdr_size
                 )
                 yield DiagSock(
@@ -127,6 +128,7 @@ def dump(
                     cookie,
                     uid,
                     inode,
+                    expires,
                 )
             if length < hdr_size:
                 raise SockDiagError(errno.EPROTO, "malformed netlink message")
@@ -166,12 +168,14 @@ def lookup_one(
         raise SockDiagError(-err, f"sock_diag lookup failed: {errno.errorcode.get(-err, -err)}")
     if mtype != SOCK_DIAG_BY_FAMILY or length < _NLMSGHDR.size + _MSG.size:
         return None
-    (_f, state, _t, _r, sp, dp, src, dst, _if, cookie, _e, _rq, _wq, uid, inode) = _MSG.unpack_from(
+    (_f, state, _t, _r, sp, dp, src, dst, _if, cookie, expires, _rq, _wq, uid, inode) = _MSG.unpack_from(
         data, _NLMSGHDR.size
     )
     n = 4 if family == 4 else 16
     got_local, got_remote = ipaddress.ip_address(src[:n]), ipaddress.ip_address(dst[:n])
-    return DiagSock(protocol, family, state, got_local, _swap16(sp), got_remote, _swap16(dp), cookie, uid, inode)
+    return DiagSock(
+        protocol, family, state, got_local, _swap16(sp), got_remote, _swap16(dp), cookie, uid, inode, expires
+    )
 
 
 def dump_all(

@@ -194,3 +194,32 @@ def test_a_deleted_namespace_is_not_kept_alive(agent, child_factory):
     # and a reconcile forgets the namespace and its rows
     agent.status(reconcile=True)
     assert not [r for r in snapshot(socket=agent.socket) if r["netns"] == inode and r["pid"] == child.pid]
+
+
+@pytest.mark.slow
+def test_time_wait_rows_leave_with_the_kernels(netns, fresh_agent, child_factory):
+    """No reconcile runs here (the test agents reconcile hourly): the agent's own timer
+    must drop TIME-WAIT rows when the kernel does (60 s), one made while nobody asked
+    and one a query confirmed."""
+    a = fresh_agent()
+    c = child_factory(netns.name)
+    lst = c.do(op="tcp_listen", addr="127.0.0.1", port=7200)
+    tws = [c.do(op="tcp_connect", addr="127.0.0.1", port=7200, accept_on=lst["id"]) for _ in range(2)]
+    for tw in tws[:1]:
+        c.do(op="close", id=tw["id"])
+        c.do(op="close", id=tw["accepted"]["id"])
+    rows = snapshot("--netns", str(netns.inode), socket=a.socket)
+    assert [r["state"] for r in rows if r["cookie"] == tws[0]["cookie"]] == ["TIME-WAIT"]
+    c.do(op="close", id=tws[1]["id"])  # this one nobody asks about until it has expired
+    c.do(op="close", id=tws[1]["accepted"]["id"])
+    time.sleep(63)
+    assert (
+        "TIME-WAIT"
+        not in subprocess.run(
+            ["ip", "netns", "exec", netns.name, "ss", "-tan"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    st = a.status()
+    assert st["tracker"]["timewait_expired"] == 2 and st["tracker"]["reconciles"] == 0, st["tracker"]
+    rows = snapshot("--netns", str(netns.inode), socket=a.socket)
+    assert not [r for r in rows if r["state"] == "TIME-WAIT"], rows
