@@ -135,6 +135,8 @@ def main() -> int:
             "ratio_standalone_vs_ss_tanp": round(r_alone, 3),
             "ratio_agent_vs_ss_tanp": round(statistics.median(sw_agent) / statistics.median(ss_tanp), 3),
             "agent_rss_mib": round(st["rss_bytes"] / 2**20, 1),
+            "agent_rss_idle_mib": round(st_after["rss_bytes"] / 2**20, 1),
+            "agent_rss_parts_mib": {k: round(v / 2**20, 1) for k, v in st_after.get("rss_parts_bytes", {}).items()},
             "agent_idle_cpu_percent": round(100 * idle_cpu, 2),
             "agent_bpf": st_after["bpf"],
             "agent_tracker": {k: v for k, v in st_after["tracker"].items() if k != "repaired_cookies"},
@@ -147,6 +149,10 @@ def main() -> int:
         print(f"sockwatch snapshot --json --standalone {mm(sw_alone)}   x{r_alone:.2f} of ss -tanp  (target <= 1.5)")
         rss, idle = report["agent_rss_mib"], report["agent_idle_cpu_percent"]
         print(f"agent: {rss} MiB RSS at {held} sockets; idle CPU {idle}% over {args.idle_seconds:.0f}s")
+        print(
+            f"agent after {args.idle_seconds:.0f}s idle: {report['agent_rss_idle_mib']} MiB RSS "
+            f"(by kind, MiB: {report['agent_rss_parts_mib']})"
+        )
         tr = st_after["tracker"]
         print(f"agent reconciles: {tr['reconciles']} in the run, the last took {tr['last_reconcile_seconds']}s of CPU")
         print(f"agent BPF counters: {st_after['bpf']}")

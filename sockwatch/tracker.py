@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 NEED_INODE = "inode"  # not read yet, or 0 while the connection waits in an accept queue
 NEED_STATE = "state"  # an active open: SYN-SENT until read (->ESTABLISHED is not sent)
 NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
+OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
 TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
 NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
 NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
@@ -70,6 +71,7 @@ class Stats:
     resyncs: int = 0
     unresolved: int = 0
     unknown_netns: int = 0  # events dropped: their namespace was gone before we could name it
+    owners_moved: int = 0  # sockets whose owner no longer held them (fork, SCM_RIGHTS), found by reconcile
     namespaces_gone: int = 0  # namespaces that died while we ran (their rows went with them)
     autobound_udp: int = 0  # UDP sockets found bound by a send, not a bind
     last_reconcile_s: float = 0.0
@@ -87,6 +89,7 @@ class Stats:
             "unresolved": self.unresolved,
             "unknown_netns": self.unknown_netns,
             "namespaces_gone": self.namespaces_gone,
+            "owners_moved": self.owners_moved,
             "autobound_udp": self.autobound_udp,
             "last_reconcile_seconds": round(self.last_reconcile_s, 4),
             "repaired_cookies": list(self.repaired_cookies),
@@ -146,6 +149,7 @@ class Tracker:
         self._removed_during: set[int] | None = None  # cookies removed while a reconcile runs
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
+        self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._tw_due: list[tuple[float, int]] = []  # (when the kernel drops it, cookie): TIME-WAIT rows
 
     # ---- reading the kernel's own tables -------------------------------------------------
@@ -288,7 +292,8 @@ class Tracker:
             if old is None:
                 return None
             old.state = after
-            old.inode = 0  # a time-wait socket has no inode, as ss shows
+            old.inode = 0  # a time-wait socket has no inode (no file), as ss shows
+            old.pid = old.comm = old.owner_source = None  # and so no owner
             old.touch()
             self.pending[cookie] = {NEED_TIMEWAIT}
             # the kernel drops it TCP_TIMEWAIT_LEN (60 s) after this at the latest
@@ -495,6 +500,64 @@ class Tracker:
         row.touch()
         return changed
 
+    def fix_owners(self) -> int:
+        """The owner rule, applied when a view asks. A socket's owner is a process holding
+        its file, named by its process name (/proc/PID/comm of the process, as ss prints
+        it, not the thread that made the socket); a socket with no file (TIME-WAIT) has
+        none. Hooks name the creator: this renames owners that changed their name and,
+        for owners that exited (the file was inherited by a fork or passed with
+        SCM_RIGHTS), finds who holds it now with one /proc scan (at most every few
+        seconds; until then the row says no owner). Returns how many rows changed."""
+        by_pid: dict[int, list[SockRow]] = {}
+        for r in self.rows.values():
+            if r.pid is not None:
+                by_pid.setdefault(r.pid, []).append(r)
+        changed = 0
+        lost: list[SockRow] = []
+        for pid, rows in by_pid.items():
+            name = procscan.process_name(pid)
+            for r in rows:
+                if name is None or r.state == TcpState.TIME_WAIT:
+                    r.pid = r.comm = r.owner_source = None
+                    if r.inode and r.state != TcpState.TIME_WAIT:
+                        lost.append(r)
+                elif r.comm == name:
+                    continue
+                else:
+                    r.comm = name
+                r.touch()
+                changed += 1
+        now = time.monotonic()
+        orphans = [r for r in self.rows.values() if r.pid is None and r.inode and r.visible] if lost else []
+        if orphans and now - self._last_owner_scan >= OWNER_SCAN_SECONDS:
+            self._last_owner_scan = now
+            self._fill_owners(orphans)
+        if changed:
+            self.version += 1
+        return changed
+
+    def verify_holders(self) -> int:
+        """Owners that still run but no longer hold the socket (they passed it with
+        SCM_RIGHTS, or forked and closed it): one read of each owner's fd table, then
+        one /proc scan for the rows it did not hold. O(open files): run by reconcile,
+        whose interval stretches with what it costs. Returns how many rows moved."""
+        by_pid: dict[int, list[SockRow]] = {}
+        for r in self.rows.values():
+            if r.pid is not None and r.inode:
+                by_pid.setdefault(r.pid, []).append(r)
+        lost = []
+        for pid, rows in by_pid.items():
+            held = procscan.socket_inodes(pid)
+            lost += [r for r in rows if held is None or r.inode not in held]
+        for r in lost:
+            r.pid = r.comm = r.owner_source = None
+            r.touch()
+        if lost:
+            self._fill_owners(lost)
+            self._listeners = None
+            self.version += 1
+        return len(lost)
+
     def forget_dead_namespaces(self) -> int:
         """Drop the rows of namespaces that died (the registry checks each cheaply)."""
         gone = {ns.cookie for ns in self.registry.check_alive()}
@@ -612,6 +675,7 @@ class Tracker:
         self._listeners = None
         self._fill_owners(added)
         self._inherit_listener_owners(added)
+        self.stats.owners_moved += self.verify_holders()  # expected: no hook sees fds passed
         self.version += 1
         self.stats.repairs.update(counts)
         self.stats.reconciles += 1

@@ -10,6 +10,7 @@ a kernel read is read when a query needs it, not per event."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 REQUEST_SECONDS = 5.0  # to send one request line
 ANSWER_SECONDS = 60.0  # to read one whole answer (a 100,000-row snapshot is ~30 MB)
 MAX_CLIENTS = 64
+JSON_CACHE_SECONDS = 10.0
 
 
 @dataclass(eq=False)
@@ -89,6 +91,27 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss_parts() -> dict[str, int]:
+    """RSS split as the kernel counts it: our heap (anon), mapped files (libbcc, LLVM),
+    shared memory (the ring buffer's pages, mapped twice)."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                name, kb, _ = line.split()
+                parts[name[3:-1].lower()] = int(kb) * 1024
+    return parts
+
+
+def _give_back_memory() -> None:
+    """Return freed heap to the kernel (compiling with bcc/LLVM frees ~40 MiB that glibc
+    would otherwise keep)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -109,6 +132,7 @@ class Agent:
         self.load_seconds = 0.0
         self.bootstrap_seconds = 0.0
         self._json_cache: tuple[int, bytes] = (-1, b"")
+        self._json_cache_used = 0.0
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -129,6 +153,7 @@ class Agent:
         self.drain()
         self.tracker.fill_owners()
         self.bootstrap_seconds = time.monotonic() - t0
+        _give_back_memory()
         c = self.loaded.counters()
         self._last_losses = (c["ringbuf_full"], c["map_full"])
         log.info("attached; %d sockets in %d namespaces", len(self.tracker.rows), len(self.tracker.registry.by_cookie))
@@ -182,6 +207,8 @@ class Agent:
                 self._check_losses()
                 self.tracker.forget_dead_namespaces()
                 self.tracker.expire_timewait()
+                if self._json_cache[0] >= 0 and now - self._json_cache_used > JSON_CACHE_SECONDS:
+                    self._json_cache = (-1, b"")  # the whole table as JSON: worth keeping only while asked
                 self.cost.sample(self.tracker.stats.events.total(), _cpu_seconds())
                 next_second = now + self.settings.drop_check_interval
             if now >= next_reconcile:
@@ -228,6 +255,7 @@ class Agent:
         self.tracker.forget_dead_namespaces()
         self.tracker.resolve_pending()
         self.tracker.expire_timewait()
+        self.tracker.fix_owners()
         silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
         if silent > 0:
             self._udp_announced_by_us += self.tracker.find_autobound_udp(
@@ -367,6 +395,7 @@ class Agent:
 
     def _full_json(self) -> bytes:
         """The whole table as JSON, built once per table version."""
+        self._json_cache_used = time.monotonic()
         version, body = self._json_cache
         if version != self.tracker.version:
             body = render_json(self.tracker.snapshot())
@@ -389,6 +418,7 @@ class Agent:
             "bpf": self.loaded.counters(),
             "tracker": t.stats.as_dict(),
             "rss_bytes": _rss_bytes(),
+            "rss_parts_bytes": _rss_parts(),
             "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3),
             "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
             "ring_bytes_read": self.ring.bytes_read if self.ring else 0,

@@ -21,6 +21,38 @@ def _comm(pid: str) -> str:
         return "?"
 
 
+def process_name(pid: int) -> str | None:
+    """The process's name as ss prints it (its main thread's comm), or None if it has
+    exited (a zombie holds no files any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    open_, close = stat.find(b"("), stat.rfind(b")")
+    if open_ < 0 or close < 0 or stat[close + 2 : close + 3] in (b"Z", b"X"):
+        return None
+    return stat[open_ + 1 : close].decode(errors="replace")
+
+
+def socket_inodes(pid: int) -> set[int] | None:
+    """Inodes of the sockets a process holds open now; None if it has exited."""
+    fd_dir = f"/proc/{pid}/fd/"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    out = set()
+    for fd in fds:
+        try:
+            target = os.readlink(fd_dir + fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
 def scan(wanted: set[int] | None = None) -> dict[int, Owner]:
     """Socket inode -> the first process (lowest pid) holding a file for it.
 

@@ -212,6 +212,8 @@ def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None
             assert (row["comm"], row["pid"]) in r.users, (
                 f"{r.key}: sockwatch says {row['comm']}/{row['pid']}, ss {r.users}"
             )
+        if r.key.state == "TIME-WAIT":
+            assert row["pid"] is None, f"{r.key}: a TIME-WAIT socket has no file, so no owner (ss -p names none)"
         if expect_pid is not None and r.key.state != "TIME-WAIT":
             assert row["pid"] == expect_pid, (r.key, row)
     return ours

@@ -1,0 +1,98 @@
+"""The owner rule against ss -p: the process holding the socket's file, by its process
+name; none for a socket with no file. Cases where the creator is no longer the holder,
+or its name is not the process name, each compared with ss in the test's namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from tests.kernel.conftest import compare_with_ss, snapshot
+
+FORK_AND_EXIT = """
+import os, socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 7301)); s.listen()
+if os.fork() == 0:
+    print(os.getpid(), flush=True); sys.stdin.read(); os._exit(0)
+os._exit(0)
+"""
+
+PASS_AND_CLOSE = """
+import array, os, socket, sys, time
+a, b = socket.socketpair()
+if os.fork() == 0:  # the receiver
+    a.close()
+    msg, anc, _, _ = b.recvmsg(1, socket.CMSG_LEN(4))
+    fds = array.array("i"); fds.frombytes(anc[0][2][:4])
+    kept = socket.socket(fileno=fds[0])
+    print("receiver", os.getpid(), flush=True); sys.stdin.read(); os._exit(0)
+s = socket.socket(); s.bind(("127.0.0.1", 7302)); s.listen()
+a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
+s.close()
+print("sender", os.getpid(), flush=True); sys.stdin.read()
+"""
+
+RENAMED = """
+import ctypes, os, socket, sys, threading
+libc = ctypes.CDLL(None)
+def in_thread():
+    libc.prctl(15, b"sw-worker", 0, 0, 0)  # PR_SET_NAME: this thread's name only
+    global t; t = socket.socket(); t.bind(("127.0.0.1", 7303)); t.listen()
+th = threading.Thread(target=in_thread); th.start(); th.join()
+s = socket.socket(); s.bind(("127.0.0.1", 7304)); s.listen()
+libc.prctl(15, b"sw-renamed", 0, 0, 0)  # the process (main thread) renamed after
+print(os.getpid(), flush=True); sys.stdin.read()
+"""
+
+
+def test_owners_follow_the_file_and_the_process_name(netns, agent):
+    procs = []
+    try:
+        fork = subprocess.Popen(
+            ["ip", "netns", "exec", netns.name, sys.executable, "-c", FORK_AND_EXIT],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(fork)
+        assert fork.stdout is not None
+        heir = int(fork.stdout.readline())
+        fork.wait(10)  # the creator has exited; its child holds the listener
+        passer = subprocess.Popen(
+            ["ip", "netns", "exec", netns.name, sys.executable, "-c", PASS_AND_CLOSE],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(passer)
+        assert passer.stdout is not None
+        said = dict(passer.stdout.readline().split() for _ in range(2))  # in either order
+        receiver, sender = int(said["receiver"]), int(said["sender"])
+        renamed = subprocess.Popen(
+            ["ip", "netns", "exec", netns.name, sys.executable, "-c", RENAMED],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(renamed)
+        assert renamed.stdout is not None
+        named = int(renamed.stdout.readline())
+
+        # a sender that lives on is found out by the reconcile (it reads owners' fd tables)
+        agent.status(reconcile=True)
+        rows = compare_with_ss(netns, agent.socket)
+        by_port = {r["local_port"]: r for r in rows}
+        assert by_port[7301]["pid"] == heir
+        assert by_port[7302]["pid"] == receiver != sender
+        assert by_port[7303]["pid"] == by_port[7304]["pid"] == named
+        assert by_port[7303]["comm"] == by_port[7304]["comm"] == "sw-renamed"
+    finally:
+        for p in procs:
+            if p.stdin:
+                p.stdin.close()  # even an exited one's: its forked children read the same pipe
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    # the forked heir (not our child) exits when its stdin closes: then no listener is left
+    deadline = time.monotonic() + 5
+    while [r for r in snapshot("--netns", str(netns.inode), socket=agent.socket) if r["state"] == "LISTEN"]:
+        assert time.monotonic() < deadline, "a listener outlived every process of the test"
+        time.sleep(0.1)
