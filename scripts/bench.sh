@@ -2,6 +2,7 @@
 # Install what is missing (gcc too, for the load generators), then run a benchmark:
 #   sudo scripts/bench.sh cost       # the host's cost with vs without the agent (~5 minutes)
 #   sudo scripts/bench.sh snapshot   # snapshot speed at 100,000 sockets vs ss (~2 minutes)
+#   sudo scripts/bench.sh churn      # churn with idle clients and snapshots; table vs ss after (~80 s)
 # Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -9,7 +10,7 @@ SOCKWATCH_EXTRAS=dev "$here/scripts/install.sh"
 which=${1:-cost}
 [ $# -gt 0 ] && shift
 case "$which" in
-  cost|snapshot) ;;
-  *) echo "bench: say 'cost' or 'snapshot'" >&2; exit 2 ;;
+  cost|snapshot|churn) ;;
+  *) echo "bench: say cost, snapshot or churn" >&2; exit 2 ;;
 esac
 exec "${SOCKWATCH_VENV:-$here/.venv}/bin/python" "$here/bench/bench_$which.py" "$@"

@@ -39,6 +39,7 @@ REQUEST_SECONDS = 5.0  # to send one request line
 ANSWER_SECONDS = 60.0  # to read one whole answer (a 100,000-row snapshot is ~30 MB)
 MAX_CLIENTS = 64
 JSON_CACHE_SECONDS = 10.0
+TRIM_SECONDS = 30.0
 
 
 @dataclass(eq=False)
@@ -185,6 +186,7 @@ class Agent:
         next_drain = now + self.settings.drain_interval
         next_second = now + self.settings.drop_check_interval
         next_reconcile = now + self.settings.reconcile_interval
+        next_trim = now + TRIM_SECONDS
         while not self._stop:
             timeout = max(0.0, min(next_drain, next_second, next_reconcile, self._next_deadline()) - time.monotonic())
             try:
@@ -207,6 +209,9 @@ class Agent:
                 self._check_losses()
                 self.tracker.forget_dead_namespaces()
                 self.tracker.expire_timewait()
+                if now >= next_trim:
+                    _give_back_memory()  # what bursts of answers and batch map reads freed
+                    next_trim = now + TRIM_SECONDS
                 if self._json_cache[0] >= 0 and now - self._json_cache_used > JSON_CACHE_SECONDS:
                     self._json_cache = (-1, b"")  # the whole table as JSON: worth keeping only while asked
                 self.cost.sample(self.tracker.stats.events.total(), _cpu_seconds())
@@ -423,6 +428,7 @@ class Agent:
             "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
             "ring_bytes_read": self.ring.bytes_read if self.ring else 0,
             "links": len(self.loaded.link_fds),
+            "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),
             "clients_dropped": dict(self.clients_dropped),
             "partial": self.partial(),
