@@ -16,19 +16,22 @@ class ArgError(ValueError):
     pass
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _parse(text: str, name: str, lo: float, hi: float, form: re.Pattern[str], what: str) -> float:
+    if not form.fullmatch(text.strip()):
+        raise ArgError(f"{name} {shown(text)} is not {what} ({_num(lo)} to {_num(hi)})")
+    x = float(text) if form is _DECIMAL else int(text)
+    if not lo <= x <= hi:
+        raise ArgError(f"{name} {shown(text)} is out of range: {_num(lo)} to {_num(hi)}")
+    return x
+
+
 def integer(text: str, name: str, lo: int, hi: int) -> int:
-    if not _INT.fullmatch(text.strip()):
-        raise ArgError(f"{name} {shown(text)} is not a whole number ({lo} to {hi})")
-    n = int(text)
-    if not lo <= n <= hi:
-        raise ArgError(f"{name} {shown(text)} is out of range: {lo} to {hi}")
-    return n
+    return int(_parse(text, name, lo, hi, _INT, "a whole number"))
 
 
 def seconds(text: str, name: str, lo: float, hi: float) -> float:
-    if not _DECIMAL.fullmatch(text.strip()):
-        raise ArgError(f"{name} {shown(text)} is not a number of seconds ({lo:g} to {hi:g})")
-    x = float(text)
-    if not lo <= x <= hi:
-        raise ArgError(f"{name} {shown(text)} is out of range: {lo:g} to {hi:g} seconds")
-    return x
+    return _parse(text, name, lo, hi, _DECIMAL, "a number of seconds")

@@ -46,29 +46,28 @@ print(os.getpid(), flush=True); sys.stdin.read()
 """
 
 
+def run_in(netns, code: str) -> subprocess.Popen:
+    """A Python process of the test's in its namespace; it exits when its stdin closes."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", netns.name, sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 def test_owners_follow_the_file_and_the_process_name(netns, agent):
     procs = []
     try:
-        fork = subprocess.Popen(
-            ["ip", "netns", "exec", netns.name, sys.executable, "-c", FORK_AND_EXIT],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        fork = run_in(netns, FORK_AND_EXIT)
         procs.append(fork)
         assert fork.stdout is not None
         heir = int(fork.stdout.readline())
         fork.wait(10)  # the creator has exited; its child holds the listener
-        passer = subprocess.Popen(
-            ["ip", "netns", "exec", netns.name, sys.executable, "-c", PASS_AND_CLOSE],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        passer = run_in(netns, PASS_AND_CLOSE)
         procs.append(passer)
         assert passer.stdout is not None
         said = dict(passer.stdout.readline().split() for _ in range(2))  # in either order
         receiver, sender = int(said["receiver"]), int(said["sender"])
-        renamed = subprocess.Popen(
-            ["ip", "netns", "exec", netns.name, sys.executable, "-c", RENAMED],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        renamed = run_in(netns, RENAMED)
         procs.append(renamed)
         assert renamed.stdout is not None
         named = int(renamed.stdout.readline())

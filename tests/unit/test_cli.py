@@ -94,3 +94,28 @@ def test_help_documents_filters():
 def test_status_without_agent(tmp_path):
     r = run("status", "--socket", str(tmp_path / "none.sock"))
     assert r.returncode != 0 and "there is no agent socket at" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["serve", "--socket", ""], "the socket path is empty"),
+        (["serve", "--socket", "rel.sock"], "is relative"),
+        (["serve", "--socket", "/run/"], "names a directory"),
+        (["serve", "--socket", "/proc/1/x.sock"], "is under /proc"),
+        (["serve", "--socket", "/" + "a" * 200], "at most 107"),
+        (["serve", "--reconcile-interval", "inf"], "is not a number of seconds (1 to 86400)"),
+        (["serve", "--reconcile-interval", "nan"], "is not a number of seconds"),
+        (["serve", "--reconcile-interval", "0.5"], "out of range: 1 to 86400"),
+        (["serve", "--ringbuf-pages", str(2**40)], "out of range: 16 to 65536"),
+        (["serve", "--max-udp", "2_000"], "is not a whole number (1024 to 16777216)"),
+        (["serve", "--max-udp", "9" * 5000], "is not a whole number"),
+        (["snapshot", "--port", "1_000"], "is not a number"),
+        (["snapshot", "--pid", str(2**64)], "out of range"),
+        (["snapshot", "--netns", "\u0661\u0662"], "is not a number"),
+    ],
+)
+def test_options_are_strict_and_name_their_bounds(args, needle):
+    r = run(*args)
+    assert r.returncode == 2 and needle in r.stderr, r
+    assert "Traceback" not in r.stderr and len(r.stderr) < 400  # never echoes a 5,000-digit input
