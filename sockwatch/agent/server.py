@@ -155,6 +155,7 @@ class Agent:
         self.tracker.fill_owners()
         self.bootstrap_seconds = time.monotonic() - t0
         _give_back_memory()
+        bpfload.release_compiler_pages()
         c = self.loaded.counters()
         self._last_losses = (c["ringbuf_full"], c["map_full"])
         log.info("attached; %d sockets in %d namespaces", len(self.tracker.rows), len(self.tracker.registry.by_cookie))
