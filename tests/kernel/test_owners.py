@@ -14,7 +14,7 @@ FORK_AND_EXIT = """
 import os, socket, sys, time
 s = socket.socket(); s.bind(("127.0.0.1", 7301)); s.listen()
 if os.fork() == 0:
-    print(os.getpid(), flush=True); sys.stdin.read(); os._exit(0)
+    os.write(1, b"%d\\n" % os.getpid()); sys.stdin.read(); os._exit(0)
 os._exit(0)
 """
 
@@ -26,11 +26,11 @@ if os.fork() == 0:  # the receiver
     msg, anc, _, _ = b.recvmsg(1, socket.CMSG_LEN(4))
     fds = array.array("i"); fds.frombytes(anc[0][2][:4])
     kept = socket.socket(fileno=fds[0])
-    print("receiver", os.getpid(), flush=True); sys.stdin.read(); os._exit(0)
+    os.write(1, b"receiver %d\\n" % os.getpid()); sys.stdin.read(); os._exit(0)
 s = socket.socket(); s.bind(("127.0.0.1", 7302)); s.listen()
 a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
 s.close()
-print("sender", os.getpid(), flush=True); sys.stdin.read()
+os.write(1, b"sender %d\\n" % os.getpid()); sys.stdin.read()
 """
 
 RENAMED = """
@@ -42,8 +42,12 @@ def in_thread():
 th = threading.Thread(target=in_thread); th.start(); th.join()
 s = socket.socket(); s.bind(("127.0.0.1", 7304)); s.listen()
 libc.prctl(15, b"sw-renamed", 0, 0, 0)  # the process (main thread) renamed after
-print(os.getpid(), flush=True); sys.stdin.read()
+os.write(1, b"%d\\n" % os.getpid()); sys.stdin.read()
 """
+
+
+# Each helper says its pid with one write(2): two processes share the pipe, and print()
+# may write a line in pieces (PYTHONUNBUFFERED), which then interleave.
 
 
 def run_in(netns, code: str) -> subprocess.Popen:
