@@ -39,6 +39,7 @@ REQUEST_SECONDS = 5.0  # to send one request line
 ANSWER_SECONDS = 60.0  # to read one whole answer (a 100,000-row snapshot is ~30 MB)
 MAX_CLIENTS = 64
 JSON_CACHE_SECONDS = 10.0
+LOSS_MEMORY_SECONDS = 60.0  # how long answers mention a repaired loss
 TRIM_SECONDS = 30.0
 
 
@@ -128,6 +129,7 @@ class Agent:
         self._stop = False
         self._last_losses = (0, 0)
         self._last_counters: dict[str, int] = {}
+        self._recent_losses: deque[tuple[float, int, int]] = deque(maxlen=64)  # (when, ring, map)
         self._udp_announced_by_us = 0
         self.cost = CostWindow()
         self.load_seconds = 0.0
@@ -248,6 +250,8 @@ class Agent:
                 losses[0] - self._last_losses[0],
                 losses[1] - self._last_losses[1],
             )
+            self._recent_losses.append((time.monotonic(), losses[0] - self._last_losses[0],
+                                        losses[1] - self._last_losses[1]))  # fmt: skip
             self._last_losses = losses
             self.tracker.stats.resyncs += 1
             self.tracker.reconcile(drain=self.drain)
@@ -390,11 +394,19 @@ class Agent:
             return [encode_header(False, error="internal error in the agent (logged)")]
 
     def partial(self) -> list[str]:
-        """Why the table may be missing something right now (empty: it is complete)."""
-        c = self._last_counters
+        """What the table may lack or has just had repaired. Losses are repaired before
+        any answer (a resync from the kernel, owners from /proc), so this says what
+        happened in the last minute and what to change, rather than what is missing."""
+        now = time.monotonic()
+        ring = sum(r for t, r, _ in self._recent_losses if now - t < LOSS_MEMORY_SECONDS)
+        owners = sum(m for t, _, m in self._recent_losses if now - t < LOSS_MEMORY_SECONDS)
         why = []
-        if c.get("map_full"):
-            why.append(f"{c['map_full']} UDP sockets found the owner map full (--max-udp): their owners may be unknown")
+        if ring:
+            why.append(f"{ring} events did not fit the ring in the last minute: resynced from the kernel "
+                       "(raise --ringbuf-pages)")  # fmt: skip
+        if owners:
+            why.append(f"{owners} UDP sockets found the owner map full (--max-udp {self.settings.max_udp}) in the "
+                       "last minute: resynced, owners read from /proc (raise --max-udp)")  # fmt: skip
         if self.tracker.stats.unknown_netns:
             why.append(f"{self.tracker.stats.unknown_netns} events came from namespaces gone before they were read")
         return why

@@ -98,4 +98,4 @@ def _say_if_partial(header: dict) -> None:
     partial = header.get("partial")
     if isinstance(partial, list) and partial:
         for why in partial[:10]:
-            sys.stderr.write(f"sockwatch: the table may be partial: {printable(str(why))[:300]}\n")
+            sys.stderr.write(f"sockwatch: note: {printable(str(why))[:300]}\n")

@@ -47,5 +47,5 @@ def _lines(st: dict) -> str:
         f"events from vanished namespaces {tr['unknown_netns']}",
         f"clients now {st['clients']}, dropped {st['clients_dropped'] or 'none'}",
     ]
-    lines += [f"the table may be partial: {why}" for why in st["partial"]]
+    lines += [f"note: {why}" for why in st["partial"]]
     return "\n".join(lines)

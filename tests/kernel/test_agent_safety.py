@@ -223,3 +223,22 @@ def test_time_wait_rows_leave_with_the_kernels(netns, fresh_agent, child_factory
     assert st["tracker"]["timewait_expired"] == 2 and st["tracker"]["reconciles"] == 0, st["tracker"]
     rows = snapshot("--netns", str(netns.inode), socket=a.socket)
     assert not [r for r in rows if r["state"] == "TIME-WAIT"], rows
+
+
+def test_a_full_owner_map_is_repaired_at_once_and_said(netns, fresh_agent, child_factory):
+    """3,000 autobound UDP sockets against an owner map of 1,024: the next snapshot lists
+    every one of them with an owner (the loss triggers a resync at once, not at the next
+    reconcile, an hour away here), and says the table may have been partial."""
+    a = fresh_agent(None, ("--max-udp", "1024"))
+    c = child_factory(netns.name)
+    made = [c.do(op="udp_sendto", addr="127.0.0.1", port=9) for _ in range(3000)]
+    r = subprocess.run(
+        sockwatch_cmd("snapshot", "--json", "--netns", str(netns.inode), "--socket", a.socket),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = {row["cookie"]: row for row in json.loads(r.stdout)}
+    assert {m["cookie"] for m in made} <= set(rows), len(set(rows))
+    assert all(rows[m["cookie"]]["pid"] == c.pid for m in made)
+    assert "owner map full (--max-udp 1024)" in r.stderr and "raise --max-udp" in r.stderr, r.stderr
+    st = a.status()
+    assert st["bpf"]["map_full"] >= 3000 - 1024 and st["tracker"]["resyncs"] >= 1, st
