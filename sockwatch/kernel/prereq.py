@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from dataclasses import dataclass
 
 TRACEFS = "/sys/kernel/tracing"
@@ -30,6 +29,9 @@ class Check:
     fix: str = ""
 
 
+WITHOUT_BPF = "meanwhile 'sockwatch snapshot --standalone' reads the kernel without BPF"
+
+
 def cgroup2_path() -> str | None:
     try:
         with open("/proc/mounts") as f:
@@ -50,16 +52,6 @@ def headers_dir() -> str | None:
     if os.path.exists("/sys/kernel/kheaders.tar.xz"):
         return "/sys/kernel/kheaders.tar.xz"
     return None
-
-
-def ensure_tracefs() -> bool:
-    """Mount tracefs if it is not (a fresh machine has neither tracefs nor debugfs)."""
-    if os.path.isdir(os.path.join(TRACEFS, "events")):
-        return True
-    if os.geteuid() != 0:
-        return False
-    subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS], capture_output=True, check=False)
-    return os.path.isdir(os.path.join(TRACEFS, "events"))
 
 
 def checks() -> list[Check]:
@@ -101,10 +93,10 @@ def checks() -> list[Check]:
             "cgroup2",
             cg is not None,
             f"cgroup v2 at {cg}" if cg else "no cgroup v2 mount",
-            "" if cg else "mount it: mount -t cgroup2 none /sys/fs/cgroup/unified",
+            "" if cg else "mount it (mount -t cgroup2 none /sys/fs/cgroup/unified); " + WITHOUT_BPF,
         )
     )
-    tr = ensure_tracefs() if root else os.path.isdir(os.path.join(TRACEFS, "events"))
+    tr = os.path.isdir(os.path.join(TRACEFS, "events"))  # reported only: sockwatch mounts nothing
     out.append(
         Check(
             "tracefs",
@@ -119,7 +111,7 @@ def checks() -> list[Check]:
             "headers",
             hd is not None,
             f"kernel headers at {hd}" if hd else f"no kernel headers for {platform.release()}",
-            "" if hd else INSTALL_HINT,
+            "" if hd else INSTALL_HINT + "; " + WITHOUT_BPF,
         )
     )
     return out

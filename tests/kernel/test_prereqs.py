@@ -1,0 +1,46 @@
+"""Missing prerequisites, made real in a private mount namespace (the host's mounts are
+untouched): one sentence and what to do, a non-zero exit, nothing left behind, and the
+degraded path (`snapshot --standalone`, no BPF) still works."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import subprocess
+
+import pytest
+
+from sockwatch.kernel import prereq
+from tests.conftest import sockwatch_cmd
+
+HIDE_HEADERS = f"mount -t tmpfs none /lib/modules/{platform.release()}"
+
+
+def hide_cgroup2() -> str:
+    where = prereq.cgroup2_path()
+    assert where is not None
+    return f"umount -l {shlex.quote(where)}"
+
+
+def in_private_mounts(hide: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = " ".join(shlex.quote(a) for a in sockwatch_cmd(*args))
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{hide} && exec {cmd}"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("hide", "needle"),
+    [(HIDE_HEADERS, "no kernel headers for"), (None, "no cgroup v2 mount")],
+    ids=["no-headers", "no-cgroup2"],
+)
+def test_a_missing_prerequisite_is_one_sentence_and_standalone_still_works(hide, needle, tmp_path):
+    hide = hide or hide_cgroup2()
+    r = in_private_mounts(hide, "serve", "--socket", str(tmp_path / "a.sock"))
+    assert r.returncode == 3 and needle in r.stderr and "Traceback" not in r.stderr, r
+    assert "snapshot --standalone" in r.stderr  # what still works
+    assert not list(tmp_path.iterdir()), "a refused start left files"
+    r = in_private_mounts(hide, "snapshot", "--standalone", "--json", "--port", "1")
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r
