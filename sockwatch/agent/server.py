@@ -49,6 +49,7 @@ class Client:
     deadline: float
     inbuf: bytearray = field(default_factory=bytearray)
     out: deque[memoryview] = field(default_factory=deque)
+    poll: int = 0  # the epoll round that accepted it: events of that round were for an older fd
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Agent:
         self.clients: dict[int, Client] = {}
         self.clients_dropped: Counter[str] = Counter()
         self._ep: select.epoll | None = None
+        self._poll = 0
         self._stop = False
         self._last_losses = (0, 0)
         self._last_counters: dict[str, int] = {}
@@ -196,12 +198,13 @@ class Agent:
                 ready = ep.poll(timeout)
             except InterruptedError:
                 continue
+            self._poll += 1
             for fd, mask in ready:
                 if fd == self.ring.fd:
                     self.drain()
                 elif fd == self.listener.fileno():
                     self._accept()
-                elif (c := self.clients.get(fd)) is not None:
+                elif (c := self.clients.get(fd)) is not None and c.poll != self._poll:
                     self._on_client(c, mask)
             now = time.monotonic()
             self._expire_clients(now)
@@ -298,7 +301,7 @@ class Agent:
                     conn.send(encode_header(False, error=f"the agent is serving {MAX_CLIENTS} clients already"))
                 conn.close()
                 continue
-            c = Client(conn, time.monotonic() + REQUEST_SECONDS)
+            c = Client(conn, time.monotonic() + REQUEST_SECONDS, poll=self._poll)
             self.clients[conn.fileno()] = c
             self._ep.register(conn.fileno(), select.EPOLLIN)
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import socket
 import threading
@@ -146,13 +147,7 @@ class NamespaceRegistry:
         s = self._reading.get(ns.cookie)
         if s is not None:
             return s
-        paths = [ns.path] + [p for p in _candidates() if p != ns.path]
-        for i, path in enumerate(paths):
-            if i == 1:
-                try:  # the usual case is settled by the first path; a search stats first
-                    paths = [p for p in paths[1:] if os.stat(p).st_ino == ns.inode]
-                except OSError:
-                    pass
+        for path in itertools.chain([ns.path], self._holders_of(ns)):
             got = self._diag_at(path, ns.inode)
             if got is None:
                 continue
@@ -164,6 +159,19 @@ class NamespaceRegistry:
             got[1].close()
         self._forget(ns)
         raise NamespaceGone(f"network namespace {ns.inode} is gone")
+
+    @staticmethod
+    def _holders_of(ns: Namespace) -> Iterator[str]:
+        """Other places ns may still be held (searched only when where it was found
+        fails): stat first, entering is the costly part."""
+        for path in _candidates():
+            if path == ns.path:
+                continue
+            try:
+                if os.stat(path).st_ino == ns.inode:
+                    yield path
+            except OSError:
+                continue
 
     # ---- finding --------------------------------------------------------------------------
 
