@@ -54,7 +54,10 @@ def validate(path: str) -> str:
     for root in _FORBIDDEN:
         if norm == root or norm.startswith(root + "/"):
             raise PathError(f"the socket path {_show(path)} is under {root}, which is the kernel's")
-    size = len(os.fsencode(norm))
+    try:
+        size = len(os.fsencode(norm))
+    except UnicodeEncodeError:
+        raise PathError(f"the socket path {_show(path)} is not valid text for a file name") from None
     if size > MAX_UNIX_PATH:
         raise PathError(f"the socket path is {size} bytes long; a unix socket path is at most {MAX_UNIX_PATH}")
     return norm

@@ -4,8 +4,10 @@ the first one that fails."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import struct
 from dataclasses import dataclass
 
 TRACEFS = "/sys/kernel/tracing"
@@ -54,6 +56,27 @@ def headers_dir() -> str | None:
     return None
 
 
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
+
+
+def bpf_syscall_error() -> int:
+    """0 if the kernel lets this process use bpf() (a one-entry array map is created and
+    closed at once), else the errno (EPERM: no capability or a seccomp filter; ENOSYS:
+    a kernel without BPF)."""
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        return 0  # unknown architecture: let bcc find out
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = struct.pack("<IIII", BPF_MAP_TYPE_ARRAY, 4, 4, 1).ljust(128, b"\0")
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    fd = libc.syscall(nr, BPF_MAP_CREATE, buf, len(attr))
+    if fd < 0:
+        return ctypes.get_errno()
+    os.close(fd)
+    return 0
+
+
 def checks() -> list[Check]:
     out = []
     root = os.geteuid() == 0
@@ -78,6 +101,18 @@ def checks() -> list[Check]:
                 INSTALL_HINT + "; PyPI's 'bcc' is an unrelated package",
             )
         )
+    err = bpf_syscall_error() if root else 0
+    out.append(
+        Check(
+            "bpf",
+            err == 0,
+            "the bpf() system call works" if err == 0 else f"the kernel refuses bpf(): {os.strerror(err)}",
+            ""
+            if err == 0
+            else "run on the host as root, or give the container CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN "
+            "and a seccomp profile that allows bpf(); " + WITHOUT_BPF,
+        )
+    )
     btf = os.path.exists("/sys/kernel/btf/vmlinux")
     out.append(
         Check(
@@ -117,7 +152,7 @@ def checks() -> list[Check]:
     return out
 
 
-def require(names: tuple[str, ...] = ("root", "bcc", "cgroup2", "headers")) -> None:
+def require(names: tuple[str, ...] = ("root", "bpf", "bcc", "cgroup2", "headers")) -> None:
     """Raise PrereqError for the first failed check among `names`."""
     for c in checks():
         if c.name in names and not c.ok:

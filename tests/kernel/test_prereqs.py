@@ -5,6 +5,7 @@ degraded path (`snapshot --standalone`, no BPF) still works."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from sockwatch.kernel import prereq
 from tests.conftest import sockwatch_cmd
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 HIDE_HEADERS = f"mount -t tmpfs none /lib/modules/{platform.release()}"
 
 
@@ -43,4 +45,18 @@ def test_a_missing_prerequisite_is_one_sentence_and_standalone_still_works(hide,
     assert "snapshot --standalone" in r.stderr  # what still works
     assert not list(tmp_path.iterdir()), "a refused start left files"
     r = in_private_mounts(hide, "snapshot", "--standalone", "--json", "--port", "1")
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r
+
+
+def test_no_bpf_is_one_sentence_and_standalone_still_works(tmp_path):
+    """bpf() refused by a seccomp filter, as in a container that does not allow it."""
+    nobpf = tmp_path / "nobpf"
+    subprocess.run(["gcc", "-O2", "-o", str(nobpf), os.path.join(HERE, "nobpf.c")], check=True)
+    r = subprocess.run([str(nobpf), *sockwatch_cmd("serve", "--socket", str(tmp_path / "s" / "a.sock"))],
+                       capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    assert r.returncode == 3 and "the kernel refuses bpf(): Operation not permitted" in r.stderr, r
+    assert "seccomp" in r.stderr and "snapshot --standalone" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists(), "a refused start left files"
+    r = subprocess.run([str(nobpf), *sockwatch_cmd("snapshot", "--standalone", "--json", "--port", "1")],
+                       capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout) == [], r

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, sockwatch_cmd
 
@@ -119,3 +121,32 @@ def test_options_are_strict_and_name_their_bounds(args, needle):
     r = run(*args)
     assert r.returncode == 2 and needle in r.stderr, r
     assert "Traceback" not in r.stderr and len(r.stderr) < 400  # never echoes a 5,000-digit input
+
+
+@given(st.text(max_size=60))
+def test_any_number_text_parses_within_bounds_or_says_why(text):
+    from sockwatch.cli import args
+
+    try:
+        n = args.integer(text, "--max-udp", 1024, 16_777_216)
+        assert 1024 <= n <= 16_777_216 and text.strip().isascii() and text.strip().isdigit()
+    except args.ArgError as e:
+        assert str(e).startswith("--max-udp ") and len(str(e)) < 200
+    try:
+        x = args.seconds(text, "--reconcile-interval", 1, 86400)
+        assert 1 <= x <= 86400
+    except args.ArgError as e:
+        assert "--reconcile-interval" in str(e) and len(str(e)) < 200
+
+
+@given(st.text(max_size=300) | st.just("/\ud800.sock"))
+def test_any_socket_path_is_accepted_only_when_safe(text):
+    from sockwatch.agent import sockpath
+
+    try:
+        p = sockpath.validate(text)
+    except sockpath.PathError as e:
+        assert len(str(e)) < 300
+        return
+    assert p.startswith("/") and len(os.fsencode(p)) <= 107 and "\0" not in p
+    assert not any(p == r or p.startswith(r + "/") for r in ("/proc", "/sys", "/dev"))
