@@ -66,10 +66,6 @@ class Event(NamedTuple):
     def has_owner(self) -> bool:
         return bool(self.flags & F_OWNER)
 
-    @property
-    def kind_name(self) -> str:
-        return KIND_NAMES.get(self.kind, str(self.kind))
-
 
 def tcp_state_after_close(old_state: int) -> int | None:
     """The state ss will show after a STATE_CB to CLOSE from old_state.

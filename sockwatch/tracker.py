@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 NEED_INODE = "inode"  # not read yet, or 0 while the connection waits in an accept queue
 NEED_STATE = "state"  # an active open: SYN-SENT until read (->ESTABLISHED is not sent)
 NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
-OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
-TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
 NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
 NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
+
+OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
+TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
 
 # SockRow.flags, the tracker's own bookkeeping
 R_RELEASED = 0x01  # no file holds it (a TCP orphan lives on until CLOSE)
@@ -150,6 +151,7 @@ class Tracker:
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
         self._last_owner_scan = -OWNER_SCAN_SECONDS
+        self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
         self._tw_due: list[tuple[float, int]] = []  # (when the kernel drops it, cookie): TIME-WAIT rows
 
     # ---- reading the kernel's own tables -------------------------------------------------
@@ -467,6 +469,8 @@ class Tracker:
         # a row may be due twice (its close event, then a kernel read): check it once
         rows = [r for c in dict.fromkeys(due) if (r := self.rows.get(c)) is not None and r.state == TcpState.TIME_WAIT]
         gone = 0
+        if not rows:
+            return 0
         with self.registry.reading():
             for row in rows:
                 ns = self.registry.by_cookie.get(row.netns_cookie)
@@ -500,6 +504,13 @@ class Tracker:
         row.touch()
         return changed
 
+    def _rows_by_owner(self) -> dict[int, list[SockRow]]:
+        by_pid: dict[int, list[SockRow]] = {}
+        for r in self.rows.values():
+            if r.pid is not None:
+                by_pid.setdefault(r.pid, []).append(r)
+        return by_pid
+
     def fix_owners(self) -> int:
         """The owner rule, applied when a view asks. A socket's owner is a process holding
         its file, named by its process name (/proc/PID/comm of the process, as ss prints
@@ -508,13 +519,9 @@ class Tracker:
         for owners that exited (the file was inherited by a fork or passed with
         SCM_RIGHTS), finds who holds it now with one /proc scan (at most every few
         seconds; until then the row says no owner). Returns how many rows changed."""
-        by_pid: dict[int, list[SockRow]] = {}
-        for r in self.rows.values():
-            if r.pid is not None:
-                by_pid.setdefault(r.pid, []).append(r)
         changed = 0
         lost: list[SockRow] = []
-        for pid, rows in by_pid.items():
+        for pid, rows in self._rows_by_owner().items():
             name = procscan.process_name(pid)
             for r in rows:
                 if name is None or r.state == TcpState.TIME_WAIT:
@@ -527,11 +534,13 @@ class Tracker:
                     r.comm = name
                 r.touch()
                 changed += 1
+        self._owner_scan_due |= bool(lost)
         now = time.monotonic()
-        orphans = [r for r in self.rows.values() if r.pid is None and r.inode and r.visible] if lost else []
-        if orphans and now - self._last_owner_scan >= OWNER_SCAN_SECONDS:
+        if self._owner_scan_due and now - self._last_owner_scan >= OWNER_SCAN_SECONDS:
+            self._owner_scan_due = False  # until another owner is found gone
             self._last_owner_scan = now
-            self._fill_owners(orphans)
+            self._fill_owners([r for r in self.rows.values() if r.pid is None and r.inode and r.visible])
+            changed += 1
         if changed:
             self.version += 1
         return changed
@@ -541,14 +550,10 @@ class Tracker:
         SCM_RIGHTS, or forked and closed it): one read of each owner's fd table, then
         one /proc scan for the rows it did not hold. O(open files): run by reconcile,
         whose interval stretches with what it costs. Returns how many rows moved."""
-        by_pid: dict[int, list[SockRow]] = {}
-        for r in self.rows.values():
-            if r.pid is not None and r.inode:
-                by_pid.setdefault(r.pid, []).append(r)
         lost = []
-        for pid, rows in by_pid.items():
+        for pid, rows in self._rows_by_owner().items():
             held = procscan.socket_inodes(pid)
-            lost += [r for r in rows if held is None or r.inode not in held]
+            lost += [r for r in rows if r.inode and (held is None or r.inode not in held)]
         for r in lost:
             r.pid = r.comm = r.owner_source = None
             r.touch()
@@ -619,7 +624,8 @@ class Tracker:
         self._removed_during = set()
         try:
             self.registry.refresh()
-            gone = {ns.cookie for ns in self.registry.prune()}  # neither dumped nor kept
+            self.forget_dead_namespaces()  # neither dumped nor kept
+            gone: set[int] = set()
             kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
             with self.registry.reading():
                 for ns in list(self.registry.by_cookie.values()):

@@ -9,10 +9,12 @@ the kernel directly when no agent runs there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
 import struct
+from collections.abc import Iterator
 
 from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import DEFAULT_SOCKET, MAX_HEADER, ProtocolError, encode_request, parse_header
@@ -90,46 +92,51 @@ def _read_header(s: socket.socket) -> tuple[dict, bytes]:
     return header, rest
 
 
-def request(op: str, path: str | None = None, **args: object) -> tuple[dict, bytes] | None:
-    """(header, body) from the agent, or None when no agent runs at the default path."""
+@contextlib.contextmanager
+def _asking(op: str, path: str | None, args: dict) -> Iterator[tuple[socket.socket, dict, bytes] | None]:
+    """(connection, header, start of the body), or None when no agent runs at the
+    default path; transport failures become one AgentError."""
     s = _connect(path)
     if s is None:
-        return None
+        yield None
+        return
     try:
         with s:
             s.sendall(encode_request(op, **args))
             header, body = _read_header(s)
-            chunks = [body]
-            while chunk := s.recv(1 << 20):
-                chunks.append(chunk)
+            yield s, header, body
     except TimeoutError:
         raise AgentError(f"the agent did not answer within {ANSWER_TIMEOUT:.0f}s") from None
+    except BrokenPipeError:
+        raise  # our own reader went away (| head): the CLI handles it
     except OSError as e:
         raise AgentError(f"the connection to the agent failed: {e.strerror or e}") from None
+
+
+def request(op: str, path: str | None = None, **args: object) -> tuple[dict, bytes] | None:
+    """(header, body) from the agent, or None when no agent runs at the default path."""
+    with _asking(op, path, args) as asked:
+        if asked is None:
+            return None
+        s, header, body = asked
+        chunks = [body]
+        while chunk := s.recv(1 << 20):
+            chunks.append(chunk)
     return header, b"".join(chunks)
 
 
 def stream(op: str, out_fd: int, path: str | None = None, **args: object) -> dict | None:
     """Copy the agent's answer straight to out_fd (no parsing: the peer is a root agent,
     and its body is JSON with every string escaped). None: no agent."""
-    s = _connect(path)
-    if s is None:
-        return None
-    try:
-        with s:
-            s.sendall(encode_request(op, **args))
-            header, body = _read_header(s)
-            write_all(out_fd, body)
-            buf = bytearray(1 << 20)
-            view = memoryview(buf)
-            while n := s.recv_into(buf):
-                write_all(out_fd, view[:n])
-    except TimeoutError:
-        raise AgentError(f"the agent did not answer within {ANSWER_TIMEOUT:.0f}s") from None
-    except (BrokenPipeError, ConnectionResetError) as e:
-        if isinstance(e, BrokenPipeError):
-            raise  # our reader went away (| head): handled by the CLI
-        raise AgentError("the agent closed the connection mid-answer") from None
+    with _asking(op, path, args) as asked:
+        if asked is None:
+            return None
+        s, header, body = asked
+        write_all(out_fd, body)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while n := s.recv_into(buf):
+            write_all(out_fd, view[:n])
     return header
 
 

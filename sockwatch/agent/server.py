@@ -176,7 +176,6 @@ class Agent:
             self.listener = None
         if self.loaded is not None:
             self.loaded.close()
-        self.tracker.registry.close()
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -443,6 +442,7 @@ class Agent:
             "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3),
             "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
             "ring_bytes_read": self.ring.bytes_read if self.ring else 0,
+            "ring_records_skipped": self.ring.skipped if self.ring else 0,
             "links": len(self.loaded.link_fds),
             "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),

@@ -129,7 +129,6 @@ class Claim:
     listener: socket.socket
     lock_fd: int
     created_dirs: list[str] = field(default_factory=list)
-    created_lock: bool = False
     ino: tuple[int, int] = (0, 0)
 
     def release(self) -> None:
@@ -149,11 +148,7 @@ class Claim:
                 pass
             os.close(self.lock_fd)
             self.lock_fd = -1
-        for d in reversed(self.created_dirs):
-            try:
-                os.rmdir(d)
-            except OSError:
-                break  # not empty: something else lives there now
+        _remove_dirs(self.created_dirs)
 
 
 def claim(path: str) -> Claim:
@@ -205,7 +200,7 @@ def claim(path: str) -> Claim:
         st = os.lstat(path)
         s.listen(64)
         s.setblocking(False)
-        return Claim(path, s, lock_fd, created, created_lock, (st.st_dev, st.st_ino))
+        return Claim(path, s, lock_fd, created, (st.st_dev, st.st_ino))
     except BaseException:
         if locked and created_lock:
             os.unlink(lock_path)  # ours and still locked by us: nobody else uses it
@@ -215,6 +210,7 @@ def claim(path: str) -> Claim:
 
 
 def _remove_dirs(created: list[str]) -> None:
+    """Remove the directories we made, deepest first, while they are empty."""
     for d in reversed(created):
         try:
             os.rmdir(d)

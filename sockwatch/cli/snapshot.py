@@ -65,12 +65,9 @@ def snapshot(
 
         prereq.require_root()
         tracker = Tracker()
-        try:
-            tracker.bootstrap()
-            tracker.fill_owners()
-            rows = tracker.snapshot(f)
-        finally:
-            tracker.registry.close()
+        tracker.bootstrap()
+        tracker.fill_owners()
+        rows = tracker.snapshot(f)
         if as_json:
             from sockwatch.model import render_json
 

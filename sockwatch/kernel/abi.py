@@ -116,14 +116,8 @@ def decode_batch(chunk: bytes | memoryview) -> tuple[EventBatch, int]:
     return batch, n * size
 
 
-def decode_records(chunk: bytes | memoryview) -> tuple[list[Event], int]:
-    """decode_batch, every event decoded (tests, and streams that want them all)."""
-    batch, used = decode_batch(chunk)
-    return batch.events(), used
-
-
 def records(events: list[Event]) -> bytes:
-    """The inverse of decode_records (tests build ring contents with it)."""
+    """Ring contents for these events, as the kernel lays them out (tests decode them back)."""
     pad = b"\0" * (RECORD.size - RECORD_HEADER - EVENT.size)
     return b"".join(struct.pack("<II", EVENT.size, 0) + EVENT.pack(*e) + pad for e in events)
 

@@ -89,7 +89,6 @@ class NamespaceRegistry:
         self.by_inode: dict[int, Namespace] = {}
         self.by_cookie: dict[int, Namespace] = {}
         self._missed: dict[int, float] = {}  # cookie -> when a full search last failed
-        self._seen: set[int] | None = None  # inodes the last refresh found on the host
         self._reading: dict[int, socket.socket] | None = None  # cookie -> diag socket, during a read
 
     # ---- entering -------------------------------------------------------------------------
@@ -114,15 +113,13 @@ class NamespaceRegistry:
     def _add(self, path: str, inode: int, diag: socket.socket) -> Namespace:
         cookie = netns_cookie_of(diag)
         # If the inode was another namespace's, that one died: it stays in by_cookie until
-        # check_alive() or prune() reports it, so that its rows go with it.
+        # check_alive() reports it, so that its rows go with it.
         ns = self.by_cookie.get(cookie)
         if ns is None:
             ns = Namespace(inode, cookie, path)
             self.by_cookie[cookie] = ns
         ns.path = path
         self.by_inode[inode] = ns
-        if self._seen is not None:
-            self._seen.add(inode)  # found alive now, even if after the last scan
         return ns
 
     @contextlib.contextmanager
@@ -188,39 +185,25 @@ class NamespaceRegistry:
     def refresh(self) -> list[Namespace]:
         """Find namespaces not known yet (stat first: entering is the costly part)."""
         new: list[Namespace] = []
-        seen: set[int] = set()
         for path in _candidates():
             try:
                 inode = os.stat(path).st_ino
             except OSError:
                 continue
-            seen.add(inode)
             if inode not in self.by_inode:
                 ns = self._open(path)
                 if ns is not None:
                     new.append(ns)
-        self._seen = seen
         return new
-
-    def for_pid(self, pid: int) -> Namespace | None:
-        """The namespace of a process: how a cookie from a hook is usually resolved."""
-        try:
-            inode = os.stat(f"/proc/{pid}/ns/net").st_ino
-        except OSError:
-            return None
-        return self.by_inode.get(inode) or self._open(f"/proc/{pid}/ns/net")
 
     def resolve_cookie(self, cookie: int, pid: int | None = None) -> Namespace | None:
         ns = self.by_cookie.get(cookie)
         if ns is None and pid:
-            cand = self.for_pid(pid)
-            if cand is not None and cand.cookie == cookie:
-                ns = cand
-            elif cand is not None:
-                # the inode known for that pid's namespace may be a dead one's: look again
-                ns = self._open(f"/proc/{pid}/ns/net")
-                if ns is not None and ns.cookie != cookie:
-                    ns = None
+            # usually the namespace of the process the event names (an unknown cookie is a
+            # namespace we have not entered yet, even if its inode is known: inodes are reused)
+            ns = self._open(f"/proc/{pid}/ns/net")
+            if ns is not None and ns.cookie != cookie:
+                ns = None
         if ns is None:
             # a full search scans /proc: at most once a second for a cookie nobody has
             now = time.monotonic()
@@ -261,19 +244,3 @@ class NamespaceRegistry:
                 self.by_cookie.pop(ns.cookie, None)  # its inode is another namespace's now
             gone.append(ns)
         return gone
-
-    def prune(self) -> list[Namespace]:
-        """Forget namespaces the last refresh() did not find on the host; reuses that scan
-        rather than walking /proc again. Returns them (their rows go too)."""
-        live = self._seen
-        if live is None:
-            return []
-        known = {id(ns) for ns in self.by_inode.values()}
-        gone = [ns for ns in self.by_cookie.values() if ns.inode not in live or id(ns) not in known]
-        for ns in gone:
-            self._forget(ns)
-        return gone
-
-    def close(self) -> None:
-        self.by_inode.clear()
-        self.by_cookie.clear()

@@ -33,10 +33,7 @@ class RingReader:
         self._cons_pos = memoryview(self._cons)[:8].cast("Q")
         self._prod_pos = memoryview(self._prod)[:8].cast("Q")
         self.bytes_read = 0
-        self.skipped = 0
-
-    def pending_bytes(self) -> int:
-        return self._prod_pos[0] - self._cons_pos[0]
+        self.skipped = 0  # records of a shape sockwatch never writes (shown by status)
 
     def read(self) -> list[EventBatch]:
         """Every record committed so far, oldest first, as batches (usually one; two

@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -179,9 +180,9 @@ def test_a_deleted_namespace_is_not_kept_alive(agent, child_factory):
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         inode = os.stat(f"/run/netns/{name}").st_ino
         child = child_factory(name)
-        child.do(op="tcp_listen", family=4, addr="127.0.0.1", port=0)
+        lst = child.do(op="tcp_listen", family=4, addr="127.0.0.1", port=0)
         rows = snapshot("--netns", str(inode), socket=agent.socket)
-        assert [r for r in rows if r["pid"] == child.pid], rows
+        assert [r for r in rows if r["cookie"] == lst["cookie"] and r["pid"] == child.pid], rows
         child.stop()
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
@@ -193,7 +194,7 @@ def test_a_deleted_namespace_is_not_kept_alive(agent, child_factory):
     subprocess.run(["ip", "link", "del", dev], check=True)
     # and a reconcile forgets the namespace and its rows
     agent.status(reconcile=True)
-    assert not [r for r in snapshot(socket=agent.socket) if r["netns"] == inode and r["pid"] == child.pid]
+    assert not [r for r in snapshot(socket=agent.socket) if r["cookie"] == lst["cookie"]]
 
 
 @pytest.mark.slow
@@ -242,3 +243,29 @@ def test_a_full_owner_map_is_repaired_at_once_and_said(netns, fresh_agent, child
     assert "owner map full (--max-udp 1024)" in r.stderr and "raise --max-udp" in r.stderr, r.stderr
     st = a.status()
     assert st["bpf"]["map_full"] >= 3000 - 1024 and st["tracker"]["resyncs"] >= 1, st
+
+
+def test_an_agent_not_run_by_root_is_not_believed():
+    """The CLI's other side of trust (tests/unit/test_client_trust.py): a socket served
+    by an unprivileged user is not believed, whatever it answers."""
+    assert shutil.which("setpriv")
+    top = tempfile.mkdtemp(dir="/var/tmp", prefix="sw-fake-")
+    os.chmod(top, 0o777)
+    path = os.path.join(top, "a.sock")
+    fake = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX);s.bind(sys.argv[1]);s.listen(1);print('up',flush=True)\n"
+        "c,_=s.accept();c.recv(9999);c.sendall(b'{\"ok\": true}\\n[]')\n"
+    )
+    proc = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", fake, path],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        r = subprocess.run(sockwatch_cmd("snapshot", "--socket", path), capture_output=True, text=True, check=False)
+        assert r.returncode == 4 and "not root" in r.stderr and r.stdout == "", r
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(top)

@@ -80,6 +80,11 @@ def test_header_and_python_agree_on_every_number():
     assert abi.SW_CFG_PRESTART_COOKIE == 0 and "#define SW_CFG_PRESTART_COOKIE 0" in text
 
 
+def decode(chunk: bytes) -> tuple[list[Event], int]:
+    batch, used = abi.decode_batch(chunk)
+    return batch.events(), used
+
+
 def ev(cookie: int, kind: int = events.CONNECT, **kw: object) -> Event:
     base = dict.fromkeys(Event._fields, 0) | {"local_addr": bytes(16), "remote_addr": bytes(16), "comm": bytes(16)}
     base |= {"cookie": cookie, "kind": kind, "family": socket.AF_INET, "protocol": 6} | kw
@@ -88,28 +93,28 @@ def ev(cookie: int, kind: int = events.CONNECT, **kw: object) -> Event:
 
 def test_records_decode_back_to_the_same_events():
     evs = [ev(i, local_port=1000 + i, comm=b"nginx".ljust(16, b"\0")) for i in range(1, 50)]
-    decoded, used = abi.decode_records(abi.records(evs))
+    decoded, used = decode(abi.records(evs))
     assert decoded == evs and used == len(evs) * abi.RECORD.size
 
 
 def test_decoding_stops_at_a_record_still_being_written():
     raw = bytearray(abi.records([ev(1), ev(2), ev(3)]))
     struct.pack_into("<I", raw, abi.RECORD.size, abi.EVENT.size | abi.RINGBUF_BUSY)
-    decoded, used = abi.decode_records(bytes(raw))
+    decoded, used = decode(bytes(raw))
     assert [e.cookie for e in decoded] == [1] and used == abi.RECORD.size
-    assert abi.decode_records(bytes(raw[abi.RECORD.size :])) == ([], 0)
+    assert decode(bytes(raw[abi.RECORD.size :])) == ([], 0)
 
 
 def test_decoding_stops_before_a_record_of_another_size():
     raw = bytearray(abi.records([ev(1), ev(2)]))
     struct.pack_into("<I", raw, abi.RECORD.size, 40)
-    decoded, _ = abi.decode_records(bytes(raw))
+    decoded, _ = decode(bytes(raw))
     assert [e.cookie for e in decoded] == [1]
 
 
 def test_a_partial_record_is_left_for_next_time():
     raw = abi.records([ev(1), ev(2)])
-    decoded, used = abi.decode_records(raw[: abi.RECORD.size + 10])
+    decoded, used = decode(raw[: abi.RECORD.size + 10])
     assert [e.cookie for e in decoded] == [1] and used == abi.RECORD.size
 
 
