@@ -75,6 +75,7 @@ class Stats:
     owners_moved: int = 0  # sockets whose owner no longer held them (fork, SCM_RIGHTS), found by reconcile
     namespaces_gone: int = 0  # namespaces that died while we ran (their rows went with them)
     autobound_udp: int = 0  # UDP sockets found bound by a send, not a bind
+    kernel_reads: int = 0  # tables read whole at a query because a hook for them is missing
     last_reconcile_s: float = 0.0
     repaired_cookies: deque = field(default_factory=lambda: deque(maxlen=4096))
 
@@ -92,6 +93,7 @@ class Stats:
             "namespaces_gone": self.namespaces_gone,
             "owners_moved": self.owners_moved,
             "autobound_udp": self.autobound_udp,
+            "kernel_reads": self.kernel_reads,
             "last_reconcile_seconds": round(self.last_reconcile_s, 4),
             "repaired_cookies": list(self.repaired_cookies),
         }
@@ -612,12 +614,20 @@ class Tracker:
                 found += 1
         return found
 
-    def reconcile(self, drain: Callable[[], object] = lambda: None) -> dict[str, int]:
-        """Compare every namespace's kernel table with ours, repair and count differences.
+    def reconcile(
+        self,
+        drain: Callable[[], object] = lambda: None,
+        protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP),
+        repair: bool = True,
+    ) -> dict[str, int]:
+        """Compare every namespace's kernel table of `protocols` with ours, repair and
+        count differences.
 
         `drain` applies the events that arrived during the dump before comparing: a row
         an event set after the dump began is newer than the dump, and a socket removed
-        meanwhile is not mistaken for one the hooks missed.
+        meanwhile is not mistaken for one the hooks missed. With repair=False the kernel
+        is the only source for those protocols (a hook for them is missing): what it
+        changes is a read, counted apart from repairs.
         """
         t0 = time.monotonic()
         gen0 = self._gen
@@ -634,7 +644,7 @@ class Tracker:
                     except NamespaceGone:
                         gone.add(ns.cookie)
                         continue
-                    for d in self._dump(ns):
+                    for d in self._dump(ns, protocols):
                         kernel[d.cookie] = (d, ns)
             for c in [c for c, r in self.rows.items() if r.netns_cookie in gone]:
                 self._remove(c)
@@ -644,6 +654,7 @@ class Tracker:
             self._removed_during = None
         added: list[SockRow] = []
         counts: Counter = Counter()
+        fixed: list[int] = []
         for cookie, (d, ns) in kernel.items():
             row = self.rows.get(cookie)
             if row is None:
@@ -654,18 +665,18 @@ class Tracker:
                 self.rows[cookie] = row
                 added.append(row)
                 counts["added"] += 1
-                self.stats.repaired_cookies.append(cookie)
+                fixed.append(cookie)
             elif row.gen <= gen0:
                 pending = self.pending.pop(cookie, None)
                 # fields an event never carries are expected to differ until read
                 if self._take_kernel_fields(row, d) and not pending:
                     counts["changed"] += 1
-                    self.stats.repaired_cookies.append(cookie)
+                    fixed.append(cookie)
             elif not row.inode:
                 row.inode = d.inode
                 row.touch()
         for cookie, row in list(self.rows.items()):
-            if cookie in kernel or not row.visible or row.gen > gen0:
+            if cookie in kernel or not row.visible or row.gen > gen0 or row.protocol not in protocols:
                 continue
             if row.state == TcpState.TIME_WAIT:
                 self.stats.expired += 1
@@ -673,7 +684,7 @@ class Tracker:
                 pass  # its end was not reported by design: not a repair
             else:
                 counts["removed"] += 1
-                self.stats.repaired_cookies.append(cookie)
+                fixed.append(cookie)
             self._remove(cookie)
         for row in added:
             if row.protocol == IPPROTO_TCP:
@@ -683,9 +694,13 @@ class Tracker:
         self._inherit_listener_owners(added)
         self.stats.owners_moved += self.verify_holders()  # expected: no hook sees fds passed
         self.version += 1
-        self.stats.repairs.update(counts)
-        self.stats.reconciles += 1
-        self.stats.last_reconcile_s = time.monotonic() - t0
+        if repair:
+            self.stats.repaired_cookies.extend(fixed)
+            self.stats.repairs.update(counts)
+            self.stats.reconciles += 1
+            self.stats.last_reconcile_s = time.monotonic() - t0
+        else:
+            self.stats.kernel_reads += 1
         return dict(counts)
 
     # ---- the views' one way in ---------------------------------------------------------------

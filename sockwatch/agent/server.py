@@ -148,6 +148,10 @@ class Agent:
         t0 = time.monotonic()
         self.loaded = bpfload.load_and_attach(self.settings.max_udp, self.settings.ringbuf_pages)
         self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
+        for m in self.loaded.missing:
+            log.warning("running without %s: %s", m.hook.what, m.why)
+        if self.loaded.unwatched:
+            log.warning("degraded: %s", bpfload.unwatched_effect(self.loaded.unwatched))
         self.load_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         # Hooks are live from here: the dump sees everything older, events everything newer.
@@ -265,6 +269,8 @@ class Agent:
         self.drain()
         c = self._check_losses()
         self.tracker.forget_dead_namespaces()
+        if self.loaded.unwatched:  # degraded: no hook keeps these rows, so the kernel is asked now
+            self.tracker.reconcile(drain=self.drain, protocols=self.loaded.unwatched, repair=False)
         self.tracker.resolve_pending()
         self.tracker.expire_timewait()
         self.tracker.fix_owners()
@@ -400,9 +406,12 @@ class Agent:
         any answer (a resync from the kernel, owners from /proc), so this says what
         happened in the last minute and what to change, rather than what is missing."""
         now = time.monotonic()
+        why = []
+        if self.loaded is not None and self.loaded.missing:
+            why.append(f"degraded: this kernel refused {', '.join(m.hook.what for m in self.loaded.missing)}; "
+                       + bpfload.unwatched_effect(self.loaded.unwatched))  # fmt: skip
         ring = sum(r for t, r, _ in self._recent_losses if now - t < LOSS_MEMORY_SECONDS)
         owners = sum(m for t, _, m in self._recent_losses if now - t < LOSS_MEMORY_SECONDS)
-        why = []
         if ring:
             why.append(f"{ring} events did not fit the ring in the last minute: resynced from the kernel "
                        "(raise --ringbuf-pages)")  # fmt: skip
@@ -444,6 +453,7 @@ class Agent:
             "ring_bytes_read": self.ring.bytes_read if self.ring else 0,
             "ring_records_skipped": self.ring.skipped if self.ring else 0,
             "links": len(self.loaded.link_fds),
+            "hooks_missing": [{"hook": m.hook.what, "why": m.why} for m in self.loaded.missing],
             "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),
             "clients_dropped": dict(self.clients_dropped),

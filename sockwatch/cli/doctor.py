@@ -22,18 +22,16 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
     except Exception as e:
         return [("compile", False, str(e))]
     out.append(("compile", True, "bcc compiled bpf/sockwatch.bpf.c; struct sizes match"))
-    from bcc import BPF
-
     cg = prereq.cgroup2_path() or "/sys/fs/cgroup"
     cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for h in bpfload.CGROUP_HOOKS:
             try:
-                fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type)  # type: ignore[attr-defined]
-                os.close(bpfload.link_create(fn.fd, cg_fd, h.attach_type))
+                os.close(bpfload.attach_one(b, h, cg_fd))
                 out.append((h.what, True, "loads and attaches by BPF link"))
-            except Exception as e:
-                out.append((h.what, False, str(e).splitlines()[0]))
+            except OSError as e:
+                out.append((h.what, False, f"{e.strerror}; sockwatch runs without it: "
+                                           + bpfload.unwatched_effect(h.feeds)))  # fmt: skip
     finally:
         os.close(cg_fd)
         b.cleanup()  # type: ignore[attr-defined]
@@ -56,7 +54,7 @@ def doctor() -> None:
             if c.fix:
                 typer.echo(f"               to fix: {c.fix}")
             bad = bad or needed
-    if all(c.ok for c in checks if c.name in ("root", "bcc", "cgroup2", "headers")):
+    if all(c.ok for c in checks if c.name in ("root", "bpf", "bcc", "cgroup2", "headers")):
         typer.echo("hooks:")
         for name, ok, detail in _probe_hooks():
             typer.echo(f"  {'ok ' if ok else '!! '}{name:<36} {detail}")

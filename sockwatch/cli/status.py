@@ -47,5 +47,6 @@ def _lines(st: dict) -> str:
         f"events from vanished namespaces {tr['unknown_netns']}",
         f"clients now {st['clients']}, dropped {st['clients_dropped'] or 'none'}",
     ]
+    lines += [f"hook missing: {m['hook']}: {m['why']}" for m in st["hooks_missing"]]
     lines += [f"note: {why}" for why in st["partial"]]
     return "\n".join(lines)

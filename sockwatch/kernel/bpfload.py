@@ -38,23 +38,45 @@ BPF_CGROUP_INET_SOCK_RELEASE = 34
 BPF_EXIST = 2
 
 
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+
+
 @dataclass(frozen=True)
 class Hook:
     func: str
     prog_type: str  # attribute name of bcc.BPF
     attach_type: int
     what: str
+    feeds: tuple[int, ...]  # the protocols whose rows go stale without it
 
 
+# sock_release before sock_create: without the release hook, create's map entries would
+# never be removed, so create is attached only if release is.
 CGROUP_HOOKS = (
-    Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (UDP owner)"),
-    Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (UDP)"),
-    Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (UDP)"),
-    Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release"),
-    Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/accept/state)"),
-    Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP)"),
-    Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP)"),
-)
+    Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release",
+         (IPPROTO_UDP, IPPROTO_TCP)),  # TCP: sockets from before sockwatch
+    Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (UDP owner)",
+         (IPPROTO_UDP,)),
+    Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (UDP)", (IPPROTO_UDP,)),
+    Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (UDP)", (IPPROTO_UDP,)),
+    Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/accept/state)",
+         (IPPROTO_TCP,)),
+    Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP)", (IPPROTO_UDP,)),
+    Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP)", (IPPROTO_UDP,)),
+)  # fmt: skip
+
+
+def unwatched_effect(protocols: tuple[int, ...]) -> str:
+    names = " and ".join({IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP"}[p] for p in protocols)
+    return f"{names} rows are read from the kernel at each query, as ss does, and their changes are not streamed"
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A hook this kernel would not load or attach: sockwatch runs without it."""
+
+    hook: Hook
+    why: str
 
 
 class LoadError(RuntimeError):
@@ -96,6 +118,12 @@ class Loaded:
     link_fds: list[int] = field(default_factory=list)
     cgroup_fd: int = -1
     ring: RingReader | None = None
+    missing: list[Missing] = field(default_factory=list)
+
+    @property
+    def unwatched(self) -> tuple[int, ...]:
+        """Protocols some missing hook feeds: their rows are read from the kernel."""
+        return tuple(sorted({p for m in self.missing for p in m.hook.feeds}))
 
     def counters(self) -> dict[str, int]:
         table = self.bpf["counters"]
@@ -197,11 +225,27 @@ def compile_programs(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Any:
     return b
 
 
-def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
-    """Everything attached; close() (or process exit) detaches everything. Callers have run
-    prereq.require() first (the agent does, before it creates its socket)."""
+def attach_one(b: Any, h: Hook, cgroup_fd: int) -> int:
+    """Load `h` and attach it by link; the link's fd. Raises OSError with what the
+    kernel said."""
     from bcc import BPF
 
+    try:
+        fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type)
+    except Exception as e:  # bcc raises a bare Exception with the verifier's words
+        first = (str(e).splitlines() or ["refused"])[0]
+        raise OSError(0, f"the kernel would not load it ({first})") from None
+    try:
+        return link_create(fn.fd, cgroup_fd, h.attach_type)
+    except OSError as e:
+        raise OSError(e.errno, f"the kernel would not attach it by BPF link ({e.strerror})") from None
+
+
+def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
+    """Every hook this kernel takes, attached; close() (or process exit) detaches them.
+    A hook the kernel refuses is listed in .missing and the protocols it feeds in
+    .unwatched (degraded: the agent reads those from the kernel when asked); none at all
+    is a LoadError. Callers have run prereq.require() first."""
     b = compile_programs(max_udp, ringbuf_pages)
     loaded = Loaded(bpf=b)
     cg = prereq.cgroup2_path()
@@ -209,16 +253,19 @@ def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
     loaded.cgroup_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for h in CGROUP_HOOKS:
+            if h.func == "sw_sock_create" and any(m.hook.func == "sw_sock_release" for m in loaded.missing):
+                loaded.missing.append(Missing(h, "not attached without sock_release (nothing would remove "
+                                                 "its map entries)"))  # fmt: skip
+                continue
             try:
-                fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type)
-            except Exception as e:
-                raise LoadError(f"the kernel refused to load {h.what}: {e}", "run 'sockwatch doctor'") from None
-            try:
-                loaded.link_fds.append(link_create(fn.fd, loaded.cgroup_fd, h.attach_type))
+                loaded.link_fds.append(attach_one(b, h, loaded.cgroup_fd))
             except OSError as e:
-                raise LoadError(
-                    f"could not attach {h.what} by BPF link: {e.strerror}", "run 'sockwatch doctor'"
-                ) from None
+                loaded.missing.append(Missing(h, e.strerror or str(e)))
+        if not loaded.link_fds:
+            raise LoadError(
+                f"the kernel refused every sockwatch hook ({loaded.missing[0].hook.what}: {loaded.missing[0].why})",
+                f"run 'sockwatch doctor'; {prereq.WITHOUT_BPF}",
+            )
     except BaseException:
         loaded.close()
         raise
