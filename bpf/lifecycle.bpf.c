@@ -23,20 +23,25 @@ int sw_sock_create(struct bpf_sock *sk)
 }
 
 /* cgroup/post_bind4 and post_bind6: the local address and port bind() settled on. A TCP
- * bind is not announced: a bound TCP socket is in no lookup table until it listens or
- * connects, and sockops reports both with the address. */
+ * bind goes to the event stream only (a bound TCP socket is in no lookup table until it
+ * listens or connects, and sockops reports both with the address). */
 static __always_inline int on_post_bind(struct bpf_sock *sk, int v6)
 {
-	if (sk->protocol != IPPROTO_UDP)
+	if (sk->protocol != IPPROTO_UDP && sk->protocol != IPPROTO_TCP)
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(sk);
-	udp_announce(cookie);
-	struct sw_event *e = event_new(cookie, SW_EV_BIND, bpf_get_netns_cookie(sk), sk->family, IPPROTO_UDP,
+	if (sk->protocol == IPPROTO_UDP)
+		udp_announce(cookie);
+	struct sw_event *e = event_new(cookie, SW_EV_BIND, bpf_get_netns_cookie(sk), sk->family, sk->protocol,
 				       SW_TCP_CLOSE, 0);
 	if (!e)
 		return 1;
 	__builtin_memset(e->remote_addr, 0, sizeof(e->remote_addr));
 	local_from_sock(e, sk, v6);
+	u64 id = bpf_get_current_pid_tgid();
+	struct sw_bind *b = binding.lookup(&id);
+	if (b && b->port)
+		e->flags = SW_F_PORT_ASKED;
 	take_owner(e);
 	event_send(e);
 	return 1;

@@ -39,8 +39,11 @@ BPF_PERCPU_ARRAY(counters, u64, SW_C_MAX);
 BPF_ARRAY(config, u64, SW_CFG_MAX);
 /* UDP sockets created while we run, until released (see udp.bpf.c). */
 BPF_HASH(udp_socks, u64, struct sw_udp, SW_MAX_UDP);
-/* Never written: gives user space the compiled size of struct sw_event. */
+/* bind() calls between the cgroup bind hook and the syscall's exit (see bind.bpf.c). */
+BPF_TABLE("lru_hash", u64, struct sw_bind, binding, 1024);
+/* Never written: give user space the compiled sizes of the shared structs. */
 BPF_ARRAY(abi_event, struct sw_event, 1);
+BPF_ARRAY(abi_bind, struct sw_bind, 1);
 
 static __always_inline u64 count(u32 idx)
 {
@@ -61,8 +64,8 @@ static __always_inline u64 config_get(u32 idx)
  * record left them: flags say which are valid, and the ring holds only our own records.
  * The clock is the coarse one (jiffies): the precise clock read costs as much as the
  * rest of the record on some hosts. */
-static __always_inline struct sw_event *event_new(u64 cookie, u8 kind, u64 netns_cookie, u8 family, u8 protocol,
-						  u8 state, u8 old_state)
+static __always_inline struct sw_event *event_new_at(u64 ts, u64 cookie, u8 kind, u64 netns_cookie, u8 family,
+						     u8 protocol, u8 state, u8 old_state)
 {
 	struct sw_event *e = events.ringbuf_reserve(sizeof(struct sw_event));
 	if (!e) {
@@ -71,7 +74,7 @@ static __always_inline struct sw_event *event_new(u64 cookie, u8 kind, u64 netns
 	}
 	e->cookie = cookie;
 	e->netns_cookie = netns_cookie;
-	e->ts_ns = bpf_ktime_get_coarse_ns();
+	e->ts_ns = ts;
 	e->family = family;
 	e->protocol = protocol;
 	e->kind = kind;
@@ -83,6 +86,8 @@ static __always_inline struct sw_event *event_new(u64 cookie, u8 kind, u64 netns
 	e->err = 0;
 	return e;
 }
+
+#define event_new(...) event_new_at(bpf_ktime_get_coarse_ns(), __VA_ARGS__)
 
 static __always_inline void zero_addrs(struct sw_event *e)
 {
@@ -126,3 +131,4 @@ static __always_inline void local_from_sock(struct sw_event *e, struct bpf_sock 
 #include "udp.bpf.c"
 #include "tcp.bpf.c"
 #include "lifecycle.bpf.c"
+#include "bind.bpf.c"

@@ -17,6 +17,9 @@
 /* sw_event.flags */
 #define SW_F_OWNER   0x01 /* pid/uid/comm: the hook ran in the owner's syscall */
 #define SW_F_PRESTART 0x02 /* RELEASE of a TCP socket sockwatch has no state callbacks for */
+#define SW_F_LIFETIME 0x04 /* STATE to CLOSE: `life` holds the connection's totals, pid its
+			    * retransmits and uid its smoothed RTT in microseconds */
+#define SW_F_PORT_ASKED 0x08 /* BIND, BIND_FAIL: bind() named a port (else the kernel chose) */
 
 /* sw_event.kind */
 #define SW_EV_BIND        1 /* post_bind (UDP): local address and port set */
@@ -27,6 +30,7 @@
 #define SW_EV_STATE       6 /* sockops STATE_CB: old_state -> state */
 #define SW_EV_UDP_CONNECT 7 /* connect() on a UDP socket: remote set, local chosen by the kernel */
 #define SW_EV_RELEASE     8 /* close of the last file reference */
+#define SW_EV_BIND_FAIL   9 /* bind() failed: err = errno, local = the address asked for */
 
 /* sw_udp.flags */
 #define SW_U_ANNOUNCED 0x01 /* an event for it went to user space */
@@ -63,8 +67,26 @@ struct sw_event {
 	__u8  old_state;      /* SW_EV_STATE and SW_EV_RELEASE: state before */
 	__u8  flags;          /* SW_F_* */
 	__u16 pad;
-	__s32 err;            /* reserved for failed operations, 0 here */
-	char  comm[SW_COMM_LEN]; /* owner's thread name, NUL padded, valid with SW_F_OWNER */
+	__s32 err;            /* SW_EV_BIND_FAIL: the errno bind() returned; else 0 */
+	union {
+		char comm[SW_COMM_LEN]; /* owner's thread name, NUL padded, valid with SW_F_OWNER */
+		struct {
+			__u64 bytes_acked;    /* host order, with SW_F_LIFETIME */
+			__u64 bytes_received; /* host order */
+		} life;
+	};
+};
+
+/* A bind() in progress, from the cgroup bind hook to the syscall's exit (keyed by the
+ * task's pid_tgid): what the socket asked for, in case bind() fails. */
+struct sw_bind {
+	__u64 cookie;         /* host order */
+	__u64 netns_cookie;   /* host order */
+	__u32 addr[4];        /* network order; IPv4 in [0] */
+	__u16 port;           /* host order, as asked (0: the kernel chooses) */
+	__u8  family;
+	__u8  protocol;
+	__u32 pad;
 };
 
 /* One UDP socket created while sockwatch runs: its owner, for when it autobinds. */

@@ -54,6 +54,13 @@ static __always_inline int on_state(struct bpf_sock_ops *o)
 	if (!e)
 		return 1;
 	tuple_from_ops(e, o);
+	if (new == SW_TCP_CLOSE) { /* the connection's totals, as tcplife reports them */
+		e->flags = SW_F_LIFETIME;
+		e->life.bytes_acked = o->bytes_acked;
+		e->life.bytes_received = o->bytes_received;
+		e->pid = o->total_retrans;
+		e->uid = o->srtt_us >> 3; /* the kernel keeps it times 8 */
+	}
 	event_send(e);
 	return 1;
 }

@@ -22,6 +22,7 @@ ACCEPT = 5
 STATE = 6
 UDP_CONNECT = 7
 RELEASE = 8
+BIND_FAIL = 9
 KIND_NAMES = {
     BIND: "bind",
     LISTEN: "listen",
@@ -31,11 +32,14 @@ KIND_NAMES = {
     STATE: "state",
     UDP_CONNECT: "udp_connect",
     RELEASE: "release",
+    BIND_FAIL: "bind_fail",
 }
 
 # flags (SW_F_*)
 F_OWNER = 0x01  # pid/uid/comm came from the owner's own syscall
 F_PRESTART = 0x02  # RELEASE of a TCP socket with no state callbacks (from before start)
+F_LIFETIME = 0x04  # STATE to CLOSE: comm holds bytes acked/received, pid retransmits, uid srtt (µs)
+F_PORT_ASKED = 0x08  # BIND, BIND_FAIL: bind() named the port (else the kernel chose it)
 
 TCP_GONE_AT_RELEASE = (TcpState.CLOSE, TcpState.LISTEN, TcpState.SYN_SENT)
 

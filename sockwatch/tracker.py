@@ -279,6 +279,9 @@ class Tracker:
         if e.state == TcpState.LISTEN or (old is not None and old.state == TcpState.LISTEN):
             self._listeners = None
 
+        if kind == ev.BIND_FAIL or (kind == ev.BIND and e.protocol == IPPROTO_TCP):
+            return None  # for the event stream: a bound TCP socket is in no lookup table yet
+
         if kind == ev.RELEASE:
             if old is None:
                 return None

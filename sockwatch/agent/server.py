@@ -150,8 +150,8 @@ class Agent:
         self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
         for m in self.loaded.missing:
             log.warning("running without %s: %s", m.hook.what, m.why)
-        if self.loaded.unwatched:
-            log.warning("degraded: %s", bpfload.unwatched_effect(self.loaded.unwatched))
+        if self.loaded.missing:
+            log.warning("%s", self.loaded.degraded())
         self.load_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         # Hooks are live from here: the dump sees everything older, events everything newer.
@@ -408,8 +408,7 @@ class Agent:
         now = time.monotonic()
         why = []
         if self.loaded is not None and self.loaded.missing:
-            why.append(f"degraded: this kernel refused {', '.join(m.hook.what for m in self.loaded.missing)}; "
-                       + bpfload.unwatched_effect(self.loaded.unwatched))  # fmt: skip
+            why.append(self.loaded.degraded())
         ring = sum(r for t, r, _ in self._recent_losses if now - t < LOSS_MEMORY_SECONDS)
         owners = sum(m for t, _, m in self._recent_losses if now - t < LOSS_MEMORY_SECONDS)
         if ring:

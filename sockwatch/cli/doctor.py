@@ -25,13 +25,12 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
     cg = prereq.cgroup2_path() or "/sys/fs/cgroup"
     cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for h in bpfload.CGROUP_HOOKS:
+        for h in bpfload.HOOKS:
             try:
                 os.close(bpfload.attach_one(b, h, cg_fd))
                 out.append((h.what, True, "loads and attaches by BPF link"))
             except OSError as e:
-                out.append((h.what, False, f"{e.strerror}; sockwatch runs without it: "
-                                           + bpfload.unwatched_effect(h.feeds)))  # fmt: skip
+                out.append((h.what, False, f"{e.strerror}; sockwatch runs without it: {h.effect}"))
     finally:
         os.close(cg_fd)
         b.cleanup()  # type: ignore[attr-defined]

@@ -56,13 +56,31 @@ class SwUdp(ctypes.Structure):
     ]
 
 
+class SwBind(ctypes.Structure):
+    """struct sw_bind: a bind() in progress (read by tests; the kernel side owns it)."""
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("netns_cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint32 * 4),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+# With SW_F_LIFETIME the comm bytes hold two u64s (the union in struct sw_event)
+LIFE = struct.Struct("<QQ")
+
+
 class AbiMismatch(RuntimeError):
     pass
 
 
 def check_sizes(compiled: dict[str, int]) -> None:
     """compiled: struct name -> size the C compiler gave it."""
-    ours = {"sw_event": EVENT.size, "sw_udp": ctypes.sizeof(SwUdp)}
+    ours = {"sw_event": EVENT.size, "sw_udp": ctypes.sizeof(SwUdp), "sw_bind": ctypes.sizeof(SwBind)}
     for name, size in compiled.items():
         if ours[name] != size:
             raise AbiMismatch(

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import os
+import platform
 import re
+import struct
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +38,10 @@ BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_INET4_POST_BIND = 12
 BPF_CGROUP_INET6_POST_BIND = 13
+BPF_CGROUP_INET4_BIND = 8
+BPF_CGROUP_INET6_BIND = 9
 BPF_CGROUP_INET_SOCK_RELEASE = 34
+BPF_PERF_EVENT = 41
 BPF_EXIST = 2
 
 
@@ -48,21 +55,33 @@ class Hook:
     attach_type: int
     what: str
     feeds: tuple[int, ...]  # the protocols whose rows go stale without it
+    tracepoint: str = ""  # "category/name" for a tracepoint program (else a cgroup one)
+
+    @property
+    def effect(self) -> str:
+        """What sockwatch cannot do without this hook."""
+        if self.feeds:
+            return unwatched_effect(self.feeds)
+        return "failed binds are not in the event stream"
 
 
 # sock_release before sock_create: without the release hook, create's map entries would
 # never be removed, so create is attached only if release is.
-CGROUP_HOOKS = (
+HOOKS = (
     Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release",
          (IPPROTO_UDP, IPPROTO_TCP)),  # TCP: sockets from before sockwatch
     Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (UDP owner)",
          (IPPROTO_UDP,)),
-    Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (UDP)", (IPPROTO_UDP,)),
-    Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (UDP)", (IPPROTO_UDP,)),
+    Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (binds)", (IPPROTO_UDP,)),
+    Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (binds)", (IPPROTO_UDP,)),
     Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/accept/state)",
          (IPPROTO_TCP,)),
     Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP)", (IPPROTO_UDP,)),
     Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP)", (IPPROTO_UDP,)),
+    Hook("sw_bind4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_BIND, "cgroup bind4 (what bind() asked)", ()),
+    Hook("sw_bind6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_BIND, "cgroup bind6 (what bind() asked)", ()),
+    Hook("sw_bind_exit", "TRACEPOINT", BPF_PERF_EVENT, "tracepoint sys_exit_bind (bind errno)", (),
+         "syscalls/sys_exit_bind"),
 )  # fmt: skip
 
 
@@ -124,6 +143,14 @@ class Loaded:
     def unwatched(self) -> tuple[int, ...]:
         """Protocols some missing hook feeds: their rows are read from the kernel."""
         return tuple(sorted({p for m in self.missing for p in m.hook.feeds}))
+
+    def degraded(self) -> str:
+        """One sentence on what runs without the missing hooks, or ''."""
+        if not self.missing:
+            return ""
+        effects = [unwatched_effect(self.unwatched)] if self.unwatched else []
+        effects += sorted({m.hook.effect for m in self.missing if not m.hook.feeds})
+        return f"degraded: this kernel refused {', '.join(m.hook.what for m in self.missing)}; " + "; ".join(effects)
 
     def counters(self) -> dict[str, int]:
         table = self.bpf["counters"]
@@ -220,25 +247,80 @@ def compile_programs(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Any:
         {
             "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
             "sw_udp": ctypes.sizeof(b["udp_socks"].Leaf),
+            "sw_bind": ctypes.sizeof(b["abi_bind"].Leaf),
         }
     )
     return b
 
 
+TRACING_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def tracepoint_id(tracepoint: str) -> int:
+    """The id perf_event_open needs, from tracefs. Where tracefs is not mounted, it is
+    mounted in a private mount namespace of a short-lived child: the host's mounts are
+    never changed."""
+    rel = f"events/{tracepoint}/id"
+    for d in TRACING_DIRS:
+        try:
+            with open(os.path.join(d, rel)) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            continue
+    try:
+        r = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             'mount -t tracefs nodev /sys/kernel/tracing && cat "/sys/kernel/tracing/$1"', "sh", rel],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        return int(r.stdout)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        raise OSError(errno.ENOENT, f"tracepoint {tracepoint} not found (is tracefs available?)") from None
+
+
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
+PERF_TYPE_TRACEPOINT = 2
+PERF_FLAG_FD_CLOEXEC = 8
+
+
+def perf_tracepoint_fd(tp_id: int) -> int:
+    """A perf event on the tracepoint (pid -1, CPU 0: a BPF program on a tracepoint runs
+    on every CPU), for BPF_LINK_CREATE to attach to."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = bytearray(112)  # PERF_ATTR_SIZE_VER5
+    struct.pack_into("<IIQQ", attr, 0, PERF_TYPE_TRACEPOINT, len(attr), tp_id, 1)  # sample_period 1
+    struct.pack_into("<I", attr, 48, 1)  # wakeup_events
+    buf = ctypes.create_string_buffer(bytes(attr), len(attr))
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, "perf_event_open: unknown architecture")
+    fd = libc.syscall(nr, buf, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open: {os.strerror(err)}")
+    return int(fd)
+
+
 def attach_one(b: Any, h: Hook, cgroup_fd: int) -> int:
-    """Load `h` and attach it by link; the link's fd. Raises OSError with what the
-    kernel said."""
+    """Load `h` and attach it by link (to the cgroup, or to a perf event on its
+    tracepoint); the link's fd. Raises OSError with what the kernel said."""
     from bcc import BPF
 
     try:
-        fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type)
+        fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type if not h.tracepoint else -1)
     except Exception as e:  # bcc raises a bare Exception with the verifier's words
         first = (str(e).splitlines() or ["refused"])[0]
         raise OSError(0, f"the kernel would not load it ({first})") from None
+    target = cgroup_fd
     try:
-        return link_create(fn.fd, cgroup_fd, h.attach_type)
+        if h.tracepoint:
+            target = perf_tracepoint_fd(tracepoint_id(h.tracepoint))
+        return link_create(fn.fd, target, h.attach_type)
     except OSError as e:
         raise OSError(e.errno, f"the kernel would not attach it by BPF link ({e.strerror})") from None
+    finally:
+        if target != cgroup_fd:
+            os.close(target)  # the link holds the perf event
 
 
 def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
@@ -252,7 +334,7 @@ def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
     assert cg is not None  # prereq.require checked it
     loaded.cgroup_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for h in CGROUP_HOOKS:
+        for h in HOOKS:
             if h.func == "sw_sock_create" and any(m.hook.func == "sw_sock_release" for m in loaded.missing):
                 loaded.missing.append(Missing(h, "not attached without sock_release (nothing would remove "
                                                  "its map entries)"))  # fmt: skip

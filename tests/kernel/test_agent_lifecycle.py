@@ -39,7 +39,7 @@ def test_sockets_from_before_the_agent_started(netns, child_factory, fresh_agent
 def test_sigkill_leaves_nothing_attached(fresh_agent):
     agent: AgentProc = fresh_agent()
     st = agent.status()
-    n = len(bpfload.CGROUP_HOOKS)
+    n = len(bpfload.HOOKS)
     assert st["links"] == n
     progs = {p["id"]: p for p in bpftool("prog", "show")}
     links = [
@@ -127,6 +127,6 @@ def test_signals_at_any_moment_of_start_up_leave_nothing(fresh_agent, tmp_path):
     idle.close()
     assert time.monotonic() - t0 < 1.0
     again = fresh_agent(path)
-    assert again.status()["links"] == len(bpfload.CGROUP_HOOKS)
+    assert again.status()["links"] == len(bpfload.HOOKS)
     again.stop()
     shutil.rmtree(os.path.dirname(path))  # the killed agents' directory: the test chose it

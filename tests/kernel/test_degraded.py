@@ -11,6 +11,7 @@ process: closing them, or its death, removes them all.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -51,7 +52,7 @@ def _load_return_1(hook: bpfload.Hook) -> int:
 def hook_slots_full(func: str) -> Iterator[int]:
     """Fill the cgroup root's program slots for `func`'s attach type; yields how many
     this test took."""
-    hook = next(h for h in bpfload.CGROUP_HOOKS if h.func == func)
+    hook = next(h for h in bpfload.HOOKS if h.func == func)
     cg = prereq.cgroup2_path()
     assert cg is not None
     cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -105,12 +106,12 @@ def test_a_refused_hook_degrades_and_the_table_still_equals_ss(func, protocols, 
         a = AgentProc(socket=path)
         try:
             st = a.status()
-            what = next(h.what for h in bpfload.CGROUP_HOOKS if h.func == func)
+            what = next(h.what for h in bpfload.HOOKS if h.func == func)
             missing = {m["hook"] for m in st["hooks_missing"]}
             assert what in missing, st["hooks_missing"]
             if func == "sw_sock_release":  # its map entries would never be removed
                 assert "cgroup sock_create (UDP owner)" in missing
-            assert st["links"] == len(bpfload.CGROUP_HOOKS) - len(missing)
+            assert st["links"] == len(bpfload.HOOKS) - len(missing)
             note = next(p for p in st["partial"] if p.startswith("degraded:"))
             assert " and ".join(protocols) + " rows are read from the kernel at each query" in note
             # what the missing hook would have reported, made after the agent started
@@ -128,7 +129,7 @@ def test_a_refused_hook_degrades_and_the_table_still_equals_ss(func, protocols, 
     try:
         st = a.status()
         assert st["hooks_missing"] == [] and not [p for p in st["partial"] if p.startswith("degraded:")]
-        assert st["links"] == len(bpfload.CGROUP_HOOKS)
+        assert st["links"] == len(bpfload.HOOKS)
     finally:
         a.stop()
 
@@ -146,17 +147,21 @@ def test_doctor_names_a_refused_hook_and_what_runs_without_it():
 
 
 def test_every_hook_refused_is_one_sentence(tmp_path):
-    """Short of no bpf() at all (its own prerequisite), every hook refused: one sentence,
-    exit 3, nothing left (sock_create is not attached without sock_release)."""
-    with (
-        hook_slots_full("sw_sock_release"),
-        hook_slots_full("sw_post_bind4"),
-        hook_slots_full("sw_post_bind6"),
-        hook_slots_full("sw_sockops"),
-        hook_slots_full("sw_connect4"),
-        hook_slots_full("sw_connect6"),
-    ):
-        r = run_cli("serve", "--socket", str(tmp_path / "s" / "a.sock"))
+    """Short of no bpf() at all (its own prerequisite), every hook refused: the cgroup
+    slots full and perf_event_open refused by seccomp (the tracepoint's link needs a
+    perf event). One sentence, exit 3, nothing left (sock_create is not attached without
+    sock_release)."""
+    nobpf = tmp_path / "nobpf"
+    subprocess.run(["gcc", "-O2", "-o", str(nobpf), os.path.join(os.path.dirname(__file__), "nobpf.c")], check=True)
+    full = [h.func for h in bpfload.HOOKS if not h.tracepoint and h.func != "sw_sock_create"]
+    with contextlib.ExitStack() as stack:
+        for func in full:
+            stack.enter_context(hook_slots_full(func))
+        r = subprocess.run(
+            [str(nobpf), "--nr", str(bpfload._NR_PERF_EVENT_OPEN[platform.machine()]),
+             *sockwatch_cmd("serve", "--socket", str(tmp_path / "s" / "a.sock"))],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
     assert r.returncode == 3 and "the kernel refused every sockwatch hook" in r.stderr, r
     assert "Traceback" not in r.stderr and "snapshot --standalone" in r.stderr
     assert not (tmp_path / "s").exists(), "a refused start left files"

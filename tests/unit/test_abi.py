@@ -29,7 +29,11 @@ def event_offsets() -> dict[str, int]:
 
 
 def compiled_layout() -> dict[str, int]:
-    fields = {"sw_event": list(Event._fields), "sw_udp": [f for f, *_ in abi.SwUdp._fields_]}
+    fields = {
+        "sw_event": list(Event._fields),
+        "sw_udp": [f for f, *_ in abi.SwUdp._fields_],
+        "sw_bind": [f for f, *_ in abi.SwBind._fields_],
+    }
     lines = []
     for cname, names in fields.items():
         lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
@@ -53,9 +57,12 @@ def test_every_field_and_size_matches_the_header():
     assert abi.EVENT.size == layout["sw_event"]
     for name, off in event_offsets().items():
         assert off == layout[f"sw_event.{name}"], name
-    assert ctypes.sizeof(abi.SwUdp) == layout["sw_udp"]
-    for fname, *_ in abi.SwUdp._fields_:
-        assert getattr(abi.SwUdp, fname).offset == layout[f"sw_udp.{fname}"], fname
+    for cname, mirror in (("sw_udp", abi.SwUdp), ("sw_bind", abi.SwBind)):
+        assert ctypes.sizeof(mirror) == layout[cname]
+        for fname, *_ in mirror._fields_:
+            assert getattr(mirror, fname).offset == layout[f"{cname}.{fname}"], fname
+    # the union: `life` overlays comm
+    assert layout["sw_event.comm"] == event_offsets()["comm"] and abi.LIFE.size == abi.SW_COMM_LEN
 
 
 def test_size_mismatch_is_reported_with_a_remedy():

@@ -1,0 +1,72 @@
+/* bind.bpf.c — what a bind() asked for and, when it fails, why. Included by
+ * sockwatch.bpf.c.
+ *
+ * The cgroup bind hooks run inside bind() before the kernel checks the address, with
+ * the socket in hand (cookie, namespace); the syscall's exit tracepoint has the errno
+ * but no socket. The request waits between the two in `binding`, keyed by the task. A
+ * bind that succeeds is reported by post_bind (lifecycle.bpf.c), which reads the
+ * request here to tell a port that was asked for from one the kernel chose. None of
+ * this runs on connect, send or accept: only bind() calls pay for it. */
+
+static __always_inline int on_bind(struct bpf_sock_addr *ctx, int v6)
+{
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return 1;
+	u64 id = bpf_get_current_pid_tgid();
+	struct sw_bind b = {};
+	b.cookie = bpf_get_socket_cookie(ctx);
+	b.netns_cookie = bpf_get_netns_cookie(ctx);
+	if (v6) {
+		b.addr[0] = ctx->user_ip6[0];
+		b.addr[1] = ctx->user_ip6[1];
+		b.addr[2] = ctx->user_ip6[2];
+		b.addr[3] = ctx->user_ip6[3];
+	} else {
+		b.addr[0] = ctx->user_ip4;
+	}
+	b.port = bpf_ntohs(ctx->user_port); /* network order in the low half */
+	b.family = v6 ? AF_INET6 : AF_INET;
+	b.protocol = ctx->protocol;
+	binding.update(&id, &b);
+	return 1;
+}
+
+int sw_bind4(struct bpf_sock_addr *ctx) { return on_bind(ctx, 0); }
+int sw_bind6(struct bpf_sock_addr *ctx) { return on_bind(ctx, 1); }
+
+/* syscalls:sys_exit_bind, laid out as every syscall exit tracepoint is (the common
+ * fields, the syscall number, the return value). */
+struct sw_sys_exit {
+	__u64 common;
+	__s32 nr;
+	__s32 pad;
+	__s64 ret;
+};
+
+int sw_bind_exit(struct sw_sys_exit *args)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct sw_bind *b = binding.lookup(&id);
+	if (!b)
+		return 0; /* failed before the bind hook (bad fd, short address): no socket to name */
+	if (args->ret < 0) {
+		/* tracing programs may not read the coarse clock; the precise one has the same base */
+		struct sw_event *e = event_new_at(bpf_ktime_get_ns(), b->cookie, SW_EV_BIND_FAIL, b->netns_cookie,
+						  b->family, b->protocol, SW_TCP_CLOSE, 0);
+		if (e) {
+			__builtin_memset(e->remote_addr, 0, sizeof(e->remote_addr));
+			e->local_addr[0] = b->addr[0];
+			e->local_addr[1] = b->addr[1];
+			e->local_addr[2] = b->addr[2];
+			e->local_addr[3] = b->addr[3];
+			e->local_port = b->port;
+			e->err = -args->ret;
+			if (b->port)
+				e->flags = SW_F_PORT_ASKED;
+			take_owner(e);
+			event_send(e);
+		}
+	}
+	binding.delete(&id);
+	return 0;
+}
