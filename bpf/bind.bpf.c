@@ -5,7 +5,8 @@
  * the socket in hand (cookie, namespace); the syscall's exit tracepoint has the errno
  * but no socket. The request waits between the two in `binding`, keyed by the task. A
  * bind that succeeds is reported by post_bind (lifecycle.bpf.c), which reads the
- * request here to tell a port that was asked for from one the kernel chose. None of
+ * request here to tell a port that was asked for from one the kernel chose, and marks
+ * it reported; one post_bind never saw (IP_BIND_ADDRESS_NO_PORT) is reported at exit. None of
  * this runs on connect, send or accept: only bind() calls pay for it. */
 
 static __always_inline int on_bind(struct bpf_sock_addr *ctx, int v6)
@@ -49,18 +50,20 @@ int sw_bind_exit(struct sw_sys_exit *args)
 	struct sw_bind *b = binding.lookup(&id);
 	if (!b)
 		return 0; /* failed before the bind hook (bad fd, short address): no socket to name */
-	if (args->ret < 0) {
+	/* A failure, or a success post_bind did not report: IP_BIND_ADDRESS_NO_PORT binds
+	 * the address only, and the port comes at connect. */
+	if (args->ret < 0 || !b->posted) {
 		/* tracing programs may not read the coarse clock; the precise one has the same base */
-		struct sw_event *e = event_new_at(bpf_ktime_get_ns(), b->cookie, SW_EV_BIND_FAIL, b->netns_cookie,
-						  b->family, b->protocol, SW_TCP_CLOSE, 0);
+		struct sw_event *e = event_new_at(bpf_ktime_get_ns(), b->cookie, args->ret < 0 ? SW_EV_BIND_FAIL : SW_EV_BIND,
+						  b->netns_cookie, b->family, b->protocol, SW_TCP_CLOSE, 0);
 		if (e) {
 			__builtin_memset(e->remote_addr, 0, sizeof(e->remote_addr));
 			e->local_addr[0] = b->addr[0];
 			e->local_addr[1] = b->addr[1];
 			e->local_addr[2] = b->addr[2];
 			e->local_addr[3] = b->addr[3];
-			e->local_port = b->port;
-			e->err = -args->ret;
+			e->local_port = args->ret < 0 ? b->port : 0;
+			e->err = args->ret < 0 ? -args->ret : 0;
 			if (b->port)
 				e->flags = SW_F_PORT_ASKED;
 			take_owner(e);

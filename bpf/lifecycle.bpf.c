@@ -40,8 +40,11 @@ static __always_inline int on_post_bind(struct bpf_sock *sk, int v6)
 	local_from_sock(e, sk, v6);
 	u64 id = bpf_get_current_pid_tgid();
 	struct sw_bind *b = binding.lookup(&id);
-	if (b && b->port)
-		e->flags = SW_F_PORT_ASKED;
+	if (b) {
+		b->posted = 1;
+		if (b->port)
+			e->flags = SW_F_PORT_ASKED;
+	}
 	take_owner(e);
 	event_send(e);
 	return 1;

@@ -86,7 +86,8 @@ struct sw_bind {
 	__u16 port;           /* host order, as asked (0: the kernel chooses) */
 	__u8  family;
 	__u8  protocol;
-	__u32 pad;
+	__u8  posted;         /* post_bind ran: it reported the bind */
+	__u8  pad[3];
 };
 
 /* One UDP socket created while sockwatch runs: its owner, for when it autobinds. */

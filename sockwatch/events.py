@@ -8,6 +8,7 @@ first four); the tracker turns them into ipaddress objects only for rows it keep
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -69,6 +70,15 @@ class Event(NamedTuple):
     @property
     def has_owner(self) -> bool:
         return bool(self.flags & F_OWNER)
+
+
+_LIFE = struct.Struct("<QQ")  # the union over comm in struct sw_event
+
+
+def life(e: Event) -> tuple[int, int]:
+    """(bytes acked, bytes received) of a STATE record with F_LIFETIME."""
+    acked, received = _LIFE.unpack(e.comm)
+    return acked, received
 
 
 def tcp_state_after_close(old_state: int) -> int | None:

@@ -61,6 +61,9 @@ OWNER_LISTENER = "listener"  # an accepted connection: its listener's owner
 OWNER_PROC = "proc"  # a /proc/*/fd scan found the inode
 
 
+R_ACTIVE = 0x04  # SockRow.flags: opened by connect() (the tracker's other bits live there)
+
+
 @dataclass(slots=True)
 class SockRow:
     """One socket. Addresses are ipaddress objects; ports host-order ints."""
@@ -82,6 +85,7 @@ class SockRow:
     netns_cookie: int = 0
     flags: int = 0  # the tracker's bookkeeping bits
     gen: int = 0  # the tracker's batch that last set it from an event
+    born_ns: int = 0  # CLOCK_MONOTONIC of the hook that first reported it; 0 if found by a dump
     _json: bytes | None = field(default=None, repr=False, compare=False)
     _sort: tuple | None = field(default=None, repr=False, compare=False)
 

@@ -20,6 +20,7 @@ from itertools import compress
 from typing import NamedTuple
 
 from sockwatch import events as ev
+from sockwatch import ports
 from sockwatch.events import Event
 from sockwatch.filters import Filters
 from sockwatch.kernel import abi, procscan, sockdiag
@@ -31,6 +32,7 @@ from sockwatch.model import (
     OWNER_HOOK,
     OWNER_LISTENER,
     OWNER_PROC,
+    R_ACTIVE,
     SockRow,
     TcpState,
     sort_key,
@@ -46,6 +48,7 @@ NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
 NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
 NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
 
+PORT_RANGE_SECONDS = 10.0  # how long a namespace's ip_local_port_range is taken as read
 OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
 TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
 
@@ -136,6 +139,8 @@ def row_from_event(e: Event, netns: int) -> SockRow:
         comm=e.comm.rstrip(b"\0").decode(errors="replace") if owner else None,
         owner_source=OWNER_HOOK if owner else None,
         netns_cookie=e.netns_cookie,
+        flags=R_ACTIVE if e.kind == ev.CONNECT else 0,
+        born_ns=e.ts_ns,
     )
 
 
@@ -155,6 +160,7 @@ class Tracker:
         self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
         self._tw_due: list[tuple[float, int]] = []  # (when the kernel drops it, cookie): TIME-WAIT rows
+        self._port_ranges: dict[int, tuple[float, ports.PortRange]] = {}  # netns cookie -> (read at, range)
 
     # ---- reading the kernel's own tables -------------------------------------------------
 
@@ -279,8 +285,8 @@ class Tracker:
         if e.state == TcpState.LISTEN or (old is not None and old.state == TcpState.LISTEN):
             self._listeners = None
 
-        if kind == ev.BIND_FAIL or (kind == ev.BIND and e.protocol == IPPROTO_TCP):
-            return None  # for the event stream: a bound TCP socket is in no lookup table yet
+        if kind == ev.BIND_FAIL or (kind == ev.BIND and (e.protocol == IPPROTO_TCP or not e.local_port)):
+            return None  # for the event stream: a bound TCP socket (or no port yet) is in no lookup table
 
         if kind == ev.RELEASE:
             if old is None:
@@ -325,7 +331,8 @@ class Tracker:
         if old is not None:
             # keep what the event cannot know
             row.inode = old.inode
-            row.flags = old.flags & ~R_NO_CALLBACKS
+            row.born_ns = old.born_ns or row.born_ns
+            row.flags |= old.flags & ~R_NO_CALLBACKS
             if row.pid is None:
                 row.pid, row.uid, row.comm, row.owner_source = old.pid, old.uid, old.comm, old.owner_source
             if kind == ev.UDP_CONNECT:
@@ -341,6 +348,14 @@ class Tracker:
             self._need(cookie, NEED_INODE)
         self.version += 1
         return Change("update" if old is not None else "add", cookie)
+
+    def row_for_event(self, e: Event) -> SockRow | None:
+        """A row from this record alone, or None if its namespace is gone unseen."""
+        netns = self._netns_inode(e)
+        return None if netns is None else row_from_event(e, netns)
+
+    def inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
+        self._inherit_listener_owners(rows)
 
     def _inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
         """An accepted connection belongs to whoever holds its listener (exact address
@@ -579,26 +594,30 @@ class Tracker:
         self.stats.namespaces_gone += len(gone)
         return len(dead)
 
-    def find_autobound_udp(self, entries: Sequence[tuple[int, abi.SwUdp]], announce: Callable[..., bool]) -> int:
+    def find_autobound_udp(
+        self, entries: Sequence[tuple[int, abi.SwUdp]], announce: Callable[..., bool]
+    ) -> list[SockRow]:
         """UDP sockets created while we run that no event announced may have been bound by
         an unconnected sendto(): find them in their namespace's UDP table, with the owner
         sock_create recorded, and tell the BPF side (`announce`) so that their release
-        is reported. Returns how many were found."""
+        is reported. Returns the rows found."""
         silent = [(c, u) for c, u in entries if not (u.flags & abi.SW_U_ANNOUNCED) and c not in self.rows]
         if not silent:
-            return 0
+            return []
         by_ns: dict[int, list[tuple[int, abi.SwUdp]]] = {}
         for c, u in silent:
             by_ns.setdefault(u.netns_cookie, []).append((c, u))
         with self.registry.reading():
             found = self._adopt_autobound(by_ns, announce)
         if found:
-            self.stats.autobound_udp += found
+            self.stats.autobound_udp += len(found)
             self.version += 1
         return found
 
-    def _adopt_autobound(self, by_ns: dict[int, list[tuple[int, abi.SwUdp]]], announce: Callable[..., bool]) -> int:
-        found = 0
+    def _adopt_autobound(
+        self, by_ns: dict[int, list[tuple[int, abi.SwUdp]]], announce: Callable[..., bool]
+    ) -> list[SockRow]:
+        found = []
         for ns_cookie, items in by_ns.items():
             ns = self.registry.resolve_cookie(ns_cookie, items[0][1].pid)
             if ns is None:
@@ -614,7 +633,7 @@ class Tracker:
                 row.owner_source = OWNER_HOOK
                 row.gen = self._gen
                 self.rows[c] = row
-                found += 1
+                found.append(row)
         return found
 
     def reconcile(
@@ -705,6 +724,28 @@ class Tracker:
         else:
             self.stats.kernel_reads += 1
         return dict(counts)
+
+    def port_ranges(self) -> dict[int, ports.PortRange]:
+        """Each namespace's ephemeral range and reserved ports, read from inside it (a
+        namespace's sysctls are its own), at most once per PORT_RANGE_SECONDS."""
+        now = time.monotonic()
+        out = {}
+        for ns in list(self.registry.by_cookie.values()):
+            cached = self._port_ranges.get(ns.cookie)
+            if cached is None or now - cached[0] > PORT_RANGE_SECONDS:
+                try:
+                    v = self.registry.sysctls(ns, ("ipv4/ip_local_port_range", "ipv4/ip_local_reserved_ports"))
+                    rng = ports.PortRange(
+                        *ports.parse_range(v["ipv4/ip_local_port_range"]),
+                        ports.parse_reserved(v["ipv4/ip_local_reserved_ports"]),
+                    )
+                except (NamespaceGone, ports.SysctlError, OSError):
+                    continue
+                cached = self._port_ranges[ns.cookie] = (now, rng)
+            out[ns.inode] = cached[1]
+        for gone in self._port_ranges.keys() - self.registry.by_cookie.keys():
+            del self._port_ranges[gone]
+        return out
 
     # ---- the views' one way in ---------------------------------------------------------------
 

@@ -10,6 +10,7 @@ the kernel directly when no agent runs there.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import stat
@@ -138,6 +139,39 @@ def stream(op: str, out_fd: int, path: str | None = None, **args: object) -> dic
         while n := s.recv_into(buf):
             write_all(out_fd, view[:n])
     return header
+
+
+MAX_LINE = 1 << 20  # one streamed event; anything longer is not the agent's
+
+
+def subscribe(path: str | None = None, **args: object) -> Iterator[dict]:
+    """Events from the agent as they happen, one dict each, until the agent closes the
+    stream. Raises AgentError when no agent runs at the default path, too."""
+    with _asking("events", path, args) as asked:
+        if asked is None:
+            raise AgentError(f"no sockwatch agent is running on {DEFAULT_SOCKET}")
+        s, _header, buf = asked
+        s.settimeout(None)  # a quiet host sends nothing for as long as it likes
+        while True:
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                yield _event(line)
+            if len(buf) > MAX_LINE:
+                raise AgentError("the agent's event stream is malformed: a line has no end")
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                return
+            buf += chunk
+
+
+def _event(line: bytes) -> dict:
+    try:
+        d = json.loads(line)
+    except (ValueError, RecursionError):
+        d = None
+    if not isinstance(d, dict) or not isinstance(d.get("kind"), str):
+        raise AgentError("the agent's event stream is malformed: a line is not an event")
+    return d
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

@@ -15,7 +15,12 @@ from typing import Any
 DEFAULT_SOCKET = os.environ.get("SOCKWATCH_SOCKET", "/run/sockwatch/agent.sock")
 MAX_REQUEST = 64 * 1024
 MAX_HEADER = 64 * 1024
-OPS = ("snapshot", "status")
+OPS = ("snapshot", "status", "events", "view", "ports")
+VIEWS = ("all", "listeners", "connections", "processes")
+SORTS = ("local", "remote", "state", "protocol", "pid", "comm", "age", "netns")
+EVENT_KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close")
+MAX_LIMIT = 10_000
+FIELDS = ("op", "filters", "reconcile", "kinds", "view", "sort", "reverse", "offset", "limit")
 
 
 class ProtocolError(ValueError):
@@ -27,6 +32,12 @@ class Request:
     op: str
     filters: dict[str, Any] = field(default_factory=dict)  # checked by filters.from_wire
     reconcile: bool = False
+    kinds: tuple[str, ...] = ()  # events: only these (empty: all)
+    view: str = "all"  # view: which rows
+    sort: str = "local"
+    reverse: bool = False
+    offset: int = 0
+    limit: int = 100
 
 
 def encode_request(op: str, **args: object) -> bytes:
@@ -54,7 +65,7 @@ def parse_request(line: bytes) -> Request:
     op = d.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(f"'op' must be one of: {', '.join(OPS)}")
-    unknown = sorted(str(k)[:40] for k in d if k not in ("op", "filters", "reconcile"))
+    unknown = sorted(str(k)[:40] for k in d if k not in FIELDS)
     if unknown:
         raise ProtocolError(f"unknown request fields: {', '.join(unknown[:5])}")
     filters = d.get("filters")
@@ -62,10 +73,42 @@ def parse_request(line: bytes) -> Request:
         filters = {}
     if not isinstance(filters, dict):
         raise ProtocolError("'filters' must be a JSON object")
-    reconcile = d.get("reconcile", False)
-    if not isinstance(reconcile, bool):
-        raise ProtocolError("'reconcile' must be true or false")
-    return Request(op, filters, reconcile)
+    reconcile = _flag(d, "reconcile")
+    kinds = d.get("kinds", [])
+    if not isinstance(kinds, list) or not all(isinstance(k, str) and k in EVENT_KINDS for k in kinds):
+        raise ProtocolError(f"'kinds' must be a list of: {', '.join(EVENT_KINDS)}")
+    return Request(
+        op,
+        filters,
+        reconcile,
+        tuple(kinds),
+        _choice(d, "view", VIEWS),
+        _choice(d, "sort", SORTS),
+        _flag(d, "reverse"),
+        _count(d, "offset", 0, 2**31),
+        _count(d, "limit", 100, MAX_LIMIT),
+    )
+
+
+def _flag(d: dict, name: str) -> bool:
+    v = d.get(name, False)
+    if not isinstance(v, bool):
+        raise ProtocolError(f"'{name}' must be true or false")
+    return v
+
+
+def _choice(d: dict, name: str, allowed: tuple[str, ...]) -> str:
+    v = d.get(name, allowed[0])
+    if not isinstance(v, str) or v not in allowed:
+        raise ProtocolError(f"'{name}' must be one of: {', '.join(allowed)}")
+    return v
+
+
+def _count(d: dict, name: str, default: int, most: int) -> int:
+    v = d.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= most:
+        raise ProtocolError(f"'{name}' must be a whole number from 0 to {most}")
+    return v
 
 
 def parse_header(line: bytes) -> dict[str, Any]:

@@ -20,16 +20,19 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from sockwatch import events as ev
 from sockwatch import filters as flt
+from sockwatch import ports, stream, views
 from sockwatch.agent import sockpath
-from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, encode_header, parse_request
+from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, Request, encode_header, parse_request
 from sockwatch.kernel import abi, bpfload, prereq
 from sockwatch.kernel.ringbuf import RingReader
-from sockwatch.model import render_json
+from sockwatch.model import IPPROTO_UDP, SockRow, render_json
 from sockwatch.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,17 @@ MAX_CLIENTS = 64
 JSON_CACHE_SECONDS = 10.0
 LOSS_MEMORY_SECONDS = 60.0  # how long answers mention a repaired loss
 TRIM_SECONDS = 30.0
+STREAM_BUFFER = 8 * 2**20  # a subscriber that falls this far behind is dropped
+
+
+@dataclass
+class Subscription:
+    """A client streaming events: what it asked for and how far behind it is."""
+
+    filters: flt.Filters
+    kinds: frozenset[str]
+    queued: int = 0  # bytes waiting for the client to read
+    sent: int = 0  # events
 
 
 @dataclass(eq=False)
@@ -50,6 +64,7 @@ class Client:
     inbuf: bytearray = field(default_factory=bytearray)
     out: deque[memoryview] = field(default_factory=deque)
     poll: int = 0  # the epoll round that accepted it: events of that round were for an older fd
+    sub: Subscription | None = None  # streaming events until it hangs up
 
 
 @dataclass
@@ -138,6 +153,9 @@ class Agent:
         self.bootstrap_seconds = 0.0
         self._json_cache: tuple[int, bytes] = (-1, b"")
         self._json_cache_used = 0.0
+        self.subscribers: set[Client] = set()
+        self.describer = stream.Describer()
+        self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -185,8 +203,9 @@ class Agent:
 
     def run(self) -> None:
         assert self.loaded is not None and self.listener is not None and self.ring is not None
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        if threading.current_thread() is threading.main_thread():  # else the front end owns signals
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
         ep = self._ep = select.epoll()
         ep.register(self.ring.fd, select.EPOLLIN)
         ep.register(self.listener.fileno(), select.EPOLLIN)
@@ -218,6 +237,8 @@ class Agent:
                 self._check_losses()
                 self.tracker.forget_dead_namespaces()
                 self.tracker.expire_timewait()
+                if self.subscribers:
+                    self._find_autobound()  # subscribers hear of sendto() binds within a second
                 if now >= next_trim:
                     _give_back_memory()  # what bursts of answers and batch map reads freed
                     next_trim = now + TRIM_SECONDS
@@ -241,8 +262,112 @@ class Agent:
             return []
         changes = []
         for batch in self.ring.read():
+            if not self.subscribers:
+                changes += self.tracker.apply_batch(batch)
+                continue
+            said = self._describe(batch)
             changes += self.tracker.apply_batch(batch)
+            self._complete(said)
+            self._publish(said)
         return changes
+
+    # ---- the event stream -------------------------------------------------------------
+
+    def _describe(self, batch: ev.EventBatch) -> list[stream.StreamEvent]:
+        """Every record of the batch as a stream event, before the tracker applies it (a
+        socket born and gone within the batch is never tabled, but is streamed). Who
+        holds the port of a failed bind is found here, as the table stood at the
+        failure, for the same reason."""
+        rows = self.tracker.rows
+        seen: dict[int, SockRow] = {}  # rows as this batch's earlier records left them
+        out = []
+        describe, make = self.describer.describe, self.tracker.row_for_event
+        by_port: dict[tuple, list[SockRow]] | None = None
+        for i in range(len(batch)):
+            e = batch.event(i)
+            before = seen.get(e.cookie) or rows.get(e.cookie)
+            said = describe(e, before, make)
+            if said is None:
+                continue
+            out.append(said)
+            if said.kind == "bind_fail":
+                if by_port is None:
+                    by_port = self._visible_by_port()
+                key = (said.row.netns, said.row.protocol, said.row.local_port)
+                now = [r for r in by_port.get(key, []) if r.cookie not in seen]
+                now += [r for r in seen.values() if (r.netns, r.protocol, r.local_port) == key and r.visible]
+                said.holders = stream.conflicts(now, said.row)
+            # a closed socket holds nothing for the rest of the batch
+            seen[e.cookie] = stream.closed(said.row) if said.kind == "close" else said.row
+        return out
+
+    def _visible_by_port(self) -> dict[tuple, list[SockRow]]:
+        by_port: dict[tuple, list[SockRow]] = {}
+        for r in self.tracker.rows.values():
+            if r.visible:
+                by_port.setdefault((r.netns, r.protocol, r.local_port), []).append(r)
+        return by_port
+
+    def _complete(self, said: list[stream.StreamEvent]) -> None:
+        """What only the table, after the batch, can tell: an accepted connection's
+        owner (its listener's) and the local side the kernel chose for a connected UDP
+        socket."""
+        t = self.tracker
+        t.inherit_listener_owners([s.row for s in said if s.kind == "accept" and s.row.pid is None])
+        udp = [s for s in said if s.kind == "connect" and s.row.protocol == IPPROTO_UDP]
+        if udp:
+            t.resolve_pending()
+            for s in udp:
+                row = t.rows.get(s.row.cookie)
+                if row is not None and row.local_port:
+                    s.row.local_address, s.row.local_port = row.local_address, row.local_port
+
+    def _publish(self, said: list[stream.StreamEvent]) -> None:
+        wall = self.wall_offset
+        for c in list(self.subscribers):
+            sub = c.sub
+            assert sub is not None
+            chunks = [
+                s.json_line(wall)
+                for s in said
+                if (not sub.kinds or s.kind in sub.kinds) and (sub.filters.empty or sub.filters.match(s.row))
+            ]
+            sub.sent += len(chunks)
+            self._queue(c, chunks)
+
+    def _queue(self, c: Client, chunks: list[bytes]) -> None:
+        """Queue lines for a subscriber and send what its socket takes now; one that has
+        fallen STREAM_BUFFER behind is dropped (and counted), never waited for."""
+        if not chunks or c.sub is None:
+            return
+        c.sub.queued += sum(map(len, chunks))
+        if c.sub.queued > STREAM_BUFFER:
+            self.clients_dropped["slow_subscriber"] += 1
+            self._drop(c)
+            return
+        if not c.out:
+            c.deadline = time.monotonic() + ANSWER_SECONDS
+        c.out.extend(map(memoryview, chunks))
+        self._flush(c)
+
+    def _stream_lost(self, events: int, owners: int) -> None:
+        line = stream.lost_line(events, owners, time.time())
+        for c in list(self.subscribers):
+            self._queue(c, [line])
+
+    def _find_autobound(self) -> None:
+        """UDP sockets bound by an unconnected sendto() (no hook sees that): found in
+        the kernel's UDP table when the owner map says some are unannounced."""
+        assert self.loaded is not None
+        c = self._last_counters or self.loaded.counters()
+        silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
+        if silent <= 0:
+            return
+        found = self.tracker.find_autobound_udp(self.loaded.udp_entries(), self.loaded.udp_mark_announced)
+        self._udp_announced_by_us += len(found)
+        if found and self.subscribers:
+            now = time.monotonic_ns()
+            self._publish([stream.StreamEvent("bind", row, now, bind="sendto") for row in found])
 
     def _check_losses(self) -> dict[str, int]:
         """Events lost to a full ring, or UDP owners to a full map: resync from the kernel.
@@ -258,6 +383,7 @@ class Agent:
             )
             self._recent_losses.append((time.monotonic(), losses[0] - self._last_losses[0],
                                         losses[1] - self._last_losses[1]))  # fmt: skip
+            self._stream_lost(losses[0] - self._last_losses[0], losses[1] - self._last_losses[1])
             self._last_losses = losses
             self.tracker.stats.resyncs += 1
             self.tracker.reconcile(drain=self.drain)
@@ -267,18 +393,14 @@ class Agent:
         """Before answering: every event so far applied, and what hooks cannot see read."""
         assert self.loaded is not None
         self.drain()
-        c = self._check_losses()
+        self._check_losses()
         self.tracker.forget_dead_namespaces()
         if self.loaded.unwatched:  # degraded: no hook keeps these rows, so the kernel is asked now
             self.tracker.reconcile(drain=self.drain, protocols=self.loaded.unwatched, repair=False)
         self.tracker.resolve_pending()
         self.tracker.expire_timewait()
         self.tracker.fix_owners()
-        silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
-        if silent > 0:
-            self._udp_announced_by_us += self.tracker.find_autobound_udp(
-                self.loaded.udp_entries(), self.loaded.udp_mark_announced
-            )
+        self._find_autobound()
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -314,6 +436,12 @@ class Agent:
                 self._answer(c, [encode_header(False, error="only root may query the sockwatch agent")])
 
     def _on_client(self, c: Client, mask: int) -> None:
+        if c.sub is not None:  # a subscriber only reads; anything it sends, or EOF, ends it
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                self._drop(c)
+            elif c.out:
+                self._flush(c)
+            return
         if c.out:
             self._flush(c)
             return
@@ -333,7 +461,7 @@ class Agent:
         c.inbuf += chunk
         line, newline, _ = c.inbuf.partition(b"\n")
         if newline:
-            self._answer(c, self._handle(bytes(line)))
+            self._answer(c, self._handle(bytes(line), c))
         elif len(c.inbuf) > MAX_REQUEST:
             self.clients_dropped["oversized"] += 1
             self._answer(c, [encode_header(False, error=f"request longer than {MAX_REQUEST} bytes")])
@@ -347,21 +475,34 @@ class Agent:
         self._flush(c)
 
     def _flush(self, c: Client) -> None:
+        sent = 0
         while c.out:
             try:
                 n = c.sock.send(c.out[0])
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:  # the reader went away
                 self._drop(c)
                 return
+            sent += n
             if n == len(c.out[0]):
                 c.out.popleft()
             else:
                 c.out[0] = c.out[0][n:]
-        self._drop(c)  # answered: the end of the body is the end of the connection
+        if c.sub is None:
+            if not c.out:
+                self._drop(c)  # answered: the end of the body is the end of the connection
+            return
+        c.sub.queued -= sent
+        if sent:
+            c.deadline = time.monotonic() + ANSWER_SECONDS if c.out else math.inf
+        assert self._ep is not None
+        want = select.EPOLLIN | (select.EPOLLOUT if c.out else 0)
+        with contextlib.suppress(OSError):
+            self._ep.modify(c.sock.fileno(), want)
 
     def _drop(self, c: Client) -> None:
+        self.subscribers.discard(c)
         fd = c.sock.fileno()
         if self.clients.pop(fd, None) is not None and self._ep is not None:
             with contextlib.suppress(OSError):
@@ -374,25 +515,33 @@ class Agent:
 
     def _expire_clients(self, now: float) -> None:
         for c in [c for c in self.clients.values() if c.deadline <= now]:
-            self.clients_dropped["slow_reader" if c.out else "idle"] += 1
+            self.clients_dropped["slow_subscriber" if c.sub else "slow_reader" if c.out else "idle"] += 1
             self._drop(c)
 
-    def _handle(self, line: bytes) -> list[bytes]:
+    def _handle(self, line: bytes, c: Client | None = None) -> list[bytes]:
         """One request's answer; never raises for anything a client can send."""
         try:
             req = parse_request(line)
+            f = flt.from_wire(req.filters)
             if req.op == "snapshot":
-                f = flt.from_wire(req.filters)
                 self.prepare_answer()
                 if f.empty:
                     return [encode_header(True, partial=self.partial()), self._full_json()]
                 rows = self.tracker.snapshot(f)
                 return [encode_header(True, rows=len(rows), partial=self.partial()), render_json(rows)]
+            if req.op == "events":
+                return self._subscribe(req, f, c)
+            if req.op == "view":
+                self.prepare_answer()
+                return [encode_header(True, partial=self.partial()), self._json(self._view(req, f))]
+            if req.op == "ports":
+                self.prepare_answer()
+                return [encode_header(True, partial=self.partial()), self._json(self._ports(f))]
             self.drain()
             if req.reconcile:
                 self.prepare_answer()
                 self.tracker.reconcile(drain=self.drain)
-            return [encode_header(True), json.dumps(self.status()).encode() + b"\n"]
+            return [encode_header(True), self._json(self.status())]
         except (ProtocolError, flt.FilterError) as e:
             return [encode_header(False, error=str(e))]
         except Exception:
@@ -400,6 +549,39 @@ class Agent:
             log.exception("answering a request failed")
             self.clients_dropped["internal_error"] += 1
             return [encode_header(False, error="internal error in the agent (logged)")]
+
+    @staticmethod
+    def _json(d: dict) -> bytes:
+        return json.dumps(d, separators=(",", ":")).encode() + b"\n"
+
+    def _subscribe(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        if c is None:
+            raise ProtocolError("'events' needs a connection to stream on")
+        self.drain()  # what happened before the subscription is not streamed
+        if not self.subscribers:
+            self.describer = stream.Describer()
+        c.sub = Subscription(f, frozenset(req.kinds))
+        self.subscribers.add(c)
+        return [encode_header(True, stream=True, partial=self.partial())]
+
+    def _view(self, req: Request, f: flt.Filters) -> dict:
+        answer = views.view(self.tracker.snapshot(), f, req.view, req.sort, req.reverse, req.offset, req.limit)
+        assert self.loaded is not None
+        c = self._last_counters or self.loaded.counters()
+        answer["agent"] = {
+            "pid": os.getpid(),
+            "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
+            "lost": {"ring": c.get("ringbuf_full", 0), "udp_owners": c.get("map_full", 0)},
+            "subscribers": len(self.subscribers),
+            "degraded": self.loaded.degraded(),
+        }
+        answer["ports"] = ports.namespace_summary(self.tracker.snapshot(), self.tracker.port_ranges())
+        return answer
+
+    def _ports(self, f: flt.Filters) -> dict:
+        rows = self.tracker.snapshot(f)
+        ranges = self.tracker.port_ranges()
+        return {"namespaces": ports.namespace_summary(rows, ranges), "pressure": ports.pressure(rows, ranges)}
 
     def partial(self) -> list[str]:
         """What the table may lack or has just had repaired. Losses are repaired before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sockwatch.cli import doctor, serve, snapshot, status
+from sockwatch.cli import doctor, events, ports, serve, snapshot, status
 
 app = typer.Typer(
     name="sockwatch",
@@ -13,7 +13,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("snapshot", help=snapshot.HELP)(snapshot.snapshot)
+app.command("snapshot")(snapshot.snapshot)
+app.command("events")(events.events)
+app.command("ports")(ports.ports)
 app.command("serve", help=serve.HELP)(serve.serve)
 app.command("status")(status.status)
 app.command("doctor")(doctor.doctor)

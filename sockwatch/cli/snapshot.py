@@ -4,49 +4,49 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Annotated
 
 import typer
 
-from sockwatch import filters as flt
 from sockwatch.agent import client
-from sockwatch.agent.protocol import DEFAULT_SOCKET
+from sockwatch.cli import options as opt
 from sockwatch.cli.errors import friendly
-
-HELP = """Print every TCP and UDP socket on the host, in every network namespace, grouped
-the way the kernel looks them up: UDP by (local IP, local port), TCP listeners by
-(local IP, local port), TCP connections by the 4-tuple. Each row has its state,
-owner (pid, command, uid), network namespace (inode, as in /proc/PID/ns/net),
-socket inode and cookie.
-
-Asks a running `sockwatch serve` when there is one (instant, owners from the hooks);
-otherwise reads the kernel directly (sock_diag and one /proc scan).
-
-Filters combine with AND; a repeated option matches any of its values.
-
-Examples:
-  sockwatch snapshot --proto udp --port 53
-  sockwatch snapshot --state listen --addr 127.0.0.0/8 --json
-  sockwatch snapshot --port 8000-8100 --netns 4026532200
-"""
 
 
 def snapshot(
-    as_json: bool = typer.Option(False, "--json", help="A JSON array of objects (one per socket)."),
-    protocol: list[str] = typer.Option([], "--proto", "-p", help="tcp or udp."),
-    port: list[str] = typer.Option([], "--port", help="Local or remote port, or a range like 8000-8100."),
-    addr: list[str] = typer.Option([], "--addr", help="Local or remote address or CIDR (10.0.0.0/8, ::1)."),
-    state: list[str] = typer.Option([], "--state", help="ss's state names: listen, estab, unconn, time-wait, ..."),
-    pid: list[str] = typer.Option([], "--pid", help="Owner's process id."),
-    netns: list[str] = typer.Option([], "--netns", help="Network namespace inode (stat -L -c %i /proc/PID/ns/net)."),
-    standalone: bool = typer.Option(
-        False, "--standalone", help="Do not ask a running agent; read the kernel directly."
-    ),
-    socket_path: str = typer.Option(
-        None, "--socket", help=f"The agent's socket (an error if no agent answers there). [default: {DEFAULT_SOCKET}]"
-    ),
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON array of objects, one per socket.")] = False,
+    protocol: opt.Proto = [],  # noqa: B006 (typer's list defaults are not shared state)
+    port: opt.Port = [],  # noqa: B006
+    addr: opt.Addr = [],  # noqa: B006
+    state: opt.State = [],  # noqa: B006
+    pid: opt.Pid = [],  # noqa: B006
+    netns: opt.Netns = [],  # noqa: B006
+    standalone: Annotated[
+        bool, typer.Option("--standalone", help="Do not ask a running agent; read the kernel directly.")
+    ] = False,
+    socket_path: opt.Socket = None,
 ) -> None:
+    """Print every TCP and UDP socket on the host, in every network namespace, grouped
+    the way the kernel looks them up.
+
+    UDP by (local IP, local port), TCP listeners by (local IP, local port), TCP
+    connections by the 4-tuple. Each row has its state, owner (pid, command, uid),
+    network namespace, socket inode and cookie.
+
+    Asks a running `sockwatch serve` when there is one (owners from the hooks);
+    otherwise reads the kernel directly (sock_diag and one /proc scan). Filters
+    combine with AND; a repeated option matches any of its values.
+
+    Examples:
+
+        sockwatch snapshot --proto udp --port 53
+
+        sockwatch snapshot --state listen --addr 127.0.0.0/8 --json
+
+        sockwatch snapshot --port 8000-8100 --netns blue
+    """
     with friendly():
-        f = flt.build(protocol=protocol, port=port, addr=addr, state=state, pid=pid, netns=netns)
+        f = opt.build_filters(protocol, port, addr, state, pid, netns)
         if not standalone:
             if as_json:
                 sys.stdout.flush()

@@ -66,12 +66,9 @@ class SwBind(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("family", ctypes.c_uint8),
         ("protocol", ctypes.c_uint8),
-        ("pad", ctypes.c_uint32),
+        ("posted", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
     ]
-
-
-# With SW_F_LIFETIME the comm bytes hold two u64s (the union in struct sw_event)
-LIFE = struct.Struct("<QQ")
 
 
 class AbiMismatch(RuntimeError):

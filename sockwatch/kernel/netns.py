@@ -157,6 +157,36 @@ class NamespaceRegistry:
         self._forget(ns)
         raise NamespaceGone(f"network namespace {ns.inode} is gone")
 
+    def sysctls(self, ns: Namespace, names: tuple[str, ...]) -> dict[str, str]:
+        """Files of /proc/sys/net as ns sees them (opened from inside it: /proc/sys/net
+        answers for the opener's namespace), or NamespaceGone."""
+
+        def read() -> tuple[int, dict[str, str]]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                cookie = netns_cookie_of(s)
+            out = {}
+            for name in names:
+                with open(f"/proc/sys/net/{name}") as f:
+                    out[name] = f.read().strip()
+            return cookie, out
+
+        for path in itertools.chain([ns.path], self._holders_of(ns)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_ino != ns.inode:
+                    continue
+                cookie, values = in_netns(fd, read)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if cookie == ns.cookie:
+                return values
+        raise NamespaceGone(f"network namespace {ns.inode} is gone")
+
     @staticmethod
     def _holders_of(ns: Namespace) -> Iterator[str]:
         """Other places ns may still be held (searched only when where it was found

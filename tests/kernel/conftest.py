@@ -69,12 +69,16 @@ class Child:
         assert self.pid == self.proc.pid  # ip netns exec execs in place
 
     def do(self, **cmd: object) -> dict:
+        out = self.attempt(**cmd)
+        assert "error" not in out, f"{cmd}: {out}"
+        return out
+
+    def attempt(self, **cmd: object) -> dict:
+        """What the child got, errors included ({"error": strerror, "errno": n})."""
         assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
-        out = json.loads(self.proc.stdout.readline())
-        assert "error" not in out, f"{cmd}: {out}"
-        return out
+        return json.loads(self.proc.stdout.readline())
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -89,6 +89,33 @@ def handle(c):
         s = socket.socket(fam(c.get("family", 4)), socket.SOCK_DGRAM)
         s.sendto(b"sockwatch", (c["addr"], c["port"]))
         return info(keep(s), s)
+    if op == "tcp_bind":
+        s = socket.socket(fam(c.get("family", 4)), socket.SOCK_STREAM)
+        try:
+            if c.get("reuseaddr"):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((c["addr"], c.get("port", 0)))
+        except OSError:
+            s.close()
+            raise
+        return info(keep(s), s)
+    if op == "send":
+        socks[c["id"]].sendall(b"s" * c["n"])
+        return {"sent": c["n"]}
+    if op == "recv":
+        got = 0
+        while got < c["n"]:
+            chunk = socks[c["id"]].recv(c["n"] - got)
+            if not chunk:
+                break
+            got += len(chunk)
+        return {"received": got}
+    if op == "burst":  # UDP sockets bound and closed as fast as Python can
+        for _ in range(c["n"]):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            s.close()
+        return {"done": c["n"]}
     if op == "close":
         s = socks.pop(c["id"])
         if c.get("rst"):

@@ -114,7 +114,13 @@ def test_status_without_agent(tmp_path):
         (["serve", "--max-udp", "9" * 5000], "is not a whole number"),
         (["snapshot", "--port", "1_000"], "is not a number"),
         (["snapshot", "--pid", str(2**64)], "out of range"),
-        (["snapshot", "--netns", "\u0661\u0662"], "is not a number"),
+        (["snapshot", "--netns", "\u0661\u0662"], "is not a namespace name, pid or inode"),
+        (["snapshot", "--netns", "../../etc"], "is not a namespace name, pid or inode"),
+        (["snapshot", "--netns", "no-such-ns-here"], "no such namespace in ip netns list"),
+        (["snapshot", "--netns", str(2**64)], "out of range"),
+        (["snapshot", "--netns", "4194303"], "no process 4194303"),
+        (["events", "--kind", "binds"], "is not one of: bind, bind_fail"),
+        (["ports", "--top", "0"], "out of range: 1 to 100000"),
     ],
 )
 def test_options_are_strict_and_name_their_bounds(args, needle):

@@ -1,0 +1,64 @@
+"""Options several commands share: the filter language, and the agent's socket.
+
+`--netns` takes what people have at hand: a name from `ip netns list`, a process id
+(its namespace), or a namespace inode (as `stat -L -c %i /proc/PID/ns/net` or
+`lsns -t net` print it). Names and pids are turned into inodes here, on the host that
+asks; the agent only ever receives inodes."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated
+
+import typer
+
+from sockwatch import filters as flt
+from sockwatch.agent.protocol import DEFAULT_SOCKET
+
+Proto = Annotated[list[str], typer.Option("--proto", "-p", help="tcp or udp.")]
+Port = Annotated[list[str], typer.Option("--port", help="Local or remote port, or a range: 8000-8100.")]
+Addr = Annotated[list[str], typer.Option("--addr", help="Local or remote address or CIDR: 10.0.0.0/8, ::1.")]
+State = Annotated[list[str], typer.Option("--state", help="ss's state names: listen, estab, unconn, time-wait...")]
+Pid = Annotated[list[str], typer.Option("--pid", help="Owner's process id.")]
+Netns = Annotated[
+    list[str], typer.Option("--netns", help="Network namespace: a name (ip netns list), a pid, or an inode.")
+]
+Socket = Annotated[
+    str | None,
+    typer.Option(
+        "--socket", help=f"The agent's socket; an error if no agent answers there. [default: {DEFAULT_SOCKET}]"
+    ),
+]
+
+_NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,64}")
+
+
+def netns_inode(text: str) -> int:
+    """An inode from a namespace name, a pid or an inode; FilterError otherwise."""
+    t = text.strip()
+    if t.isascii() and t.isdigit() and len(t) <= 20:
+        n = int(t)
+        if 1 <= n <= flt.PID_MAX:  # a pid: namespace inodes are far above PID_MAX
+            path = f"/proc/{n}/ns/net"
+            try:
+                return os.stat(path).st_ino
+            except FileNotFoundError:
+                raise flt.FilterError(f"--netns {n}: no process {n} (a pid, or an inode above {flt.PID_MAX})") from None
+            except PermissionError:
+                raise flt.FilterError(f"--netns {n}: cannot read {path}: run with sudo") from None
+        return flt.build(netns=[t]).netns.__iter__().__next__()  # the inode's own bounds and message
+    if not _NAME.fullmatch(t) or t in (".", ".."):
+        raise flt.FilterError(f"--netns {flt.shown(text)} is not a namespace name, pid or inode")
+    try:
+        return os.stat(f"/run/netns/{t}").st_ino
+    except OSError:
+        raise flt.FilterError(f"--netns {flt.shown(t)}: no such namespace in ip netns list") from None
+
+
+def build_filters(
+    protocol: list[str], port: list[str], addr: list[str], state: list[str], pid: list[str], netns: list[str]
+) -> flt.Filters:
+    return flt.build(
+        protocol=protocol, port=port, addr=addr, state=state, pid=pid, netns=[str(netns_inode(n)) for n in netns]
+    )

@@ -1,0 +1,161 @@
+"""Port classes and ephemeral-port pressure, by the kernel's rules (pure; no I/O).
+
+The textbook split (well-known 0-1023, registered 1024-49151, dynamic 49152-65535) is
+not what Linux uses to pick a port: each network namespace has its own
+`net.ipv4.ip_local_port_range` (default 32768-60999) minus
+`net.ipv4.ip_local_reserved_ports`, for IPv4 and IPv6 alike.
+
+What runs out, and when connect() fails with EADDRNOTAVAIL:
+- TCP: a port picked for connect() may be shared by connections to different
+  destinations (the 4-tuple must be unique), but not with a port bind() or listen()
+  holds. So the pressure is per (namespace, local address, remote address, remote
+  port): ephemeral ports used toward that destination over what the range leaves after
+  reserved ports and ports listeners hold. TIME-WAIT connections still hold their
+  4-tuple: they count, and are shown apart.
+- UDP: an implicit bind takes a port no other UDP socket on an overlapping address
+  holds, whatever the peer. So the pressure is per (namespace, local address).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, fmt_addr
+
+DEFAULT_RANGE = (32768, 60999)
+WELL_KNOWN = (0, 1023)  # binding needs CAP_NET_BIND_SERVICE below ip_unprivileged_port_start
+REGISTERED = (1024, 49151)
+
+
+class SysctlError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """One namespace's ephemeral range and reserved ports."""
+
+    low: int
+    high: int
+    reserved: frozenset[int] = frozenset()
+
+    @functools.cached_property
+    def size(self) -> int:
+        return sum(1 for _ in self.usable())
+
+    def usable(self) -> range | list[int]:
+        ports = range(self.low, self.high + 1)
+        return ports if not self.reserved else [p for p in ports if p not in self.reserved]
+
+    def contains(self, port: int) -> bool:
+        return self.low <= port <= self.high and port not in self.reserved
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """ip_local_port_range: two numbers, tab separated."""
+    parts = text.split()
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise SysctlError(f"ip_local_port_range is not two numbers: {text[:40]!r}")
+    low, high = int(parts[0]), int(parts[1])
+    if not 1 <= low <= high <= 65535:
+        raise SysctlError(f"ip_local_port_range {low} {high} is not a range of ports")
+    return low, high
+
+
+def parse_reserved(text: str) -> frozenset[int]:
+    """ip_local_reserved_ports: comma-separated ports and ranges ("8080,9000-9002")."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        if not (lo.isascii() and lo.isdigit() and (not hi or (hi.isascii() and hi.isdigit()))):
+            raise SysctlError(f"ip_local_reserved_ports has {part[:40]!r}")
+        a, b = int(lo), int(hi or lo)
+        if not 0 <= a <= b <= 65535:
+            raise SysctlError(f"ip_local_reserved_ports has {part[:40]!r}")
+        out.update(range(a, b + 1))
+    return frozenset(out)
+
+
+def port_class(port: int, r: PortRange) -> str:
+    """'ephemeral' (this namespace's range, not reserved), 'reserved', 'well-known',
+    'registered' or 'dynamic' (IANA's 49152-65535 outside the kernel's range)."""
+    if r.low <= port <= r.high:
+        return "reserved" if port in r.reserved else "ephemeral"
+    if port <= WELL_KNOWN[1]:
+        return "well-known"
+    if port <= REGISTERED[1]:
+        return "registered"
+    return "dynamic"
+
+
+def pressure(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
+    """Ephemeral-port use per destination (TCP) and per local address (UDP), worst
+    first. `ranges`: netns inode -> its PortRange (namespaces missing get the default)."""
+    default = PortRange(*DEFAULT_RANGE)
+    tcp_used: dict[tuple, set[int]] = defaultdict(set)
+    tcp_tw: Counter[tuple] = Counter()
+    tcp_held: dict[int, set[int]] = defaultdict(set)  # netns -> ports listeners (bind) hold
+    udp_used: dict[tuple, set[int]] = defaultdict(set)
+    for r in rows:
+        rng = ranges.get(r.netns, default)
+        if r.protocol == IPPROTO_TCP:
+            if r.state == TcpState.LISTEN:
+                if rng.contains(r.local_port):
+                    tcp_held[r.netns].add(r.local_port)
+                continue
+            if not r.is_connection or not rng.contains(r.local_port):
+                continue
+            key = (r.netns, "tcp", fmt_addr(r.local_address), fmt_addr(r.remote_address), r.remote_port)  # type: ignore[arg-type]
+            if r.state == TcpState.TIME_WAIT:
+                tcp_tw[key] += 1
+            tcp_used[key].add(r.local_port)
+        elif r.protocol == IPPROTO_UDP and rng.contains(r.local_port):
+            udp_used[(r.netns, "udp", fmt_addr(r.local_address), None, None)].add(r.local_port)
+    out = []
+    for key, ports in tcp_used.items():
+        rng = ranges.get(key[0], default)
+        out.append(_entry(key, len(ports), tcp_tw[key], rng.size - len(tcp_held[key[0]] - ports)))
+    for key, ports in udp_used.items():
+        out.append(_entry(key, len(ports), 0, ranges.get(key[0], default).size))
+    out.sort(key=lambda d: (-d["percent"], -d["used"], d["netns"], d["protocol"], d["local_address"]))
+    return out
+
+
+def _entry(key: tuple, used: int, time_wait: int, available: int) -> dict:
+    netns, proto, local, remote, rport = key
+    return {
+        "netns": netns,
+        "protocol": proto,
+        "local_address": local,
+        "remote_address": remote,
+        "remote_port": rport,
+        "used": used,
+        "time_wait": time_wait,
+        "available": available,
+        "percent": round(100.0 * used / available, 1) if available > 0 else 100.0,
+    }
+
+
+def namespace_summary(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
+    """Per namespace: distinct ephemeral ports in use (any protocol) against the range."""
+    default = PortRange(*DEFAULT_RANGE)
+    used: dict[int, set[int]] = defaultdict(set)
+    for r in rows:
+        rng = ranges.get(r.netns, default)
+        if rng.contains(r.local_port):
+            used[r.netns].add(r.local_port)
+    out = []
+    for netns in sorted(set(used) | set(ranges)):
+        rng = ranges.get(netns, default)
+        out.append(
+            {
+                "netns": netns,
+                "in_use": len(used[netns]),
+                "available": rng.size,
+                "range": [rng.low, rng.high],
+                "reserved": len(rng.reserved),
+            }
+        )
+    return out

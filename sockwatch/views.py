@@ -1,0 +1,93 @@
+"""What a screenful asks of the table (pure; no I/O): a window of sorted, filtered rows
+plus the counts a header shows, so that `live` never pulls 100,000 rows to draw 40."""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sockwatch.filters import Filters
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, sort_key
+
+SORT_KEYS: dict[str, Callable[[SockRow], Any]] = {
+    "local": sort_key,
+    "remote": lambda r: (int(r.remote_address) if r.remote_address is not None else -1, r.remote_port, sort_key(r)),
+    "state": lambda r: (r.state_name, sort_key(r)),
+    "protocol": lambda r: (r.protocol, sort_key(r)),
+    "pid": lambda r: (r.pid if r.pid is not None else -1, sort_key(r)),
+    "comm": lambda r: (r.comm or "", sort_key(r)),
+    "age": lambda r: (-r.born_ns, sort_key(r)),  # newest first
+    "netns": lambda r: (r.netns, sort_key(r)),
+}
+
+
+def in_view(view: str) -> Callable[[SockRow], bool]:
+    if view == "listeners":  # what receives new packets by (IP, port): TCP listeners and UDP sockets
+        return lambda r: r.protocol == IPPROTO_UDP or r.state == TcpState.LISTEN
+    if view == "connections":  # keyed by the 4-tuple
+        return lambda r: r.protocol == IPPROTO_TCP and r.state != TcpState.LISTEN
+    return lambda r: True
+
+
+def counts(rows: Iterable[SockRow]) -> dict:
+    """Sockets by protocol and state (ss's names), and listeners."""
+    by: Counter[tuple[str, str]] = Counter((r.proto_name, r.state_name) for r in rows)
+    out: dict[str, Any] = {"total": sum(by.values()), "tcp": {}, "udp": {}}
+    for (proto, state), n in sorted(by.items()):
+        out.setdefault(proto, {})[state] = n
+    out["listeners"] = out["tcp"].get("LISTEN", 0)
+    return out
+
+
+def window(rows: list[SockRow], sort: str, reverse: bool, offset: int, limit: int) -> list[SockRow]:
+    """rows[offset:offset+limit] in sort order; a partial sort when the window is near
+    the top (what a screen shows), a full one otherwise."""
+    key = SORT_KEYS[sort]
+    want = offset + limit
+    if want * 8 < len(rows):
+        top = heapq.nlargest(want, rows, key=key) if reverse else heapq.nsmallest(want, rows, key=key)
+        return top[offset:want]
+    return sorted(rows, key=key, reverse=reverse)[offset:want]
+
+
+def processes(rows: Iterable[SockRow]) -> list[dict]:
+    """What each process holds, most sockets first."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        g = groups.get((r.pid, r.comm))
+        if g is None:
+            g = groups[(r.pid, r.comm)] = {"pid": r.pid, "comm": r.comm, "listeners": 0, "connections": 0,
+                                           "udp": 0, "time_wait": 0, "total": 0, "ports": set()}  # fmt: skip
+        g["total"] += 1
+        if r.protocol == IPPROTO_UDP:
+            g["udp"] += 1
+            g["ports"].add(r.local_port)
+        elif r.state == TcpState.LISTEN:
+            g["listeners"] += 1
+            g["ports"].add(r.local_port)
+        elif r.state == TcpState.TIME_WAIT:
+            g["time_wait"] += 1
+        else:
+            g["connections"] += 1
+    out = sorted(groups.values(), key=lambda g: (-g["total"], g["pid"] if g["pid"] is not None else -1))
+    for g in out:
+        g["ports"] = sorted(g["ports"])[:8]
+    return out
+
+
+def view(rows: list[SockRow], filters: Filters, name: str, sort: str, reverse: bool, offset: int, limit: int) -> dict:
+    """The answer to one `view` request: counts over the whole table, and the window."""
+    matched = rows if filters.empty else [r for r in rows if filters.match(r)]
+    answer: dict[str, Any] = {"counts": counts(rows), "matched": len(matched)}
+    if name == "processes":
+        groups = processes(matched)
+        answer["groups"] = len(groups)
+        answer["processes"] = groups[offset : offset + limit]
+        return answer
+    pick = in_view(name)
+    selected = [r for r in matched if pick(r)] if name != "all" else matched
+    answer["selected"] = len(selected)
+    answer["rows"] = [r.as_dict() | {"born_ns": r.born_ns} for r in window(selected, sort, reverse, offset, limit)]
+    return answer

@@ -1,0 +1,275 @@
+"""`sockwatch events` against what the test's own sockets did: binds asked for and
+implicit (with the port the kernel really chose), failed binds with the errno bind()
+really returned and who holds the port, listen/connect/accept/close in order for TCP
+and UDP, IPv4 and IPv6, and a TCP close carrying the bytes really sent and received.
+The stream is read through the CLI, as a person runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import sockwatch_cmd
+from tests.kernel.conftest import AgentProc, Netns
+
+EADDRINUSE = 98
+
+
+class Stream:
+    """`sockwatch events --json` in the background; lines collected as they come."""
+
+    def __init__(self, socket: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            sockwatch_cmd("events", "--json", "--socket", socket, *args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[dict] = queue.Queue()
+        self.seen: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+
+    def until(self, done: Callable[[list[dict]], bool], timeout: float = 10) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not done(self.seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"stream did not show it within {timeout}s; got {self.seen[-20:]}")
+            try:
+                self.seen.append(self.lines.get(timeout=min(left, 0.5)))
+            except queue.Empty:
+                continue
+        return self.seen
+
+    def mine(self, ns: Netns) -> list[dict]:
+        return [e for e in self.seen if e.get("netns") == ns.inode]
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+        return err
+
+
+@pytest.fixture
+def streams() -> Iterator[Callable[..., Stream]]:
+    made: list[Stream] = []
+
+    def make(socket: str, *args: str) -> Stream:
+        s = Stream(socket, *args)
+        made.append(s)
+        time.sleep(0.5)  # subscribed before the test acts (events before it are not streamed)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def has(kind: str, cookie: int, **fields: object) -> Callable[[list[dict]], bool]:
+    return lambda seen: any(
+        e["kind"] == kind and e.get("cookie") == cookie and all(e.get(k) == v for k, v in fields.items()) for e in seen
+    )
+
+
+def find(seen: list[dict], kind: str, cookie: int) -> dict:
+    return next(e for e in seen if e["kind"] == kind and e.get("cookie") == cookie)
+
+
+def test_a_failed_bind_names_the_errno_the_failing_process_and_the_holder(agent, netns, child_factory, streams):
+    holder, failer = child_factory(netns.name), child_factory(netns.name)
+    s = streams(agent.socket, "--netns", netns.name)
+    lst = holder.do(op="tcp_listen", addr="0.0.0.0", port=8080)
+    got = failer.attempt(op="tcp_bind", addr="127.0.0.1", port=8080)
+    assert got.get("errno") == EADDRINUSE, got  # what bind() really returned
+    seen = s.until(lambda seen: any(e["kind"] == "bind_fail" for e in seen))
+    fail = next(e for e in seen if e["kind"] == "bind_fail")
+    assert fail["errno"] == "EADDRINUSE" and fail["error"] == os.strerror(EADDRINUSE)
+    assert (fail["pid"], fail["comm"], fail["local_address"], fail["local_port"]) == (
+        failer.pid, "python3", "127.0.0.1", 8080)  # fmt: skip
+    assert [(h["pid"], h["cookie"], h["state"]) for h in fail["holders"]] == [(holder.pid, lst["cookie"], "LISTEN")]
+
+
+def test_a_failed_bind_as_text_says_who_holds_the_port(agent, netns, child_factory):
+    holder, failer = child_factory(netns.name), child_factory(netns.name)
+    holder.do(op="udp_bind", addr="127.0.0.1", port=5353)
+    proc = subprocess.Popen(
+        sockwatch_cmd("events", "--socket", agent.socket, "--netns", str(netns.inode), "--kind", "bind_fail"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        got = failer.attempt(op="udp_bind", addr="0.0.0.0", port=5353)
+        assert got.get("errno") == EADDRINUSE, got
+        assert proc.stdout
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(5)
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
+    assert "BIND_FAIL udp 0.0.0.0:5353" in line and f"{failer.pid}/python3" in line, line
+    assert (
+        "EADDRINUSE (Address already in use)" in line
+        and f"held by {holder.pid}/python3 (UNCONN 127.0.0.1:5353)" in line
+    )
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_implicit_binds_carry_the_port_the_kernel_chose(agent, netns, child_factory, streams, family):
+    lo = "127.0.0.1" if family == 4 else "::1"
+    c = child_factory(netns.name)
+    s = streams(agent.socket, "--netns", netns.name)
+    srv = c.do(op="tcp_listen", addr=lo, family=family)  # bind(port 0) + listen
+    nobind = c.do(op="tcp_listen", addr=lo, family=family, bind=False)  # listen without bind
+    conn = c.do(op="tcp_connect", addr=lo, port=srv["local"][1], family=family, accept_on=srv["id"])
+    noport = c.do(op="tcp_connect", addr=lo, port=srv["local"][1], family=family, no_port_bind=True,
+                  bind_addr=lo, accept_on=srv["id"])  # fmt: skip
+    sent = c.do(op="udp_sendto", addr=lo, port=9, family=family)
+    uconn = c.do(op="udp_connect", addr=lo, port=53, family=family)
+    asked = c.do(op="udp_bind", addr=lo, port=0, family=family)
+    cases = [
+        ("bind", srv, "port 0"),
+        ("listen", nobind, "listen"),
+        ("connect", conn, "connect"),
+        ("bind", noport, "no port"),
+        ("connect", noport, "connect"),
+        ("bind", sent, "sendto"),
+        ("connect", uconn, "connect"),
+        ("bind", asked, "port 0"),
+    ]
+    seen = s.until(lambda seen: all(has(k, x["cookie"])(seen) for k, x, _ in cases))
+    for kind, x, how in cases:
+        e = next(e for e in seen if e["kind"] == kind and e["cookie"] == x["cookie"] and e.get("bind") == how)
+        want_port = 0 if how == "no port" else x["local"][1]
+        assert e["local_port"] == want_port, (kind, how, e)
+        assert e["pid"] == c.pid and e["family"] == family, e
+    assert find(seen, "listen", srv["cookie"]).get("bind") is None  # bound first: not an implicit bind
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_events_follow_what_the_test_did_in_order_and_a_close_has_the_bytes(agent, netns, child_factory, streams,
+                                                                            family):  # fmt: skip
+    lo = "127.0.0.1" if family == 4 else "::1"
+    c = child_factory(netns.name)
+    s = streams(agent.socket, "--netns", netns.name)
+    srv = c.do(op="tcp_listen", addr=lo, port=7000, family=family)
+    cl = c.do(op="tcp_connect", addr=lo, port=7000, family=family, accept_on=srv["id"])
+    acc = cl["accepted"]
+    c.do(op="send", id=cl["id"], n=12345)
+    c.do(op="recv", id=acc["id"], n=12345)
+    c.do(op="send", id=acc["id"], n=678)
+    c.do(op="recv", id=cl["id"], n=678)
+    time.sleep(0.3)  # a lifetime the kernel's tick can see
+    c.do(op="close", id=cl["id"])
+    c.do(op="close", id=acc["id"])
+    u = c.do(op="udp_bind", addr=lo, port=7001, family=family)
+    c.do(op="close", id=u["id"])
+    seen = s.until(lambda seen: has("close", u["cookie"])(seen) and has("close", acc["cookie"])(seen))
+    mine = [(e["kind"], e["cookie"]) for e in s.mine(netns) if e["kind"] != "state"]
+    assert mine == [
+        ("bind", srv["cookie"]),
+        ("listen", srv["cookie"]),
+        ("connect", cl["cookie"]),
+        ("accept", acc["cookie"]),
+        ("close", cl["cookie"]),  # the active closer: FIN-WAIT-2 -> TIME-WAIT (its socket closes)
+        ("close", acc["cookie"]),  # LAST-ACK -> CLOSE
+        ("bind", u["cookie"]),
+        ("close", u["cookie"]),
+    ], mine
+    states = [
+        (e["old_state"], e["state"]) for e in s.mine(netns) if e["kind"] == "state" and e["cookie"] == cl["cookie"]
+    ]
+    assert states == [("ESTAB", "FIN-WAIT-1"), ("FIN-WAIT-1", "FIN-WAIT-2")], states
+    client_end, server_end = find(seen, "close", cl["cookie"]), find(seen, "close", acc["cookie"])
+    assert client_end["lifetime"]["bytes_sent"] == 12345 and client_end["lifetime"]["bytes_received"] == 678
+    assert server_end["lifetime"]["bytes_sent"] == 678 and server_end["lifetime"]["bytes_received"] == 12345
+    assert server_end["pid"] == c.pid and find(seen, "accept", acc["cookie"])["pid"] == c.pid  # its listener's owner
+    for end in (client_end, server_end):
+        life = end["lifetime"]
+        assert 0.29 <= life["seconds"] < 10 and life["retransmits"] == 0 and life["srtt_us"] > 0, end
+    assert (client_end["local_port"], client_end["remote_port"]) == (cl["local"][1], 7000)
+
+
+def test_several_streams_share_one_agent_and_its_hooks(agent, netns, child_factory, streams):
+    links = agent.status()["links"]
+    a = streams(agent.socket, "--netns", netns.name, "--proto", "udp")
+    b = streams(agent.socket, "--netns", netns.name, "--kind", "close")
+    c = child_factory(netns.name)
+    t = c.do(op="tcp_listen", addr="127.0.0.1")
+    u = c.do(op="udp_bind", addr="127.0.0.1", port=0)
+    c.do(op="close", id=u["id"])
+    c.do(op="close", id=t["id"])
+    a.until(has("close", u["cookie"]))
+    b.until(lambda seen: has("close", u["cookie"])(seen) and has("close", t["cookie"])(seen))
+    assert {e["protocol"] for e in a.seen} == {"udp"} and [e["kind"] for e in a.mine(netns)] == ["bind", "close"]
+    assert {e["kind"] for e in b.seen} == {"close"}
+    st = agent.status()
+    assert st["links"] == links and st["clients"] >= 2  # no second load: the same links serve both
+
+
+def test_a_reader_that_falls_behind_is_dropped_and_counted(agent, netns, child_factory, streams):
+    """A subscriber that never reads costs the agent its buffer (8 MiB), then is
+    dropped and counted; the agent and a reading stream carry on."""
+    import socket as pysocket
+
+    from sockwatch.agent.protocol import encode_request
+
+    dropped = agent.status()["clients_dropped"].get("slow_subscriber", 0)
+    s = streams(agent.socket, "--netns", netns.name, "--kind", "close")
+    with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM) as stuck:
+        stuck.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4096)
+        stuck.connect(agent.socket)
+        stuck.sendall(encode_request("events"))
+        time.sleep(0.5)
+        c = child_factory(netns.name)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            c.do(op="burst", n=10000)  # ~20,000 events, ~8 MB of JSON lines
+            if agent.status()["clients_dropped"].get("slow_subscriber", 0) > dropped:
+                break
+        assert agent.status()["clients_dropped"].get("slow_subscriber", 0) == dropped + 1
+    u = c.do(op="udp_bind", addr="127.0.0.1", port=0)
+    c.do(op="close", id=u["id"])
+    s.until(has("close", u["cookie"]), 30)  # the reading stream lives on
+
+
+def test_losses_are_streamed_to_every_subscriber(netns, child_factory, tmp_path):
+    """With a 16-page ring a burst loses records: each subscriber is told how many, and
+    the counts add up to the kernel-side counter."""
+    a = AgentProc(socket=str(tmp_path / "a.sock"), extra=("--ringbuf-pages", "16"))
+    streams = [Stream(a.socket, "--proto", "tcp"), Stream(a.socket, "--kind", "bind")]
+    try:
+        time.sleep(0.5)
+        c = child_factory(netns.name)
+        for _ in range(3):
+            c.do(op="burst", n=20000)
+        lost = a.status()["bpf"]["ringbuf_full"]
+        assert lost > 0, "the burst did not overflow a 16-page ring: the test proves nothing"
+        for s in streams:  # a filter never hides a loss
+            seen = s.until(lambda seen: sum(e.get("events", 0) for e in seen if e["kind"] == "lost") >= lost, 20)
+            assert sum(e["events"] for e in seen if e["kind"] == "lost") == lost
+    finally:
+        for s in streams:
+            s.stop()
+        a.stop()
