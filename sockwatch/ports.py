@@ -68,8 +68,8 @@ def parse_reserved(text: str) -> frozenset[int]:
     """ip_local_reserved_ports: comma-separated ports and ranges ("8080,9000-9002")."""
     out: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        if not (lo.isascii() and lo.isdigit() and (not hi or (hi.isascii() and hi.isdigit()))):
+        lo, dash, hi = part.partition("-")
+        if not (lo.isascii() and lo.isdigit() and (not dash or (hi.isascii() and hi.isdigit()))):
             raise SysctlError(f"ip_local_reserved_ports has {part[:40]!r}")
         a, b = int(lo), int(hi or lo)
         if not 0 <= a <= b <= 65535:

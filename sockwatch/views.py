@@ -71,7 +71,7 @@ def processes(rows: Iterable[SockRow]) -> list[dict]:
             g["time_wait"] += 1
         else:
             g["connections"] += 1
-    out = sorted(groups.values(), key=lambda g: (-g["total"], g["pid"] if g["pid"] is not None else -1))
+    out = sorted(groups.values(), key=lambda g: (-g["total"], g["pid"] is None, g["pid"] or 0))  # unowned last
     for g in out:
         g["ports"] = sorted(g["ports"])[:8]
     return out
