@@ -144,21 +144,26 @@ def stream(op: str, out_fd: int, path: str | None = None, **args: object) -> dic
 MAX_LINE = 1 << 20  # one streamed event; anything longer is not the agent's
 
 
-def subscribe(path: str | None = None, **args: object) -> Iterator[dict]:
+def subscribe(path: str | None = None, heartbeat: float | None = None, **args: object) -> Iterator[dict | None]:
     """Events from the agent as they happen, one dict each, until the agent closes the
-    stream. Raises AgentError when no agent runs at the default path, too."""
+    stream; with `heartbeat`, None after that many quiet seconds (so that a reader can
+    stop). Raises AgentError when no agent runs at the default path, too."""
     with _asking("events", path, args) as asked:
         if asked is None:
             raise AgentError(f"no sockwatch agent is running on {DEFAULT_SOCKET}")
         s, _header, buf = asked
-        s.settimeout(None)  # a quiet host sends nothing for as long as it likes
+        s.settimeout(heartbeat)  # a quiet host sends nothing for as long as it likes
         while True:
             while b"\n" in buf:
                 line, _, buf = buf.partition(b"\n")
                 yield _event(line)
             if len(buf) > MAX_LINE:
                 raise AgentError("the agent's event stream is malformed: a line has no end")
-            chunk = s.recv(1 << 16)
+            try:
+                chunk = s.recv(1 << 16)
+            except TimeoutError:
+                yield None
+                continue
             if not chunk:
                 return
             buf += chunk

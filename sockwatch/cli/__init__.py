@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sockwatch.cli import doctor, events, ports, serve, snapshot, status
+from sockwatch.cli import doctor, events, live, ports, serve, snapshot, status
 
 app = typer.Typer(
     name="sockwatch",
@@ -13,6 +13,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("live")(live.live)
 app.command("snapshot")(snapshot.snapshot)
 app.command("events")(events.events)
 app.command("ports")(ports.ports)

@@ -60,6 +60,8 @@ def events(
                     sys.stderr.write("sockwatch: no agent running: streaming from one started in this process\n")
                     sys.stderr.flush()
                 for e in client.subscribe(path, filters=f.to_wire(), kinds=sorted(set(kind))):
+                    if e is None:
+                        continue
                     line = json.dumps(e, separators=(",", ":")) if as_json else describe(e)
                     sys.stdout.write(line + "\n")
                     sys.stdout.flush()

@@ -62,3 +62,37 @@ def build_filters(
     return flt.build(
         protocol=protocol, port=port, addr=addr, state=state, pid=pid, netns=[str(netns_inode(n)) for n in netns]
     )
+
+
+FILTER_WORDS = {"proto": "protocol", "port": "port", "addr": "addr", "state": "state", "pid": "pid", "netns": "netns"}
+
+
+def parse_filter_text(text: str) -> flt.Filters:
+    """The filter language of `snapshot`'s options, typed as one line (live's `/`):
+    `--proto udp --port 53`, or `proto=udp port=53`; a bare `tcp`/`udp` is a protocol
+    and a bare number a port."""
+    import shlex
+
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        raise flt.FilterError("unbalanced quotes in the filter") from None
+    lists: dict[str, list[str]] = {k: [] for k in FILTER_WORDS.values()}
+    i = 0
+    while i < len(words):
+        w = words[i]
+        key, eq, value = w.lstrip("-").partition("=")
+        if key in FILTER_WORDS and not eq and w.startswith("--"):
+            if i + 1 >= len(words):
+                raise flt.FilterError(f"{flt.shown(w)} needs a value")
+            value, i = words[i + 1], i + 1
+        elif key not in FILTER_WORDS or not eq:
+            if w.lower() in ("tcp", "udp"):
+                key, value = "proto", w
+            elif w.isascii() and w.replace("-", "").isdigit():
+                key, value = "port", w
+            else:
+                raise flt.FilterError(f"{flt.shown(w)} is not a filter: use proto=, port=, addr=, state=, pid=, netns=")
+        lists[FILTER_WORDS[key]].append(value)
+        i += 1
+    return build_filters(lists["protocol"], lists["port"], lists["addr"], lists["state"], lists["pid"], lists["netns"])

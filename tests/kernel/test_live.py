@@ -1,0 +1,129 @@
+"""`sockwatch live` in a real terminal: tmux runs it at 80x24, the test sends keys and
+reads the screen. A socket the test opens appears, goes after close; the filter, view
+and quit keys work; quitting gives the shell its terminal back."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import sockwatch_cmd
+
+
+class Terminal:
+    def __init__(self, cmd: list[str], width: int = 80, height: int = 24) -> None:
+        self.name = f"sw-live-{uuid.uuid4().hex[:8]}"
+        # the terminal says its size: a COLUMNS or LINES inherited from the test run must not
+        run = " ".join(shlex.quote(c) for c in cmd)
+        line = f"env -u COLUMNS -u LINES {run}; echo SOCKWATCH-EXITED rc=$?; sleep 60"
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height), line],
+                       check=True)  # fmt: skip
+        # a tmux server that already runs may size new windows its own way
+        subprocess.run(["tmux", "resize-window", "-t", self.name, "-x", str(width), "-y", str(height)], check=True)
+
+    def screen(self) -> str:
+        r = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, check=True)
+        return r.stdout
+
+    # at a person's pace: keys that arrive in one read with a screen change can land on
+    # the screen before or after it
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+        time.sleep(0.2)
+
+    def type(self, text: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
+        time.sleep(0.2)
+
+    def until(self, ok: Callable[[str], bool], timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.screen()
+            if ok(s):
+                return s
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the screen did not show it within {timeout}s:\n{s}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def terminal() -> Iterator[Callable[..., Terminal]]:
+    made: list[Terminal] = []
+
+    def make(*args: str, width: int = 80, height: int = 24) -> Terminal:
+        t = Terminal(sockwatch_cmd("live", *args), width, height)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def test_live_shows_a_socket_come_and_go_and_its_keys_work_at_80x24(agent, netns, child_factory, terminal):
+    t = terminal("--socket", agent.socket, "--refresh", "0.3")
+    t.until(lambda s: "sockwatch live" in s and "[1] Listeners+UDP" in s and "q quit" in s)
+    assert max(len(line) for line in t.screen().splitlines()) <= 80
+    c = child_factory(netns.name)
+    lst = c.do(op="tcp_listen", addr="127.0.0.1", port=47123)
+    # / filter, in snapshot's language: only that port
+    t.keys("/")
+    t.until(lambda s: "filter (Enter applies" in s)
+    t.type("port=47123")
+    t.keys("Enter")
+    s = t.until(lambda s: "127.0.0.1:47123" in s and "filter: port=47123" in s and "rows 1-1 of 1" in s)
+    row = next(line for line in s.splitlines() if "127.0.0.1:47123" in line)
+    assert "LISTEN" in row and str(c.pid) in row and "python3" in row and str(netns.inode) in row, row
+    c.do(op="close", id=lst["id"])
+    t.until(lambda s: "rows 0-0 of 0" in s and "LISTEN  127.0.0.1:47123" not in s)
+    # 2: connections; a connection to a fresh listener shows with both ends
+    srv = c.do(op="tcp_listen", addr="127.0.0.1", port=47124)
+    conn = c.do(op="tcp_connect", addr="127.0.0.1", port=47124, accept_on=srv["id"])
+    t.keys("/")
+    t.until(lambda s: "filter (Enter applies" in s and "port=47123" in s)
+    t.keys("C-u")
+    t.type("port=47124")
+    t.keys("Enter")
+    t.keys("2")
+    s = t.until(lambda s: "[2] Connections" in s and f"127.0.0.1:{conn['local'][1]}" in s)
+    assert "ESTAB" in s
+    # 3: processes; 4: events (the stream, newest first)
+    t.keys("3")
+    t.until(lambda s: "[3] Processes" in s and "python3" in s)
+    t.keys("4")
+    c.do(op="close", id=conn["id"])
+    t.until(lambda s: "[4] Events" in s and "CLOSE" in s and "127.0.0.1:47124" in s)
+    # ? help, then q quits and the shell has its terminal back
+    t.keys("?")
+    t.until(lambda s: "sockwatch live: keys" in s)
+    t.keys("Escape")
+    t.until(lambda s: "sockwatch live: keys" not in s)
+    t.keys("q")
+    s = t.until(lambda s: "SOCKWATCH-EXITED rc=0" in s)
+    assert "sockwatch live ·" not in s  # the alternate screen is gone
+
+
+def test_ctrl_c_and_sigterm_restore_the_terminal(agent, terminal):
+    t = terminal("--socket", agent.socket, "--refresh", "0.3", width=140, height=40)
+    t.until(lambda s: "[1] Listeners+UDP" in s and "COOKIE" in s)  # a wide terminal gets more columns
+    t.keys("C-c")
+    s = t.until(lambda s: "SOCKWATCH-EXITED rc=0" in s)
+    assert "sockwatch live ·" not in s
+
+
+def test_live_refuses_a_pipe_and_bad_options():
+    for args, needle in (
+        ([], "needs a terminal"),
+        (["--refresh", "0"], "out of range: 0.1 to 60"),
+        (["--view", "nope"], "--view must be one of"),
+    ):
+        r = subprocess.run(sockwatch_cmd("live", *args), capture_output=True, text=True, check=False, timeout=30)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r
