@@ -7,7 +7,7 @@ venv=${SOCKWATCH_VENV:-$here/.venv}
 say() { printf 'install: %s\n' "$*" >&2; }
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "install: run as root (sudo $0): it installs Debian packages and mounts tracefs" >&2
+  echo "install: run as root (sudo $0): it installs Debian packages and links kernel headers" >&2
   exit 3
 fi
 
@@ -56,5 +56,5 @@ if [ ! -x "$venv/bin/python" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check -e "$here${extra:+[$extra]}"
   touch "$stamp"
 fi
-"$venv/bin/python" -c 'import bcc, typer, rich, prometheus_client' \
-  || { echo "install: the virtual environment cannot import bcc/typer/rich/prometheus_client" >&2; exit 3; }
+"$venv/bin/python" -c 'import bcc, typer, rich, textual, prometheus_client' \
+  || { echo "install: the virtual environment cannot import bcc/typer/rich/textual/prometheus_client" >&2; exit 3; }

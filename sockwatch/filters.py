@@ -26,8 +26,8 @@ _DIGITS = re.compile(r"[0-9]{1,20}")
 
 def shown(text: object) -> str:
     """User input as an error message quotes it: repr'd (no terminal escapes), cut short."""
-    s = str(text)
-    return repr(s) if len(s) <= 40 else repr(s[:40]) + "..."
+    r = repr(str(text))
+    return r if len(r) <= 60 else r[:56] + "...'"  # cut after escaping: one character may print as ten
 
 
 def _number(text: str | int, what: str, lo: int, hi: int) -> int:

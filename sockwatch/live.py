@@ -15,7 +15,6 @@ from collections import deque
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -37,6 +36,7 @@ VIEW_TITLES = {
     "events": "Events",
 }
 HIGHLIGHT_SECONDS = 2.0
+FETCH_TIMEOUT = 10.0  # a screenful; the header says so when the agent is slower
 EVENTS_KEPT = 2000
 
 HELP = """\
@@ -144,8 +144,10 @@ class Live(App[None]):
 
     def on_mount(self) -> None:
         self.title = "sockwatch live"
-        self.fetcher()
-        self.follower()
+        # our own daemon threads, not textual workers: a thread blocked on the agent must
+        # never hold the process (and a terminal that is gone) at exit
+        for target in (self.fetcher, self.follower):
+            threading.Thread(target=target, daemon=True, name=f"live-{target.__name__}").start()
         self.set_interval(0.25, self.draw)
 
     def on_unmount(self) -> None:
@@ -158,7 +160,15 @@ class Live(App[None]):
         table = self.query_one(DataTable)
         return max(10, min(1000, table.size.height or self.size.height))
 
-    @work(thread=True, exclusive=True, group="fetch")
+    def _hand(self, *args: Any) -> bool:
+        """Give the UI thread a fetched screenful; False once the app is gone."""
+        try:
+            self.call_from_thread(self.take, *args)
+        except RuntimeError:  # the app has stopped
+            self._stop.set()
+            return False
+        return True
+
     def fetcher(self) -> None:
         while not self._stop.is_set():
             if not self.paused:
@@ -168,8 +178,8 @@ class Live(App[None]):
                     view = "processes" if self.view_name == "processes" else (
                         "all" if self.view_name == "events" else self.view_name)  # fmt: skip
                     got = client.request(
-                        "view", self.socket_path, filters=self.filters.to_wire(), view=view, sort=self.sort,
-                        reverse=self.reverse, offset=self.offset, limit=self.rows_wanted(),
+                        "view", self.socket_path, timeout=FETCH_TIMEOUT, filters=self.filters.to_wire(), view=view,
+                        sort=self.sort, reverse=self.reverse, offset=self.offset, limit=self.rows_wanted(),
                     )  # fmt: skip
                     if got is None:
                         raise client.AgentError("the agent went away")
@@ -177,13 +187,12 @@ class Live(App[None]):
 
                     data = json.loads(got[1])
                     data["fetch_seconds"] = time.monotonic() - t0
-                    self.call_from_thread(self.take, data, "", query)
+                    self._hand(data, "", query)
                 except (client.AgentError, ValueError, OSError) as e:
-                    self.call_from_thread(self.take, None, str(e), query)
+                    self._hand(None, str(e), query)
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
 
-    @work(thread=True, exclusive=True, group="events")
     def follower(self) -> None:
         """The event stream, kept for the events view (the last EVENTS_KEPT)."""
         while not self._stop.is_set():

@@ -1,86 +1,187 @@
 """The event stream's rules: what each hook record means to a person (pure; no I/O).
 
 A record becomes a `StreamEvent` in two steps around the tracker's apply: `describe`
-runs before (the socket's row, if any, still holds what the record does not carry: its
-owner, when it was born), and the agent completes the rest after (an accepted
-connection's owner from its listener, the local side the kernel chose for a connected
-UDP socket, who holds a port a bind failed on).
+runs before (what the socket's earlier records or its table row say and this record
+does not carry: its owner, when it was born, whether connect() opened it), and the
+agent completes the rest after (an accepted connection's owner from its listener, the
+local side the kernel chose for a connected UDP socket).
 
 How a local port was set is the `bind` field: "asked" (bind() named it), "port 0"
 (bind() let the kernel choose), "no port" (IP_BIND_ADDRESS_NO_PORT: the port comes at
 connect), "connect", "listen" or "sendto" (an implicit bind by that call), or None.
+
+This runs for every record while someone subscribes (tens of thousands a second under
+churn), so a socket is a plain tuple of printable values, strings are formatted once
+(cached), and a line is one template, not a dict through json.dumps.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import ipaddress
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sockwatch import events as ev
 from sockwatch.events import Event
-from sockwatch.model import IPPROTO_TCP, R_ACTIVE, STATE_NAMES, SockRow, TcpState, fmt_addr
+from sockwatch.model import (
+    FAMILY_VERSION,
+    IPPROTO_TCP,
+    PROTO_NAMES,
+    R_ACTIVE,
+    STATE_NAMES,
+    SockRow,
+    TcpState,
+    fmt_addr,
+)
 
 KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close", "lost")
 MAX_BOUND = 65536  # TCP sockets bound but not yet listening or connecting, remembered
 
 
+class Sock(NamedTuple):
+    """One socket as the stream shows it, all values ready to print. Its state is the
+    event's (a state change reuses the socket's tuple as it is)."""
+
+    cookie: int
+    netns: int
+    family: int  # 4 or 6
+    protocol: int
+    local: str
+    local_port: int
+    remote: str | None
+    remote_port: int
+    pid: int | None
+    uid: int | None
+    comm: str | None
+    born_ns: int
+    active: bool  # opened by connect()
+
+
+@functools.lru_cache(maxsize=65536)
+def _addr(family: int, raw: bytes) -> str:
+    a = ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
+    return fmt_addr(a)
+
+
+@functools.lru_cache(maxsize=4096)
+def _comm(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_str(s: str | None) -> str:
+    return json.dumps(s)
+
+
+def sock_of_event(e: Event, netns: int) -> Sock:
+    family = FAMILY_VERSION.get(e.family, 4)  # type: ignore[call-overload]
+    owner = e.flags & ev.F_OWNER and not e.flags & ev.F_LIFETIME
+    return Sock(
+        e.cookie,
+        netns,
+        family,
+        e.protocol,
+        _addr(family, e.local_addr),
+        e.local_port,
+        _addr(family, e.remote_addr) if e.remote_port else None,
+        e.remote_port,
+        e.pid if owner else None,
+        e.uid if owner else None,
+        _comm(e.comm) if owner else None,
+        e.ts_ns,
+        e.kind == ev.CONNECT,
+    )
+
+
+def sock_of_row(r: SockRow) -> Sock:
+    return Sock(
+        r.cookie,
+        r.netns,
+        r.family,
+        r.protocol,
+        fmt_addr(r.local_address),
+        r.local_port,
+        fmt_addr(r.remote_address) if r.remote_address is not None and r.is_connection else None,
+        r.remote_port if r.is_connection else 0,
+        r.pid,
+        r.uid,
+        r.comm,
+        r.born_ns,
+        bool(r.flags & R_ACTIVE),
+    )
+
+
 @dataclass(slots=True)
 class StreamEvent:
     kind: str
-    row: SockRow  # the socket as this event leaves it (filters match on it)
+    sock: Sock  # the socket as this event leaves it
+    state: int
     ts_ns: int  # CLOCK_MONOTONIC
     old_state: int | None = None
     bind: str | None = None
     errno: int = 0
-    holders: list[SockRow] = field(default_factory=list)
+    holders: list[tuple[Sock, int]] = field(default_factory=list)  # (socket, its state)
     lifetime: dict | None = None
 
-    def as_dict(self, wall_offset: float) -> dict:
-        d = {"time": round(self.ts_ns / 1e9 + wall_offset, 6), "kind": self.kind, **self.row.as_dict()}
-        if self.kind == "bind_fail":  # what was asked for, not a socket in any table
-            d["state"] = None
-        if self.old_state is not None:
-            d["old_state"] = STATE_NAMES.get(self.old_state, str(self.old_state))
-        if self.bind is not None:
-            d["bind"] = self.bind
-        if self.errno:
-            d["errno"] = errno.errorcode.get(self.errno, str(self.errno))
-            d["error"] = os.strerror(self.errno)
-            d["holders"] = [_holder(h) for h in self.holders]
-        if self.lifetime is not None:
-            d["lifetime"] = self.lifetime
-        return d
-
     def json_line(self, wall_offset: float) -> bytes:
-        return json.dumps(self.as_dict(wall_offset), separators=(",", ":")).encode() + b"\n"
+        s = self.sock
+        state = "null" if self.kind == "bind_fail" else f'"{STATE_NAMES.get(self.state, self.state)}"'
+        line = (
+            f'{{"time":{self.ts_ns / 1e9 + wall_offset:.6f},"kind":"{self.kind}",'
+            f'"protocol":"{PROTO_NAMES.get(s.protocol, s.protocol)}","family":{s.family},"state":{state},'
+            f'"local_address":"{s.local}","local_port":{s.local_port},'
+            f'"remote_address":{_json_str(s.remote)},"remote_port":{s.remote_port},'
+            f'"pid":{_num(s.pid)},"comm":{_json_str(s.comm)},"uid":{_num(s.uid)},'
+            f'"cookie":{s.cookie},"netns":{s.netns}'
+        )
+        if self.old_state is not None:
+            line += f',"old_state":"{STATE_NAMES.get(self.old_state, self.old_state)}"'
+        if self.bind is not None:
+            line += f',"bind":"{self.bind}"'
+        if self.errno:
+            holders = json.dumps([_holder(h) for h in self.holders], separators=(",", ":"))
+            line += (f',"errno":"{errno.errorcode.get(self.errno, self.errno)}",'
+                     f'"error":{json.dumps(os.strerror(self.errno))},"holders":{holders}')  # fmt: skip
+        life = self.lifetime
+        if life is not None:
+            secs = "null" if life["seconds"] is None else life["seconds"]
+            line += f',"lifetime":{{"seconds":{secs}'
+            if "bytes_sent" in life:
+                line += (f',"bytes_sent":{life["bytes_sent"]},"bytes_received":{life["bytes_received"]},'
+                         f'"retransmits":{life["retransmits"]},"srtt_us":{life["srtt_us"]}')  # fmt: skip
+            line += "}"
+        return (line + "}\n").encode()
 
 
-def _holder(r: SockRow) -> dict:
+def _num(n: int | None) -> str:
+    return "null" if n is None else str(n)
+
+
+def _holder(h: tuple[Sock, int]) -> dict:
+    s, state = h
     return {
-        "pid": r.pid,
-        "comm": r.comm,
-        "cookie": r.cookie,
-        "inode": r.inode,
-        "protocol": r.proto_name,
-        "local_address": fmt_addr(r.local_address),
-        "local_port": r.local_port,
-        "state": r.state_name,
+        "pid": s.pid,
+        "comm": s.comm,
+        "cookie": s.cookie,
+        "protocol": PROTO_NAMES.get(s.protocol, str(s.protocol)),
+        "local_address": s.local,
+        "local_port": s.local_port,
+        "state": STATE_NAMES.get(state, str(state)),
     }
 
 
-def lost_line(events: int, owners: int, wall_time: float) -> bytes:
-    """Said to every subscriber when the hooks lost records: the stream has a gap there
-    (the table itself is resynced)."""
-    return (
-        json.dumps(
-            {"time": round(wall_time, 6), "kind": "lost", "events": events, "udp_owners": owners},
-            separators=(",", ":"),
-        ).encode()
-        + b"\n"
-    )
+def lost_line(events: int, owners: int, wall_time: float, reason: str) -> bytes:
+    """Said to subscribers when records were lost to them: the stream has a gap there.
+    reason "ring": the hooks found the ring full (the table itself is resynced);
+    "stream": the agent's stream work hit its CPU budget and skipped them (the table
+    has them)."""
+    return (f'{{"time":{wall_time:.6f},"kind":"lost","events":{events},"udp_owners":{owners},'
+            f'"reason":"{reason}"}}\n').encode()  # fmt: skip
 
 
 def lifetime(e: Event, born_ns: int, active: bool) -> dict:
@@ -102,6 +203,17 @@ def lifetime(e: Event, born_ns: int, active: bool) -> dict:
     }
 
 
+_KIND = {
+    ev.BIND: "bind",
+    ev.BIND_FAIL: "bind_fail",
+    ev.LISTEN: "listen",
+    ev.CONNECT: "connect",
+    ev.UDP_CONNECT: "connect",
+    ev.ACCEPT: "accept",
+    ev.RELEASE: "close",
+}
+
+
 class Describer:
     """Turns hook records into stream events. Keeps one thing across records: which TCP
     sockets bind() gave a port, so that a later connect or listen can say whether the
@@ -110,27 +222,28 @@ class Describer:
     def __init__(self) -> None:
         self.bound: dict[int, int] = {}  # cookie -> port bind() left it with
 
-    def describe(
-        self, e: Event, row: SockRow | None, make_row: Callable[[Event], SockRow | None]
-    ) -> StreamEvent | None:
-        """`row`: the tracker's row for the cookie before this record; `make_row(e)` a
-        row from the record alone (the tracker's rule), or None if its namespace is gone."""
+    def describe(self, e: Event, before: Sock | None, netns: Callable[[Event], int | None]) -> StreamEvent | None:
+        """`before`: the socket as its earlier records or its table row left it;
+        `netns(e)`: the record's namespace inode, or None if it is gone unseen."""
         kind = e.kind
-        if kind in (ev.STATE, ev.RELEASE) and row is not None:
-            new = _copy(row)  # these records carry no owner (and a release no address)
+        if kind in (ev.STATE, ev.RELEASE) and before is not None:
+            sock = before  # these records carry no owner (and a release no address): the rest is known
         else:
-            made = make_row(e)
-            if made is None:
+            ns = before.netns if before is not None else netns(e)
+            if ns is None:
                 return None
-            new = made
-            if kind == ev.RELEASE:
-                new.state = e.old_state
-            if row is not None and new.pid is None:
-                new.pid, new.uid, new.comm = row.pid, row.uid, row.comm
-        if kind == ev.STATE:
-            new.state = e.state
-        born = row.born_ns if row is not None else 0
-        out = StreamEvent(_kind(e), new, e.ts_ns)
+            sock = sock_of_event(e, ns)
+            if before is not None:
+                sock = sock._replace(
+                    pid=before.pid if sock.pid is None else sock.pid,
+                    uid=before.uid if sock.pid is None else sock.uid,
+                    comm=before.comm if sock.pid is None else sock.comm,
+                    born_ns=before.born_ns or sock.born_ns,
+                    active=before.active or sock.active,
+                )
+        state = e.old_state if kind == ev.RELEASE else e.state
+        closed = kind == ev.STATE and e.state == TcpState.CLOSE
+        out = StreamEvent("close" if closed else _KIND.get(kind, "state"), sock, state, e.ts_ns)
         if kind == ev.BIND:
             if e.protocol == IPPROTO_TCP:
                 self._remember(e.cookie, e.local_port)
@@ -142,19 +255,21 @@ class Describer:
             if not self.bound.pop(e.cookie, 0):
                 out.bind = "listen" if kind == ev.LISTEN else "connect"
         elif kind == ev.UDP_CONNECT:
-            if row is None or not row.local_port:
+            if before is None or not before.local_port:
                 out.bind = "connect"
-            new.local_address, new.local_port = (row.local_address, row.local_port) if row else (new.local_address, 0)
+            # the kernel picks the local side after the hook: the agent reads it
+            out.sock = sock._replace(local=before.local if before else sock.local,
+                                     local_port=before.local_port if before else 0)  # fmt: skip
         elif kind == ev.STATE:
             out.old_state = e.old_state
-            if e.state == TcpState.CLOSE and e.old_state != TcpState.LISTEN:
-                active = row is not None and bool(row.flags & R_ACTIVE)
-                out.lifetime = lifetime(e, born, active) if e.flags & ev.F_LIFETIME else None
+            if e.state == TcpState.CLOSE:
+                if e.flags & ev.F_LIFETIME and e.old_state != TcpState.LISTEN:
+                    out.lifetime = lifetime(e, sock.born_ns, sock.active)
                 self.bound.pop(e.cookie, None)
         elif kind == ev.RELEASE:
             self.bound.pop(e.cookie, None)
-            if born:
-                out.lifetime = {"seconds": round((e.ts_ns - born) / 1e9, 6)}
+            if sock.born_ns:
+                out.lifetime = {"seconds": round((e.ts_ns - sock.born_ns) / 1e9, 6)}
         return out
 
     def _remember(self, cookie: int, port: int) -> None:
@@ -163,68 +278,53 @@ class Describer:
         self.bound[cookie] = port
 
 
-def _kind(e: Event) -> str:
-    if e.kind == ev.STATE:
-        return "close" if e.state == TcpState.CLOSE else "state"
-    return {
-        ev.BIND: "bind",
-        ev.BIND_FAIL: "bind_fail",
-        ev.LISTEN: "listen",
-        ev.CONNECT: "connect",
-        ev.UDP_CONNECT: "connect",
-        ev.ACCEPT: "accept",
-        ev.RELEASE: "close",
-    }.get(e.kind, "unknown")
+def holds(said: StreamEvent) -> bool:
+    """Still in a lookup table after this event: a closed socket holds no port."""
+    if not said.sock.local_port or said.kind in ("bind_fail", "close"):
+        return False
+    return said.sock.protocol != IPPROTO_TCP or said.kind != "bind"  # a bound TCP socket is in no table yet
 
 
-def _copy(row: SockRow) -> SockRow:
-    return SockRow(
-        cookie=row.cookie,
-        protocol=row.protocol,
-        family=row.family,
-        state=row.state,
-        local_address=row.local_address,
-        local_port=row.local_port,
-        remote_address=row.remote_address,
-        remote_port=row.remote_port,
-        netns=row.netns,
-        inode=row.inode,
-        pid=row.pid,
-        comm=row.comm,
-        uid=row.uid,
-        owner_source=row.owner_source,
-        netns_cookie=row.netns_cookie,
-        flags=row.flags,
-        born_ns=row.born_ns,
-    )
-
-
-def closed(row: SockRow) -> SockRow:
-    """A copy of row as no lookup table has it any more (for later records of a batch)."""
-    gone = _copy(row)
-    gone.local_port = 0
-    return gone
-
-
-def conflicts(rows: list[SockRow], want: SockRow) -> list[SockRow]:
-    """Sockets in `rows` that hold the port a bind of `want` asked for: same namespace,
-    protocol and port, and addresses that overlap (equal, or either a wildcard; an IPv6
-    wildcard may also take IPv4). Listeners and unconnected sockets first."""
-    out = []
-    for r in rows:
-        if r.netns != want.netns or r.protocol != want.protocol or r.local_port != want.local_port:
-            continue
-        if _overlap(r, want):
-            out.append(r)
-    out.sort(key=lambda r: (r.is_connection, r.cookie))
+def conflicts(socks: list[tuple[Sock, int]], want: Sock) -> list[tuple[Sock, int]]:
+    """(socket, state) pairs that hold the port a bind of `want` asked for: same
+    namespace, protocol and port, and addresses that overlap (equal, or either a
+    wildcard; an IPv6 wildcard may also take IPv4). Listeners and unconnected first."""
+    out = [
+        (s, st)
+        for s, st in socks
+        if s.netns == want.netns and s.protocol == want.protocol and s.local_port == want.local_port
+        and _overlap(s, want)
+    ]  # fmt: skip
+    out.sort(key=lambda h: (h[0].remote is not None, h[0].cookie))
     return out
 
 
-def _overlap(a: SockRow, b: SockRow) -> bool:
-    if a.local_address == b.local_address:
+_WILDCARD = {4: "0.0.0.0", 6: "::"}
+
+
+def _overlap(a: Sock, b: Sock) -> bool:
+    if a.local == b.local:
         return True
     for x, y in ((a, b), (b, a)):
-        if not int(x.local_address) and x.family in (y.family, 6):
+        if x.local == _WILDCARD[x.family] and x.family in (y.family, 6):
             return True  # a wildcard holds every address of its family (v6: v4 too, unless v6only)
-    mapped = getattr(a.local_address, "ipv4_mapped", None) or getattr(b.local_address, "ipv4_mapped", None)
-    return mapped is not None and mapped in (a.local_address, b.local_address)
+    return a.local == f"::ffff:{b.local}" or b.local == f"::ffff:{a.local}"
+
+
+class Match:
+    """An event as Filters.match sees a row (addresses as ipaddress objects); built
+    only for subscribers that filter."""
+
+    __slots__ = ("local_address", "local_port", "netns", "pid", "protocol", "remote_address", "remote_port", "state")
+
+    def __init__(self, said: StreamEvent) -> None:
+        s = said.sock
+        self.protocol, self.state, self.pid, self.netns = s.protocol, said.state, s.pid, s.netns
+        self.local_port, self.remote_port = s.local_port, s.remote_port
+        self.local_address = _ip(s.local)
+        self.remote_address = _ip(s.remote) if s.remote is not None else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)

@@ -349,13 +349,9 @@ class Tracker:
         self.version += 1
         return Change("update" if old is not None else "add", cookie)
 
-    def row_for_event(self, e: Event) -> SockRow | None:
-        """A row from this record alone, or None if its namespace is gone unseen."""
-        netns = self._netns_inode(e)
-        return None if netns is None else row_from_event(e, netns)
-
-    def inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
-        self._inherit_listener_owners(rows)
+    def netns_inode(self, e: Event) -> int | None:
+        """The inode of a record's namespace, or None if it is gone unseen."""
+        return self._netns_inode(e)
 
     def _inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
         """An accepted connection belongs to whoever holds its listener (exact address

@@ -35,7 +35,7 @@ def _kind(mode: int) -> str:
     return "not a socket"
 
 
-def _connect(path: str | None) -> socket.socket | None:
+def _connect(path: str | None, timeout: float = ANSWER_TIMEOUT) -> socket.socket | None:
     """A connection to a verified agent; None when the default path has no agent."""
     explicit = path is not None
     where = path if path is not None else DEFAULT_SOCKET
@@ -53,7 +53,7 @@ def _connect(path: str | None) -> socket.socket | None:
         if not stat.S_ISSOCK(mode):
             raise AgentError(f"{where} is {_kind(mode)}, not an agent's socket")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(ANSWER_TIMEOUT)
+    s.settimeout(timeout)
     try:
         s.connect(where)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
@@ -94,10 +94,12 @@ def _read_header(s: socket.socket) -> tuple[dict, bytes]:
 
 
 @contextlib.contextmanager
-def _asking(op: str, path: str | None, args: dict) -> Iterator[tuple[socket.socket, dict, bytes] | None]:
+def _asking(
+    op: str, path: str | None, args: dict, timeout: float = ANSWER_TIMEOUT
+) -> Iterator[tuple[socket.socket, dict, bytes] | None]:
     """(connection, header, start of the body), or None when no agent runs at the
     default path; transport failures become one AgentError."""
-    s = _connect(path)
+    s = _connect(path, timeout)
     if s is None:
         yield None
         return
@@ -107,16 +109,18 @@ def _asking(op: str, path: str | None, args: dict) -> Iterator[tuple[socket.sock
             header, body = _read_header(s)
             yield s, header, body
     except TimeoutError:
-        raise AgentError(f"the agent did not answer within {ANSWER_TIMEOUT:.0f}s") from None
+        raise AgentError(f"the agent did not answer within {timeout:.0f}s") from None
     except BrokenPipeError:
         raise  # our own reader went away (| head): the CLI handles it
     except OSError as e:
         raise AgentError(f"the connection to the agent failed: {e.strerror or e}") from None
 
 
-def request(op: str, path: str | None = None, **args: object) -> tuple[dict, bytes] | None:
+def request(
+    op: str, path: str | None = None, timeout: float = ANSWER_TIMEOUT, **args: object
+) -> tuple[dict, bytes] | None:
     """(header, body) from the agent, or None when no agent runs at the default path."""
-    with _asking(op, path, args) as asked:
+    with _asking(op, path, args, timeout) as asked:
         if asked is None:
             return None
         s, header, body = asked
@@ -146,8 +150,16 @@ MAX_LINE = 1 << 20  # one streamed event; anything longer is not the agent's
 
 def subscribe(path: str | None = None, heartbeat: float | None = None, **args: object) -> Iterator[dict | None]:
     """Events from the agent as they happen, one dict each, until the agent closes the
-    stream; with `heartbeat`, None after that many quiet seconds (so that a reader can
-    stop). Raises AgentError when no agent runs at the default path, too."""
+    stream. None is yielded whenever all that arrived has been handed over, and with
+    `heartbeat` after that many quiet seconds (so that a reader can stop). Raises
+    AgentError when no agent runs at the default path, too."""
+    for line in subscribe_lines(path, heartbeat, **args):
+        yield None if line is None else _event(line)
+
+
+def subscribe_lines(path: str | None = None, heartbeat: float | None = None, **args: object) -> Iterator[bytes | None]:
+    """subscribe's lines as the agent sent them (a verified root agent's JSON), for
+    copying straight to an output."""
     with _asking("events", path, args) as asked:
         if asked is None:
             raise AgentError(f"no sockwatch agent is running on {DEFAULT_SOCKET}")
@@ -156,9 +168,10 @@ def subscribe(path: str | None = None, heartbeat: float | None = None, **args: o
         while True:
             while b"\n" in buf:
                 line, _, buf = buf.partition(b"\n")
-                yield _event(line)
+                yield line
             if len(buf) > MAX_LINE:
                 raise AgentError("the agent's event stream is malformed: a line has no end")
+            yield None  # all that has come is handed over (a writer may flush now)
             try:
                 chunk = s.recv(1 << 16)
             except TimeoutError:

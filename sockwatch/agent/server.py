@@ -45,6 +45,7 @@ JSON_CACHE_SECONDS = 10.0
 LOSS_MEMORY_SECONDS = 60.0  # how long answers mention a repaired loss
 TRIM_SECONDS = 30.0
 STREAM_BUFFER = 8 * 2**20  # a subscriber that falls this far behind is dropped
+STREAM_CPU_BUDGET = 0.25  # seconds of CPU per second the event stream may take; beyond, it skips (and says so)
 
 
 @dataclass
@@ -156,6 +157,10 @@ class Agent:
         self.subscribers: set[Client] = set()
         self.describer = stream.Describer()
         self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
+        self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
+        self._stream_cpu = 0.0  # spent on the stream in this second
+        self._stream_skipped = 0  # records skipped in this second for the budget
+        self.stream_skipped_total = 0
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -239,6 +244,7 @@ class Agent:
                 self.tracker.expire_timewait()
                 if self.subscribers:
                     self._find_autobound()  # subscribers hear of sendto() binds within a second
+                self._stream_second()
                 if now >= next_trim:
                     _give_back_memory()  # what bursts of answers and batch map reads freed
                     next_trim = now + TRIM_SECONDS
@@ -265,11 +271,28 @@ class Agent:
             if not self.subscribers:
                 changes += self.tracker.apply_batch(batch)
                 continue
+            if self._stream_cpu > STREAM_CPU_BUDGET:
+                # the table before the stream: the host's agent never falls behind for a reader
+                self._stream_skipped += len(batch)
+                changes += self.tracker.apply_batch(batch)
+                continue
+            t0 = time.thread_time()
             said = self._describe(batch)
             changes += self.tracker.apply_batch(batch)
             self._complete(said)
             self._publish(said)
+            self._stream_cpu += time.thread_time() - t0
         return changes
+
+    def _stream_second(self) -> None:
+        """Once a second: a new CPU budget for the stream, and what it skipped told."""
+        self._stream_cpu = 0.0
+        if self._stream_skipped:
+            line = stream.lost_line(self._stream_skipped, 0, time.time(), "stream")
+            for c in list(self.subscribers):
+                self._queue(c, [line])
+            self.stream_skipped_total += self._stream_skipped
+            self._stream_skipped = 0
 
     # ---- the event stream -------------------------------------------------------------
 
@@ -279,59 +302,79 @@ class Agent:
         holds the port of a failed bind is found here, as the table stood at the
         failure, for the same reason."""
         rows = self.tracker.rows
-        seen: dict[int, SockRow] = {}  # rows as this batch's earlier records left them
+        seen: dict[int, stream.StreamEvent] = {}  # each socket's latest event in this batch
         out = []
-        describe, make = self.describer.describe, self.tracker.row_for_event
-        by_port: dict[tuple, list[SockRow]] | None = None
+        describe, netns = self.describer.describe, self.tracker.netns_inode
         for i in range(len(batch)):
             e = batch.event(i)
-            before = seen.get(e.cookie) or rows.get(e.cookie)
-            said = describe(e, before, make)
+            last = seen.get(e.cookie)
+            if last is not None:
+                before: stream.Sock | None = last.sock
+            elif (row := rows.get(e.cookie)) is not None:
+                before = stream.sock_of_row(row)
+            else:
+                before = None
+            said = describe(e, before, netns)
             if said is None:
                 continue
             out.append(said)
             if said.kind == "bind_fail":
-                if by_port is None:
-                    by_port = self._visible_by_port()
-                key = (said.row.netns, said.row.protocol, said.row.local_port)
-                now = [r for r in by_port.get(key, []) if r.cookie not in seen]
-                now += [r for r in seen.values() if (r.netns, r.protocol, r.local_port) == key and r.visible]
-                said.holders = stream.conflicts(now, said.row)
-            # a closed socket holds nothing for the rest of the batch
-            seen[e.cookie] = stream.closed(said.row) if said.kind == "close" else said.row
+                key = (said.sock.netns, said.sock.protocol, said.sock.local_port)
+                now = [(stream.sock_of_row(r), r.state) for r in self._visible_by_port().get(key, [])
+                       if r.cookie not in seen]  # fmt: skip
+                now += [(x.sock, x.state) for x in seen.values() if stream.holds(x)]
+                said.holders = stream.conflicts(now, said.sock)
+            seen[e.cookie] = said
         return out
 
     def _visible_by_port(self) -> dict[tuple, list[SockRow]]:
-        by_port: dict[tuple, list[SockRow]] = {}
-        for r in self.tracker.rows.values():
-            if r.visible:
-                by_port.setdefault((r.netns, r.protocol, r.local_port), []).append(r)
-        return by_port
+        """Tabled sockets by (netns, protocol, port), built once per table version (bind
+        failures come in bursts when a service retries)."""
+        version, index = self._by_port
+        if version != self.tracker.version:
+            index = {}
+            for r in self.tracker.rows.values():
+                if r.visible:
+                    index.setdefault((r.netns, r.protocol, r.local_port), []).append(r)
+            self._by_port = (self.tracker.version, index)
+        return index
 
     def _complete(self, said: list[stream.StreamEvent]) -> None:
         """What only the table, after the batch, can tell: an accepted connection's
         owner (its listener's) and the local side the kernel chose for a connected UDP
         socket."""
         t = self.tracker
-        t.inherit_listener_owners([s.row for s in said if s.kind == "accept" and s.row.pid is None])
-        udp = [s for s in said if s.kind == "connect" and s.row.protocol == IPPROTO_UDP]
+        for s in said:
+            if s.kind == "accept" and s.sock.pid is None and (row := t.rows.get(s.sock.cookie)) is not None:
+                s.sock = s.sock._replace(pid=row.pid, uid=row.uid, comm=row.comm)
+        udp = [s for s in said if s.kind == "connect" and s.sock.protocol == IPPROTO_UDP]
         if udp:
             t.resolve_pending()
             for s in udp:
-                row = t.rows.get(s.row.cookie)
+                row = t.rows.get(s.sock.cookie)
                 if row is not None and row.local_port:
-                    s.row.local_address, s.row.local_port = row.local_address, row.local_port
+                    s.sock = s.sock._replace(local=stream.sock_of_row(row).local, local_port=row.local_port)
 
     def _publish(self, said: list[stream.StreamEvent]) -> None:
         wall = self.wall_offset
+        lines: list[bytes | None] = [None] * len(said)  # each rendered once, for every subscriber
+        matches: list[stream.Match | None] = [None] * len(said)
         for c in list(self.subscribers):
             sub = c.sub
             assert sub is not None
-            chunks = [
-                s.json_line(wall)
-                for s in said
-                if (not sub.kinds or s.kind in sub.kinds) and (sub.filters.empty or sub.filters.match(s.row))
-            ]
+            chunks = []
+            for i, s in enumerate(said):
+                if sub.kinds and s.kind not in sub.kinds:
+                    continue
+                if not sub.filters.empty:
+                    m = matches[i] or stream.Match(s)
+                    matches[i] = m
+                    if not sub.filters.match(m):  # type: ignore[arg-type]
+                        continue
+                line = lines[i]
+                if line is None:
+                    line = lines[i] = s.json_line(wall)
+                chunks.append(line)
             sub.sent += len(chunks)
             self._queue(c, chunks)
 
@@ -351,7 +394,7 @@ class Agent:
         self._flush(c)
 
     def _stream_lost(self, events: int, owners: int) -> None:
-        line = stream.lost_line(events, owners, time.time())
+        line = stream.lost_line(events, owners, time.time(), "ring")
         for c in list(self.subscribers):
             self._queue(c, [line])
 
@@ -367,7 +410,9 @@ class Agent:
         self._udp_announced_by_us += len(found)
         if found and self.subscribers:
             now = time.monotonic_ns()
-            self._publish([stream.StreamEvent("bind", row, now, bind="sendto") for row in found])
+            self._publish(
+                [stream.StreamEvent("bind", stream.sock_of_row(r), r.state, now, bind="sendto") for r in found]
+            )
 
     def _check_losses(self) -> dict[str, int]:
         """Events lost to a full ring, or UDP owners to a full map: resync from the kernel.
@@ -637,6 +682,8 @@ class Agent:
             "hooks_missing": [{"hook": m.hook.what, "why": m.why} for m in self.loaded.missing],
             "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),
+            "subscribers": len(self.subscribers),
+            "stream_skipped": self.stream_skipped_total + self._stream_skipped,
             "clients_dropped": dict(self.clients_dropped),
             "partial": self.partial(),
         }

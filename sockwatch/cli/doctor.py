@@ -38,8 +38,15 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
 
 
 def doctor() -> None:
-    """Check root, bcc, cgroup v2, kernel headers, and that every hook sockwatch
-    uses loads and attaches here. Exit status 3 if anything needed is missing."""
+    """Check what this machine offers sockwatch: root, bpf(), bcc, cgroup v2, kernel
+    headers, and that every hook loads and attaches here (each for an instant).
+
+    Says what to do about each gap. Exit status 3 if anything is missing.
+
+    Example:
+
+        sudo sockwatch doctor
+    """
     from sockwatch.kernel import prereq
 
     typer.echo(f"kernel {platform.release()}")

@@ -59,12 +59,20 @@ def events(
                 if mode == "in-process":
                     sys.stderr.write("sockwatch: no agent running: streaming from one started in this process\n")
                     sys.stderr.flush()
-                for e in client.subscribe(path, filters=f.to_wire(), kinds=sorted(set(kind))):
-                    if e is None:
-                        continue
-                    line = json.dumps(e, separators=(",", ":")) if as_json else describe(e)
-                    sys.stdout.write(line + "\n")
-                    sys.stdout.flush()
+                wire, kinds = f.to_wire(), sorted(set(kind))
+                if as_json:  # the agent's lines as they come: no parse, no re-encode
+                    out = sys.stdout.buffer
+                    for raw in client.subscribe_lines(path, filters=wire, kinds=kinds):
+                        if raw is None:
+                            out.flush()  # all that came so far is out
+                        else:
+                            out.write(raw + b"\n")
+                else:
+                    for e in client.subscribe(path, filters=wire, kinds=kinds):
+                        if e is None:
+                            sys.stdout.flush()
+                        else:
+                            sys.stdout.write(describe(e) + "\n")
         except KeyboardInterrupt:
             return
     raise fail("the agent ended the event stream (it stopped, or this reader fell too far behind)")

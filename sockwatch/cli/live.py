@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -56,7 +59,22 @@ def live(
         with agent_socket(socket_path) as (path, mode):
             app = Live(path, mode, seconds, view)
             app.filters, app.filter_text = filters, filter_text.strip()
-            # SIGTERM and SIGHUP end it like q does: the terminal is restored on the way out
+
+            def ended(signum: int, _frame: object) -> None:
+                """SIGTERM and SIGHUP end it as q does, the terminal restored on the way
+                out; if that cannot finish (a terminal that is gone), a hard exit in 3 s,
+                after removing an in-process agent's directory."""
+                app.call_later(app.exit)
+
+                def hard() -> None:
+                    if mode == "in-process":
+                        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                    os._exit(128 + signum)
+
+                timer = threading.Timer(3.0, hard)
+                timer.daemon = True  # a normal exit before then does not wait for it
+                timer.start()
+
             for sig in (signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, lambda *_: app.call_later(app.exit))
+                signal.signal(sig, ended)
             app.run()

@@ -11,10 +11,6 @@ from sockwatch.agent.protocol import DEFAULT_SOCKET
 from sockwatch.cli import args
 from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
 
-HELP = """Load the BPF programs once, keep the socket table live, and answer local
-queries (snapshot, status) on a root-only unix socket. Everything is attached through
-BPF links: when the agent exits, however it exits, the kernel detaches it all."""
-
 
 def serve(
     socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="Where to answer queries (root-only)."),
@@ -34,6 +30,20 @@ def serve(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does."),
 ) -> None:
+    """Run the agent: load the BPF programs once, keep the socket table live, and
+    answer local queries on a root-only unix socket.
+
+    `snapshot`, `status`, `events`, `live` and `ports` ask it. Everything is attached
+    through BPF links: when the agent exits, however it exits, the kernel detaches it
+    all. A kernel that refuses one hook runs without it (degraded, and every answer
+    says so). One agent per socket path.
+
+    Examples:
+
+        sudo sockwatch serve
+
+        sudo sockwatch serve --socket /run/sockwatch/agent.sock --max-udp 262144
+    """
     from sockwatch.agent.server import Agent, Settings
 
     try:

@@ -17,6 +17,15 @@ def status(
     reconcile: bool = typer.Option(False, "--reconcile", help="Compare with the kernel now, then report."),
     socket_path: str = typer.Option(None, "--socket", help=f"The agent's socket. [default: {DEFAULT_SOCKET}]"),
 ) -> None:
+    """The running agent's own health: sockets and namespaces, its CPU and memory,
+    events per second, losses and repairs, clients, and any hook it runs without.
+
+    Examples:
+
+        sockwatch status
+
+        sockwatch status --reconcile --json
+    """
     with friendly():
         answer = client.request("status", socket_path, reconcile=reconcile)
     if answer is None:

@@ -4,7 +4,9 @@ and quit keys work; quitting gives the shell its terminal back."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import subprocess
 import time
 import uuid
@@ -50,8 +52,43 @@ class Terminal:
                 raise AssertionError(f"the screen did not show it within {timeout}s:\n{s}")
             time.sleep(0.1)
 
+    def live_pid(self) -> int:
+        """The sockwatch process (the pane's shell runs it as its child)."""
+        out = subprocess.run(["tmux", "display", "-p", "-t", self.name, "#{pane_pid}"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        shell = int(out.stdout)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{shell}/task/{shell}/children") as f:
+                kids = f.read().split()
+            if kids:
+                return int(kids[0])
+            time.sleep(0.05)
+        raise AssertionError("no sockwatch process under the pane's shell")
+
     def close(self) -> None:
+        """Kill the session; the live process must go with its terminal (SIGHUP)."""
+        try:
+            pid: int | None = self.live_pid()
+        except (AssertionError, OSError, ValueError, subprocess.CalledProcessError):
+            pid = None
         subprocess.run(["tmux", "kill-session", "-t", self.name], check=False, capture_output=True)
+        if pid is not None and not gone(pid, 6):
+            os.kill(pid, 9)
+            raise AssertionError(f"sockwatch live (pid {pid}) outlived its terminal")
+
+
+def gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.fixture
@@ -117,6 +154,18 @@ def test_ctrl_c_and_sigterm_restore_the_terminal(agent, terminal):
     t.keys("C-c")
     s = t.until(lambda s: "SOCKWATCH-EXITED rc=0" in s)
     assert "sockwatch live ·" not in s
+    t2 = terminal("--socket", agent.socket, "--refresh", "0.3")
+    t2.until(lambda s: "[1] Listeners+UDP" in s)
+    os.kill(t2.live_pid(), signal.SIGTERM)
+    s = t2.until(lambda s: "SOCKWATCH-EXITED" in s, 5)
+    assert "sockwatch live ·" not in s
+
+
+def test_live_goes_with_its_terminal(agent, terminal):
+    """A closed terminal (SIGHUP) ends it: nothing left spinning on a dead tty."""
+    t = terminal("--socket", agent.socket, "--refresh", "0.3")
+    t.until(lambda s: "[1] Listeners+UDP" in s)
+    t.close()  # asserts the process is gone within 6 s
 
 
 def test_live_refuses_a_pipe_and_bad_options():

@@ -156,3 +156,31 @@ def test_any_socket_path_is_accepted_only_when_safe(text):
         return
     assert p.startswith("/") and len(os.fsencode(p)) <= 107 and "\0" not in p
     assert not any(p == r or p.startswith(r + "/") for r in ("/proc", "/sys", "/dev"))
+
+
+@pytest.mark.parametrize("command", ["live", "snapshot", "events", "ports", "serve", "status", "doctor"])
+def test_every_command_explains_itself_at_80_columns(command):
+    r = subprocess.run(sockwatch_cmd(command, "--help"), capture_output=True, text=True, check=False,
+                       env={**os.environ, "COLUMNS": "80", "TERM": "dumb"})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "Example" in r.stdout and "Usage:" in r.stdout
+    text = [line.strip() for line in lines if line.strip() and not line.startswith(("╭", "│", "╰"))]
+    assert len(text) >= 4  # a description, not just a usage line
+    top = subprocess.run(sockwatch_cmd("--help"), capture_output=True, text=True, check=False,
+                         env={**os.environ, "COLUMNS": "80"})  # fmt: skip
+    listed = next(line for line in top.stdout.splitlines() if line.startswith(f"│ {command} "))
+    assert len(listed.split()) > 3, listed  # a one-line summary in the command list
+
+
+def test_shell_completion_completes_commands_and_options():
+    exe = os.path.join(os.path.dirname(sys.executable), "sockwatch")  # the installed command, as a shell sees it
+    r = subprocess.run([exe, "--show-completion", "bash"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "_SOCKWATCH_COMPLETE=complete_bash" in r.stdout, r
+    env = {**os.environ, "_SOCKWATCH_COMPLETE": "complete_bash", "COMP_WORDS": "sockwatch sn", "COMP_CWORD": "1"}
+    r = subprocess.run([exe], capture_output=True, text=True, check=False, env=env)
+    assert r.stdout.split() == ["snapshot"], r
+    env |= {"COMP_WORDS": "sockwatch events --ki", "COMP_CWORD": "2"}
+    r = subprocess.run([exe], capture_output=True, text=True, check=False, env=env)
+    assert "--kind" in r.stdout.split(), r

@@ -13,7 +13,7 @@ from sockwatch import events as E
 from sockwatch import ports, stream, views
 from sockwatch.events import Event
 from sockwatch.filters import build
-from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, R_ACTIVE, SockRow, TcpState
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
 
 NS = 4026532000
 
@@ -151,10 +151,8 @@ def ev(kind, cookie=7, proto=IPPROTO_TCP, state=7, old=0, local=("127.0.0.1", 0)
                  flags | E.F_OWNER if flags & E.F_LIFETIME == 0 else flags, 0, err, comm.ljust(16, b"\0"))  # fmt: skip
 
 
-def make(e: Event) -> SockRow:
-    from sockwatch.tracker import row_from_event
-
-    return row_from_event(e, NS)
+def make(e: Event) -> int:
+    return NS  # every record's namespace
 
 
 @pytest.mark.parametrize(
@@ -184,7 +182,7 @@ def test_each_record_says_what_happened_and_how_the_port_was_set(records, want):
         s = d.describe(e, before, make)
         assert s is not None
         got.append((s.kind, s.bind))
-        before = s.row
+        before = s.sock
     assert got == want
 
 
@@ -217,9 +215,9 @@ def test_a_connection_born_unseen_has_no_duration():
 def test_close_of_an_active_row_counts_its_syn():
     d = stream.Describer()
     conn = d.describe(ev(E.CONNECT, state=2, local=("10.0.0.1", 41000), remote=("10.0.0.2", 80)), None, make)
-    assert conn is not None and conn.row.flags & R_ACTIVE
+    assert conn is not None and conn.sock.active
     end = d.describe(ev(E.STATE, state=7, old=1, remote=("10.0.0.2", 80), flags=E.F_LIFETIME,
-                        comm=struct.pack("<QQ", 11, 0)), conn.row, make)  # fmt: skip
+                        comm=struct.pack("<QQ", 11, 0)), conn.sock, make)  # fmt: skip
     assert end is not None and end.lifetime is not None and end.lifetime["bytes_sent"] == 10
 
 
@@ -235,6 +233,22 @@ def test_close_of_an_active_row_counts_its_syn():
     ],
 )
 def test_who_holds_a_port_a_bind_asked_for(holder, want, conflict):
-    h = row(state=TcpState.LISTEN, local=holder, remote=None)
-    w = row(state=TcpState.CLOSE, local=want, remote=None)
+    h = (stream.sock_of_row(row(state=TcpState.LISTEN, local=holder, remote=None)), TcpState.LISTEN)
+    w = stream.sock_of_row(row(state=TcpState.CLOSE, local=want, remote=None))
     assert (stream.conflicts([h], w) == [h]) is conflict
+
+
+def test_a_line_is_the_json_a_reader_parses():
+    import json
+
+    d = stream.Describer()
+    s = d.describe(ev(E.BIND_FAIL, local=("0.0.0.0", 80), flags=E.F_PORT_ASKED, err=98, comm=b'a"b\x1b'), None, make)
+    assert s is not None
+    s.holders = [(stream.sock_of_row(row(state=TcpState.LISTEN, local=("0.0.0.0", 80), remote=None, pid=7,
+                                         comm="nginx")), TcpState.LISTEN)]  # fmt: skip
+    got = json.loads(s.json_line(1000.0))
+    assert got["kind"] == "bind_fail" and got["errno"] == "EADDRINUSE" and got["comm"] == 'a"b\x1b'
+    assert got["state"] is None and got["holders"][0]["pid"] == 7 and got["holders"][0]["state"] == "LISTEN"
+    assert got["time"] == 1000.0 and got["bind"] == "asked"
+    line = json.loads(stream.lost_line(5, 1, 12.5, "stream"))
+    assert line == {"time": 12.5, "kind": "lost", "events": 5, "udp_owners": 1, "reason": "stream"}
