@@ -148,7 +148,12 @@ class Live(App[None]):
         # never hold the process (and a terminal that is gone) at exit
         for target in (self.fetcher, self.follower):
             threading.Thread(target=target, daemon=True, name=f"live-{target.__name__}").start()
-        self.set_interval(0.25, self.draw)
+        self.set_interval(self.refresh_seconds, self._tick)
+
+    def _tick(self) -> None:
+        """Tables redraw when a screenful arrives; the event list as events come."""
+        if self.view_name == "events" and not self.paused:
+            self.draw()
 
     def on_unmount(self) -> None:
         self._stop.set()
