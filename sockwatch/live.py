@@ -9,6 +9,7 @@ thread only draws what they hand over, so a slow agent never freezes the keys. A
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -124,10 +125,9 @@ class Live(App[None]):
         self.paused = False
         self.data: dict[str, Any] | None = None
         self.error = ""
-        self.first_seen: dict[int, float] = {}  # cookie -> when this screen first showed it
         self.closed: dict[int, tuple[float, dict]] = {}  # cookie -> (when it went, its last row)
         self.shown: dict[int, dict] = {}
-        self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        self.events: deque[bytes] = deque(maxlen=EVENTS_KEPT)
         self.events_note = ""
         self.asked = 0  # bumped whenever what is asked changes (filter, view, sort, page)
         self._shown_query = -1
@@ -188,8 +188,6 @@ class Live(App[None]):
                     )  # fmt: skip
                     if got is None:
                         raise client.AgentError("the agent went away")
-                    import json
-
                     data = json.loads(got[1])
                     data["fetch_seconds"] = time.monotonic() - t0
                     self._hand(data, "", query)
@@ -199,18 +197,24 @@ class Live(App[None]):
             self._wake.clear()
 
     def follower(self) -> None:
-        """The event stream, kept for the events view (the last EVENTS_KEPT)."""
+        """The event stream while the events view is shown (a subscription costs the
+        agent, so none is held otherwise). Lines are kept raw, the last EVENTS_KEPT, and
+        parsed only when drawn: under churn tens of thousands arrive a second."""
         while not self._stop.is_set():
+            if self.view_name != "events":
+                self._stop.wait(0.2)
+                continue
             try:
-                for e in client.subscribe(self.socket_path, heartbeat=0.5):
-                    if self._stop.is_set():
-                        return
-                    if e is not None and not self.paused:
-                        self.events.append(e)
-                self.events_note = "the agent closed the event stream; reconnecting"
+                for line in client.subscribe_lines(self.socket_path, heartbeat=0.2):
+                    if self._stop.is_set() or self.view_name != "events":
+                        break
+                    if line is not None and not self.paused:
+                        self.events.append(line)
+                else:
+                    self.events_note = "the agent closed the event stream; reconnecting"
             except (client.AgentError, OSError) as e:
                 self.events_note = f"event stream: {e}"
-            self._stop.wait(1.0)
+            self._stop.wait(0.5)
 
     def take(self, data: dict | None, error: str, query: int) -> None:
         self.error = error
@@ -220,8 +224,6 @@ class Live(App[None]):
         rows = {r["cookie"]: r for r in data.get("rows", [])}
         same = query == self._shown_query  # else the screen changed: nothing is news
         self._shown_query = query
-        for cookie in rows.keys() - self.first_seen.keys():
-            self.first_seen[cookie] = now if same else 0.0
         gone = self.shown.keys() - rows.keys()
         if not same:
             self.closed = {}
@@ -321,7 +323,8 @@ class Live(App[None]):
             else:
                 rows.append((r, "closed"))
         for r, note in rows[: self.rows_wanted()]:
-            fresh = now - self.first_seen.get(r["cookie"], 0.0) < HIGHLIGHT_SECONDS
+            born = r.get("born_ns") or 0  # the hook's CLOCK_MONOTONIC, this host's too; 0 if found by a dump
+            fresh = bool(born) and now - born / 1e9 < HIGHLIGHT_SECONDS
             style = "bold red strike" if note else ("bold green" if fresh else "")
             fam = r["family"]
             local = endpoint(r["local_address"], r["local_port"], fam)
@@ -357,8 +360,12 @@ class Live(App[None]):
         self._columns(table, ("EVENT",))
         table.clear()
         shown = 0
-        for e in reversed(self.events):  # newest first
-            if not self.filters.empty and not _event_matches(self.filters, e):
+        for raw in reversed(self.events):  # newest first
+            try:
+                e = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(e, dict) or (not self.filters.empty and not _event_matches(self.filters, e)):
                 continue
             style = "bold red" if e.get("kind") in ("bind_fail", "lost") else ""
             table.add_row(Text(event_text.describe(e), style=style))

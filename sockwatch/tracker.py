@@ -254,7 +254,8 @@ class Tracker:
         last = dict(zip(cookies, range(n), strict=True))  # each cookie's last record
         ends = batch.ends()
         gone = set(compress(last.keys(), map(ends.__getitem__, last.values())))
-        gone -= self.rows.keys()
+        rows = self.rows
+        gone = {c for c in gone if c not in rows}  # not `gone -= rows.keys()`: that walks the whole table
         if gone:
             if self._removed_during is not None:
                 self._removed_during |= gone  # a reconcile's dump may have seen them alive

@@ -158,17 +158,16 @@ def subscribe(path: str | None = None, heartbeat: float | None = None, **args: o
 
 
 def subscribe_lines(path: str | None = None, heartbeat: float | None = None, **args: object) -> Iterator[bytes | None]:
-    """subscribe's lines as the agent sent them (a verified root agent's JSON), for
-    copying straight to an output."""
+    """subscribe's lines as the agent sent them, not yet parsed."""
     with _asking("events", path, args) as asked:
         if asked is None:
             raise AgentError(f"no sockwatch agent is running on {DEFAULT_SOCKET}")
         s, _header, buf = asked
         s.settimeout(heartbeat)  # a quiet host sends nothing for as long as it likes
         while True:
-            while b"\n" in buf:
-                line, _, buf = buf.partition(b"\n")
-                yield line
+            lines = buf.split(b"\n")  # one pass per chunk (partitioning line by line is quadratic)
+            buf = lines.pop()
+            yield from lines
             if len(buf) > MAX_LINE:
                 raise AgentError("the agent's event stream is malformed: a line has no end")
             yield None  # all that has come is handed over (a writer may flush now)
@@ -180,6 +179,21 @@ def subscribe_lines(path: str | None = None, heartbeat: float | None = None, **a
             if not chunk:
                 return
             buf += chunk
+
+
+def copy_events(out_fd: int, path: str | None = None, **args: object) -> None:
+    """The agent's event lines straight to out_fd as they come (a verified root agent's
+    JSON, as `stream` copies a snapshot), until the agent ends the stream."""
+    with _asking("events", path, args) as asked:
+        if asked is None:
+            raise AgentError(f"no sockwatch agent is running on {DEFAULT_SOCKET}")
+        s, _header, body = asked
+        s.settimeout(None)
+        write_all(out_fd, body)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while n := s.recv_into(buf):
+            write_all(out_fd, view[:n])
 
 
 def _event(line: bytes) -> dict:

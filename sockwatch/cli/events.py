@@ -61,12 +61,8 @@ def events(
                     sys.stderr.flush()
                 wire, kinds = f.to_wire(), sorted(set(kind))
                 if as_json:  # the agent's lines as they come: no parse, no re-encode
-                    out = sys.stdout.buffer
-                    for raw in client.subscribe_lines(path, filters=wire, kinds=kinds):
-                        if raw is None:
-                            out.flush()  # all that came so far is out
-                        else:
-                            out.write(raw + b"\n")
+                    sys.stdout.flush()
+                    client.copy_events(sys.stdout.fileno(), path, filters=wire, kinds=kinds)
                 else:
                     for e in client.subscribe(path, filters=wire, kinds=kinds):
                         if e is None:
