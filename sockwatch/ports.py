@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, fmt_addr
 
 DEFAULT_RANGE = (32768, 60999)
-WELL_KNOWN = (0, 1023)  # binding needs CAP_NET_BIND_SERVICE below ip_unprivileged_port_start
 REGISTERED = (1024, 49151)
 
 
@@ -35,11 +34,13 @@ class SysctlError(ValueError):
 
 @dataclass(frozen=True)
 class PortRange:
-    """One namespace's ephemeral range and reserved ports."""
+    """One namespace's ephemeral range, reserved ports, and the first port binding
+    needs no privilege for (net.ipv4.ip_unprivileged_port_start)."""
 
     low: int
     high: int
     reserved: frozenset[int] = frozenset()
+    unprivileged: int = 1024
 
     @functools.cached_property
     def size(self) -> int:
@@ -78,16 +79,45 @@ def parse_reserved(text: str) -> frozenset[int]:
     return frozenset(out)
 
 
+def parse_port_number(text: str, what: str) -> int:
+    t = text.strip()
+    if not (t.isascii() and t.isdigit() and len(t) <= 5 and int(t) <= 65536):
+        raise SysctlError(f"{what} is not a port: {text[:40]!r}")
+    return int(t)
+
+
 def port_class(port: int, r: PortRange) -> str:
-    """'ephemeral' (this namespace's range, not reserved), 'reserved', 'well-known',
-    'registered' or 'dynamic' (IANA's 49152-65535 outside the kernel's range)."""
+    """'ephemeral' (this namespace's range, not reserved), 'reserved', 'privileged'
+    (below ip_unprivileged_port_start: bind() needs CAP_NET_BIND_SERVICE, else EACCES),
+    'registered' (IANA's 1024-49151) or 'dynamic' (IANA's 49152-65535 outside the
+    kernel's range)."""
     if r.low <= port <= r.high:
         return "reserved" if port in r.reserved else "ephemeral"
-    if port <= WELL_KNOWN[1]:
-        return "well-known"
+    if port < r.unprivileged:
+        return "privileged"
     if port <= REGISTERED[1]:
         return "registered"
     return "dynamic"
+
+
+def classes(r: PortRange) -> dict:
+    """The namespace's port classes as ranges, the kernel's first."""
+    return {
+        "ephemeral": [r.low, r.high],
+        "reserved": _ranges(sorted(r.reserved)),
+        "privileged": [1, r.unprivileged - 1] if r.unprivileged > 1 else None,
+        "registered": list(REGISTERED),
+    }
+
+
+def _ranges(ports: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for p in ports:
+        if out and out[-1][1] == p - 1:
+            out[-1][1] = p
+        else:
+            out.append([p, p])
+    return out
 
 
 def pressure(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
@@ -156,6 +186,7 @@ def namespace_summary(rows: list[SockRow], ranges: dict[int, PortRange]) -> list
                 "available": rng.size,
                 "range": [rng.low, rng.high],
                 "reserved": len(rng.reserved),
+                "classes": classes(rng),
             }
         )
     return out

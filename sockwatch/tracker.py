@@ -731,10 +731,12 @@ class Tracker:
             cached = self._port_ranges.get(ns.cookie)
             if cached is None or now - cached[0] > PORT_RANGE_SECONDS:
                 try:
-                    v = self.registry.sysctls(ns, ("ipv4/ip_local_port_range", "ipv4/ip_local_reserved_ports"))
+                    v = self.registry.sysctls(ns, ("ipv4/ip_local_port_range", "ipv4/ip_local_reserved_ports",
+                                                   "ipv4/ip_unprivileged_port_start"))  # fmt: skip
                     rng = ports.PortRange(
                         *ports.parse_range(v["ipv4/ip_local_port_range"]),
                         ports.parse_reserved(v["ipv4/ip_local_reserved_ports"]),
+                        ports.parse_port_number(v["ipv4/ip_unprivileged_port_start"], "ip_unprivileged_port_start"),
                     )
                 except (NamespaceGone, ports.SysctlError, OSError):
                     continue

@@ -68,10 +68,14 @@ def ports(
 
 
 def _table(report: dict, top: int) -> str:
-    lines = ["NETNS        RANGE         RESERVED  IN USE  AVAILABLE"]
+    lines = ["NETNS        EPHEMERAL     RESERVED  IN USE  AVAILABLE  PRIVILEGED"]
     for n in report["namespaces"]:
         lo, hi = n["range"]
-        lines.append(f"{n['netns']:<12} {lo}-{hi:<7} {n['reserved']:>8}  {n['in_use']:>6}  {n['available']:>9}")
+        priv = n["classes"]["privileged"]
+        below = f"1-{priv[1]}" if priv else "none"
+        lines.append(
+            f"{n['netns']:<12} {lo}-{hi:<7} {n['reserved']:>8}  {n['in_use']:>6}  {n['available']:>9}  {below}"
+        )
     pressure = report["pressure"]
     lines.append("")
     if not pressure:

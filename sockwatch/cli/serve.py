@@ -28,6 +28,12 @@ def serve(
     ringbuf_pages: str = typer.Option(
         "4096", "--ringbuf-pages", help="Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
     ),
+    stream_cpu: str = typer.Option(
+        "25",
+        "--stream-cpu",
+        help="Percent of one CPU the event stream may take while someone subscribes, 1 to 100; "
+        "past it, records are skipped for the stream and subscribers are told how many.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does."),
 ) -> None:
     """Run the agent: load the BPF programs once, keep the socket table live, and
@@ -51,12 +57,13 @@ def serve(
         interval = args.seconds(reconcile_interval, "--reconcile-interval", 1, 86400)
         udp = args.integer(max_udp, "--max-udp", 1024, 16_777_216)
         pages = args.integer(ringbuf_pages, "--ringbuf-pages", 16, 65536)
+        stream_share = args.integer(stream_cpu, "--stream-cpu", 1, 100) / 100
     except (sockpath.PathError, args.ArgError) as e:
         raise fail(str(e), code=EXIT_USAGE) from None
     if pages & (pages - 1):
         raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
-    agent = Agent(Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages))
+    agent = Agent(Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, stream_cpu=stream_share))
     with friendly():
         try:
             agent.start()

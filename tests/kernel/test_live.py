@@ -176,3 +176,28 @@ def test_live_refuses_a_pipe_and_bad_options():
     ):
         r = subprocess.run(sockwatch_cmd("live", *args), capture_output=True, text=True, check=False, timeout=30)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r
+
+
+def bpf_links() -> int:
+    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
+    import json
+
+    return len(json.loads(out or "[]"))
+
+
+def test_with_no_agent_it_runs_one_in_process_and_leaves_nothing(netns, child_factory, terminal):
+    from sockwatch.agent.inprocess import agent_running
+    from sockwatch.kernel import bpfload
+
+    assert not agent_running(None), "an agent serves the default path: this test needs none there"
+    before, dirs = bpf_links(), {d for d in os.listdir("/run") if d.startswith("sockwatch-")}
+    t = terminal("--refresh", "0.3", "--filter", "port=47125")
+    t.until(lambda s: "in-process agent" in s and "[1] Listeners+UDP" in s, 60)
+    assert bpf_links() == before + len(bpfload.HOOKS)
+    c = child_factory(netns.name)
+    c.do(op="udp_bind", addr="127.0.0.1", port=47125)
+    t.until(lambda s: "udp4   UNCONN  127.0.0.1:47125" in s)
+    t.keys("q")
+    t.until(lambda s: "SOCKWATCH-EXITED rc=0" in s)
+    assert bpf_links() == before  # every link went with the process
+    assert {d for d in os.listdir("/run") if d.startswith("sockwatch-")} == dirs

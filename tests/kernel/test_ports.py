@@ -37,6 +37,7 @@ def test_a_full_range_is_100_percent_and_the_next_connect_fails(source, agent, n
     report = ports_report(*args, "--netns", netns.name)
     ns = next(n for n in report["namespaces"] if n["netns"] == netns.inode)
     assert (ns["range"], ns["reserved"], ns["available"]) == ([40000, 40009], 1, 9)
+    assert ns["classes"]["reserved"] == [[40009, 40009]] and ns["classes"]["privileged"] == [1, 1023]
     worst = report["pressure"][0]
     assert (worst["protocol"], worst["remote_address"], worst["remote_port"]) == ("tcp", "127.0.0.1", 5000)
     assert (worst["used"], worst["available"], worst["percent"], worst["time_wait"]) == (9, 9, 100.0, 0)

@@ -110,6 +110,8 @@ def test_status_without_agent(tmp_path):
         (["serve", "--reconcile-interval", "nan"], "is not a number of seconds"),
         (["serve", "--reconcile-interval", "0.5"], "out of range: 1 to 86400"),
         (["serve", "--ringbuf-pages", str(2**40)], "out of range: 16 to 65536"),
+        (["serve", "--stream-cpu", "0"], "out of range: 1 to 100"),
+        (["serve", "--stream-cpu", "50.5"], "is not a whole number (1 to 100)"),
         (["serve", "--max-udp", "2_000"], "is not a whole number (1024 to 16777216)"),
         (["serve", "--max-udp", "9" * 5000], "is not a whole number"),
         (["snapshot", "--port", "1_000"], "is not a number"),

@@ -67,11 +67,18 @@ def test_reserved_ports_refuse(text):
 
 @pytest.mark.parametrize(
     ("port", "cls"),
-    [(22, "well-known"), (1023, "well-known"), (8080, "registered"), (32768, "ephemeral"), (40000, "reserved"),
-     (60999, "ephemeral"), (61000, "dynamic"), (49151, "ephemeral")],
+    [(22, "privileged"), (79, "privileged"), (80, "registered"), (8080, "registered"), (32768, "ephemeral"),
+     (40000, "reserved"), (60999, "ephemeral"), (61000, "dynamic"), (49151, "ephemeral")],
 )  # fmt: skip
-def test_port_classes_follow_the_namespace_range_not_the_textbook(port, cls):
-    assert ports.port_class(port, ports.PortRange(32768, 60999, frozenset({40000}))) == cls
+def test_port_classes_follow_the_namespace_not_the_textbook(port, cls):
+    # a namespace that lets anyone bind from port 80 (ip_unprivileged_port_start=80)
+    assert ports.port_class(port, ports.PortRange(32768, 60999, frozenset({40000}), 80)) == cls
+
+
+def test_classes_are_ranges():
+    got = ports.classes(ports.PortRange(40000, 40009, frozenset({40007, 40008, 40009, 40001}), 1024))
+    assert got == {"ephemeral": [40000, 40009], "reserved": [[40001, 40001], [40007, 40009]],
+                   "privileged": [1, 1023], "registered": [1024, 49151]}  # fmt: skip
 
 
 def test_pressure_is_per_destination_with_time_wait_apart_and_listeners_subtracted():
