@@ -156,6 +156,7 @@ class Tracker:
         self._gen = 0  # bumped per applied batch; a row remembers the batch that last set it
         self._removed_during: set[int] | None = None  # cookies removed while a reconcile runs
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
+        self._visible: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
         self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
@@ -521,26 +522,27 @@ class Tracker:
         row.touch()
         return changed
 
-    def _rows_by_owner(self) -> dict[int, list[SockRow]]:
+    def _rows_by_owner(self, rows: Iterable[SockRow] | None = None) -> dict[int, list[SockRow]]:
         by_pid: dict[int, list[SockRow]] = {}
-        for r in self.rows.values():
+        for r in self.rows.values() if rows is None else rows:
             if r.pid is not None:
                 by_pid.setdefault(r.pid, []).append(r)
         return by_pid
 
-    def fix_owners(self) -> int:
+    def fix_owners(self, rows: Iterable[SockRow] | None = None) -> int:
         """The owner rule, applied when a view asks. A socket's owner is a process holding
         its file, named by its process name (/proc/PID/comm of the process, as ss prints
         it, not the thread that made the socket); a socket with no file (TIME-WAIT) has
         none. Hooks name the creator: this renames owners that changed their name and,
         for owners that exited (the file was inherited by a fork or passed with
         SCM_RIGHTS), finds who holds it now with one /proc scan (at most every few
-        seconds; until then the row says no owner). Returns how many rows changed."""
+        seconds; until then the row says no owner). `rows`: only these (a screenful),
+        else every row. Returns how many rows changed."""
         changed = 0
         lost: list[SockRow] = []
-        for pid, rows in self._rows_by_owner().items():
+        for pid, owned in self._rows_by_owner(rows).items():
             name = procscan.process_name(pid)
-            for r in rows:
+            for r in owned:
                 if name is None or r.state == TcpState.TIME_WAIT:
                     r.pid = r.comm = r.owner_source = None
                     if r.inode and r.state != TcpState.TIME_WAIT:
@@ -747,6 +749,15 @@ class Tracker:
         return out
 
     # ---- the views' one way in ---------------------------------------------------------------
+
+    def visible(self) -> list[SockRow]:
+        """Visible rows in no order, one pass per table version (views that sort or
+        count for themselves: sorting 100,000 rows for each screenful is wasted)."""
+        version, rows = self._visible
+        if version != self.version:
+            rows = [r for r in self.rows.values() if r.visible]
+            self._visible = (self.version, rows)
+        return rows
 
     def snapshot(self, filters: Filters | None = None) -> list[SockRow]:
         """Visible rows in the kernel's grouping; sorted once per table version."""

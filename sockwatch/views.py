@@ -6,10 +6,11 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 from sockwatch.filters import Filters
-from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, sort_key
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, PROTO_NAMES, STATE_NAMES, SockRow, TcpState, sort_key
 
 SORT_KEYS: dict[str, Callable[[SockRow], Any]] = {
     "local": sort_key,
@@ -23,20 +24,23 @@ SORT_KEYS: dict[str, Callable[[SockRow], Any]] = {
 }
 
 
-def in_view(view: str) -> Callable[[SockRow], bool]:
+def select(rows: list[SockRow], view: str) -> list[SockRow]:
+    """The rows a view shows (one comprehension: this runs over the whole table)."""
     if view == "listeners":  # what receives new packets by (IP, port): TCP listeners and UDP sockets
-        return lambda r: r.protocol == IPPROTO_UDP or r.state == TcpState.LISTEN
+        return [r for r in rows if r.protocol == IPPROTO_UDP or r.state == TcpState.LISTEN]
     if view == "connections":  # keyed by the 4-tuple
-        return lambda r: r.protocol == IPPROTO_TCP and r.state != TcpState.LISTEN
-    return lambda r: True
+        return [r for r in rows if r.protocol == IPPROTO_TCP and r.state != TcpState.LISTEN]
+    return rows
 
 
 def counts(rows: Iterable[SockRow]) -> dict:
     """Sockets by protocol and state (ss's names), and listeners."""
-    by: Counter[tuple[str, str]] = Counter((r.proto_name, r.state_name) for r in rows)
+    by: Counter[tuple[int, int]] = Counter(map(attrgetter("protocol", "state"), rows))  # C-level: no call per row
     out: dict[str, Any] = {"total": sum(by.values()), "tcp": {}, "udp": {}}
     for (proto, state), n in sorted(by.items()):
-        out.setdefault(proto, {})[state] = n
+        names = out.setdefault(PROTO_NAMES.get(proto, str(proto)), {})
+        name = STATE_NAMES.get(state, str(state))
+        names[name] = names.get(name, 0) + n
     out["listeners"] = out["tcp"].get("LISTEN", 0)
     return out
 
@@ -77,8 +81,18 @@ def processes(rows: Iterable[SockRow]) -> list[dict]:
     return out
 
 
-def view(rows: list[SockRow], filters: Filters, name: str, sort: str, reverse: bool, offset: int, limit: int) -> dict:
-    """The answer to one `view` request: counts over the whole table, and the window."""
+def view(
+    rows: list[SockRow],
+    filters: Filters,
+    name: str,
+    sort: str,
+    reverse: bool,
+    offset: int,
+    limit: int,
+    fix_owners: Callable[[list[SockRow]], object] = lambda rows: None,
+) -> dict:
+    """The answer to one `view` request: counts over the whole table, and the window
+    (whose owners `fix_owners` checks before they are shown)."""
     matched = rows if filters.empty else [r for r in rows if filters.match(r)]
     answer: dict[str, Any] = {"counts": counts(rows), "matched": len(matched)}
     if name == "processes":
@@ -86,8 +100,9 @@ def view(rows: list[SockRow], filters: Filters, name: str, sort: str, reverse: b
         answer["groups"] = len(groups)
         answer["processes"] = groups[offset : offset + limit]
         return answer
-    pick = in_view(name)
-    selected = [r for r in matched if pick(r)] if name != "all" else matched
+    selected = select(matched, name)
     answer["selected"] = len(selected)
-    answer["rows"] = [r.as_dict() | {"born_ns": r.born_ns} for r in window(selected, sort, reverse, offset, limit)]
+    shown = window(selected, sort, reverse, offset, limit)
+    fix_owners(shown)
+    answer["rows"] = [r.as_dict() | {"born_ns": r.born_ns} for r in shown]
     return answer

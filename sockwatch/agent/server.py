@@ -46,6 +46,7 @@ LOSS_MEMORY_SECONDS = 60.0  # how long answers mention a repaired loss
 TRIM_SECONDS = 30.0
 STREAM_BUFFER = 8 * 2**20  # a subscriber that falls this far behind is dropped
 STREAM_CHECK_EVERY = 256  # records between looks at the stream's CPU budget
+PORTS_SUMMARY_SECONDS = 5.0  # a view's header: ephemeral ports per namespace, this fresh
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Agent:
         self.describer = stream.Describer()
         self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
         self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
+        self._ports_cache: tuple[float, list[dict]] = (-math.inf, [])
         self._stream_cpu = 0.0  # spent on the stream in this second
         self._stream_skipped = 0  # records skipped in this second for the budget
         self.stream_skipped_total = 0
@@ -380,7 +382,8 @@ class Agent:
                     line = lines[i] = s.json_line(wall)
                 chunks.append(line)
             sub.sent += len(chunks)
-            self._queue(c, chunks)
+            if chunks:
+                self._queue(c, [b"".join(chunks)])  # one send for the batch, not one per line
 
     def _queue(self, c: Client, chunks: list[bytes]) -> None:
         """Queue lines for a subscriber and send what its socket takes now; one that has
@@ -438,8 +441,10 @@ class Agent:
             self.tracker.reconcile(drain=self.drain)
         return c
 
-    def prepare_answer(self) -> None:
-        """Before answering: every event so far applied, and what hooks cannot see read."""
+    def prepare_answer(self, owners: bool = True) -> None:
+        """Before answering: every event so far applied, and what hooks cannot see read.
+        owners=False leaves the owner rule to the caller (a view applies it to the rows
+        it shows)."""
         assert self.loaded is not None
         self.drain()
         self._check_losses()
@@ -448,7 +453,8 @@ class Agent:
             self.tracker.reconcile(drain=self.drain, protocols=self.loaded.unwatched, repair=False)
         self.tracker.resolve_pending()
         self.tracker.expire_timewait()
-        self.tracker.fix_owners()
+        if owners:
+            self.tracker.fix_owners()
         self._find_autobound()
 
     # ---- queries ----------------------------------------------------------------------
@@ -489,7 +495,9 @@ class Agent:
             if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                 self._drop(c)
             elif c.out:
+                t0 = time.thread_time()
                 self._flush(c)
+                self._stream_cpu += time.thread_time() - t0  # sending is the stream's cost too
             return
         if c.out:
             self._flush(c)
@@ -572,25 +580,14 @@ class Agent:
         try:
             req = parse_request(line)
             f = flt.from_wire(req.filters)
-            if req.op == "snapshot":
-                self.prepare_answer()
-                if f.empty:
-                    return [encode_header(True, partial=self.partial()), self._full_json()]
-                rows = self.tracker.snapshot(f)
-                return [encode_header(True, rows=len(rows), partial=self.partial()), render_json(rows)]
-            if req.op == "events":
-                return self._subscribe(req, f, c)
-            if req.op == "view":
-                self.prepare_answer()
-                return [encode_header(True, partial=self.partial()), self._json(self._view(req, f))]
-            if req.op == "ports":
-                self.prepare_answer()
-                return [encode_header(True, partial=self.partial()), self._json(self._ports(f))]
-            self.drain()
-            if req.reconcile:
-                self.prepare_answer()
-                self.tracker.reconcile(drain=self.drain)
-            return [encode_header(True), self._json(self.status())]
+            handler = {
+                "snapshot": self._on_snapshot,
+                "events": self._subscribe,
+                "view": self._on_view,
+                "ports": self._on_ports,
+                "status": self._on_status,
+            }[req.op]
+            return handler(req, f, c)
         except (ProtocolError, flt.FilterError) as e:
             return [encode_header(False, error=str(e))]
         except Exception:
@@ -598,6 +595,30 @@ class Agent:
             log.exception("answering a request failed")
             self.clients_dropped["internal_error"] += 1
             return [encode_header(False, error="internal error in the agent (logged)")]
+
+    # One handler per request type: (request, its filters, the client) -> the answer's chunks.
+
+    def _on_snapshot(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.prepare_answer()
+        if f.empty:
+            return [encode_header(True, partial=self.partial()), self._full_json()]
+        rows = self.tracker.snapshot(f)
+        return [encode_header(True, rows=len(rows), partial=self.partial()), render_json(rows)]
+
+    def _on_view(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.prepare_answer(owners=False)  # a screenful's owners are checked, not the table's
+        return [encode_header(True, partial=self.partial()), self._json(self._view(req, f))]
+
+    def _on_ports(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.prepare_answer()
+        return [encode_header(True, partial=self.partial()), self._json(self._ports(f))]
+
+    def _on_status(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.drain()
+        if req.reconcile:
+            self.prepare_answer()
+            self.tracker.reconcile(drain=self.drain)
+        return [encode_header(True), self._json(self.status())]
 
     @staticmethod
     def _json(d: dict) -> bytes:
@@ -614,7 +635,8 @@ class Agent:
         return [encode_header(True, stream=True, partial=self.partial())]
 
     def _view(self, req: Request, f: flt.Filters) -> dict:
-        answer = views.view(self.tracker.snapshot(), f, req.view, req.sort, req.reverse, req.offset, req.limit)
+        answer = views.view(self.tracker.visible(), f, req.view, req.sort, req.reverse, req.offset, req.limit,
+                            fix_owners=self.tracker.fix_owners)  # fmt: skip
         assert self.loaded is not None
         c = self._last_counters or self.loaded.counters()
         answer["agent"] = {
@@ -624,8 +646,18 @@ class Agent:
             "subscribers": len(self.subscribers),
             "degraded": self.loaded.degraded(),
         }
-        answer["ports"] = ports.namespace_summary(self.tracker.snapshot(), self.tracker.port_ranges())
+        answer["ports"] = self._ports_summary()
         return answer
+
+    def _ports_summary(self) -> list[dict]:
+        """Ephemeral ports per namespace for a header: a pass over the whole table, so
+        at most once per PORTS_SUMMARY_SECONDS."""
+        now = time.monotonic()
+        when, summary = self._ports_cache
+        if now - when > PORTS_SUMMARY_SECONDS:
+            summary = ports.namespace_summary(self.tracker.visible(), self.tracker.port_ranges())
+            self._ports_cache = (now, summary)
+        return summary
 
     def _ports(self, f: flt.Filters) -> dict:
         rows = self.tracker.snapshot(f)

@@ -54,7 +54,8 @@ def _lines(st: dict) -> str:
         f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
         f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}, "
         f"events from vanished namespaces {tr['unknown_netns']}",
-        f"clients now {st['clients']}, dropped {st['clients_dropped'] or 'none'}",
+        f"clients now {st['clients']} ({st['subscribers']} streaming events; {st['stream_skipped']} records "
+        f"skipped for the stream's CPU budget), dropped {st['clients_dropped'] or 'none'}",
     ]
     lines += [f"hook missing: {m['hook']}: {m['why']}" for m in st["hooks_missing"]]
     lines += [f"note: {why}" for why in st["partial"]]
