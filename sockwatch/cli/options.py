@@ -31,6 +31,8 @@ Socket = Annotated[
     ),
 ]
 
+Standalone = Annotated[bool, typer.Option("--standalone", help="Do not ask a running agent; read the kernel directly.")]
+
 _NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,64}")
 
 

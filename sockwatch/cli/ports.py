@@ -21,9 +21,7 @@ def ports(
     protocol: opt.Proto = [],  # noqa: B006
     addr: opt.Addr = [],  # noqa: B006
     netns: opt.Netns = [],  # noqa: B006
-    standalone: Annotated[
-        bool, typer.Option("--standalone", help="Do not ask a running agent; read the kernel directly.")
-    ] = False,
+    standalone: opt.Standalone = False,
     socket_path: opt.Socket = None,
 ) -> None:
     """Ephemeral-port use per destination, worst first, against each namespace's real

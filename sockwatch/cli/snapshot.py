@@ -21,9 +21,7 @@ def snapshot(
     state: opt.State = [],  # noqa: B006
     pid: opt.Pid = [],  # noqa: B006
     netns: opt.Netns = [],  # noqa: B006
-    standalone: Annotated[
-        bool, typer.Option("--standalone", help="Do not ask a running agent; read the kernel directly.")
-    ] = False,
+    standalone: opt.Standalone = False,
     socket_path: opt.Socket = None,
 ) -> None:
     """Print every TCP and UDP socket on the host, in every network namespace, grouped
