@@ -166,7 +166,7 @@ def main() -> int:
                         "median": statistics.median(latency),
                         "max": max(latency),
                         "runs": [round(x, 4) for x in latency],
-                    },  # fmt: skip
+                    },
                     "events_streamed": readers[0].lines - lines0,
                     "lost_lines_total": readers[0].lost,
                     "events_reader_alive": readers[0].proc.poll() is None,
