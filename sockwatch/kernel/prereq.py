@@ -137,7 +137,7 @@ def checks() -> list[Check]:
             "tracefs",
             tr,
             f"tracefs at {TRACEFS}" if tr else "tracefs is not mounted",
-            "" if tr else "not required by sockwatch (it attaches no tracepoint); bcc's tracing tools need it",
+            "" if tr else "not required: sockwatch reads its one tracepoint's id in a private mount namespace",
         )
     )
     hd = headers_dir()

@@ -60,3 +60,12 @@ def test_no_bpf_is_one_sentence_and_standalone_still_works(tmp_path):
     r = subprocess.run([str(nobpf), *sockwatch_cmd("snapshot", "--standalone", "--json", "--port", "1")],
                        capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout) == [], r
+
+
+def test_without_tracefs_the_bind_tracepoint_still_attaches_and_nothing_is_mounted():
+    """A fresh machine has no tracefs mounted: the tracepoint's id comes from a private
+    mount namespace, and the host (here: this test's own mount namespace) stays as it was."""
+    r = in_private_mounts("(umount /sys/kernel/tracing 2>/dev/null; true)", "doctor")
+    line = next(x for x in r.stdout.splitlines() if "tracepoint sys_exit_bind" in x)
+    assert line.lstrip().startswith("ok"), r.stdout
+    assert "tracefs is not mounted" in r.stdout and "Traceback" not in r.stderr
