@@ -128,14 +128,13 @@ def pressure(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
     tcp_tw: Counter[tuple] = Counter()
     tcp_held: dict[int, set[int]] = defaultdict(set)  # netns -> ports listeners (bind) hold
     udp_used: dict[tuple, set[int]] = defaultdict(set)
+    for r in rows:  # first what listeners hold: their accepted connections use no ephemeral port
+        if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN:
+            tcp_held[r.netns].add(r.local_port)
     for r in rows:
         rng = ranges.get(r.netns, default)
         if r.protocol == IPPROTO_TCP:
-            if r.state == TcpState.LISTEN:
-                if rng.contains(r.local_port):
-                    tcp_held[r.netns].add(r.local_port)
-                continue
-            if not r.is_connection or not rng.contains(r.local_port):
+            if not r.is_connection or not rng.contains(r.local_port) or r.local_port in tcp_held[r.netns]:
                 continue
             key = (r.netns, "tcp", fmt_addr(r.local_address), fmt_addr(r.remote_address), r.remote_port)  # type: ignore[arg-type]
             if r.state == TcpState.TIME_WAIT:
@@ -146,7 +145,8 @@ def pressure(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
     out = []
     for key, ports in tcp_used.items():
         rng = ranges.get(key[0], default)
-        out.append(_entry(key, len(ports), tcp_tw[key], rng.size - len(tcp_held[key[0]] - ports)))
+        held = {p for p in tcp_held[key[0]] if rng.contains(p)}
+        out.append(_entry(key, len(ports), tcp_tw[key], rng.size - len(held)))
     for key, ports in udp_used.items():
         out.append(_entry(key, len(ports), 0, ranges.get(key[0], default).size))
     out.sort(key=lambda d: (-d["percent"], -d["used"], d["netns"], d["protocol"], d["local_address"]))
@@ -165,6 +165,7 @@ def _entry(key: tuple, used: int, time_wait: int, available: int) -> dict:
         "time_wait": time_wait,
         "available": available,
         "percent": round(100.0 * used / available, 1) if available > 0 else 100.0,
+        "ratio": used / available if available > 0 else 1.0,
     }
 
 

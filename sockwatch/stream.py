@@ -226,6 +226,10 @@ class Describer:
         """`before`: the socket as its earlier records or its table row left it;
         `netns(e)`: the record's namespace inode, or None if it is gone unseen."""
         kind = e.kind
+        if kind == ev.RELEASE and e.protocol == IPPROTO_TCP and before is not None and before.born_ns:
+            # a TCP socket a hook saw born has state callbacks: its end comes with them (the
+            # hook's prestart cookie bound is not exact: cookies are handed out per CPU)
+            return None
         if kind in (ev.STATE, ev.RELEASE) and before is not None:
             sock = before  # these records carry no owner (and a release no address): the rest is known
         else:

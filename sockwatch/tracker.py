@@ -10,6 +10,7 @@ TIME-WAIT, and sockets from before sockwatch started.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import time
@@ -48,6 +49,7 @@ NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
 NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
 NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
 
+MAX_BIND_FAILURE_KEYS = 1000  # (protocol, port, errno) kept for the metrics
 PORT_RANGE_SECONDS = 10.0  # how long a namespace's ip_local_port_range is taken as read
 OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
 TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
@@ -79,6 +81,8 @@ class Stats:
     namespaces_gone: int = 0  # namespaces that died while we ran (their rows went with them)
     autobound_udp: int = 0  # UDP sockets found bound by a send, not a bind
     kernel_reads: int = 0  # tables read whole at a query because a hook for them is missing
+    binds: Counter = field(default_factory=Counter)  # protocol -> successful bind() calls
+    bind_failures: Counter = field(default_factory=Counter)  # (protocol, port, errno name) -> failed bind() calls
     last_reconcile_s: float = 0.0
     repaired_cookies: deque = field(default_factory=lambda: deque(maxlen=4096))
 
@@ -251,6 +255,9 @@ class Tracker:
             return []
         self._gen += 1
         self.stats.events.update(batch.kinds)
+        kinds = batch.kinds
+        if ev.BIND in kinds or ev.BIND_FAIL in kinds:  # a C-level scan; binds are rare next to churn
+            self._count_binds(batch)
         cookies = batch.cookies
         last = dict(zip(cookies, range(n), strict=True))  # each cookie's last record
         ends = batch.ends()
@@ -275,6 +282,20 @@ class Tracker:
         self.stats.coalesced += n - applied
         return changes
 
+    def _count_binds(self, batch: ev.EventBatch) -> None:
+        """bind() outcomes for the metrics, from every record (a socket born and gone
+        within a batch is never tabled, but its bind counts). Failure keys are capped:
+        past MAX_BIND_FAILURE_KEYS, new ports count under port 0."""
+        for i, k in enumerate(batch.kinds):
+            if k == ev.BIND:
+                self.stats.binds[batch.protocols[i]] += 1
+            elif k == ev.BIND_FAIL:
+                e = batch.event(i)
+                key = (e.protocol, e.local_port, errno.errorcode.get(e.err, str(e.err)))
+                if key not in self.stats.bind_failures and len(self.stats.bind_failures) >= MAX_BIND_FAILURE_KEYS:
+                    key = (e.protocol, 0, key[2])
+                self.stats.bind_failures[key] += 1
+
     def apply(self, e: Event) -> Change | None:
         """One event (tests and tools; the agent applies batches)."""
         changes = self.apply_batch([e])
@@ -296,7 +317,10 @@ class Tracker:
             if ev.ends_socket(e):
                 return Change("remove", cookie) if self._remove(cookie) else None
             old.flags |= R_RELEASED
-            if e.flags & ev.F_PRESTART or old.flags & R_NO_CALLBACKS:
+            # Only a row from a dump lacks state callbacks. The hook's prestart flag is a
+            # cookie bound, and cookies are handed out per CPU in batches, not in order:
+            # a socket made after start on another CPU can fall under it.
+            if old.flags & R_NO_CALLBACKS:
                 self._need(cookie, NEED_ORPHAN)  # no state callbacks: only the kernel knows its end
             return None
 

@@ -21,7 +21,7 @@ class InProcessAgent:
 
         self.dir = tempfile.mkdtemp(prefix="sockwatch-", dir="/run" if os.path.isdir("/run") else None)
         self.socket = os.path.join(self.dir, "agent.sock")
-        self.agent = Agent(Settings(self.socket))
+        self.agent = Agent(Settings(self.socket, listen=None))  # metrics are the long-running agent's
         self.thread: threading.Thread | None = None
         try:
             self.agent.start()

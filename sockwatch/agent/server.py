@@ -25,14 +25,16 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, generate_latest
+
+from sockwatch import __version__, metrics, ports, stream, views
 from sockwatch import events as ev
 from sockwatch import filters as flt
-from sockwatch import ports, stream, views
 from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, Request, encode_header, parse_request
 from sockwatch.kernel import abi, bpfload, prereq
 from sockwatch.kernel.ringbuf import RingReader
-from sockwatch.model import IPPROTO_UDP, SockRow, render_json
+from sockwatch.model import IPPROTO_UDP, SockRow, TcpState, render_json
 from sockwatch.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class Client:
     out: deque[memoryview] = field(default_factory=deque)
     poll: int = 0  # the epoll round that accepted it: events of that round were for an older fd
     sub: Subscription | None = None  # streaming events until it hangs up
+    http: bool = False  # a scraper on the metrics port, not a local query
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Settings:
     max_udp: int = 65536
     ringbuf_pages: int = 4096
     stream_cpu: float = 0.25  # seconds of CPU per second the event stream may take; past it, it skips and says so
+    listen: tuple[str, int] | None = ("127.0.0.1", metrics.DEFAULT_PORT)  # /metrics and /healthz; None: off
 
 
 def _cpu_seconds() -> float:
@@ -105,6 +109,24 @@ class CostWindow:
             "cpu_percent": round(100 * (cpu - c0) / span, 2),
             "events_per_second": round((events - e0) / span, 1),
         }
+
+
+MAX_HTTP_REQUEST = 8192
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def _http_answer(status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", head: bool = False) -> list[bytes]:
+    top = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+           "Connection: close\r\n\r\n").encode()  # fmt: skip
+    return [top] if head else [top, body]
 
 
 def _rss_bytes() -> int:
@@ -141,6 +163,9 @@ class Agent:
         self.loaded: bpfload.Loaded | None = None
         self.ring: RingReader | None = None
         self.listener: socket.socket | None = None
+        self.http_listener: socket.socket | None = None
+        self.metrics_address = ""  # where /metrics is served, once listening
+        self.registry = CollectorRegistry(auto_describe=False)
         self.claim: sockpath.Claim | None = None
         self.clients: dict[int, Client] = {}
         self.clients_dropped: Counter[str] = Counter()
@@ -171,6 +196,8 @@ class Agent:
         prereq.require()  # before creating anything: a refused start leaves nothing behind
         self.claim = sockpath.claim(self.settings.socket_path)
         self.listener = self.claim.listener
+        if self.settings.listen is not None:
+            self.http_listener = self._listen_http(self.settings.listen)
         t0 = time.monotonic()
         self.loaded = bpfload.load_and_attach(self.settings.max_udp, self.settings.ringbuf_pages)
         self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
@@ -194,12 +221,59 @@ class Agent:
         self._last_losses = (c["ringbuf_full"], c["map_full"])
         log.info("attached; %d sockets in %d namespaces", len(self.tracker.rows), len(self.tracker.registry.by_cookie))
 
+    def _listen_http(self, where: tuple[str, int]) -> socket.socket:
+        host, port = where
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            s.close()
+            raise sockpath.PathError(f"cannot listen for metrics on {host}:{port}: {e.strerror}") from None
+        s.listen(64)
+        self.metrics_address = f"[{host}]:{s.getsockname()[1]}" if ":" in host else f"{host}:{s.getsockname()[1]}"
+        self.registry.register(
+            metrics.SockwatchCollector(
+                rows=self.tracker.visible,
+                port_ranges=self.tracker.port_ranges,
+                bind_failures=lambda: dict(self.tracker.stats.bind_failures),
+                binds=lambda: dict(self.tracker.stats.binds),
+                health=self._health,
+            )
+        )
+        return s
+
+    def _health(self) -> metrics.Health:
+        assert self.loaded is not None
+        c = self._last_counters or self.loaded.counters()
+        t = self.tracker.stats
+        return metrics.Health(
+            events_lost={
+                "ring": c.get("ringbuf_full", 0),
+                "udp_owner_map": c.get("map_full", 0),
+                "stream": self.stream_skipped_total,
+            },
+            udp_map_entries=c.get("udp_created", 0) - c.get("udp_silent_gone", 0),
+            udp_map_capacity=self.settings.max_udp,
+            repairs=dict(t.repairs),
+            reconciles=t.reconciles,
+            programs_attached=len(self.loaded.link_fds),
+            hooks_missing=len(self.loaded.missing),
+            cpu_seconds=_cpu_seconds(),
+            events=t.events.total(),
+            version=__version__,
+        )
+
     def stop(self, *_: object) -> None:
         self._stop = True
 
     def close(self) -> None:
         for c in list(self.clients.values()):
             self._drop(c)
+        if self.http_listener is not None:
+            self.http_listener.close()
+            self.http_listener = None
         if self.claim is not None:
             self.claim.release()
             self.claim = None
@@ -217,6 +291,8 @@ class Agent:
         ep = self._ep = select.epoll()
         ep.register(self.ring.fd, select.EPOLLIN)
         ep.register(self.listener.fileno(), select.EPOLLIN)
+        if self.http_listener is not None:
+            ep.register(self.http_listener.fileno(), select.EPOLLIN)
         now = time.monotonic()
         next_drain = now + self.settings.drain_interval
         next_second = now + self.settings.drop_check_interval
@@ -233,7 +309,9 @@ class Agent:
                 if fd == self.ring.fd:
                     self.drain()
                 elif fd == self.listener.fileno():
-                    self._accept()
+                    self._accept(self.listener)
+                elif self.http_listener is not None and fd == self.http_listener.fileno():
+                    self._accept(self.http_listener, http=True)
                 elif (c := self.clients.get(fd)) is not None and c.poll != self._poll:
                     self._on_client(c, mask)
             now = time.monotonic()
@@ -465,11 +543,11 @@ class Agent:
     # snapshot is the cached body itself, not a copy). Past a deadline, or beyond
     # MAX_CLIENTS, a client is dropped and counted.
 
-    def _accept(self) -> None:
-        assert self.listener is not None and self._ep is not None
+    def _accept(self, listener: socket.socket, http: bool = False) -> None:
+        assert self._ep is not None
         while True:
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: leave it queued, say so once per burst
@@ -483,9 +561,11 @@ class Agent:
                     conn.send(encode_header(False, error=f"the agent is serving {MAX_CLIENTS} clients already"))
                 conn.close()
                 continue
-            c = Client(conn, time.monotonic() + REQUEST_SECONDS, poll=self._poll)
+            c = Client(conn, time.monotonic() + REQUEST_SECONDS, poll=self._poll, http=http)
             self.clients[conn.fileno()] = c
             self._ep.register(conn.fileno(), select.EPOLLIN)
+            if http:
+                continue
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
             if uid != 0:
                 self._answer(c, [encode_header(False, error="only root may query the sockwatch agent")])
@@ -516,6 +596,14 @@ class Agent:
             self._drop(c)  # closed without a whole request
             return
         c.inbuf += chunk
+        if c.http:
+            head, end, _ = c.inbuf.partition(b"\r\n\r\n")
+            if end:
+                self._answer(c, self._http(bytes(head)))
+            elif len(c.inbuf) > MAX_HTTP_REQUEST:
+                self.clients_dropped["oversized"] += 1
+                self._answer(c, _http_answer(431, b"request header too large\n"))
+            return
         line, newline, _ = c.inbuf.partition(b"\n")
         if newline:
             self._answer(c, self._handle(bytes(line), c))
@@ -620,6 +708,33 @@ class Agent:
             self.tracker.reconcile(drain=self.drain)
         return [encode_header(True), self._json(self.status())]
 
+    def _http(self, head: bytes) -> list[bytes]:
+        """GET /metrics (built now, from the table as it is) and GET /healthz; nothing
+        else. The request is read, not trusted: only its first line matters."""
+        try:
+            method, target, _version = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
+        except (ValueError, UnicodeDecodeError):
+            return _http_answer(400, b"bad request\n")
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return _http_answer(405, b"only GET\n")
+        try:
+            if path == "/metrics":
+                self.prepare_answer(owners=False)
+                # owners name the listeners' series: check those rows, not the whole table
+                self.tracker.fix_owners([r for r in self.tracker.visible() if r.state == TcpState.LISTEN
+                                         or (r.protocol == IPPROTO_UDP and not r.is_connection)])  # fmt: skip
+                body = generate_latest(self.registry)
+                return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
+            if path in ("/healthz", "/readyz"):
+                ok = self.loaded is not None and bool(self.loaded.link_fds)
+                return _http_answer(200 if ok else 503, b"ok\n" if ok else b"no hook attached\n")
+        except Exception:
+            log.exception("answering %s failed", path)
+            self.clients_dropped["internal_error"] += 1
+            return _http_answer(500, b"internal error in the agent (logged)\n")
+        return _http_answer(404, b"try /metrics or /healthz\n")
+
     @staticmethod
     def _json(d: dict) -> bytes:
         return json.dumps(d, separators=(",", ":")).encode() + b"\n"
@@ -644,6 +759,7 @@ class Agent:
             "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
             "lost": {"ring": c.get("ringbuf_full", 0), "udp_owners": c.get("map_full", 0)},
             "subscribers": len(self.subscribers),
+            "metrics": f"http://{self.metrics_address}/metrics" if self.metrics_address else None,
             "degraded": self.loaded.degraded(),
         }
         answer["ports"] = self._ports_summary()
@@ -719,6 +835,7 @@ class Agent:
             "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),
             "subscribers": len(self.subscribers),
+            "metrics": f"http://{self.metrics_address}/metrics" if self.metrics_address else None,
             "stream_skipped": self.stream_skipped_total + self._stream_skipped,
             "clients_dropped": dict(self.clients_dropped),
             "partial": self.partial(),

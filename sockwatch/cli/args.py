@@ -35,3 +35,22 @@ def integer(text: str, name: str, lo: int, hi: int) -> int:
 
 def seconds(text: str, name: str, lo: float, hi: float) -> float:
     return _parse(text, name, lo, hi, _DECIMAL, "a number of seconds")
+
+
+def listen_address(text: str, name: str) -> tuple[str, int] | None:
+    """ADDR:PORT, [V6ADDR]:PORT, or 'off' (None)."""
+    import ipaddress
+
+    t = text.strip()
+    if t.lower() == "off":
+        return None
+    host, sep, port = t.rpartition(":")
+    if not sep:
+        raise ArgError(f"{name} {shown(text)} is not ADDR:PORT (or 'off')")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ArgError(f"{name} {shown(text)}: {shown(host)} is not an IP address") from None
+    return str(addr), integer(port, f"{name} port", 0, 65535)

@@ -10,6 +10,7 @@ from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 from sockwatch.cli import args
 from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
+from sockwatch.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 
 
 def serve(
@@ -27,6 +28,12 @@ def serve(
     ),
     ringbuf_pages: str = typer.Option(
         "4096", "--ringbuf-pages", help="Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
+    ),
+    listen: str = typer.Option(
+        f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+        "--listen",
+        help="Where to serve /metrics and /healthz: ADDR:PORT ([ADDR]:PORT for IPv6; port 0 picks a free one), "
+        "or 'off'. Loopback by default: the metrics name processes and addresses.",
     ),
     stream_cpu: str = typer.Option(
         "25",
@@ -58,12 +65,15 @@ def serve(
         udp = args.integer(max_udp, "--max-udp", 1024, 16_777_216)
         pages = args.integer(ringbuf_pages, "--ringbuf-pages", 16, 65536)
         stream_share = args.integer(stream_cpu, "--stream-cpu", 1, 100) / 100
+        where = args.listen_address(listen, "--listen")
     except (sockpath.PathError, args.ArgError) as e:
         raise fail(str(e), code=EXIT_USAGE) from None
     if pages & (pages - 1):
         raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
-    agent = Agent(Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, stream_cpu=stream_share))
+    agent = Agent(
+        Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, stream_cpu=stream_share, listen=where)
+    )
     with friendly():
         try:
             agent.start()
@@ -77,7 +87,9 @@ def serve(
             agent.close()
             raise
         typer.echo(
-            f"sockwatch: serving {len(agent.tracker.rows)} sockets on {socket_path} "
+            f"sockwatch: serving {len(agent.tracker.rows)} sockets on {socket_path}"
+            + (f", metrics on http://{agent.metrics_address}/metrics" if agent.metrics_address else "")
+            + " "
             f"(BPF loaded in {agent.load_seconds:.2f}s)",
             err=True,
         )

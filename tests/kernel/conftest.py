@@ -117,7 +117,9 @@ class AgentProc:
         self.own_dirs = socket is None  # directories the test chose, to clean if the agent could not
         self.socket = socket or f"/run/sockwatch-test/{uuid.uuid4().hex[:8]}/agent.sock"
         self.proc = subprocess.Popen(
-            sockwatch_cmd("serve", "--socket", self.socket, "--reconcile-interval", "3600", *extra),
+            sockwatch_cmd(
+                "serve", "--socket", self.socket, "--reconcile-interval", "3600", "--listen", "127.0.0.1:0", *extra
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -249,7 +249,11 @@ def test_a_reader_that_falls_behind_is_dropped_and_counted(agent, netns, child_f
             c.do(op="burst", n=10000)  # ~20,000 events, ~8 MB of JSON lines
             if agent.status()["clients_dropped"].get("slow_subscriber", 0) > dropped:
                 break
-        assert agent.status()["clients_dropped"].get("slow_subscriber", 0) == dropped + 1
+        assert agent.status()["clients_dropped"].get("slow_subscriber", 0) > dropped
+        # and the one dropped is this reader: what it was sent ends in EOF
+        stuck.settimeout(10)
+        while stuck.recv(1 << 20):
+            pass
     u = c.do(op="udp_bind", addr="127.0.0.1", port=0)
     c.do(op="close", id=u["id"])
     s.until(has("close", u["cookie"]), 30)  # the reading stream lives on

@@ -259,3 +259,13 @@ def test_a_line_is_the_json_a_reader_parses():
     assert got["time"] == 1000.0 and got["bind"] == "asked"
     line = json.loads(stream.lost_line(5, 1, 12.5, "stream"))
     assert line == {"time": 12.5, "kind": "lost", "events": 5, "udp_owners": 1, "reason": "stream"}
+
+
+def test_a_tcp_release_of_a_socket_seen_born_is_not_a_second_close():
+    d = stream.Describer()
+    conn = d.describe(ev(E.CONNECT, state=2, local=("10.0.0.1", 41000), remote=("10.0.0.2", 80), ts=5), None, make)
+    assert conn is not None
+    assert d.describe(ev(E.RELEASE, state=1, old=1, flags=E.F_PRESTART), conn.sock, make) is None
+    # one from before start (found by a dump: no birth seen) ends at its release
+    dumped = conn.sock._replace(born_ns=0)
+    assert d.describe(ev(E.RELEASE, state=1, old=1, flags=E.F_PRESTART), dumped, make).kind == "close"

@@ -146,6 +146,15 @@ def test_released_connection_without_state_callbacks_is_checked_with_the_kernel(
     assert t.snapshot()  # an orphan still holds its 4-tuple
 
 
+def test_a_prestart_release_of_a_socket_a_hook_saw_born_is_not_an_end():
+    """The hook's prestart bound is a cookie, and cookies come in per-CPU batches: a
+    socket made after start can carry the flag. Its state callbacks tell its end."""
+    t = tracker()
+    t.apply(ev(E.ACCEPT, 7, state=1, local=("10.0.0.1", 4002), remote=("10.0.0.2", 80)))
+    t.apply(ev(E.RELEASE, 7, state=1, old=TcpState.ESTABLISHED, flags=E.F_PRESTART))
+    assert NEED_ORPHAN not in t.pending.get(7, set())
+
+
 def test_udp_connect_waits_for_the_kernels_choice_of_local_side():
     t = tracker()
     t.apply(ev(E.BIND, 8, IPPROTO_UDP, local=("0.0.0.0", 5000), owner=(3, "dig")))

@@ -1,0 +1,145 @@
+"""The metrics as Prometheus sees them: a real Prometheus server (Debian's package) on
+loopback scrapes `sockwatch serve` every second; the test opens sockets and fails a bind
+in a namespace of its own and reads the values back through Prometheus's HTTP API.
+promtool checks the exposition."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.kernel.conftest import AgentProc
+
+EADDRINUSE = 98
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read()
+
+
+@pytest.fixture
+def metrics_agent(tmp_path) -> Iterator[tuple[AgentProc, str]]:
+    a = AgentProc(socket=str(tmp_path / "a.sock"))
+    try:
+        url = a.status()["metrics"]
+        assert url and url.startswith("http://127.0.0.1:"), url  # loopback unless told otherwise
+        yield a, url
+    finally:
+        a.stop()
+
+
+@pytest.fixture
+def prometheus(tmp_path, metrics_agent) -> Iterator[str]:
+    _agent, url = metrics_agent
+    target = urllib.parse.urlparse(url).netloc
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        f"scrape_configs:\n  - job_name: sockwatch\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                get(base + "/-/ready")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    raise AssertionError(f"prometheus did not start: {err}") from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def query(base: str, expr: str) -> list[dict]:
+    answer = json.loads(get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def until(base: str, expr: str, ok, timeout: float = 20) -> list[dict]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        got = query(base, expr)
+        if ok(got):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{expr}: {got}")
+        time.sleep(0.5)
+
+
+def test_prometheus_reads_who_owns_each_port(metrics_agent, prometheus, netns, child_factory):
+    c, other = child_factory(netns.name), child_factory(netns.name)
+    c.do(op="tcp_listen", addr="0.0.0.0", port=47300)
+    c.do(op="udp_bind", addr="127.0.0.1", port=47301)
+    for _ in range(3):
+        c.do(op="tcp_connect", addr="127.0.0.1", port=47300, accept_on=1)
+    assert other.attempt(op="tcp_bind", addr="127.0.0.1", port=47300).get("errno") == EADDRINUSE
+    ns = str(netns.inode)
+    got = until(prometheus, f'sockwatch_listener_info{{netns="{ns}",port="47300"}}', lambda r: len(r) == 1)
+    labels = got[0]["metric"]
+    assert (labels["protocol"], labels["address"], labels["comm"], labels["port_class"]) == (
+        "tcp", "0.0.0.0", "python3", "ephemeral")  # fmt: skip
+    until(prometheus, f'sockwatch_listener_info{{netns="{ns}",port="47301",protocol="udp"}}', lambda r: len(r) == 1)
+    until(prometheus, f'sockwatch_listener_connections{{netns="{ns}",port="47300"}}',
+          lambda r: len(r) == 1 and r[0]["value"][1] == "3")  # fmt: skip
+    until(prometheus, f'sockwatch_sockets{{netns="{ns}",protocol="tcp",state="ESTAB"}}',
+          lambda r: len(r) == 1 and r[0]["value"][1] == "6")  # fmt: skip
+    until(prometheus, 'sockwatch_bind_failures_total{port="47300",errno="EADDRINUSE",protocol="tcp"}',
+          lambda r: len(r) == 1 and r[0]["value"][1] == "1")  # fmt: skip
+    until(prometheus, 'up{job="sockwatch"}', lambda r: len(r) == 1 and r[0]["value"][1] == "1")
+    until(prometheus, "sockwatch_programs_attached", lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 7)
+
+
+def test_the_exposition_passes_promtool_and_health_answers(metrics_agent, netns, child_factory):
+    _agent, url = metrics_agent
+    c = child_factory(netns.name)
+    c.do(op="tcp_listen", addr="127.0.0.1", port=47302)
+    body = get(url)
+    r = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert b"sockwatch_build_info" in body and b'port="47302"' in body
+    base = url.removesuffix("/metrics")
+    assert get(base + "/healthz") == b"ok\n"
+    for path, code in (("/nope", 404), ("/metrics?x=1", 200)):
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as resp:
+                assert resp.status == code
+        except urllib.error.HTTPError as e:
+            assert e.code == code, path
+    # garbage on the metrics port is answered, not fatal
+    host, port = urllib.parse.urlparse(url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"\x00\xff garbage\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
+    assert get(base + "/healthz") == b"ok\n"

@@ -1,0 +1,128 @@
+"""The collector on a fresh registry with injected sources (no root, no agent), read
+back with get_sample_value as prometheus_client's own tests do."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sockwatch import metrics, ports
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
+
+NS = 4026532000
+
+
+def row(proto, state, local, remote=None, pid=None, comm=None, cookie=0, netns=NS):
+    la = ipaddress.ip_address(local[0])
+    return SockRow(cookie=cookie, protocol=proto, family=la.version, state=state, local_address=la,
+                   local_port=local[1], remote_address=ipaddress.ip_address(remote[0]) if remote else None,
+                   remote_port=remote[1] if remote else 0, netns=netns, pid=pid, comm=comm)  # fmt: skip
+
+
+TABLE = [
+    row(IPPROTO_TCP, TcpState.LISTEN, ("0.0.0.0", 443), pid=1, comm="nginx", cookie=1),
+    row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 443), ("10.0.0.9", 40000), cookie=2),
+    row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 443), ("10.0.0.9", 40001), cookie=3),
+    row(IPPROTO_TCP, TcpState.TIME_WAIT, ("10.0.0.1", 443), ("10.0.0.9", 40002), cookie=4),
+    row(IPPROTO_UDP, TcpState.CLOSE, ("127.0.0.53", 53), pid=2, comm="resolved", cookie=5),
+    row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 40010), ("10.0.0.7", 5432), pid=3, comm="app", cookie=6),
+]
+
+
+def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
+    def rows_source():
+        if fail == "sockets":
+            raise RuntimeError("boom")
+        return rows
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(
+        metrics.SockwatchCollector(
+            rows=rows_source,
+            port_ranges=lambda: {NS: ports.PortRange(32768, 60999, frozenset({40010}))},
+            bind_failures=lambda: {(IPPROTO_TCP, 443, "EADDRINUSE"): 3},
+            binds=lambda: {IPPROTO_TCP: 10, IPPROTO_UDP: 4},
+            health=lambda: metrics.Health(
+                events_lost={"ring": 5, "udp_owner_map": 0, "stream": 7},
+                udp_map_entries=512,
+                udp_map_capacity=1024,
+                repairs={"added": 2},
+                reconciles=9,
+                programs_attached=10,
+                cpu_seconds=1.5,
+                events=1000,
+                version="0.1.0",
+            ),
+            limits=limits,
+        )
+    )
+    return reg
+
+
+def test_sockets_by_namespace_protocol_family_and_state():
+    reg = registry()
+    v = reg.get_sample_value
+    labels = {"netns": str(NS), "protocol": "tcp", "family": "ipv4"}
+    assert v("sockwatch_sockets", labels | {"state": "ESTAB"}) == 3
+    assert v("sockwatch_sockets", labels | {"state": "LISTEN"}) == 1
+    assert v("sockwatch_sockets", labels | {"state": "TIME-WAIT"}) == 1
+    assert v("sockwatch_sockets", labels | {"protocol": "udp", "state": "UNCONN"}) == 1
+
+
+def test_who_owns_each_port_and_its_connections():
+    v = registry().get_sample_value
+    nginx = {"netns": str(NS), "protocol": "tcp", "address": "0.0.0.0", "port": "443", "port_class": "privileged",
+             "comm": "nginx"}  # fmt: skip
+    assert v("sockwatch_listener_info", nginx) == 1
+    dns = {"netns": str(NS), "protocol": "udp", "address": "127.0.0.53", "port": "53", "port_class": "privileged",
+           "comm": "resolved"}  # fmt: skip
+    assert v("sockwatch_listener_info", dns) == 1
+    # the two accepted on the wildcard listener; TIME-WAIT is not a connection any more, and the
+    # app's own outgoing connection is on no listener
+    assert v("sockwatch_listener_connections", {"netns": str(NS), "address": "0.0.0.0", "port": "443"}) == 2
+    assert v("sockwatch_listener_connections", {"netns": str(NS), "address": "10.0.0.1", "port": "443"}) is None
+
+
+def test_bind_counters_ports_and_health():
+    v = registry().get_sample_value
+    assert v("sockwatch_binds_total", {"protocol": "tcp"}) == 10
+    assert v("sockwatch_bind_failures_total", {"protocol": "tcp", "port": "443", "errno": "EADDRINUSE"}) == 3
+    assert v("sockwatch_events_lost_total", {"reason": "ring"}) == 5
+    assert v("sockwatch_events_lost_total", {"reason": "stream"}) == 7
+    assert v("sockwatch_udp_owner_map_fill_ratio") == 0.5
+    assert v("sockwatch_programs_attached") == 10
+    assert v("sockwatch_build_info", {"version": "0.1.0"}) == 1
+    dest = {"netns": str(NS), "protocol": "tcp", "local_address": "10.0.0.1", "remote_address": "10.0.0.7",
+            "remote_port": "5432"}  # fmt: skip
+    # port 40010 is reserved: not ephemeral, so that connection uses none of the range
+    assert v("sockwatch_ephemeral_destination_used_ratio", dest) is None
+    assert v("sockwatch_ephemeral_ports_used_ratio", {"netns": str(NS)}) == 0.0
+    assert v("sockwatch_scrape_source_error", {"source": "sockets"}) == 0
+
+
+def test_caps_cut_series_and_say_how_many():
+    many = [row(IPPROTO_UDP, TcpState.CLOSE, ("0.0.0.0", 1000 + i), cookie=100 + i) for i in range(50)]
+    reg = registry(rows=many, limits=metrics.Limits(listeners=10, destinations=1))
+    text = generate_latest(reg).decode()
+    assert text.count("sockwatch_listener_info{") == 10
+    assert reg.get_sample_value("sockwatch_series_capped", {"family": "sockwatch_listener_info"}) == 40
+
+
+def test_a_failing_source_leaves_the_others():
+    reg = registry(fail="sockets")
+    assert reg.get_sample_value("sockwatch_scrape_source_error", {"source": "sockets"}) == 1
+    assert reg.get_sample_value("sockwatch_binds_total", {"protocol": "tcp"}) == 10
+    assert reg.get_sample_value("sockwatch_sockets", {"netns": str(NS), "protocol": "tcp", "family": "ipv4",
+                                                      "state": "ESTAB"}) is None  # fmt: skip
+
+
+@pytest.mark.parametrize("comm", ['a"b', "x\\ny", "\x1b[31m", "ünï"])
+def test_the_exposition_parses_whatever_a_process_is_called(comm):
+    rows = [row(IPPROTO_TCP, TcpState.LISTEN, ("0.0.0.0", 80), pid=1, comm=comm, cookie=1)]
+    text = generate_latest(registry(rows=rows)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (sample,) = families["sockwatch_listener_info"].samples
+    assert sample.labels["comm"] == comm
