@@ -45,7 +45,9 @@
 #define SW_C_MAX            6
 
 /* Index of the config array, written by user space. */
-#define SW_CFG_PRESTART_COOKIE 0 /* TCP sockets with cookie <= this may lack state callbacks */
+#define SW_CFG_PRESTART_COOKIE 0 /* TCP sockets with cookie <= this may lack state callbacks. A filter
+				  * only: cookies come from per-CPU batches, so newer sockets can
+				  * fall under it too; user space decides from its own rows. */
 #define SW_CFG_MAX             1
 
 

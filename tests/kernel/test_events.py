@@ -254,9 +254,17 @@ def test_a_reader_that_falls_behind_is_dropped_and_counted(agent, netns, child_f
         stuck.settimeout(10)
         while stuck.recv(1 << 20):
             pass
-    u = c.do(op="udp_bind", addr="127.0.0.1", port=0)
-    c.do(op="close", id=u["id"])
-    s.until(has("close", u["cookie"]), 30)  # the reading stream lives on
+    # the reading stream lives on (a probe may land in what the stream's CPU budget skips
+    # while the agent works off the bursts' backlog: that is reported, so try again)
+    deadline = time.monotonic() + 60
+    while True:
+        u = c.do(op="udp_bind", addr="127.0.0.1", port=0)
+        c.do(op="close", id=u["id"])
+        try:
+            s.until(has("close", u["cookie"]), 5)  # after the backlog of the bursts, read at its pace
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, "the reading stream showed nothing new for a minute"
 
 
 def ring_lost(seen: list[dict]) -> int:
