@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 9847  # sockwatch's own; not in Prometheus's default port allocations list as taken
 MAX_LISTENERS = 2000  # sockwatch_listener_info series
 MAX_DESTINATIONS = 20  # sockwatch_ephemeral_destination_used_ratio series
+STALE_SECONDS = 5.0  # whole-table families may be this old while the table changes
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SockwatchCollector(Collector):
         binds: Callable[[], dict[int, int]],
         health: Callable[[], Health],
         limits: Limits | None = None,
+        version: Callable[[], int] = lambda: -1,
     ) -> None:
         self.rows = rows
         self.port_ranges = port_ranges
@@ -67,6 +70,10 @@ class SockwatchCollector(Collector):
         self.binds = binds
         self.health = health
         self.limits = limits or Limits()
+        self.version = version
+        # whole-table families, reused while the table is unchanged and, under churn, for
+        # up to STALE_SECONDS: a pass over 100,000 rows is too dear for every scrape
+        self._cache: dict[str, tuple[int, float, list[Metric], list[tuple[str, float]]]] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on the data; registering must not call the sources
@@ -80,14 +87,14 @@ class SockwatchCollector(Collector):
         capped = GaugeMetricFamily(
             "sockwatch_series_capped", "Series a cardinality cap left out of this scrape", labels=["family"]
         )
-        for name, build in (
-            ("sockets", self._sockets),
-            ("binds", self._binds),
-            ("ports", self._ports),
-            ("health", self._health),
+        for name, build, whole_table in (
+            ("sockets", self._sockets, True),
+            ("binds", self._binds, False),
+            ("ports", self._ports, True),
+            ("health", self._health, False),
         ):
             try:
-                yield from build(capped)
+                yield from self._cached(name, build, capped) if whole_table else build(capped)
                 errors.add_metric([name], 0)
             except Exception:  # a source's failure is reported, not fatal to the scrape
                 log.exception("metrics source %s failed", name)
@@ -98,9 +105,24 @@ class SockwatchCollector(Collector):
         took.add_metric([], time.perf_counter() - t0)
         yield took
 
+    def _cached(self, name: str, build: Callable, capped: GaugeMetricFamily) -> list[Metric]:
+        version, now = self.version(), time.monotonic()
+        hit = self._cache.get(name)
+        if hit is not None and (hit[0] == version >= 0 or now - hit[1] < STALE_SECONDS):
+            for family, n in hit[3]:
+                capped.add_metric([family], n)
+            return hit[2]
+        cut = GaugeMetricFamily("cut", "", labels=["family"])
+        families = list(build(cut))
+        cuts = [(s.labels["family"], s.value) for s in cut.samples]
+        for family, n in cuts:
+            capped.add_metric([family], n)
+        self._cache[name] = (version, now, families, cuts)
+        return families
+
     def _sockets(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
         rows = self.rows()
-        by = Counter((r.netns, r.protocol, r.family, r.state) for r in rows)
+        by = Counter(map(attrgetter("netns", "protocol", "family", "state"), rows))  # C-level, no call per row
         socks = GaugeMetricFamily(
             "sockwatch_sockets", "Sockets in the kernel's lookup tables",
             labels=["netns", "protocol", "family", "state"],

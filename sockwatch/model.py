@@ -183,8 +183,14 @@ def fmt_addr(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return f"::ffff:{mapped}" if mapped is not None else str(addr)
 
 
+_WILDCARDS: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {
+    4: ipaddress.IPv4Address(0),
+    6: ipaddress.IPv6Address(0),
+}
+
+
 def wildcard(family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return ipaddress.IPv4Address(0) if family == 4 else ipaddress.IPv6Address(0)
+    return _WILDCARDS[family]  # made once: this runs per row in whole-table passes
 
 
 def sort_key(row: SockRow) -> tuple:

@@ -136,12 +136,12 @@ def pressure(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
         if r.protocol == IPPROTO_TCP:
             if not r.is_connection or not rng.contains(r.local_port) or r.local_port in tcp_held[r.netns]:
                 continue
-            key = (r.netns, "tcp", fmt_addr(r.local_address), fmt_addr(r.remote_address), r.remote_port)  # type: ignore[arg-type]
+            key = (r.netns, "tcp", r.local_address, r.remote_address, r.remote_port)  # formatted for output only
             if r.state == TcpState.TIME_WAIT:
                 tcp_tw[key] += 1
             tcp_used[key].add(r.local_port)
         elif r.protocol == IPPROTO_UDP and rng.contains(r.local_port):
-            udp_used[(r.netns, "udp", fmt_addr(r.local_address), None, None)].add(r.local_port)
+            udp_used[(r.netns, "udp", r.local_address, None, None)].add(r.local_port)
     out = []
     for key, ports in tcp_used.items():
         rng = ranges.get(key[0], default)
@@ -158,8 +158,8 @@ def _entry(key: tuple, used: int, time_wait: int, available: int) -> dict:
     return {
         "netns": netns,
         "protocol": proto,
-        "local_address": local,
-        "remote_address": remote,
+        "local_address": fmt_addr(local),
+        "remote_address": fmt_addr(remote) if remote is not None else None,
         "remote_port": rport,
         "used": used,
         "time_wait": time_wait,

@@ -186,6 +186,7 @@ class Agent:
         self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
         self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
         self._ports_cache: tuple[float, list[dict]] = (-math.inf, [])
+        self._listeners_for_metrics: tuple[int, float, list[SockRow]] = (-1, 0.0, [])
         self._stream_cpu = 0.0  # spent on the stream in this second
         self._stream_skipped = 0  # records skipped in this second for the budget
         self.stream_skipped_total = 0
@@ -240,6 +241,7 @@ class Agent:
                 bind_failures=lambda: dict(self.tracker.stats.bind_failures),
                 binds=lambda: dict(self.tracker.stats.binds),
                 health=self._health,
+                version=lambda: self.tracker.version,
             )
         )
         return s
@@ -721,9 +723,7 @@ class Agent:
         try:
             if path == "/metrics":
                 self.prepare_answer(owners=False)
-                # owners name the listeners' series: check those rows, not the whole table
-                self.tracker.fix_owners([r for r in self.tracker.visible() if r.state == TcpState.LISTEN
-                                         or (r.protocol == IPPROTO_UDP and not r.is_connection)])  # fmt: skip
+                self._fix_listener_owners()
                 body = generate_latest(self.registry)
                 return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
             if path in ("/healthz", "/readyz"):
@@ -734,6 +734,17 @@ class Agent:
             self.clients_dropped["internal_error"] += 1
             return _http_answer(500, b"internal error in the agent (logged)\n")
         return _http_answer(404, b"try /metrics or /healthz\n")
+
+    def _fix_listener_owners(self) -> None:
+        """Owners name the listeners' series: check those rows (not the whole table),
+        found again only when the table changed or every few seconds."""
+        now = time.monotonic()
+        version, when, rows = self._listeners_for_metrics
+        if (version != self.tracker.version and now - when > metrics.STALE_SECONDS) or not when:
+            rows = [r for r in self.tracker.visible()
+                    if r.state == TcpState.LISTEN or (r.protocol == IPPROTO_UDP and not r.is_connection)]  # fmt: skip
+            self._listeners_for_metrics = (self.tracker.version, now, rows)
+        self.tracker.fix_owners(rows)
 
     @staticmethod
     def _json(d: dict) -> bytes:

@@ -1,0 +1,124 @@
+"""What a Prometheus scrape of `sockwatch serve` costs at 100,000 sockets, against the
+same scrape with an empty table, in one run: scrape latency (p50/p99/max), series
+returned, and the agent's CPU while scraped once a second.
+
+  sudo .venv/bin/python bench/bench_scrape.py                 # ~3 minutes
+  sudo .venv/bin/python bench/bench_scrape.py --scrapes 20 --sockets 20000
+
+Results: bench/results/scrape.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cost import Bench, proc_cpu_seconds
+from bench_snapshot import PER_PROCESS, WORKER
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def scrape(url: str) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=30) as r:
+        body = r.read()
+    took = time.perf_counter() - t0
+    series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+    return took, series
+
+
+def measure(url: str, agent_pid: int, n: int) -> dict:
+    times, series = [], 0
+    cpu0, t0 = proc_cpu_seconds(agent_pid), time.monotonic()
+    for _ in range(n):
+        took, series = scrape(url)
+        times.append(took)
+        time.sleep(max(0.0, 1.0 - took))  # once a second, as a 1 s scrape interval would
+    span = time.monotonic() - t0
+    times.sort()
+    return {
+        "p50_seconds": round(statistics.median(times), 4),
+        "p99_seconds": round(times[min(len(times) - 1, int(0.99 * len(times)))], 4),
+        "max_seconds": round(times[-1], 4),
+        "series": series,
+        "agent_cpu_percent_at_1_per_second": round(100 * (proc_cpu_seconds(agent_pid) - cpu0) / span, 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sockets", type=int, default=100_000)
+    ap.add_argument("--scrapes", type=int, default=60)
+    ap.add_argument("--json-out", default=os.path.join(HERE, "results", "scrape.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: run as root (sudo)", file=sys.stderr)
+        return 3
+    if not (1000 <= args.sockets <= 200_000 and 5 <= args.scrapes <= 600):
+        print("bench: --sockets 1000..200000, --scrapes 5..600", file=sys.stderr)
+        return 2
+    b = Bench(1.0)
+    workers: list[subprocess.Popen] = []
+    result: dict = {}
+    try:
+        b.setup()
+        agent_pid = b.start_agent()
+        url = b.status()["metrics"]
+        idle_cpu0, t0 = proc_cpu_seconds(agent_pid), time.monotonic()
+        time.sleep(10)
+        idle = 100 * (proc_cpu_seconds(agent_pid) - idle_cpu0) / (time.monotonic() - t0)
+        result["empty_table"] = measure(url, agent_pid, args.scrapes) | {"agent_cpu_percent_unscraped": round(idle, 2)}
+        left, i = args.sockets, 0
+        while left > 0:
+            n = min(PER_PROCESS, left)
+            workers.append(subprocess.Popen(
+                ["ip", "netns", "exec", b.ns, sys.executable, WORKER, str(n), "9100", f"127.0.1.{1 + i}"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+            left -= n
+            i += 1
+        held = sum(int(w.stdout.readline()) for w in workers if w.stdout)
+        t0 = time.monotonic()
+        while b.status()["pending"] and time.monotonic() - t0 < 120:
+            time.sleep(0.2)
+        idle_cpu0, t0 = proc_cpu_seconds(agent_pid), time.monotonic()
+        time.sleep(10)
+        idle = 100 * (proc_cpu_seconds(agent_pid) - idle_cpu0) / (time.monotonic() - t0)
+        result["full_table"] = measure(url, agent_pid, args.scrapes) | {"agent_cpu_percent_unscraped": round(idle, 2)}
+        result["full_table"]["scrape_cpu_percent"] = round(
+            result["full_table"]["agent_cpu_percent_at_1_per_second"] - idle, 2
+        )
+        result["setup"] = {
+            "sockets_held": held,
+            "scrapes": args.scrapes,
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": "sudo .venv/bin/python bench/bench_scrape.py " + " ".join(sys.argv[1:]),
+        }
+    finally:
+        for w in workers:
+            if w.stdin:
+                w.stdin.close()
+            w.wait(30)
+        b.cleanup()
+    print(json.dumps(result, indent=2))
+    os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
+    with open(args.json_out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
