@@ -4,6 +4,7 @@
 #   sudo scripts/bench.sh snapshot   # snapshot speed at 100,000 sockets vs ss (~2 minutes)
 #   sudo scripts/bench.sh churn      # churn with idle clients and snapshots; table vs ss after (~80 s)
 #   sudo scripts/bench.sh live       # live and events at 100,000 sockets under churn (~5 minutes)
+#   sudo scripts/bench.sh scrape     # a Prometheus scrape at 100,000 sockets vs an empty table (~4 minutes)
 # Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,7 +12,7 @@ SOCKWATCH_EXTRAS=dev "$here/scripts/install.sh"
 which=${1:-cost}
 [ $# -gt 0 ] && shift
 case "$which" in
-  cost|snapshot|churn|live) ;;
-  *) echo "bench: say cost, snapshot, churn or live" >&2; exit 2 ;;
+  cost|snapshot|churn|live|scrape) ;;
+  *) echo "bench: say cost, snapshot, churn, live or scrape" >&2; exit 2 ;;
 esac
 exec "${SOCKWATCH_VENV:-$here/.venv}/bin/python" "$here/bench/bench_$which.py" "$@"
