@@ -71,9 +71,10 @@ class SockwatchCollector(Collector):
         self.health = health
         self.limits = limits or Limits()
         self.version = version
-        # whole-table families, reused while the table is unchanged and, under churn, for
-        # up to STALE_SECONDS: a pass over 100,000 rows is too dear for every scrape
+        # whole-table families, rebuilt off the scrape path (refresh) when the table has
+        # changed, at most every STALE_SECONDS: a pass over 100,000 rows is too dear for a scrape
         self._cache: dict[str, tuple[int, float, list[Metric], list[tuple[str, float]]]] = {}
+        self._builders: dict[str, Callable] = {}  # the whole-table sources a scrape has asked for
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on the data; registering must not call the sources
@@ -106,19 +107,39 @@ class SockwatchCollector(Collector):
         yield took
 
     def _cached(self, name: str, build: Callable, capped: GaugeMetricFamily) -> list[Metric]:
-        version, now = self.version(), time.monotonic()
+        """A whole-table source's families: built on the first scrape; after that a
+        scrape serves what was built, and `refresh()` (the agent's tick, off the scrape
+        path) rebuilds them when the table has changed and they are STALE_SECONDS old."""
         hit = self._cache.get(name)
-        if hit is not None and (hit[0] == version >= 0 or now - hit[1] < STALE_SECONDS):
-            for family, n in hit[3]:
-                capped.add_metric([family], n)
-            return hit[2]
+        if hit is None:
+            self._build(name, build)
+            hit = self._cache[name]
+        self._builders[name] = build
+        for family, n in hit[3]:
+            capped.add_metric([family], n)
+        return hit[2]
+
+    def _build(self, name: str, build: Callable) -> None:
         cut = GaugeMetricFamily("cut", "", labels=["family"])
         families = list(build(cut))
-        cuts = [(s.labels["family"], s.value) for s in cut.samples]
-        for family, n in cuts:
-            capped.add_metric([family], n)
-        self._cache[name] = (version, now, families, cuts)
-        return families
+        self._cache[name] = (self.version(), time.monotonic(), families, [(s.labels["family"], s.value)
+                                                                          for s in cut.samples])  # fmt: skip
+
+    def refresh(self) -> int:
+        """Rebuild the whole-table families that are out of date (the table changed and
+        they are STALE_SECONDS old). Returns how many were rebuilt."""
+        version, now, done = self.version(), time.monotonic(), 0
+        for name, build in list(self._builders.items()):
+            cached = self._cache.get(name)
+            if cached is not None and (cached[0] == version or now - cached[1] < STALE_SECONDS):
+                continue
+            try:
+                self._build(name, build)
+                done += 1
+            except Exception:  # reported at the next scrape, which rebuilds it there
+                log.exception("metrics source %s failed", name)
+                self._cache.pop(name, None)
+        return done
 
     def _sockets(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
         rows = self.rows()

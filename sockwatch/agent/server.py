@@ -166,6 +166,7 @@ class Agent:
         self.http_listener: socket.socket | None = None
         self.metrics_address = ""  # where /metrics is served, once listening
         self.registry = CollectorRegistry(auto_describe=False)
+        self.collector: metrics.SockwatchCollector | None = None
         self.claim: sockpath.Claim | None = None
         self.clients: dict[int, Client] = {}
         self.clients_dropped: Counter[str] = Counter()
@@ -234,16 +235,15 @@ class Agent:
             raise sockpath.PathError(f"cannot listen for metrics on {host}:{port}: {e.strerror}") from None
         s.listen(64)
         self.metrics_address = f"[{host}]:{s.getsockname()[1]}" if ":" in host else f"{host}:{s.getsockname()[1]}"
-        self.registry.register(
-            metrics.SockwatchCollector(
-                rows=self.tracker.visible,
-                port_ranges=self.tracker.port_ranges,
-                bind_failures=lambda: dict(self.tracker.stats.bind_failures),
-                binds=lambda: dict(self.tracker.stats.binds),
-                health=self._health,
-                version=lambda: self.tracker.version,
-            )
+        self.collector = metrics.SockwatchCollector(
+            rows=self.tracker.visible,
+            port_ranges=self.tracker.port_ranges,
+            bind_failures=lambda: dict(self.tracker.stats.bind_failures),
+            binds=lambda: dict(self.tracker.stats.binds),
+            health=self._health,
+            version=lambda: self.tracker.version,
         )
+        self.registry.register(self.collector)
         return s
 
     def _health(self) -> metrics.Health:
@@ -328,6 +328,8 @@ class Agent:
                 if self.subscribers:
                     self._find_autobound()  # subscribers hear of sendto() binds within a second
                 self._stream_second()
+                if self.collector is not None:
+                    self.collector.refresh()  # whole-table metrics, off the scrape path
                 if now >= next_trim:
                     _give_back_memory()  # what bursts of answers and batch map reads freed
                     next_trim = now + TRIM_SECONDS

@@ -126,3 +126,26 @@ def test_the_exposition_parses_whatever_a_process_is_called(comm):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     (sample,) = families["sockwatch_listener_info"].samples
     assert sample.labels["comm"] == comm
+
+
+def test_whole_table_families_are_rebuilt_off_the_scrape_path(monkeypatch):
+    """A scrape serves what was built; refresh() (the agent's tick) rebuilds once the
+    table changed and the families are old enough."""
+    rows = list(TABLE)
+    version = [1]
+    reg = CollectorRegistry(auto_describe=False)
+    c = metrics.SockwatchCollector(
+        rows=lambda: rows, port_ranges=dict, bind_failures=dict, binds=dict, health=metrics.Health,
+        version=lambda: version[0],
+    )  # fmt: skip
+    reg.register(c)
+    labels = {"netns": str(NS), "protocol": "udp", "family": "ipv4", "state": "UNCONN"}
+    generate_latest(reg)  # a whole scrape (get_sample_value stops at the first match)
+    assert reg.get_sample_value("sockwatch_sockets", labels) == 1
+    rows.append(row(IPPROTO_UDP, TcpState.CLOSE, ("127.0.0.1", 9999), cookie=99))
+    version[0] = 2
+    assert reg.get_sample_value("sockwatch_sockets", labels) == 1  # not rebuilt by a scrape
+    monkeypatch.setattr(metrics, "STALE_SECONDS", 0.0)
+    assert c.refresh() == 2  # sockets and ports
+    assert reg.get_sample_value("sockwatch_sockets", labels) == 2
+    assert c.refresh() == 0  # unchanged table: nothing to do
