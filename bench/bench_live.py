@@ -19,10 +19,8 @@ Results: bench/results/live.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cost import SW, Bench, proc_cpu_seconds
-from bench_snapshot import PER_PROCESS, WORKER
+from common import HeldSockets, host, write_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,23 +112,15 @@ def main() -> int:
         print("bench: --sockets 1000..200000, --seconds 5..300, --repeat 1..20", file=sys.stderr)
         return 2
     b = Bench(1.5)
-    workers: list[subprocess.Popen] = []
+    held_sockets: HeldSockets | None = None
     readers: list[EventsReader] = []
     lives: list[LiveInTmux] = []
     result: dict = {}
     try:
         b.setup()
         agent_pid = b.start_agent()
-        left, i = args.sockets, 0
-        while left > 0:
-            n = min(PER_PROCESS, left)
-            workers.append(subprocess.Popen(
-                ["ip", "netns", "exec", b.ns, sys.executable, WORKER, str(n), "9100", f"127.0.1.{1 + i}"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            ))  # fmt: skip
-            left -= n
-            i += 1
-        held = sum(int(w.stdout.readline()) for w in workers if w.stdout)
+        held_sockets = HeldSockets(b.ns, args.sockets, 9100)
+        held = held_sockets.held
         t0 = time.monotonic()
         while b.status()["pending"] and time.monotonic() - t0 < 120:
             time.sleep(0.2)
@@ -195,31 +185,17 @@ def main() -> int:
             name: {"median": statistics.median(xs), "min": min(xs), "runs": xs} for name, xs in full.items()
         }
         result["full_speed_crr"]["ratio_median"] = round(statistics.median(full["agent + live + events"]) / base, 4)
-        result["setup"] = {
-            "sockets_held": held,
-            "seconds": args.seconds,
-            "rate": args.rate,
-            "repeat": args.repeat,
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": "sudo .venv/bin/python bench/bench_live.py " + " ".join(sys.argv[1:]),
-        }
+        result["setup"] = {"sockets_held": held, "seconds": args.seconds, "rate": args.rate, "repeat": args.repeat,
+                           **host("sudo .venv/bin/python bench/bench_live.py")}  # fmt: skip
     finally:
         for r in readers:
             r.stop()
         for lv in lives:
             lv.stop()
-        for w in workers:
-            if w.stdin:
-                w.stdin.close()
-            w.wait(30)
+        if held_sockets is not None:
+            held_sockets.close()
         b.cleanup()
-    print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
-    with open(args.json_out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.json_out, result)
     return 0
 
 

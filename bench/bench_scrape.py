@@ -11,19 +11,15 @@ Results: bench/results/scrape.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cost import Bench, proc_cpu_seconds
-from bench_snapshot import PER_PROCESS, WORKER
+from common import HeldSockets, host, write_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,7 +64,7 @@ def main() -> int:
         print("bench: --sockets 1000..200000, --scrapes 5..600", file=sys.stderr)
         return 2
     b = Bench(1.0)
-    workers: list[subprocess.Popen] = []
+    held_sockets: HeldSockets | None = None
     result: dict = {}
     try:
         b.setup()
@@ -78,16 +74,8 @@ def main() -> int:
         time.sleep(10)
         idle = 100 * (proc_cpu_seconds(agent_pid) - idle_cpu0) / (time.monotonic() - t0)
         result["empty_table"] = measure(url, agent_pid, args.scrapes) | {"agent_cpu_percent_unscraped": round(idle, 2)}
-        left, i = args.sockets, 0
-        while left > 0:
-            n = min(PER_PROCESS, left)
-            workers.append(subprocess.Popen(
-                ["ip", "netns", "exec", b.ns, sys.executable, WORKER, str(n), "9100", f"127.0.1.{1 + i}"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            ))  # fmt: skip
-            left -= n
-            i += 1
-        held = sum(int(w.stdout.readline()) for w in workers if w.stdout)
+        held_sockets = HeldSockets(b.ns, args.sockets, 9100)
+        held = held_sockets.held
         t0 = time.monotonic()
         while b.status()["pending"] and time.monotonic() - t0 < 120:
             time.sleep(0.2)
@@ -98,25 +86,13 @@ def main() -> int:
         result["full_table"]["scrape_cpu_percent"] = round(
             result["full_table"]["agent_cpu_percent_at_1_per_second"] - idle, 2
         )
-        result["setup"] = {
-            "sockets_held": held,
-            "scrapes": args.scrapes,
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": "sudo .venv/bin/python bench/bench_scrape.py " + " ".join(sys.argv[1:]),
-        }
+        result["setup"] = {"sockets_held": held, "scrapes": args.scrapes,
+                           **host("sudo .venv/bin/python bench/bench_scrape.py")}  # fmt: skip
     finally:
-        for w in workers:
-            if w.stdin:
-                w.stdin.close()
-            w.wait(30)
+        if held_sockets is not None:
+            held_sockets.close()
         b.cleanup()
-    print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
-    with open(args.json_out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.json_out, result)
     return 0
 
 

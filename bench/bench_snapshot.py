@@ -29,8 +29,8 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SW = [sys.executable, "-m", "sockwatch"]
-WORKER = os.path.join(HERE, "sockets_worker.py")
-PER_PROCESS = 16_000
+sys.path.insert(0, HERE)
+from common import HeldSockets  # noqa: E402
 
 
 def timed(cmd: list[str], repeat: int) -> list[float]:
@@ -61,7 +61,7 @@ def main() -> int:
 
     ns = f"sw-bench-{uuid.uuid4().hex[:8]}"
     sock = f"/run/sockwatch-bench/{ns}/agent.sock"
-    workers: list[subprocess.Popen] = []
+    held_sockets: HeldSockets | None = None
     agent: subprocess.Popen | None = None
     try:
         subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -73,20 +73,8 @@ def main() -> int:
             time.sleep(0.1)
 
         t0 = time.perf_counter()
-        left, i = args.sockets, 0
-        while left > 0:
-            n = min(PER_PROCESS, left)
-            addr = f"127.0.0.{1 + i}"
-            w = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, WORKER, str(n), "9000", addr],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            workers.append(w)
-            left -= n
-            i += 1
-        held = sum(int(w.stdout.readline()) for w in workers if w.stdout)
+        held_sockets = HeldSockets(ns, args.sockets, 9000, net="127.0.0")
+        held = held_sockets.held
         opened_s = time.perf_counter() - t0
 
         def status() -> dict:
@@ -161,15 +149,8 @@ def main() -> int:
             json.dump(report, f, indent=2)
         return 0
     finally:
-        for w in workers:
-            if w.stdin:
-                w.stdin.close()
-        for w in workers:
-            try:
-                w.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(w.pid, signal.SIGKILL)
-                w.wait()
+        if held_sockets is not None:
+            held_sockets.close()
         if agent is not None and agent.poll() is None:
             agent.send_signal(signal.SIGTERM)
             try:

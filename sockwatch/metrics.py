@@ -24,7 +24,7 @@ from sockwatch.model import IPPROTO_UDP, PROTO_NAMES, STATE_NAMES, SockRow, TcpS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9847  # sockwatch's own; not in Prometheus's default port allocations list as taken
+DEFAULT_PORT = 9847  # sockwatch's own default, documented in the README
 MAX_LISTENERS = 2000  # sockwatch_listener_info series
 MAX_DESTINATIONS = 20  # sockwatch_ephemeral_destination_used_ratio series
 STALE_SECONDS = 5.0  # whole-table families may be this old while the table changes

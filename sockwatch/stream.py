@@ -39,7 +39,6 @@ from sockwatch.model import (
     fmt_addr,
 )
 
-KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close", "lost")
 MAX_BOUND = 65536  # TCP sockets bound but not yet listening or connecting, remembered
 
 

@@ -787,7 +787,7 @@ class Tracker:
         """Visible rows in the kernel's grouping; sorted once per table version."""
         version, ordered = self._sorted
         if version != self.version:
-            ordered = sorted((r for r in self.rows.values() if r.visible), key=sort_key)
+            ordered = sorted(self.visible(), key=sort_key)
             self._sorted = (self.version, ordered)
         if filters is None or filters.empty:
             return list(ordered)

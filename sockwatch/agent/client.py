@@ -130,13 +130,18 @@ def request(
     return header, b"".join(chunks)
 
 
-def stream(op: str, out_fd: int, path: str | None = None, **args: object) -> dict | None:
+def stream(
+    op: str, out_fd: int, path: str | None = None, timeout: float | None = ANSWER_TIMEOUT, **args: object
+) -> dict | None:
     """Copy the agent's answer straight to out_fd (no parsing: the peer is a root agent,
-    and its body is JSON with every string escaped). None: no agent."""
+    and its body is JSON with every string escaped) until the agent ends it: a snapshot,
+    or an event subscription (timeout None: a quiet host may send nothing for long).
+    None: no agent at the default path."""
     with _asking(op, path, args) as asked:
         if asked is None:
             return None
         s, header, body = asked
+        s.settimeout(timeout)
         write_all(out_fd, body)
         buf = bytearray(1 << 20)
         view = memoryview(buf)
@@ -179,21 +184,6 @@ def subscribe_lines(path: str | None = None, heartbeat: float | None = None, **a
             if not chunk:
                 return
             buf += chunk
-
-
-def copy_events(out_fd: int, path: str | None = None, **args: object) -> None:
-    """The agent's event lines straight to out_fd as they come (a verified root agent's
-    JSON, as `stream` copies a snapshot), until the agent ends the stream."""
-    with _asking("events", path, args) as asked:
-        if asked is None:
-            raise AgentError(f"no sockwatch agent is running on {DEFAULT_SOCKET}")
-        s, _header, body = asked
-        s.settimeout(None)
-        write_all(out_fd, body)
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while n := s.recv_into(buf):
-            write_all(out_fd, view[:n])
 
 
 def _event(line: bytes) -> dict:

@@ -58,7 +58,6 @@ class Subscription:
     filters: flt.Filters
     kinds: frozenset[str]
     queued: int = 0  # bytes waiting for the client to read
-    sent: int = 0  # events
 
 
 @dataclass(eq=False)
@@ -463,7 +462,6 @@ class Agent:
                 if line is None:
                     line = lines[i] = s.json_line(wall)
                 chunks.append(line)
-            sub.sent += len(chunks)
             if chunks:
                 self._queue(c, [b"".join(chunks)])  # one send for the batch, not one per line
 

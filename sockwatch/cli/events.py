@@ -62,7 +62,7 @@ def events(
                 wire, kinds = f.to_wire(), sorted(set(kind))
                 if as_json:  # the agent's lines as they come: no parse, no re-encode
                     sys.stdout.flush()
-                    client.copy_events(sys.stdout.fileno(), path, filters=wire, kinds=kinds)
+                    client.stream("events", sys.stdout.fileno(), path, timeout=None, filters=wire, kinds=kinds)
                 else:
                     for e in client.subscribe(path, filters=wire, kinds=kinds):
                         if e is None:

@@ -49,7 +49,7 @@ def netns_inode(text: str) -> int:
                 raise flt.FilterError(f"--netns {n}: no process {n} (a pid, or an inode above {flt.PID_MAX})") from None
             except PermissionError:
                 raise flt.FilterError(f"--netns {n}: cannot read {path}: run with sudo") from None
-        return flt.build(netns=[t]).netns.__iter__().__next__()  # the inode's own bounds and message
+        return next(iter(flt.build(netns=[t]).netns))  # the inode's own bounds and message
     if not _NAME.fullmatch(t) or t in (".", ".."):
         raise flt.FilterError(f"--netns {flt.shown(text)} is not a namespace name, pid or inode")
     try:

@@ -1,0 +1,63 @@
+"""What several benchmarks share: many TCP sockets held in a namespace by worker
+processes (one process may hold at most 20,000 files here), the host's facts, and the
+results file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "sockets_worker.py")
+PER_PROCESS = 16_000
+
+
+class HeldSockets:
+    """`n` TCP sockets (both ends of n/2 loopback connections, plus a listener per
+    worker) in namespace `ns`, on `port` of 127.0.x.y addresses, until close()."""
+
+    def __init__(self, ns: str, n: int, port: int, net: str = "127.0.1") -> None:
+        self.workers: list[subprocess.Popen] = []
+        left, i = n, 0
+        while left > 0:
+            count = min(PER_PROCESS, left)
+            self.workers.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, WORKER, str(count), str(port), f"{net}.{1 + i}"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+            left -= count
+            i += 1
+        self.held = sum(int(w.stdout.readline()) for w in self.workers if w.stdout)
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.stdin:
+                w.stdin.close()
+        for w in self.workers:
+            try:
+                w.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(w.pid, signal.SIGKILL)
+                w.wait()
+
+
+def host(command: str) -> dict:
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command + " " + " ".join(sys.argv[1:]),
+    }
+
+
+def write_result(path: str, result: dict) -> None:
+    print(json.dumps(result, indent=2))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
