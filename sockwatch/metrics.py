@@ -4,36 +4,43 @@ prometheus_client's own process collector does, each source in its own try so th
 one failing source leaves the others' families (and says so).
 
 Cardinality is capped: info series per listening socket and per worst destination
-are limited (top-N), and `sockwatch_series_capped` says how many a cap cut.
+are limited (top-N), labels whose values grow with the host can be dropped (their
+series summed), and `sockwatch_series_capped` says how many series a cap cut. The
+whole-table families come from the tracker's tally, which follows the rows that
+changed: a scrape costs O(changes since the last one), not O(sockets).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sockwatch import ports
-from sockwatch.model import IPPROTO_UDP, PROTO_NAMES, STATE_NAMES, SockRow, TcpState, fmt_addr, wildcard
+from sockwatch.model import PROTO_NAMES, STATE_NAMES, SockRow, fmt_addr
+from sockwatch.tally import Tally
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9847  # sockwatch's own default, documented in the README
 MAX_LISTENERS = 2000  # sockwatch_listener_info series
 MAX_DESTINATIONS = 20  # sockwatch_ephemeral_destination_used_ratio series
-STALE_SECONDS = 5.0  # whole-table families may be this old while the table changes
+# Labels a configuration may drop (their series are then summed, as `sum without (...)`
+# would): the ones whose values grow with the host. Ratios keep theirs (a sum of ratios
+# means nothing); top-N caps them instead.
+DROPPABLE = frozenset({"netns", "address", "port", "port_class", "comm", "container", "pod", "errno", "family",
+                       "state"})  # fmt: skip
 
 
 @dataclass
 class Limits:
     listeners: int = MAX_LISTENERS
     destinations: int = MAX_DESTINATIONS
+    drop_labels: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -53,31 +60,54 @@ class Health:
     version: str = "0"
 
 
+Family = GaugeMetricFamily | CounterMetricFamily
+
+
+class _Family:
+    """Samples keyed by the labels kept: a dropped label merges series by summing."""
+
+    def __init__(self, kind: type[Family], name: str, doc: str, labels: list[str], drop: frozenset[str]) -> None:
+        self.kind, self.name, self.doc = kind, name, doc
+        self.keep = [i for i, label in enumerate(labels) if label not in drop]
+        self.labels = [labels[i] for i in self.keep]
+        self.samples: dict[tuple[str, ...], float] = {}
+
+    def add(self, values: list[str], v: float) -> None:
+        key = tuple(values[i] for i in self.keep)
+        self.samples[key] = self.samples.get(key, 0) + v
+
+    def metric(self) -> Metric:
+        m = self.kind(self.name, self.doc, labels=self.labels)
+        for key, v in self.samples.items():
+            m.add_metric(list(key), v)
+        return m
+
+
 class SockwatchCollector(Collector):
     def __init__(
         self,
-        rows: Callable[[], list[SockRow]],
+        tally: Callable[[], Tally],
         port_ranges: Callable[[], dict[int, ports.PortRange]],
         bind_failures: Callable[[], dict[tuple[int, int, str], int]],
         binds: Callable[[], dict[int, int]],
         health: Callable[[], Health],
         limits: Limits | None = None,
-        version: Callable[[], int] = lambda: -1,
+        fix_owners: Callable[[list[SockRow]], object] = lambda rows: None,
     ) -> None:
-        self.rows = rows
+        self.tally = tally
         self.port_ranges = port_ranges
         self.bind_failures = bind_failures
         self.binds = binds
         self.health = health
         self.limits = limits or Limits()
-        self.version = version
-        # whole-table families, rebuilt off the scrape path (refresh) when the table has
-        # changed, at most every STALE_SECONDS: a pass over 100,000 rows is too dear for a scrape
-        self._cache: dict[str, tuple[int, float, list[Metric], list[tuple[str, float]]]] = {}
-        self._builders: dict[str, Callable] = {}  # the whole-table sources a scrape has asked for
+        self.fix_owners = fix_owners
+        self._listeners: tuple[int, list[SockRow]] = (-1, [])  # (tally.listening_version, sorted)
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on the data; registering must not call the sources
+
+    def _family(self, kind: type[Family], name: str, doc: str, labels: list[str]) -> _Family:
+        return _Family(kind, name, doc, labels, self.limits.drop_labels)
 
     def collect(self) -> Iterator[Metric]:
         t0 = time.perf_counter()
@@ -88,14 +118,14 @@ class SockwatchCollector(Collector):
         capped = GaugeMetricFamily(
             "sockwatch_series_capped", "Series a cardinality cap left out of this scrape", labels=["family"]
         )
-        for name, build, whole_table in (
-            ("sockets", self._sockets, True),
-            ("binds", self._binds, False),
-            ("ports", self._ports, True),
-            ("health", self._health, False),
+        for name, build in (
+            ("sockets", self._sockets),
+            ("binds", self._binds),
+            ("ports", self._ports),
+            ("health", self._health),
         ):
             try:
-                yield from self._cached(name, build, capped) if whole_table else build(capped)
+                yield from list(build(capped))  # whole: a source failing half-way adds nothing
                 errors.add_metric([name], 0)
             except Exception:  # a source's failure is reported, not fatal to the scrape
                 log.exception("metrics source %s failed", name)
@@ -106,116 +136,76 @@ class SockwatchCollector(Collector):
         took.add_metric([], time.perf_counter() - t0)
         yield took
 
-    def _cached(self, name: str, build: Callable, capped: GaugeMetricFamily) -> list[Metric]:
-        """A whole-table source's families: built on the first scrape; after that a
-        scrape serves what was built, and `refresh()` (the agent's tick, off the scrape
-        path) rebuilds them when the table has changed and they are STALE_SECONDS old."""
-        hit = self._cache.get(name)
-        if hit is None:
-            self._build(name, build)
-            hit = self._cache[name]
-        self._builders[name] = build
-        for family, n in hit[3]:
-            capped.add_metric([family], n)
-        return hit[2]
-
-    def _build(self, name: str, build: Callable) -> None:
-        cut = GaugeMetricFamily("cut", "", labels=["family"])
-        families = list(build(cut))
-        self._cache[name] = (self.version(), time.monotonic(), families, [(s.labels["family"], s.value)
-                                                                          for s in cut.samples])  # fmt: skip
-
-    def refresh(self) -> int:
-        """Rebuild the whole-table families that are out of date (the table changed and
-        they are STALE_SECONDS old). Returns how many were rebuilt."""
-        version, now, done = self.version(), time.monotonic(), 0
-        for name, build in list(self._builders.items()):
-            cached = self._cache.get(name)
-            if cached is not None and (cached[0] == version or now - cached[1] < STALE_SECONDS):
-                continue
-            try:
-                self._build(name, build)
-                done += 1
-            except Exception:  # reported at the next scrape, which rebuilds it there
-                log.exception("metrics source %s failed", name)
-                self._cache.pop(name, None)
-        return done
+    def _sorted_listeners(self, t: Tally) -> list[SockRow]:
+        """The listening sockets in a stable order, sorted again only when they changed."""
+        version, rows = self._listeners
+        if version != t.listening_version:
+            rows = sorted(t.listening.values(), key=lambda r: (r.netns, r.protocol, r.local_port, r.cookie))
+            self._listeners = (t.listening_version, rows)
+        return rows
 
     def _sockets(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
-        rows = self.rows()
-        by = Counter(map(attrgetter("netns", "protocol", "family", "state"), rows))  # C-level, no call per row
-        socks = GaugeMetricFamily(
-            "sockwatch_sockets", "Sockets in the kernel's lookup tables",
-            labels=["netns", "protocol", "family", "state"],
-        )  # fmt: skip
-        for (netns, proto, fam, state), n in sorted(by.items()):
-            labels = [str(netns), PROTO_NAMES.get(proto, str(proto)), f"ipv{fam}", STATE_NAMES.get(state, "")]
-            socks.add_metric(labels, n)
-        yield socks
+        t = self.tally()
+        socks = self._family(GaugeMetricFamily, "sockwatch_sockets", "Sockets in the kernel's lookup tables",
+                             ["netns", "protocol", "family", "state"])  # fmt: skip
+        for (netns, proto, fam, state), n in sorted(t.counts.items()):
+            socks.add([str(netns), PROTO_NAMES.get(proto, str(proto)), f"ipv{fam}", STATE_NAMES.get(state, "")], n)
+        yield socks.metric()
         ranges = self.port_ranges()
-        listening = [
-            r for r in rows if (r.protocol == IPPROTO_UDP and not r.is_connection) or r.state == TcpState.LISTEN
-        ]
-        listening.sort(key=lambda r: (r.netns, r.protocol, r.local_port, r.cookie))
-        info = GaugeMetricFamily(
+        listening = self._sorted_listeners(t)
+        shown = listening[: self.limits.listeners]
+        self.fix_owners(shown)
+        info = self._family(
+            GaugeMetricFamily,
             "sockwatch_listener_info",
-            "One series per TCP listener and unconnected UDP socket: who owns each port, in every namespace",
-            labels=["netns", "protocol", "address", "port", "port_class", "comm"],
+            "TCP listeners and unconnected UDP sockets: who owns each port, in every namespace (1 per socket)",
+            ["netns", "protocol", "address", "port", "port_class", "comm", "container", "pod"],
         )
         default = ports.PortRange(*ports.DEFAULT_RANGE)
-        for r in listening[: self.limits.listeners]:
-            cls = ports.port_class(r.local_port, ranges.get(r.netns, default))
-            info.add_metric(
-                [str(r.netns), r.proto_name, fmt_addr(r.local_address), str(r.local_port), cls, r.comm or ""], 1
-            )
-        yield info
-        if len(listening) > self.limits.listeners:
-            capped.add_metric(["sockwatch_listener_info"], len(listening) - self.limits.listeners)
-        per: Counter[tuple] = Counter()
-        keys = {(r.netns, r.family, r.local_address, r.local_port) for r in listening if r.state == TcpState.LISTEN}
-        for r in rows:
-            if r.protocol != IPPROTO_UDP and r.is_connection and r.state != TcpState.TIME_WAIT:
-                # the listener that accepted it: its exact address, else the wildcard (a v6 one takes v4 too)
-                for key in (
-                    (r.netns, r.family, r.local_address, r.local_port),
-                    (r.netns, r.family, wildcard(r.family), r.local_port),
-                    (r.netns, 6, wildcard(6), r.local_port),
-                ):
-                    if key in keys:
-                        per[key] += 1
-                        break
-        conns = GaugeMetricFamily(
-            "sockwatch_listener_connections", "Established (not TIME-WAIT) connections accepted on each TCP listener",
-            labels=["netns", "address", "port"],
-        )  # fmt: skip
-        for (netns, _fam, addr, port), n in sorted(per.items(), key=lambda kv: -kv[1])[: self.limits.listeners]:
-            conns.add_metric([str(netns), fmt_addr(addr), str(port)], n)
-        yield conns
+        for r in shown:
+            c = r.container
+            info.add([str(r.netns), r.proto_name, fmt_addr(r.local_address), str(r.local_port),
+                      ports.port_class(r.local_port, ranges.get(r.netns, default)), r.comm or "",
+                      (c.short or "") if c is not None else "", (c.pod or "") if c is not None else ""], 1)  # fmt: skip
+        yield info.metric()
+        if len(listening) > len(shown):
+            capped.add_metric(["sockwatch_listener_info"], len(listening) - len(shown))
+        accepted = t.listener_connections(shown)
+        conns = self._family(
+            GaugeMetricFamily,
+            "sockwatch_listener_connections",
+            "Established (not TIME-WAIT) connections accepted on each TCP listener",
+            ["netns", "address", "port"],
+        )
+        for r in shown:
+            if accepted.get(r.cookie):
+                conns.add([str(r.netns), fmt_addr(r.local_address), str(r.local_port)], accepted[r.cookie])
+        yield conns.metric()
 
     def _binds(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
-        ok = CounterMetricFamily("sockwatch_binds", "Successful bind() calls seen, by protocol", labels=["protocol"])
+        ok = self._family(CounterMetricFamily, "sockwatch_binds", "Successful bind() calls seen, by protocol",
+                          ["protocol"])  # fmt: skip
         for proto, n in sorted(self.binds().items()):
-            ok.add_metric([PROTO_NAMES.get(proto, str(proto))], n)
-        yield ok
-        failed = CounterMetricFamily(
-            "sockwatch_bind_failures", "Failed bind() calls, by protocol, port asked for and errno",
-            labels=["protocol", "port", "errno"],
-        )  # fmt: skip
+            ok.add([PROTO_NAMES.get(proto, str(proto))], n)
+        yield ok.metric()
+        failed = self._family(CounterMetricFamily, "sockwatch_bind_failures",
+                              "Failed bind() calls, by protocol, port asked for and errno",
+                              ["protocol", "port", "errno"])  # fmt: skip
         for (proto, port, err), n in sorted(self.bind_failures().items()):
-            failed.add_metric([PROTO_NAMES.get(proto, str(proto)), str(port), err], n)
-        yield failed
+            failed.add([PROTO_NAMES.get(proto, str(proto)), str(port), err], n)
+        yield failed.metric()
 
     def _ports(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
-        rows, ranges = self.rows(), self.port_ranges()
+        t, ranges = self.tally(), self.port_ranges()
         ns = GaugeMetricFamily(
             "sockwatch_ephemeral_ports_used_ratio",
             "Ephemeral ports in use in each namespace over what its range leaves after reserved ports",
             labels=["netns"],
         )
-        for n in ports.namespace_summary(rows, ranges):
+        for n in t.namespace_summary(ranges):
             ns.add_metric([str(n["netns"])], n["in_use"] / n["available"] if n["available"] else 1.0)
         yield ns
-        worst = ports.pressure(rows, ranges)
+        worst = t.pressure(ranges)
         dest = GaugeMetricFamily(
             "sockwatch_ephemeral_destination_used_ratio",
             "Ephemeral ports used toward the worst destinations (TCP) or local addresses (UDP); 1 means the next "

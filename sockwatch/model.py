@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from sockwatch.containers import Container
+
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
@@ -86,6 +88,7 @@ class SockRow:
     flags: int = 0  # the tracker's bookkeeping bits
     gen: int = 0  # the tracker's batch that last set it from an event
     born_ns: int = 0  # CLOCK_MONOTONIC of the hook that first reported it; 0 if found by a dump
+    container: Container | None = None  # the owner's cgroup, container and pod, set with the owner
     _json: bytes | None = field(default=None, repr=False, compare=False)
     _sort: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -147,6 +150,7 @@ class SockRow:
             "cookie": self.cookie,
             "netns": self.netns,
             "owner_source": self.owner_source,
+            "container": self.container.as_dict() if self.container is not None else None,
         }
 
     @classmethod
@@ -168,6 +172,7 @@ class SockRow:
             comm=d["comm"],
             uid=d["uid"],
             owner_source=d.get("owner_source"),
+            container=Container.from_dict(d["container"]) if d.get("container") is not None else None,
         )
 
     def json_bytes(self) -> bytes:

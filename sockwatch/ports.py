@@ -19,10 +19,9 @@ What runs out, and when connect() fails with EADDRNOTAVAIL:
 from __future__ import annotations
 
 import functools
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, fmt_addr
+from sockwatch.model import fmt_addr
 
 DEFAULT_RANGE = (32768, 60999)
 REGISTERED = (1024, 49151)
@@ -120,40 +119,8 @@ def _ranges(ports: list[int]) -> list[list[int]]:
     return out
 
 
-def pressure(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
-    """Ephemeral-port use per destination (TCP) and per local address (UDP), worst
-    first. `ranges`: netns inode -> its PortRange (namespaces missing get the default)."""
-    default = PortRange(*DEFAULT_RANGE)
-    tcp_used: dict[tuple, set[int]] = defaultdict(set)
-    tcp_tw: Counter[tuple] = Counter()
-    tcp_held: dict[int, set[int]] = defaultdict(set)  # netns -> ports listeners (bind) hold
-    udp_used: dict[tuple, set[int]] = defaultdict(set)
-    for r in rows:  # first what listeners hold: their accepted connections use no ephemeral port
-        if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN:
-            tcp_held[r.netns].add(r.local_port)
-    for r in rows:
-        rng = ranges.get(r.netns, default)
-        if r.protocol == IPPROTO_TCP:
-            if not r.is_connection or not rng.contains(r.local_port) or r.local_port in tcp_held[r.netns]:
-                continue
-            key = (r.netns, "tcp", r.local_address, r.remote_address, r.remote_port)  # formatted for output only
-            if r.state == TcpState.TIME_WAIT:
-                tcp_tw[key] += 1
-            tcp_used[key].add(r.local_port)
-        elif r.protocol == IPPROTO_UDP and rng.contains(r.local_port):
-            udp_used[(r.netns, "udp", r.local_address, None, None)].add(r.local_port)
-    out = []
-    for key, ports in tcp_used.items():
-        rng = ranges.get(key[0], default)
-        held = {p for p in tcp_held[key[0]] if rng.contains(p)}
-        out.append(_entry(key, len(ports), tcp_tw[key], rng.size - len(held)))
-    for key, ports in udp_used.items():
-        out.append(_entry(key, len(ports), 0, ranges.get(key[0], default).size))
-    out.sort(key=lambda d: (-d["percent"], -d["used"], d["netns"], d["protocol"], d["local_address"]))
-    return out
-
-
-def _entry(key: tuple, used: int, time_wait: int, available: int) -> dict:
+def entry(key: tuple, used: int, time_wait: int, available: int) -> dict:
+    """One pressure figure; `key` is (netns, protocol, local, remote, remote port)."""
     netns, proto, local, remote, rport = key
     return {
         "netns": netns,
@@ -167,27 +134,3 @@ def _entry(key: tuple, used: int, time_wait: int, available: int) -> dict:
         "percent": round(100.0 * used / available, 1) if available > 0 else 100.0,
         "ratio": used / available if available > 0 else 1.0,
     }
-
-
-def namespace_summary(rows: list[SockRow], ranges: dict[int, PortRange]) -> list[dict]:
-    """Per namespace: distinct ephemeral ports in use (any protocol) against the range."""
-    default = PortRange(*DEFAULT_RANGE)
-    used: dict[int, set[int]] = defaultdict(set)
-    for r in rows:
-        rng = ranges.get(r.netns, default)
-        if rng.contains(r.local_port):
-            used[r.netns].add(r.local_port)
-    out = []
-    for netns in sorted(set(used) | set(ranges)):
-        rng = ranges.get(netns, default)
-        out.append(
-            {
-                "netns": netns,
-                "in_use": len(used[netns]),
-                "available": rng.size,
-                "range": [rng.low, rng.high],
-                "reserved": len(rng.reserved),
-                "classes": classes(rng),
-            }
-        )
-    return out

@@ -13,7 +13,7 @@ GROUPS = (
     ("listen", "TCP listeners, keyed by (local IP, local port)"),
     ("conn", "TCP connections, keyed by the 4-tuple"),
 )
-COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "INODE", "COOKIE")
+COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "INODE", "COOKIE", "CONTAINER")
 NUMERIC = ("PID", "UID", "INODE", "COOKIE")
 
 
@@ -57,6 +57,7 @@ def cells(r: SockRow) -> tuple[str, ...]:
         "" if r.uid is None else str(r.uid),
         "" if r.inode is None else str(r.inode),
         str(r.cookie),
+        printable_cell(r.container.label) if r.container is not None else "",
     )
 
 

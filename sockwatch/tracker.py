@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import NamedTuple
 
+from sockwatch import containers, ports
 from sockwatch import events as ev
-from sockwatch import ports
 from sockwatch.events import Event
 from sockwatch.filters import Filters
 from sockwatch.kernel import abi, procscan, sockdiag
@@ -39,6 +39,7 @@ from sockwatch.model import (
     sort_key,
     wildcard,
 )
+from sockwatch.tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ MAX_BIND_FAILURE_KEYS = 1000  # (protocol, port, errno) kept for the metrics
 PORT_RANGE_SECONDS = 10.0  # how long a namespace's ip_local_port_range is taken as read
 OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
 TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
+TALLY_CHANGES_KEPT = 262_144  # past this (and the table's size), the tally is dropped and recounted when asked
 
 # SockRow.flags, the tracker's own bookkeeping
 R_RELEASED = 0x01  # no file holds it (a TCP orphan lives on until CLOSE)
@@ -149,8 +151,9 @@ def row_from_event(e: Event, netns: int) -> SockRow:
 
 
 class Tracker:
-    def __init__(self, registry: NamespaceRegistry | None = None) -> None:
+    def __init__(self, registry: NamespaceRegistry | None = None, resolver: containers.Resolver | None = None) -> None:
         self.registry = registry or NamespaceRegistry()
+        self.containers = resolver or containers.Resolver()
         self.rows: dict[int, SockRow] = {}
         self.pending: dict[int, set[str]] = {}  # cookie -> reasons
         self.pending_tries: Counter = Counter()
@@ -166,6 +169,8 @@ class Tracker:
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
         self._tw_due: list[tuple[float, int]] = []  # (when the kernel drops it, cookie): TIME-WAIT rows
         self._port_ranges: dict[int, tuple[float, ports.PortRange]] = {}  # netns cookie -> (read at, range)
+        self._tally: Tally | None = None  # whole-table aggregates, once something has asked for them
+        self._changed: set[int] = set()  # cookies changed since the tally last looked
 
     # ---- reading the kernel's own tables -------------------------------------------------
 
@@ -211,6 +216,7 @@ class Tracker:
                     self.max_bootstrap_cookie = max(self.max_bootstrap_cookie, row.cookie)
                 self.rows[row.cookie] = row
         self._listeners = None
+        self._tally = None
         self.version += 1
 
     def fill_owners(self) -> None:
@@ -237,6 +243,7 @@ class Tracker:
         self.pending_tries.pop(cookie, None)
         if row is None:
             return False
+        self._changed.add(cookie)
         if row.state == TcpState.LISTEN:
             self._listeners = None
         if self._removed_during is not None:
@@ -280,6 +287,9 @@ class Tracker:
             if ch is not None:
                 changes.append(ch)
         self.stats.coalesced += n - applied
+        if len(self._changed) > TALLY_CHANGES_KEPT and len(self._changed) > len(rows):
+            self._changed.clear()  # nobody has looked for a while: a recount costs no more, and this is memory
+            self._tally = None
         return changes
 
     def _count_binds(self, batch: ev.EventBatch) -> None:
@@ -334,6 +344,7 @@ class Tracker:
             old.inode = 0  # a time-wait socket has no inode (no file), as ss shows
             old.pid = old.comm = old.owner_source = None  # and so no owner
             old.touch()
+            self._changed.add(cookie)
             self.pending[cookie] = {NEED_TIMEWAIT}
             # the kernel drops it TCP_TIMEWAIT_LEN (60 s) after this at the latest
             heapq.heappush(self._tw_due, (time.monotonic() + TIMEWAIT_SECONDS, cookie))
@@ -345,6 +356,7 @@ class Tracker:
             old.state = e.state
             old.gen = self._gen
             old.touch()
+            self._changed.add(cookie)
             self.version += 1
             return Change("update", cookie)
 
@@ -370,6 +382,7 @@ class Tracker:
         if kind == ev.ACCEPT and row.pid is None:
             self._inherit_listener_owners([row])
         self.rows[cookie] = row
+        self._changed.add(cookie)
         if row.visible and not row.inode:
             self._need(cookie, NEED_INODE)
         self.version += 1
@@ -544,6 +557,7 @@ class Tracker:
         if row.uid is None:
             row.uid = d.uid
         row.touch()
+        self._changed.add(row.cookie)
         return changed
 
     def _rows_by_owner(self, rows: Iterable[SockRow] | None = None) -> dict[int, list[SockRow]]:
@@ -584,8 +598,21 @@ class Tracker:
             self._last_owner_scan = now
             self._fill_owners([r for r in self.rows.values() if r.pid is None and r.inode and r.visible])
             changed += 1
+        changed += self._fix_containers(self.rows.values() if rows is None else rows)
         if changed:
             self.version += 1
+        return changed
+
+    def _fix_containers(self, rows: Iterable[SockRow]) -> int:
+        """Each owned row names its owner's container (read once per pid, cached)."""
+        changed = 0
+        of_pid, now = self.containers.of_pid, time.monotonic()
+        for r in rows:
+            c = of_pid(r.pid, now) if r.pid is not None else None
+            if c != r.container:
+                r.container = c
+                r.touch()
+                changed += 1
         return changed
 
     def verify_holders(self) -> int:
@@ -656,6 +683,7 @@ class Tracker:
                 row.owner_source = OWNER_HOOK
                 row.gen = self._gen
                 self.rows[c] = row
+                self._changed.add(c)
                 found.append(row)
         return found
 
@@ -708,6 +736,7 @@ class Tracker:
                 row = row_from_diag(d, ns)
                 self._watch_timewait(d)
                 self.rows[cookie] = row
+                self._changed.add(cookie)
                 added.append(row)
                 counts["added"] += 1
                 fixed.append(cookie)
@@ -782,6 +811,19 @@ class Tracker:
             rows = [r for r in self.rows.values() if r.visible]
             self._visible = (self.version, rows)
         return rows
+
+    def tally(self) -> Tally:
+        """The whole-table aggregates, brought up to date with the rows changed since the
+        last call (a recount after a bootstrap, or when nobody asked for a long time)."""
+        if self._tally is None:
+            self._changed.clear()
+            self._tally = Tally.of(self.rows.values())
+        elif self._changed:
+            rows, update = self.rows, self._tally.update
+            for c in self._changed:
+                update(c, rows.get(c))
+            self._changed.clear()
+        return self._tally
 
     def snapshot(self, filters: Filters | None = None) -> list[SockRow]:
         """Visible rows in the kernel's grouping; sorted once per table version."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from operator import attrgetter
 from typing import Any
 
@@ -35,7 +35,11 @@ def select(rows: list[SockRow], view: str) -> list[SockRow]:
 
 def counts(rows: Iterable[SockRow]) -> dict:
     """Sockets by protocol and state (ss's names), and listeners."""
-    by: Counter[tuple[int, int]] = Counter(map(attrgetter("protocol", "state"), rows))  # C-level: no call per row
+    return counts_of(Counter(map(attrgetter("protocol", "state"), rows)))  # C-level: no call per row
+
+
+def counts_of(by: Mapping[tuple[int, int], int]) -> dict:
+    """counts() from sockets already counted by (protocol, state)."""
     out: dict[str, Any] = {"total": sum(by.values()), "tcp": {}, "udp": {}}
     for (proto, state), n in sorted(by.items()):
         names = out.setdefault(PROTO_NAMES.get(proto, str(proto)), {})
@@ -90,11 +94,13 @@ def view(
     offset: int,
     limit: int,
     fix_owners: Callable[[list[SockRow]], object] = lambda rows: None,
+    whole: Mapping[tuple[int, int], int] | None = None,
 ) -> dict:
     """The answer to one `view` request: counts over the whole table, and the window
-    (whose owners `fix_owners` checks before they are shown)."""
+    (whose owners `fix_owners` checks before they are shown). `whole`: the table's
+    sockets by (protocol, state) when already counted (the tracker's tally)."""
     matched = rows if filters.empty else [r for r in rows if filters.match(r)]
-    answer: dict[str, Any] = {"counts": counts(rows), "matched": len(matched)}
+    answer: dict[str, Any] = {"counts": counts(rows) if whole is None else counts_of(whole), "matched": len(matched)}
     if name == "processes":
         groups = processes(matched)
         answer["groups"] = len(groups)

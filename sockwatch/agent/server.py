@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sockwatch import __version__, metrics, ports, stream, views
+from sockwatch import __version__, metrics, stream, tally, views
 from sockwatch import events as ev
 from sockwatch import filters as flt
 from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, Request, encode_header, parse_request
 from sockwatch.kernel import abi, bpfload, prereq
 from sockwatch.kernel.ringbuf import RingReader
-from sockwatch.model import IPPROTO_UDP, SockRow, TcpState, render_json
+from sockwatch.model import IPPROTO_UDP, SockRow, render_json
 from sockwatch.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Settings:
     ringbuf_pages: int = 4096
     stream_cpu: float = 0.25  # seconds of CPU per second the event stream may take; past it, it skips and says so
     listen: tuple[str, int] | None = ("127.0.0.1", metrics.DEFAULT_PORT)  # /metrics and /healthz; None: off
+    metrics_limits: metrics.Limits = field(default_factory=metrics.Limits)
 
 
 def _cpu_seconds() -> float:
@@ -186,7 +187,6 @@ class Agent:
         self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
         self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
         self._ports_cache: tuple[float, list[dict]] = (-math.inf, [])
-        self._listeners_for_metrics: tuple[int, float, list[SockRow]] = (-1, 0.0, [])
         self._stream_cpu = 0.0  # spent on the stream in this second
         self._stream_skipped = 0  # records skipped in this second for the budget
         self.stream_skipped_total = 0
@@ -215,6 +215,8 @@ class Agent:
         self.loaded.set_config(abi.SW_CFG_PRESTART_COOKIE, self.tracker.max_bootstrap_cookie)
         self.drain()
         self.tracker.fill_owners()
+        if self.collector is not None:
+            self.tracker.tally()  # counted once now, so that no scrape pays for the first count
         self.bootstrap_seconds = time.monotonic() - t0
         _give_back_memory()
         bpfload.release_compiler_pages()
@@ -235,12 +237,13 @@ class Agent:
         s.listen(64)
         self.metrics_address = f"[{host}]:{s.getsockname()[1]}" if ":" in host else f"{host}:{s.getsockname()[1]}"
         self.collector = metrics.SockwatchCollector(
-            rows=self.tracker.visible,
+            tally=self.tracker.tally,
             port_ranges=self.tracker.port_ranges,
             bind_failures=lambda: dict(self.tracker.stats.bind_failures),
             binds=lambda: dict(self.tracker.stats.binds),
             health=self._health,
-            version=lambda: self.tracker.version,
+            limits=self.settings.metrics_limits,
+            fix_owners=self.tracker.fix_owners,
         )
         self.registry.register(self.collector)
         return s
@@ -328,7 +331,7 @@ class Agent:
                     self._find_autobound()  # subscribers hear of sendto() binds within a second
                 self._stream_second()
                 if self.collector is not None:
-                    self.collector.refresh()  # whole-table metrics, off the scrape path
+                    self.tracker.tally()  # follow changes each second, so that a scrape finds few
                 if now >= next_trim:
                     _give_back_memory()  # what bursts of answers and batch map reads freed
                     next_trim = now + TRIM_SECONDS
@@ -722,8 +725,7 @@ class Agent:
             return _http_answer(405, b"only GET\n")
         try:
             if path == "/metrics":
-                self.prepare_answer(owners=False)
-                self._fix_listener_owners()
+                self.prepare_answer(owners=False)  # the collector checks the owners of what it shows
                 body = generate_latest(self.registry)
                 return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
             if path in ("/healthz", "/readyz"):
@@ -734,17 +736,6 @@ class Agent:
             self.clients_dropped["internal_error"] += 1
             return _http_answer(500, b"internal error in the agent (logged)\n")
         return _http_answer(404, b"try /metrics or /healthz\n")
-
-    def _fix_listener_owners(self) -> None:
-        """Owners name the listeners' series: check those rows (not the whole table),
-        found again only when the table changed or every few seconds."""
-        now = time.monotonic()
-        version, when, rows = self._listeners_for_metrics
-        if (version != self.tracker.version and now - when > metrics.STALE_SECONDS) or not when:
-            rows = [r for r in self.tracker.visible()
-                    if r.state == TcpState.LISTEN or (r.protocol == IPPROTO_UDP and not r.is_connection)]  # fmt: skip
-            self._listeners_for_metrics = (self.tracker.version, now, rows)
-        self.tracker.fix_owners(rows)
 
     @staticmethod
     def _json(d: dict) -> bytes:
@@ -761,8 +752,11 @@ class Agent:
         return [encode_header(True, stream=True, partial=self.partial())]
 
     def _view(self, req: Request, f: flt.Filters) -> dict:
+        by: Counter[tuple[int, int]] = Counter()
+        for (_netns, proto, _family, state), n in self.tracker.tally().counts.items():
+            by[(proto, state)] += n
         answer = views.view(self.tracker.visible(), f, req.view, req.sort, req.reverse, req.offset, req.limit,
-                            fix_owners=self.tracker.fix_owners)  # fmt: skip
+                            fix_owners=self.tracker.fix_owners, whole=by)  # fmt: skip
         assert self.loaded is not None
         c = self._last_counters or self.loaded.counters()
         answer["agent"] = {
@@ -782,14 +776,16 @@ class Agent:
         now = time.monotonic()
         when, summary = self._ports_cache
         if now - when > PORTS_SUMMARY_SECONDS:
-            summary = ports.namespace_summary(self.tracker.visible(), self.tracker.port_ranges())
+            summary = self.tracker.tally().namespace_summary(self.tracker.port_ranges())
             self._ports_cache = (now, summary)
         return summary
 
     def _ports(self, f: flt.Filters) -> dict:
-        rows = self.tracker.snapshot(f)
         ranges = self.tracker.port_ranges()
-        return {"namespaces": ports.namespace_summary(rows, ranges), "pressure": ports.pressure(rows, ranges)}
+        if f.empty:
+            t = self.tracker.tally()
+            return {"namespaces": t.namespace_summary(ranges), "pressure": t.pressure(ranges)}
+        return tally.ports_report(self.tracker.snapshot(f), ranges)
 
     def partial(self) -> list[str]:
         """What the table may lack or has just had repaired. Losses are repaired before

@@ -52,15 +52,15 @@ def ports(
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 raise client.AgentError("the agent's ports answer is malformed") from None
         else:
-            from sockwatch import ports as rules
             from sockwatch.kernel import prereq
+            from sockwatch.tally import ports_report
             from sockwatch.tracker import Tracker
 
             prereq.require_root()
             t = Tracker()
             t.bootstrap()
             rows, ranges = t.snapshot(f), t.port_ranges()
-            report = {"namespaces": rules.namespace_summary(rows, ranges), "pressure": rules.pressure(rows, ranges)}
+            report = ports_report(rows, ranges)
             text = json.dumps(report, indent=2) if as_json else _table(report, shown)
         sys.stdout.write(printable_cell(text).replace("\\x0a", "\n") + "\n")
 

@@ -16,6 +16,9 @@ from tests.conftest import IN_CI, sockwatch_cmd
 from tests.kernel import oracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# What a test child's process is called (ss's name for it): the name it was executed by,
+# python or python3 as pytest itself was started.
+CHILD_COMM = os.path.basename(sys.executable)[:15]
 
 
 def _kernel_problem() -> str | None:

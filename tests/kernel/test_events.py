@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import sockwatch_cmd
-from tests.kernel.conftest import AgentProc, Netns
+from tests.kernel.conftest import CHILD_COMM, AgentProc, Netns
 
 EADDRINUSE = 98
 
@@ -106,7 +106,7 @@ def test_a_failed_bind_names_the_errno_the_failing_process_and_the_holder(agent,
     fail = next(e for e in seen if e["kind"] == "bind_fail")
     assert fail["errno"] == "EADDRINUSE" and fail["error"] == os.strerror(EADDRINUSE)
     assert (fail["pid"], fail["comm"], fail["local_address"], fail["local_port"]) == (
-        failer.pid, "python3", "127.0.0.1", 8080)  # fmt: skip
+        failer.pid, CHILD_COMM, "127.0.0.1", 8080)  # fmt: skip
     assert [(h["pid"], h["cookie"], h["state"]) for h in fail["holders"]] == [(holder.pid, lst["cookie"], "LISTEN")]
 
 
@@ -129,10 +129,10 @@ def test_a_failed_bind_as_text_says_who_holds_the_port(agent, netns, child_facto
         for f in (proc.stdout, proc.stderr):
             if f:
                 f.close()
-    assert "BIND_FAIL udp 0.0.0.0:5353" in line and f"{failer.pid}/python3" in line, line
+    assert "BIND_FAIL udp 0.0.0.0:5353" in line and f"{failer.pid}/{CHILD_COMM}" in line, line
     assert (
         "EADDRINUSE (Address already in use)" in line
-        and f"held by {holder.pid}/python3 (UNCONN 127.0.0.1:5353)" in line
+        and f"held by {holder.pid}/{CHILD_COMM} (UNCONN 127.0.0.1:5353)" in line
     )
 
 

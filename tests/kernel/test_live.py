@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import sockwatch_cmd
+from tests.kernel.conftest import CHILD_COMM
 
 
 class Terminal:
@@ -118,7 +119,7 @@ def test_live_shows_a_socket_come_and_go_and_its_keys_work_at_80x24(agent, netns
     t.keys("Enter")
     s = t.until(lambda s: "127.0.0.1:47123" in s and "filter: port=47123" in s and "rows 1-1 of 1" in s)
     row = next(line for line in s.splitlines() if "127.0.0.1:47123" in line)
-    assert "LISTEN" in row and str(c.pid) in row and "python3" in row and str(netns.inode) in row, row
+    assert "LISTEN" in row and str(c.pid) in row and CHILD_COMM in row and str(netns.inode) in row, row
     c.do(op="close", id=lst["id"])
     t.until(lambda s: "rows 0-0 of 0" in s and "LISTEN  127.0.0.1:47123" not in s)
     # 2: connections; a connection to a fresh listener shows with both ends
@@ -134,7 +135,7 @@ def test_live_shows_a_socket_come_and_go_and_its_keys_work_at_80x24(agent, netns
     assert "ESTAB" in s
     # 3: processes; 4: events (the stream, newest first)
     t.keys("3")
-    t.until(lambda s: "[3] Processes" in s and "python3" in s)
+    t.until(lambda s: "[3] Processes" in s and CHILD_COMM in s)
     t.keys("4")
     c.do(op="close", id=conn["id"])
     t.until(lambda s: "[4] Events" in s and "CLOSE" in s and "127.0.0.1:47124" in s)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.conftest import AgentProc
+from tests.kernel.conftest import CHILD_COMM, AgentProc
 
 EADDRINUSE = 98
 
@@ -109,7 +109,7 @@ def test_prometheus_reads_who_owns_each_port(metrics_agent, prometheus, netns, c
     got = until(prometheus, f'sockwatch_listener_info{{netns="{ns}",port="47300"}}', lambda r: len(r) == 1)
     labels = got[0]["metric"]
     assert (labels["protocol"], labels["address"], labels["comm"], labels["port_class"]) == (
-        "tcp", "0.0.0.0", "python3", "ephemeral")  # fmt: skip
+        "tcp", "0.0.0.0", CHILD_COMM, "ephemeral")  # fmt: skip
     until(prometheus, f'sockwatch_listener_info{{netns="{ns}",port="47301",protocol="udp"}}', lambda r: len(r) == 1)
     until(prometheus, f'sockwatch_listener_connections{{netns="{ns}",port="47300"}}',
           lambda r: len(r) == 1 and r[0]["value"][1] == "3")  # fmt: skip

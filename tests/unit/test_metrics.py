@@ -10,20 +10,31 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sockwatch import metrics, ports
+from sockwatch.containers import Container
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
+from sockwatch.tally import Tally
 
 NS = 4026532000
 
 
-def row(proto, state, local, remote=None, pid=None, comm=None, cookie=0, netns=NS):
+def row(proto, state, local, remote=None, pid=None, comm=None, cookie=0, netns=NS, container=None):
     la = ipaddress.ip_address(local[0])
     return SockRow(cookie=cookie, protocol=proto, family=la.version, state=state, local_address=la,
                    local_port=local[1], remote_address=ipaddress.ip_address(remote[0]) if remote else None,
-                   remote_port=remote[1] if remote else 0, netns=netns, pid=pid, comm=comm)  # fmt: skip
+                   remote_port=remote[1] if remote else 0, netns=netns, pid=pid, comm=comm,
+                   container=container)  # fmt: skip
 
 
 TABLE = [
-    row(IPPROTO_TCP, TcpState.LISTEN, ("0.0.0.0", 443), pid=1, comm="nginx", cookie=1),
+    row(
+        IPPROTO_TCP,
+        TcpState.LISTEN,
+        ("0.0.0.0", 443),
+        pid=1,
+        comm="nginx",
+        cookie=1,
+        container=Container("/kubepods/pod1/abc", "containerd", "a" * 64, "web", "shop", "front-0", "1"),
+    ),
     row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 443), ("10.0.0.9", 40000), cookie=2),
     row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 443), ("10.0.0.9", 40001), cookie=3),
     row(IPPROTO_TCP, TcpState.TIME_WAIT, ("10.0.0.1", 443), ("10.0.0.9", 40002), cookie=4),
@@ -33,15 +44,15 @@ TABLE = [
 
 
 def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
-    def rows_source():
+    def tally_source():
         if fail == "sockets":
             raise RuntimeError("boom")
-        return rows
+        return Tally.of(rows)
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(
         metrics.SockwatchCollector(
-            rows=rows_source,
+            tally=tally_source,
             port_ranges=lambda: {NS: ports.PortRange(32768, 60999, frozenset({40010}))},
             bind_failures=lambda: {(IPPROTO_TCP, 443, "EADDRINUSE"): 3},
             binds=lambda: {IPPROTO_TCP: 10, IPPROTO_UDP: 4},
@@ -75,10 +86,10 @@ def test_sockets_by_namespace_protocol_family_and_state():
 def test_who_owns_each_port_and_its_connections():
     v = registry().get_sample_value
     nginx = {"netns": str(NS), "protocol": "tcp", "address": "0.0.0.0", "port": "443", "port_class": "privileged",
-             "comm": "nginx"}  # fmt: skip
+             "comm": "nginx", "container": "web", "pod": "shop/front-0"}  # fmt: skip
     assert v("sockwatch_listener_info", nginx) == 1
     dns = {"netns": str(NS), "protocol": "udp", "address": "127.0.0.53", "port": "53", "port_class": "privileged",
-           "comm": "resolved"}  # fmt: skip
+           "comm": "resolved", "container": "", "pod": ""}  # fmt: skip
     assert v("sockwatch_listener_info", dns) == 1
     # the two accepted on the wildcard listener; TIME-WAIT is not a connection any more, and the
     # app's own outgoing connection is on no listener
@@ -128,24 +139,41 @@ def test_the_exposition_parses_whatever_a_process_is_called(comm):
     assert sample.labels["comm"] == comm
 
 
-def test_whole_table_families_are_rebuilt_off_the_scrape_path(monkeypatch):
-    """A scrape serves what was built; refresh() (the agent's tick) rebuilds once the
-    table changed and the families are old enough."""
-    rows = list(TABLE)
-    version = [1]
+def test_a_change_shows_at_the_next_scrape():
+    """Families are built from the tally at each scrape: nothing is served stale."""
+    t = Tally.of(TABLE)
     reg = CollectorRegistry(auto_describe=False)
-    c = metrics.SockwatchCollector(
-        rows=lambda: rows, port_ranges=dict, bind_failures=dict, binds=dict, health=metrics.Health,
-        version=lambda: version[0],
-    )  # fmt: skip
-    reg.register(c)
+    reg.register(metrics.SockwatchCollector(tally=lambda: t, port_ranges=dict, bind_failures=dict, binds=dict,
+                                            health=metrics.Health))  # fmt: skip
     labels = {"netns": str(NS), "protocol": "udp", "family": "ipv4", "state": "UNCONN"}
-    generate_latest(reg)  # a whole scrape (get_sample_value stops at the first match)
     assert reg.get_sample_value("sockwatch_sockets", labels) == 1
-    rows.append(row(IPPROTO_UDP, TcpState.CLOSE, ("127.0.0.1", 9999), cookie=99))
-    version[0] = 2
-    assert reg.get_sample_value("sockwatch_sockets", labels) == 1  # not rebuilt by a scrape
-    monkeypatch.setattr(metrics, "STALE_SECONDS", 0.0)
-    assert c.refresh() == 2  # sockets and ports
+    extra = row(IPPROTO_UDP, TcpState.CLOSE, ("127.0.0.1", 9999), cookie=99)
+    t.update(99, extra)
     assert reg.get_sample_value("sockwatch_sockets", labels) == 2
-    assert c.refresh() == 0  # unchanged table: nothing to do
+    t.update(5, None)
+    t.update(99, None)
+    assert reg.get_sample_value("sockwatch_sockets", labels) is None
+
+
+def test_dropped_labels_merge_series_by_summing():
+    many = [row(IPPROTO_UDP, TcpState.CLOSE, ("0.0.0.0", 1000 + i), comm=f"w{i % 3}", cookie=100 + i,
+                netns=NS + i % 2) for i in range(12)]  # fmt: skip
+    reg = registry(rows=many, limits=metrics.Limits(drop_labels=frozenset({"port", "address", "netns"})))
+    v = reg.get_sample_value
+    base = {"protocol": "udp", "port_class": "privileged", "container": "", "pod": ""}
+    assert [v("sockwatch_listener_info", base | {"comm": f"w{i}"}) for i in range(3)] == [4, 4, 4]
+    assert v("sockwatch_sockets", {"protocol": "udp", "family": "ipv4", "state": "UNCONN"}) == 12
+    text = generate_latest(reg).decode()
+    assert 'port="' not in text.split("sockwatch_listener_info")[1].split("\n# ")[0]
+
+
+def test_owners_are_checked_for_the_shown_listeners_only():
+    many = [row(IPPROTO_UDP, TcpState.CLOSE, ("0.0.0.0", 1000 + i), cookie=100 + i) for i in range(30)]
+    seen: list[int] = []
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(metrics.SockwatchCollector(
+        tally=lambda: Tally.of(many), port_ranges=dict, bind_failures=dict, binds=dict, health=metrics.Health,
+        limits=metrics.Limits(listeners=7), fix_owners=lambda rows: seen.extend(r.cookie for r in rows),
+    ))  # fmt: skip
+    generate_latest(reg)
+    assert seen == list(range(100, 107))

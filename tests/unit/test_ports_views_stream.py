@@ -14,6 +14,7 @@ from sockwatch import ports, stream, views
 from sockwatch.events import Event
 from sockwatch.filters import build
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
+from sockwatch.tally import ports_report
 
 NS = 4026532000
 
@@ -91,7 +92,7 @@ def test_pressure_is_per_destination_with_time_wait_apart_and_listeners_subtract
         row(local=("10.0.0.1", 5000), remote=("10.0.0.9", 40001)),  # accepted: local port outside the range
         row(proto=IPPROTO_UDP, state=TcpState.CLOSE, local=("0.0.0.0", 40002), remote=None),
     ]
-    got = ports.pressure(rows, {NS: rng})
+    got = ports_report(rows, {NS: rng})["pressure"]
     first = got[0]
     assert (first["remote_address"], first["used"], first["time_wait"], first["available"]) == ("10.0.0.2", 5, 1, 8)
     assert first["percent"] == 62.5

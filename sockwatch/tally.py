@@ -1,0 +1,290 @@
+"""Whole-table aggregates, kept from the rows that changed rather than recounted (pure;
+no I/O): sockets by namespace, protocol, family and state; the listening sockets;
+connections per listening port; and the port use that ephemeral-port pressure is
+computed from. A scrape or a header reads these in O(what changed since the last
+look), not O(sockets).
+
+Each row is counted under its *shape* (the fields the aggregates key on), remembered
+per cookie, so a row is uncounted exactly as it was counted however it changed since.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from sockwatch import ports
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, wildcard
+
+Address = object  # an ipaddress address (hashable)
+
+
+class Shape(NamedTuple):
+    netns: int
+    protocol: int
+    family: int
+    state: int
+    local_address: Address
+    local_port: int
+    remote_address: Address | None
+    remote_port: int
+
+
+def shape(row: SockRow) -> Shape | None:
+    """What the aggregates know of a row; None if it is in no lookup table."""
+    if not row.visible:
+        return None
+    remote = row.remote_address if row.is_connection else None
+    return Shape(row.netns, row.protocol, row.family, row.state, row.local_address, row.local_port, remote,
+                  row.remote_port if remote is not None else 0)  # fmt: skip
+
+
+def _listening(s: Shape) -> bool:
+    """Found by (IP, port): a TCP listener or an unconnected UDP socket."""
+    return s.state == TcpState.LISTEN if s.protocol == IPPROTO_TCP else s.remote_address is None
+
+
+def _bump(table: dict, key: object, sub: object, n: int) -> int:
+    """Add n to table[key][sub]; returns 1 if sub appeared under key, -1 if it went, else 0."""
+    c = table.get(key)
+    if c is None:
+        c = table[key] = Counter()
+    before = c[sub]
+    c[sub] = after = before + n
+    if after <= 0:
+        del c[sub]
+        if not c:
+            del table[key]
+    return (after > 0) - (before > 0)
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[int, int, int, int]] = Counter()  # (netns, proto, family, state)
+        self.listening: dict[int, SockRow] = {}  # cookie -> TCP listener or unconnected UDP socket
+        self.listening_version = 0  # bumped when that set changes
+        self.accepted: dict[tuple[int, int], Counter] = {}  # (netns, port) -> (family, address) -> TCP conns
+        self.ns_ports: dict[int, Counter] = {}  # netns -> local port -> sockets
+        self.tcp_held: dict[int, Counter] = {}  # netns -> port -> TCP listeners on it
+        # pressure keys, (netns, "tcp", local, remote, rport) or (netns, "udp", local, None, None) -> port -> n
+        self.used: dict[tuple, Counter] = {}
+        self.used_tw: dict[tuple, Counter] = {}  # TCP keys: TIME-WAIT only
+        self._shapes: dict[int, Shape] = {}
+        self._keys_by_ns: dict[int, set[tuple]] = {}
+        # Per pressure key, counted as ports come and go under the namespace's range and
+        # listeners as last seen (recounted when those change, which is rare): distinct
+        # ephemeral ports in use (keys with none are left out) and TIME-WAIT connections on them.
+        self._ns_seen: dict[int, PortsSeen] = {}
+        self._n_used: dict[tuple, int] = {}
+        self._n_tw: dict[tuple, int] = {}
+        self._keys_by_port: dict[tuple[int, int], set[tuple]] = {}  # (netns, port) -> TCP keys using it
+        self._ranges: Mapping[int, ports.PortRange] = {}  # as last given: a new namespace starts with these
+        self._ns_in_range: dict[int, tuple[ports.PortRange, int]] = {}  # netns -> (range, distinct ports in it)
+
+    @classmethod
+    def of(cls, rows: Iterable[SockRow]) -> Tally:
+        t = cls()
+        for r in rows:
+            t.update(r.cookie, r)
+        return t
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def update(self, cookie: int, row: SockRow | None) -> None:
+        """The row for `cookie` is now `row` (None: gone)."""
+        new = shape(row) if row is not None else None
+        old = self._shapes.get(cookie)
+        if new == old:
+            if new is not None and cookie in self.listening:
+                self.listening[cookie] = row  # type: ignore[assignment]  # the same socket, maybe a new object
+            return
+        if old is not None:
+            del self._shapes[cookie]
+            self._count(cookie, old, -1, None)
+        if new is not None:
+            self._shapes[cookie] = new
+            self._count(cookie, new, 1, row)
+
+    def _count(self, cookie: int, s: Shape, n: int, row: SockRow | None) -> None:
+        key = (s.netns, s.protocol, s.family, s.state)
+        self.counts[key] += n
+        if self.counts[key] <= 0:
+            del self.counts[key]
+        if _bump(self.ns_ports, s.netns, s.local_port, n):
+            cached = self._ns_in_range.get(s.netns)
+            if cached is not None and cached[0].contains(s.local_port):
+                self._ns_in_range[s.netns] = (cached[0], cached[1] + (1 if n > 0 else -1))
+        if _listening(s):
+            if n > 0:
+                self.listening[cookie] = row  # type: ignore[assignment]
+            else:
+                self.listening.pop(cookie, None)
+            self.listening_version += 1
+        if s.protocol == IPPROTO_TCP:
+            if s.state == TcpState.LISTEN:
+                if _bump(self.tcp_held, s.netns, s.local_port, n):
+                    self._held_changed(s.netns, s.local_port, n > 0)
+            elif s.remote_address is not None:
+                if s.state != TcpState.TIME_WAIT:
+                    _bump(self.accepted, (s.netns, s.local_port), (s.family, s.local_address), n)
+                k = (s.netns, "tcp", s.local_address, s.remote_address, s.remote_port)
+                self._use(k, s.local_port, n, s.state == TcpState.TIME_WAIT)
+        elif s.protocol == IPPROTO_UDP:
+            self._use((s.netns, "udp", s.local_address, None, None), s.local_port, n, False)
+
+    def _seen(self, netns: int) -> PortsSeen:
+        seen = self._ns_seen.get(netns)
+        if seen is None:
+            rng = self._ranges.get(netns) or ports.PortRange(*ports.DEFAULT_RANGE)
+            seen = self._ns_seen[netns] = PortsSeen(rng, frozenset(p for p in self.tcp_held.get(netns, ())
+                                                                   if rng.contains(p)))  # fmt: skip
+        return seen
+
+    def _use(self, key: tuple, port: int, n: int, time_wait: bool) -> None:
+        appeared = _bump(self.used, key, port, n)
+        if time_wait:
+            _bump(self.used_tw, key, port, n)
+        if self._seen(key[0]).ephemeral(key, port):
+            if appeared:
+                _add(self._n_used, key, appeared)
+            if time_wait:
+                _add(self._n_tw, key, n)
+        if appeared:
+            keys = self._keys_by_ns.setdefault(key[0], set())
+            if key in self.used:
+                keys.add(key)
+            else:
+                keys.discard(key)
+                if not keys:
+                    del self._keys_by_ns[key[0]]
+            if key[1] == "tcp":
+                by_port = self._keys_by_port.setdefault((key[0], port), set())
+                if appeared > 0:
+                    by_port.add(key)
+                else:
+                    by_port.discard(key)
+                    if not by_port:
+                        del self._keys_by_port[(key[0], port)]
+
+    def _held_changed(self, netns: int, port: int, held: bool) -> None:
+        """A TCP listener took or left a port: only the keys using that port change."""
+        seen = self._ns_seen.get(netns)
+        if seen is None or not seen.range.contains(port):
+            return
+        self._ns_seen[netns] = PortsSeen(seen.range, seen.held | {port} if held else seen.held - {port})
+        sign = -1 if held else 1
+        for key in self._keys_by_port.get((netns, port), ()):
+            _add(self._n_used, key, sign)
+            tw = self.used_tw.get(key)
+            if tw and tw.get(port):
+                _add(self._n_tw, key, sign * tw[port])
+
+    # ---- what the views and metrics read ---------------------------------------------------
+
+    def listener_connections(self, listeners: Iterable[SockRow]) -> dict[int, int]:
+        """Established (not TIME-WAIT) connections each TCP listener accepted, by its
+        cookie: those on its exact address, and for a wildcard listener those no exact
+        listener on the same port takes (a v6 wildcard takes v4 too)."""
+        by_port: dict[tuple[int, int], list[SockRow]] = {}
+        for r in listeners:
+            if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN:
+                by_port.setdefault((r.netns, r.local_port), []).append(r)
+        out: dict[int, int] = {}
+        for port, group in by_port.items():
+            conns = self.accepted.get(port)
+            if not conns:
+                continue
+            exact = {(r.family, r.local_address): r.cookie for r in group}
+            for (fam, addr), n in conns.items():
+                for cand in ((fam, addr), (fam, wildcard(fam)), (6, wildcard(6))):
+                    owner = exact.get(cand)
+                    if owner is not None:
+                        out[owner] = out.get(owner, 0) + n
+                        break
+        return out
+
+    def namespace_summary(self, ranges: Mapping[int, ports.PortRange]) -> list[dict]:
+        """Per namespace: distinct ephemeral ports in use (any protocol) against the
+        range; counted as ports come and go, recounted only when a range changes."""
+        default = ports.PortRange(*ports.DEFAULT_RANGE)
+        self._ranges = ranges
+        out = []
+        for netns in sorted(set(self.ns_ports) | set(ranges)):
+            rng = ranges.get(netns, default)
+            cached = self._ns_in_range.get(netns)
+            if cached is None or cached[0] != rng:
+                in_range = sum(1 for p in self.ns_ports.get(netns, ()) if rng.contains(p))
+                cached = self._ns_in_range[netns] = (rng, in_range)
+            out.append({"netns": netns, "in_use": cached[1], "available": rng.size,
+                        "range": [rng.low, rng.high], "reserved": len(rng.reserved),
+                        "classes": ports.classes(rng)})  # fmt: skip
+        for gone in self._ns_in_range.keys() - self.ns_ports.keys() - ranges.keys():
+            del self._ns_in_range[gone]
+        return out
+
+    def pressure(self, ranges: Mapping[int, ports.PortRange], top: int | None = None) -> list[dict]:
+        """Ephemeral-port use per destination (TCP) and per local address (UDP), worst
+        first (ports.py says what runs out and why). Counted as ports come and go; a
+        namespace's keys are recounted only when its range or listeners changed."""
+        default = ports.PortRange(*ports.DEFAULT_RANGE)
+        self._ranges = ranges
+        for netns, keys in self._keys_by_ns.items():
+            rng = ranges.get(netns, default)
+            if self._seen(netns).range != rng:  # a sysctl changed: recount the namespace
+                seen = self._ns_seen[netns] = PortsSeen(rng, frozenset(p for p in self.tcp_held.get(netns, ())
+                                                                       if rng.contains(p)))  # fmt: skip
+                self._recount(keys, seen)
+        for gone in self._ns_seen.keys() - self._keys_by_ns.keys():
+            del self._ns_seen[gone]
+        entries = []
+        for key, used in self._n_used.items():
+            seen = self._ns_seen[key[0]]
+            available = seen.range.size - (len(seen.held) if key[1] == "tcp" else 0)
+            entries.append(ports.entry(key, used, self._n_tw.get(key, 0), available))
+        if top is not None:
+            return heapq.nsmallest(top, entries, key=_worst_first)
+        return sorted(entries, key=_worst_first)
+
+    def _recount(self, keys: set[tuple], seen: PortsSeen) -> None:
+        for key in keys:
+            used = sum(1 for p in self.used[key] if seen.ephemeral(key, p))
+            tw = sum(n for p, n in self.used_tw.get(key, {}).items() if seen.ephemeral(key, p))
+            for table, v in ((self._n_used, used), (self._n_tw, tw)):
+                if v:
+                    table[key] = v
+                else:
+                    table.pop(key, None)
+
+
+class PortsSeen(NamedTuple):
+    """What a namespace's pressure figures are counted under: its range, and the ports
+    in it that TCP listeners hold."""
+
+    range: ports.PortRange
+    held: frozenset[int]
+
+    def ephemeral(self, key: tuple, port: int) -> bool:
+        """Does this port count toward the key's pressure? TCP: not a listener's port (a
+        connect() cannot take it, and accepted connections use no ephemeral port)."""
+        return self.range.contains(port) and (key[1] != "tcp" or port not in self.held)
+
+
+def _add(table: dict, key: tuple, n: int) -> None:
+    v = table.get(key, 0) + n
+    if v:
+        table[key] = v
+    else:
+        del table[key]
+
+
+def _worst_first(d: dict) -> tuple:
+    return (-d["percent"], -d["used"], d["netns"], d["protocol"], d["local_address"])
+
+
+def ports_report(rows: Iterable[SockRow], ranges: Mapping[int, ports.PortRange]) -> dict:
+    """`sockwatch ports` for a set of rows (a filtered query builds its own tally)."""
+    t = Tally.of(rows)
+    return {"namespaces": t.namespace_summary(ranges), "pressure": t.pressure(ranges)}
