@@ -16,7 +16,7 @@ fi
 pkgs=(python3-bpfcc bpftool iproute2 linux-headers-amd64 python3-venv python3-pip procps)
 # the tests also compile the shared header with gcc and drop privileges with setpriv
 # drive `sockwatch live` in a real terminal (tmux), and scrape the agent with a real Prometheus
-[ "${SOCKWATCH_EXTRAS:-}" = dev ] && pkgs+=(gcc libc6-dev linux-libc-dev util-linux tmux prometheus)
+[ "${SOCKWATCH_EXTRAS:-}" = dev ] && pkgs+=(gcc libc6-dev linux-libc-dev util-linux tmux prometheus openssl systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

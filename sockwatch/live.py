@@ -26,6 +26,7 @@ from sockwatch.agent import client
 from sockwatch.agent.protocol import SORTS
 from sockwatch.cli import events as event_text
 from sockwatch.cli.options import parse_filter_text
+from sockwatch.containers import Container
 from sockwatch.filters import FilterError, Filters
 from sockwatch.render import endpoint, printable_cell
 
@@ -310,9 +311,11 @@ class Live(App[None]):
     def draw_rows(self, table: DataTable) -> None:
         wide = self.size.width >= 120
         if self.view_name == "listeners":
-            names = ("PROTO", "STATE", "LOCAL", "PID", "COMM", "NETNS") + (("UID", "INODE", "COOKIE") if wide else ())
+            names: tuple[str, ...] = ("PROTO", "STATE", "LOCAL", "PID", "COMM", "NETNS")
+            names += ("CONTAINER", "UID", "INODE", "COOKIE") if wide else ()
         else:
-            names = ("PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM") + (("NETNS", "AGE", "INODE") if wide else ())
+            names = ("PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM")
+            names += ("NETNS", "AGE", "CONTAINER") if wide else ()
         self._columns(table, names)
         table.clear()
         now = time.monotonic()
@@ -341,6 +344,7 @@ class Live(App[None]):
                 "INODE": "" if r["inode"] is None else str(r["inode"]),
                 "COOKIE": str(r["cookie"]),
                 "AGE": _age(r.get("born_ns", 0)),
+                "CONTAINER": _container(r.get("container")),
             }
             table.add_row(*(Text(cells[n], style=style) for n in names))
 
@@ -429,6 +433,16 @@ class Live(App[None]):
     def action_home(self) -> None:
         self.offset = 0
         self.refetch()
+
+
+def _container(c: object) -> str:
+    """The owner's container as one cell (the agent's JSON, not trusted)."""
+    if c is None:
+        return ""
+    try:
+        return printable_cell(Container.from_dict(c).label)
+    except ValueError:
+        return "?"
 
 
 def _age(born_ns: int) -> str:

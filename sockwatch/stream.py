@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sockwatch import events as ev
+from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.model import (
     FAMILY_VERSION,
@@ -127,7 +128,8 @@ class StreamEvent:
     holders: list[tuple[Sock, int]] = field(default_factory=list)  # (socket, its state)
     lifetime: dict | None = None
 
-    def json_line(self, wall_offset: float) -> bytes:
+    def json_line(self, wall_offset: float, container: Container | None = None) -> bytes:
+        """One JSON line; `container`: the owner's, looked up by the agent."""
         s = self.sock
         state = "null" if self.kind == "bind_fail" else f'"{STATE_NAMES.get(self.state, self.state)}"'
         line = (
@@ -136,7 +138,7 @@ class StreamEvent:
             f'"local_address":"{s.local}","local_port":{s.local_port},'
             f'"remote_address":{_json_str(s.remote)},"remote_port":{s.remote_port},'
             f'"pid":{_num(s.pid)},"comm":{_json_str(s.comm)},"uid":{_num(s.uid)},'
-            f'"cookie":{s.cookie},"netns":{s.netns}'
+            f'"cookie":{s.cookie},"netns":{s.netns},"container":{_container_json(container)}'
         )
         if self.old_state is not None:
             line += f',"old_state":"{STATE_NAMES.get(self.old_state, self.old_state)}"'
@@ -155,6 +157,11 @@ class StreamEvent:
                          f'"retransmits":{life["retransmits"]},"srtt_us":{life["srtt_us"]}')  # fmt: skip
             line += "}"
         return (line + "}\n").encode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _container_json(c: Container | None) -> str:
+    return "null" if c is None else json.dumps(c.as_dict(), separators=(",", ":"))
 
 
 def _num(n: int | None) -> str:

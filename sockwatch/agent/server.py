@@ -19,6 +19,7 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sockwatch import __version__, metrics, stream, tally, views
+from sockwatch import __version__, containers, metrics, stream, tally, views
 from sockwatch import events as ev
 from sockwatch import filters as flt
-from sockwatch.agent import sockpath
+from sockwatch.agent import sockpath, webconfig
 from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, Request, encode_header, parse_request
 from sockwatch.kernel import abi, bpfload, prereq
 from sockwatch.kernel.ringbuf import RingReader
@@ -82,6 +83,8 @@ class Settings:
     stream_cpu: float = 0.25  # seconds of CPU per second the event stream may take; past it, it skips and says so
     listen: tuple[str, int] | None = ("127.0.0.1", metrics.DEFAULT_PORT)  # /metrics and /healthz; None: off
     metrics_limits: metrics.Limits = field(default_factory=metrics.Limits)
+    kubelet_log_dir: str = "/var/log"  # pods/ and containers/ name Kubernetes pods and containers
+    web: webconfig.WebConfig | None = None  # TLS and basic auth for the metrics port
 
 
 def _cpu_seconds() -> float:
@@ -115,6 +118,7 @@ MAX_HTTP_REQUEST = 8192
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
@@ -123,9 +127,11 @@ _REASONS = {
 }
 
 
-def _http_answer(status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", head: bool = False) -> list[bytes]:
+def _http_answer(
+    status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", head: bool = False, extra: bytes = b""
+) -> list[bytes]:
     top = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-           "Connection: close\r\n\r\n").encode()  # fmt: skip
+           "Connection: close\r\n").encode() + extra + b"\r\n"  # fmt: skip
     return [top] if head else [top, body]
 
 
@@ -159,7 +165,10 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started = time.time()
-        self.tracker = Tracker()
+        self.tracker = Tracker(resolver=containers.Resolver(
+            pods_dir=os.path.join(settings.kubelet_log_dir, "pods"),
+            containers_dir=os.path.join(settings.kubelet_log_dir, "containers"),
+        ))  # fmt: skip
         self.loaded: bpfload.Loaded | None = None
         self.ring: RingReader | None = None
         self.listener: socket.socket | None = None
@@ -247,6 +256,12 @@ class Agent:
         )
         self.registry.register(self.collector)
         return s
+
+    def metrics_url(self) -> str | None:
+        if not self.metrics_address:
+            return None
+        tls = self.settings.web is not None and self.settings.web.tls is not None
+        return f"{'https' if tls else 'http'}://{self.metrics_address}/metrics"
 
     def _health(self) -> metrics.Health:
         assert self.loaded is not None
@@ -446,7 +461,7 @@ class Agent:
                     s.sock = s.sock._replace(local=stream.sock_of_row(row).local, local_port=row.local_port)
 
     def _publish(self, said: list[stream.StreamEvent]) -> None:
-        wall = self.wall_offset
+        wall, of_pid = self.wall_offset, self.tracker.containers.of_pid
         lines: list[bytes | None] = [None] * len(said)  # each rendered once, for every subscriber
         matches: list[stream.Match | None] = [None] * len(said)
         for c in list(self.subscribers):
@@ -463,7 +478,8 @@ class Agent:
                         continue
                 line = lines[i]
                 if line is None:
-                    line = lines[i] = s.json_line(wall)
+                    pid = s.sock.pid
+                    line = lines[i] = s.json_line(wall, of_pid(pid) if pid is not None else None)
                 chunks.append(line)
             if chunks:
                 self._queue(c, [b"".join(chunks)])  # one send for the batch, not one per line
@@ -566,6 +582,10 @@ class Agent:
                     conn.send(encode_header(False, error=f"the agent is serving {MAX_CLIENTS} clients already"))
                 conn.close()
                 continue
+            web = self.settings.web
+            if http and web is not None and web.tls is not None:
+                # the handshake happens in the first reads, in the loop like any other I/O
+                conn = web.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             c = Client(conn, time.monotonic() + REQUEST_SECONDS, poll=self._poll, http=http)
             self.clients[conn.fileno()] = c
             self._ep.register(conn.fileno(), select.EPOLLIN)
@@ -592,9 +612,11 @@ class Agent:
             return
         try:
             chunk = c.sock.recv(MAX_REQUEST + 1 - len(c.inbuf))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
+            while isinstance(c.sock, ssl.SSLSocket) and chunk and c.sock.pending() and len(c.inbuf) < MAX_REQUEST:
+                chunk += c.sock.recv(MAX_REQUEST + 1 - len(c.inbuf) - len(chunk))  # decrypted but not yet read
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # (TLS: the handshake is under way)
+        except OSError:  # (TLS: a failed handshake, too)
             self._drop(c)
             return
         if not chunk:
@@ -629,7 +651,7 @@ class Agent:
         while c.out:
             try:
                 n = c.sock.send(c.out[0])
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
             except OSError:  # the reader went away
                 self._drop(c)
@@ -723,6 +745,10 @@ class Agent:
         path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return _http_answer(405, b"only GET\n")
+        web = self.settings.web
+        if path == "/metrics" and web is not None and not web.allows(webconfig.header(head, b"Authorization")):
+            self.clients_dropped["unauthorized"] += 1
+            return _http_answer(401, b"unauthorized\n", extra=b'WWW-Authenticate: Basic realm="sockwatch"\r\n')
         try:
             if path == "/metrics":
                 self.prepare_answer(owners=False)  # the collector checks the owners of what it shows
@@ -764,7 +790,7 @@ class Agent:
             "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
             "lost": {"ring": c.get("ringbuf_full", 0), "udp_owners": c.get("map_full", 0)},
             "subscribers": len(self.subscribers),
-            "metrics": f"http://{self.metrics_address}/metrics" if self.metrics_address else None,
+            "metrics": self.metrics_url(),
             "degraded": self.loaded.degraded(),
         }
         answer["ports"] = self._ports_summary()
@@ -842,7 +868,7 @@ class Agent:
             "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),
             "subscribers": len(self.subscribers),
-            "metrics": f"http://{self.metrics_address}/metrics" if self.metrics_address else None,
+            "metrics": self.metrics_url(),
             "stream_skipped": self.stream_skipped_total + self._stream_skipped,
             "clients_dropped": dict(self.clients_dropped),
             "partial": self.partial(),

@@ -5,6 +5,7 @@ the input quoted short."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from sockwatch.filters import shown
 
@@ -54,3 +55,18 @@ def listen_address(text: str, name: str) -> tuple[str, int] | None:
     except ValueError:
         raise ArgError(f"{name} {shown(text)}: {shown(host)} is not an IP address") from None
     return str(addr), integer(port, f"{name} port", 0, 65535)
+
+
+def choices(values: Sequence[str], name: str, allowed: frozenset[str]) -> frozenset[str]:
+    """Repeatable names, each one of `allowed`."""
+    for v in values:
+        if v not in allowed:
+            raise ArgError(f"{name} {shown(v)} is not one of: {', '.join(sorted(allowed))}")
+    return frozenset(values)
+
+
+def directory(text: str, name: str) -> str:
+    """An absolute path (it need not exist: a node without Kubernetes has no kubelet logs)."""
+    if not text.startswith("/") or "\0" in text or len(text) > 4096:
+        raise ArgError(f"{name} {shown(text)} is not an absolute path")
+    return text

@@ -14,6 +14,7 @@ from sockwatch.agent import client
 from sockwatch.agent.protocol import EVENT_KINDS
 from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
+from sockwatch.containers import Container
 from sockwatch.render import printable_cell
 
 
@@ -98,6 +99,10 @@ def _describe(e: dict) -> str:
     if e.get("remote_address"):
         where += " -> " + _ep(e["remote_address"], e["remote_port"])
     head = f"{t} {e['kind'].upper():<9} {e['protocol']:<3} {where}  {who}  netns {e['netns']}"
+    c = e.get("container")
+    if isinstance(c, dict) and isinstance(c.get("cgroup"), str):
+        label = Container.from_dict(c).label
+        head += f"  [{label}]" if label else ""
     extra = []
     if e.get("old_state"):
         extra.append(f"{e['old_state']} -> {e['state']}")

@@ -3,43 +3,91 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import typer
+from typer._click.core import ParameterSource
 
-from sockwatch.agent import sockpath
+from sockwatch.agent import sockpath, webconfig
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 from sockwatch.cli import args
+from sockwatch.cli import config as cfg
 from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
 from sockwatch.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
+from sockwatch.metrics import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, Limits
+
+# config-file key -> the parameter's name
+_PARAMS = {"socket": "socket_path"} | {k: k.replace("-", "_") for k in (
+    "reconcile-interval", "max-udp", "ringbuf-pages", "listen", "web-config", "metrics-max-listeners",
+    "metrics-max-destinations", "metrics-drop-label", "kubelet-log-dir", "stream-cpu")}  # fmt: skip
+
+
+def _opt(default: object, flag: str, help: str) -> Any:
+    """A serve flag, also read from SOCKWATCH_<FLAG> and from the config file."""
+    return typer.Option(default, flag, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"))
 
 
 def serve(
-    socket_path: str = typer.Option(DEFAULT_SOCKET, "--socket", help="Where to answer queries (root-only)."),
-    reconcile_interval: str = typer.Option(
+    ctx: typer.Context,
+    config: str = _opt(
+        "",
+        "--config",
+        'A TOML file with these settings (one key per flag: listen = "0.0.0.0:9847"); '
+        "flags and SOCKWATCH_* variables win over it.",
+    ),
+    socket_path: str = _opt(DEFAULT_SOCKET, "--socket", "Where to answer queries (root-only)."),
+    reconcile_interval: str = _opt(
         "30",
         "--reconcile-interval",
-        help="Seconds between full comparisons with the kernel's tables, 1 to 86400 "
-        "(stretched to stay under 0.5% CPU).",
+        "Seconds between full comparisons with the kernel's tables, 1 to 86400 (stretched to stay under 0.5% CPU).",
     ),
-    max_udp: str = typer.Option(
+    max_udp: str = _opt(
         "65536",
         "--max-udp",
-        help="UDP sockets whose owner the BPF side keeps until they close, 1024 to 16777216 (TCP needs no BPF table).",
+        "UDP sockets whose owner the BPF side keeps until they close, 1024 to 16777216 (TCP needs no BPF table).",
     ),
-    ringbuf_pages: str = typer.Option(
-        "4096", "--ringbuf-pages", help="Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
+    ringbuf_pages: str = _opt(
+        "4096", "--ringbuf-pages", "Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
     ),
-    listen: str = typer.Option(
+    listen: str = _opt(
         f"127.0.0.1:{DEFAULT_METRICS_PORT}",
         "--listen",
-        help="Where to serve /metrics and /healthz: ADDR:PORT ([ADDR]:PORT for IPv6; port 0 picks a free one), "
-        "or 'off'. Loopback by default: the metrics name processes and addresses.",
+        "Where to serve /metrics and /healthz: "
+        "ADDR:PORT ([ADDR]:PORT for IPv6; port 0 picks a free one), or 'off'. Loopback by default: "
+        "the metrics name processes and addresses.",
     ),
-    stream_cpu: str = typer.Option(
+    web_config: str = _opt(
+        "",
+        "--web-config",
+        "TLS and basic auth for /metrics, in the Prometheus exporters' web "
+        "config file format (tls_server_config, basic_auth_users).",
+    ),
+    metrics_max_listeners: str = _opt(
+        str(MAX_LISTENERS),
+        "--metrics-max-listeners",
+        "At most this many sockwatch_listener_info series, 0 to 100000 (the cut is counted).",
+    ),
+    metrics_max_destinations: str = _opt(
+        str(MAX_DESTINATIONS),
+        "--metrics-max-destinations",
+        "At most this many worst ephemeral-port destinations, 0 to 10000.",
+    ),
+    metrics_drop_label: list[str] = _opt(
+        [],
+        "--metrics-drop-label",
+        f"Leave this label out (its series are summed); repeatable. One of: {', '.join(sorted(DROPPABLE))}.",
+    ),
+    kubelet_log_dir: str = _opt(
+        "/var/log",
+        "--kubelet-log-dir",
+        "Where the kubelet writes pods/ and containers/: pod and container names come from there.",
+    ),
+    stream_cpu: str = _opt(
         "25",
         "--stream-cpu",
-        help="Percent of one CPU the event stream may take while someone subscribes, 1 to 100; "
-        "past it, records are skipped for the stream and subscribers are told how many.",
+        "Percent of one CPU the event stream may take while someone "
+        "subscribes, 1 to 100; past it, records are skipped for the stream and subscribers are "
+        "told how many.",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does."),
 ) -> None:
@@ -56,24 +104,45 @@ def serve(
         sudo sockwatch serve
 
         sudo sockwatch serve --socket /run/sockwatch/agent.sock --max-udp 262144
+
+        sudo sockwatch serve --config /etc/sockwatch/sockwatch.toml
     """
     from sockwatch.agent.server import Agent, Settings
 
+    given = {
+        "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,
+        "ringbuf-pages": ringbuf_pages, "listen": listen, "web-config": web_config,
+        "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
+        "metrics-drop-label": metrics_drop_label, "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
+    }  # fmt: skip
     try:
-        socket_path = sockpath.validate(socket_path)
-        interval = args.seconds(reconcile_interval, "--reconcile-interval", 1, 86400)
-        udp = args.integer(max_udp, "--max-udp", 1024, 16_777_216)
-        pages = args.integer(ringbuf_pages, "--ringbuf-pages", 16, 65536)
-        stream_share = args.integer(stream_cpu, "--stream-cpu", 1, 100) / 100
-        where = args.listen_address(listen, "--listen")
-    except (sockpath.PathError, args.ArgError) as e:
+        if config:
+            from_file = cfg.load(config, {k for k, v in given.items() if isinstance(v, str)},
+                                 {k for k, v in given.items() if isinstance(v, list)})  # fmt: skip
+            for key, value in from_file.items():
+                if ctx.get_parameter_source(_PARAMS[key]) == ParameterSource.DEFAULT:
+                    given[key] = value
+        g = {k: v for k, v in given.items() if isinstance(v, str)}
+        socket_path = sockpath.validate(g["socket"])
+        interval = args.seconds(g["reconcile-interval"], "--reconcile-interval", 1, 86400)
+        udp = args.integer(g["max-udp"], "--max-udp", 1024, 16_777_216)
+        pages = args.integer(g["ringbuf-pages"], "--ringbuf-pages", 16, 65536)
+        stream_share = args.integer(g["stream-cpu"], "--stream-cpu", 1, 100) / 100
+        where = args.listen_address(g["listen"], "--listen")
+        limits = Limits(
+            listeners=args.integer(g["metrics-max-listeners"], "--metrics-max-listeners", 0, 100_000),
+            destinations=args.integer(g["metrics-max-destinations"], "--metrics-max-destinations", 0, 10_000),
+            drop_labels=args.choices(given["metrics-drop-label"], "--metrics-drop-label", DROPPABLE),
+        )
+        logs = args.directory(g["kubelet-log-dir"], "--kubelet-log-dir")
+        web = webconfig.load(g["web-config"]) if g["web-config"] else None
+    except (sockpath.PathError, args.ArgError, cfg.ConfigError, webconfig.WebConfigError) as e:
         raise fail(str(e), code=EXIT_USAGE) from None
-    if pages & (pages - 1):
-        raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
     agent = Agent(
-        Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, stream_cpu=stream_share, listen=where)
-    )
+        Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, stream_cpu=stream_share, listen=where,
+                 metrics_limits=limits, kubelet_log_dir=logs, web=web)
+    )  # fmt: skip
     with friendly():
         try:
             agent.start()
@@ -88,7 +157,7 @@ def serve(
             raise
         typer.echo(
             f"sockwatch: serving {len(agent.tracker.rows)} sockets on {socket_path}"
-            + (f", metrics on http://{agent.metrics_address}/metrics" if agent.metrics_address else "")
+            + (f", metrics on {agent.metrics_url()}" if agent.metrics_address else "")
             + " "
             f"(BPF loaded in {agent.load_seconds:.2f}s)",
             err=True,

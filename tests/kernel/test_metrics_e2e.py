@@ -5,17 +5,23 @@ promtool checks the exposition."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.client
 import json
 import socket
+import ssl
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
+import bcrypt
 import pytest
 
 from tests.kernel.conftest import CHILD_COMM, AgentProc
+from tests.unit.test_serve_config import cert
 
 EADDRINUSE = 98
 
@@ -42,14 +48,13 @@ def metrics_agent(tmp_path) -> Iterator[tuple[AgentProc, str]]:
         a.stop()
 
 
-@pytest.fixture
-def prometheus(tmp_path, metrics_agent) -> Iterator[str]:
-    _agent, url = metrics_agent
-    target = urllib.parse.urlparse(url).netloc
+@contextlib.contextmanager
+def running_prometheus(tmp_path, target: str, job_extra: str = "") -> Iterator[str]:
+    """A real Prometheus on loopback scraping `target` every second; its base URL."""
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        f"scrape_configs:\n  - job_name: sockwatch\n    static_configs:\n      - targets: ['{target}']\n"
+        f"scrape_configs:\n  - job_name: sockwatch\n{job_extra}    static_configs:\n      - targets: ['{target}']\n"
     )
     port = free_port()
     proc = subprocess.Popen(
@@ -79,6 +84,12 @@ def prometheus(tmp_path, metrics_agent) -> Iterator[str]:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path, metrics_agent) -> Iterator[str]:
+    with running_prometheus(tmp_path, urllib.parse.urlparse(metrics_agent[1]).netloc) as base:
+        yield base
 
 
 def query(base: str, expr: str) -> list[dict]:
@@ -143,3 +154,36 @@ def test_the_exposition_passes_promtool_and_health_answers(metrics_agent, netns,
         s.sendall(b"\x00\xff garbage\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 400")
     assert get(base + "/healthz") == b"ok\n"
+
+
+def test_tls_and_basic_auth_from_a_web_config_with_a_real_prometheus(tmp_path):
+    """The exporters' web config: TLS, and a bcrypt user. Prometheus scrapes with the CA
+    and the password; without them the agent answers 401 or no HTTP at all."""
+    c, k = cert(tmp_path)
+    hashed = bcrypt.hashpw(b"scrape-me", bcrypt.gensalt(4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {c}\n  key_file: {k}\nbasic_auth_users:\n  prom: '{hashed}'\n")
+    a = AgentProc(socket=str(tmp_path / "a.sock"), extra=("--web-config", str(web)))
+    try:
+        url = a.status()["metrics"]
+        assert url.startswith("https://127.0.0.1:"), url
+        ctx = ssl.create_default_context(cafile=str(tmp_path / c))
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url, timeout=10, context=ctx)
+        assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == 'Basic realm="sockwatch"'
+        req = urllib.request.Request(url, headers={"Authorization": "Basic " + base64.b64encode(b"prom:scrape-me")
+                                                   .decode()})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            assert b"sockwatch_build_info" in r.read()
+        with urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=10, context=ctx) as r:
+            assert r.read() == b"ok\n"  # probes need no password
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            get(url.replace("https://", "http://"))  # plain HTTP is not answered
+        job = (f"    scheme: https\n    tls_config:\n      ca_file: {tmp_path / c}\n"
+               "    basic_auth:\n      username: prom\n      password: scrape-me\n")  # fmt: skip
+        with running_prometheus(tmp_path, urllib.parse.urlparse(url).netloc, job) as base:
+            until(base, 'up{job="sockwatch"}', lambda r: len(r) == 1 and r[0]["value"][1] == "1")
+            until(base, "sockwatch_programs_attached", lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 7)
+        assert a.status()["clients_dropped"].get("unauthorized", 0) >= 1
+    finally:
+        a.stop()

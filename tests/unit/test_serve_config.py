@@ -1,0 +1,148 @@
+"""`serve`'s settings from a TOML file and SOCKWATCH_* variables, and the exporters' web
+config (TLS, basic auth): what is accepted, what wins, and the one sentence for the rest."""
+
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+import subprocess
+
+import bcrypt
+import pytest
+
+from sockwatch.agent import webconfig
+from sockwatch.cli import config
+from tests.unit.test_cli import run
+
+SCALARS = {"listen", "max-udp", "socket"}
+LISTS = {"metrics-drop-label"}
+
+
+def write(tmp_path, text: str, mode: int = 0o600, name: str = "sw.toml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    os.chmod(p, mode)
+    return str(p)
+
+
+def test_a_config_file_gives_the_flags_strings(tmp_path):
+    got = config.load(write(tmp_path, 'listen = "0.0.0.0:9847"\nmax-udp = 4096\nmetrics-drop-label = ["comm"]\n'),
+                      SCALARS, LISTS)  # fmt: skip
+    assert got == {"listen": "0.0.0.0:9847", "max-udp": "4096", "metrics-drop-label": ["comm"]}
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "needle"),
+    [
+        ("listen = [1]\n", 0o600, "listen takes a string or a number"),
+        ("max-udp = true\n", 0o600, "takes a string or a number, not bool"),
+        ("lisen = 'x'\n", 0o600, "unknown setting 'lisen' (known: listen, max-udp, metrics-drop-label, socket)"),
+        ("metrics-drop-label = [1]\n", 0o600, "takes a string or a list of strings"),
+        ("listen = \n", 0o600, "is not TOML"),
+        ("listen = 'x'\n", 0o666, "can be written by others than root"),
+        ("x" * (config.MAX_BYTES + 10), 0o600, "is over 64 KiB"),
+    ],
+)
+def test_a_bad_config_file_is_one_sentence(tmp_path, text, mode, needle):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(write(tmp_path, text, mode), SCALARS, LISTS)
+    assert needle in str(e.value)
+
+
+def test_a_config_file_must_be_a_regular_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="not a regular file"):
+        config.load(str(tmp_path), SCALARS, LISTS)
+    os.symlink("/etc/passwd", tmp_path / "link.toml")
+    with pytest.raises(config.ConfigError, match="cannot read"):  # O_NOFOLLOW: a link is not followed
+        config.load(str(tmp_path / "link.toml"), SCALARS, LISTS)
+
+
+def test_serve_takes_flags_over_environment_over_the_file(tmp_path):
+    """The bad value shows which source won: each layer sets --max-udp to a value that
+    names itself in the error."""
+    f = write(tmp_path, "max-udp = 11\nringbuf-pages = 12\n")
+    r = run("serve", "--config", f)
+    assert r.returncode == 2 and "--max-udp '11'" in r.stderr, r.stderr
+    env = {**os.environ, "SOCKWATCH_MAX_UDP": "22"}
+    from tests.conftest import sockwatch_cmd
+
+    r = subprocess.run(sockwatch_cmd("serve", "--config", f), env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "--max-udp '22'" in r.stderr, r.stderr
+    r = subprocess.run(sockwatch_cmd("serve", "--config", f, "--max-udp", "33"), env=env, capture_output=True,
+                       text=True, check=False)  # fmt: skip
+    assert r.returncode == 2 and "--max-udp '33'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--metrics-drop-label", "cookie"], "--metrics-drop-label 'cookie' is not one of"),
+        (["--metrics-max-listeners", "-1"], "is not a whole number (0 to 100000)"),
+        (["--kubelet-log-dir", "var/log"], "is not an absolute path"),
+        (["--web-config", "/nonexistent/web.yml"], "cannot read the web config"),
+        (["--config", "/nonexistent/sw.toml"], "cannot read the config file"),
+    ],
+)
+def test_serve_refuses_bad_settings_before_starting(args, needle):
+    r = run("serve", *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- the web config --------------------------------------------------------------------------
+
+
+def cert(tmp_path) -> tuple[str, str]:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
+                   check=True, capture_output=True)  # fmt: skip
+    return "c.pem", "k.pem"
+
+
+def test_web_config_tls_and_users(tmp_path):
+    c, k = cert(tmp_path)
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    w = webconfig.load(write(tmp_path, f"tls_server_config:\n  cert_file: {c}\n  key_file: {k}\n  min_version: TLS13\n"
+                                       f"basic_auth_users:\n  prom: '{hashed}'\n", name="web.yml"))  # fmt: skip
+    assert w.tls is not None and w.tls.minimum_version == ssl.TLSVersion.TLSv1_3
+    good = "Basic " + base64.b64encode(b"prom:s3cret").decode()
+    assert w.allows(good) and w.allows(good)  # the second from the cache
+    assert not w.allows("Basic " + base64.b64encode(b"prom:wrong").decode())
+    assert not w.allows("Basic " + base64.b64encode(b"eve:s3cret").decode())
+    assert not w.allows(None) and not w.allows("Bearer x") and not w.allows("Basic %%%")
+    assert webconfig.WebConfig().allows(None)  # no users: no auth
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("tls_server_config:\n  cert_file: c.pem\n", "needs cert_file and key_file"),
+        ("tls_server_config:\n  cert_file: nope.pem\n  key_file: nope.pem\n", "cannot load"),
+        ("tls_server_config:\n  cert: c.pem\n", "tls_server_config takes"),
+        ("basic_auth_users:\n  prom: plaintext\n", "is not a bcrypt hash"),
+        ("basic_auth_users: [a]\n", "maps user names to bcrypt hashes"),
+        ("tls_config: {}\n", "unknown section 'tls_config'"),
+        ("[unclosed\n", "is not YAML"),
+        ("- a\n", "is not a mapping"),
+    ],
+)
+def test_a_bad_web_config_is_one_sentence(tmp_path, text, needle):
+    with pytest.raises(webconfig.WebConfigError) as e:
+        webconfig.load(write(tmp_path, text, name="web.yml"))
+    assert needle in str(e.value)
+
+
+def test_tls_client_auth_needs_a_ca(tmp_path):
+    c, k = cert(tmp_path)
+    text = f"tls_server_config:\n  cert_file: {c}\n  key_file: {k}\n  client_auth_type: RequireAndVerifyClientCert\n"
+    with pytest.raises(webconfig.WebConfigError, match="needs client_ca_file"):
+        webconfig.load(write(tmp_path, text, name="web.yml"))
+    w = webconfig.load(write(tmp_path, text + f"  client_ca_file: {c}\n", name="web.yml"))
+    assert w.tls is not None and w.tls.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_header_lookup_is_case_insensitive():
+    head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nauthorization: Basic abc\r\n"
+    assert webconfig.header(head, b"Authorization") == "Basic abc"
+    assert webconfig.header(b"GET / HTTP/1.1\r\nAuthorization-X: 1", b"Authorization") is None
