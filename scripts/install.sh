@@ -15,7 +15,8 @@ fi
 #    iproute2 (ss, ip netns), kernel headers for bcc to compile against, venv.
 pkgs=(python3-bpfcc bpftool iproute2 linux-headers-amd64 python3-venv python3-pip procps)
 # the tests also compile the shared header with gcc and drop privileges with setpriv
-# drive `sockwatch live` in a real terminal (tmux), and scrape the agent with a real Prometheus
+# drive `sockwatch live` in a real terminal (tmux), scrape the agent with a real Prometheus (and
+# its promtool), make TLS certificates (openssl), and check the systemd unit (systemd-analyze)
 [ "${SOCKWATCH_EXTRAS:-}" = dev ] && pkgs+=(gcc libc6-dev linux-libc-dev util-linux tmux prometheus openssl systemd)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -28,23 +29,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# 2. bcc looks for headers at /lib/modules/$(uname -r)/{build,source}. A kernel without
-#    its own headers package gets Debian's newest ones; sockwatch reads only UAPI structs,
-#    so a version mismatch cannot shift any offset it uses.
-kver=$(uname -r)
-mod=/lib/modules/$kver
-if [ ! -e "$mod/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
-  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
-  com=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
-  if [ -z "$hdr" ] || [ -z "$com" ]; then
-    echo "install: no linux-headers-*-amd64 under /usr/src after installing linux-headers-amd64" >&2
-    exit 3
-  fi
-  mkdir -p "$mod"
-  ln -sfn "$hdr" "$mod/build"
-  ln -sfn "$com" "$mod/source"
-  say "linked $mod/build -> $hdr"
-fi
+# 2. bcc looks for headers at /lib/modules/$(uname -r)/{build,source}.
+"$here/scripts/link-headers.sh"
 
 # 3. A virtual environment on Debian's python3 (the one python3-bpfcc is built for),
 #    seeing its system packages for bcc, with sockwatch and its pinned dependencies.

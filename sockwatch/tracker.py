@@ -86,6 +86,7 @@ class Stats:
     binds: Counter = field(default_factory=Counter)  # protocol -> successful bind() calls
     bind_failures: Counter = field(default_factory=Counter)  # (protocol, port, errno name) -> failed bind() calls
     last_reconcile_s: float = 0.0
+    last_reconcile_at: float = field(default_factory=time.monotonic)  # the bootstrap counts as one
     repaired_cookies: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def as_dict(self) -> dict:
@@ -773,6 +774,7 @@ class Tracker:
             self.stats.repairs.update(counts)
             self.stats.reconciles += 1
             self.stats.last_reconcile_s = time.monotonic() - t0
+            self.stats.last_reconcile_at = time.monotonic()
         else:
             self.stats.kernel_reads += 1
         return dict(counts)

@@ -277,6 +277,7 @@ class Agent:
             udp_map_capacity=self.settings.max_udp,
             repairs=dict(t.repairs),
             reconciles=t.reconciles,
+            last_reconcile_age=time.monotonic() - t.last_reconcile_at,
             programs_attached=len(self.loaded.link_fds),
             hooks_missing=len(self.loaded.missing),
             cpu_seconds=_cpu_seconds(),

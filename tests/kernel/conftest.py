@@ -116,13 +116,16 @@ def child_factory() -> Iterator:
 class AgentProc:
     """`sockwatch serve` as systemd would run it, on a socket of the test's own."""
 
-    def __init__(self, socket: str | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, socket: str | None = None, extra: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> None:
         self.own_dirs = socket is None  # directories the test chose, to clean if the agent could not
         self.socket = socket or f"/run/sockwatch-test/{uuid.uuid4().hex[:8]}/agent.sock"
         self.proc = subprocess.Popen(
-            sockwatch_cmd(
-                "serve", "--socket", self.socket, "--reconcile-interval", "3600", "--listen", "127.0.0.1:0", *extra
-            ),
+            [
+                *prefix,
+                *sockwatch_cmd(
+                    "serve", "--socket", self.socket, "--reconcile-interval", "3600", "--listen", "127.0.0.1:0", *extra
+                ),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
