@@ -6,8 +6,15 @@ from __future__ import annotations
 from tests.kernel.conftest import AgentProc, compare_with_ss
 from tests.unit.test_deploy import unit_capabilities
 
-CAP_NUMBERS = {"DAC_READ_SEARCH": 2, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "SYS_RESOURCE": 24,
-               "PERFMON": 38, "BPF": 39}  # linux/capability.h
+CAP_NUMBERS = {
+    "DAC_READ_SEARCH": 2,
+    "NET_ADMIN": 12,
+    "SYS_PTRACE": 19,
+    "SYS_ADMIN": 21,
+    "SYS_RESOURCE": 24,
+    "PERFMON": 38,
+    "BPF": 39,
+}  # linux/capability.h
 
 
 def bounding_set(pid: str) -> int:

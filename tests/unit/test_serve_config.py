@@ -10,6 +10,8 @@ import subprocess
 
 import bcrypt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sockwatch.agent import webconfig
 from sockwatch.cli import config
@@ -146,3 +148,36 @@ def test_header_lookup_is_case_insensitive():
     head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nauthorization: Basic abc\r\n"
     assert webconfig.header(head, b"Authorization") == "Basic abc"
     assert webconfig.header(b"GET / HTTP/1.1\r\nAuthorization-X: 1", b"Authorization") is None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda b: b.decode("latin-1"))))
+def test_any_file_is_settings_or_one_sentence(tmp_path, text):
+    """Whatever the files hold, loading gives settings or the module's own error."""
+    for loader, err in ((lambda p: config.load(p, SCALARS, LISTS), config.ConfigError),
+                        (webconfig.load, webconfig.WebConfigError)):  # fmt: skip
+        path = write(tmp_path, text, name="fuzz")
+        try:
+            loader(path)
+        except err as e:
+            assert "\n" not in str(e).strip() or "YAML" in str(e) or "TOML" in str(e)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.dictionaries(
+        st.sampled_from(["tls_server_config", "basic_auth_users", "x"]),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3),
+            max_leaves=8,
+        ),
+    )
+)
+def test_any_yaml_shape_is_a_web_config_or_one_sentence(tmp_path, doc):
+    import yaml
+
+    try:
+        webconfig.load(write(tmp_path, yaml.safe_dump(doc), name="web.yml"))
+    except webconfig.WebConfigError:
+        pass
