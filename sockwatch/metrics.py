@@ -89,7 +89,7 @@ class SockwatchCollector(Collector):
         tally: Callable[[], Tally],
         port_ranges: Callable[[], dict[int, ports.PortRange]],
         bind_failures: Callable[[], dict[tuple[int, int, str], int]],
-        binds: Callable[[], dict[int, int]],
+        binds: Callable[[], dict[tuple[int, int], int]],
         health: Callable[[], Health],
         limits: Limits | None = None,
         fix_owners: Callable[[list[SockRow]], object] = lambda rows: None,
@@ -183,16 +183,17 @@ class SockwatchCollector(Collector):
         yield conns.metric()
 
     def _binds(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
-        ok = self._family(CounterMetricFamily, "sockwatch_binds", "Successful bind() calls seen, by protocol",
-                          ["protocol"])  # fmt: skip
-        for proto, n in sorted(self.binds().items()):
-            ok.add([PROTO_NAMES.get(proto, str(proto))], n)
+        ok = self._family(CounterMetricFamily, "sockwatch_binds",
+                          "Successful bind() calls, by protocol and the port asked for (0: the kernel chose; "
+                          "other: past the cap on ports)", ["protocol", "port"])  # fmt: skip
+        for (proto, port), n in sorted(self.binds().items()):
+            ok.add([PROTO_NAMES.get(proto, str(proto)), _port(port)], n)
         yield ok.metric()
         failed = self._family(CounterMetricFamily, "sockwatch_bind_failures",
                               "Failed bind() calls, by protocol, port asked for and errno",
                               ["protocol", "port", "errno"])  # fmt: skip
         for (proto, port, err), n in sorted(self.bind_failures().items()):
-            failed.add([PROTO_NAMES.get(proto, str(proto)), str(port), err], n)
+            failed.add([PROTO_NAMES.get(proto, str(proto)), _port(port), err], n)
         yield failed.metric()
 
     def _ports(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
@@ -251,6 +252,10 @@ class SockwatchCollector(Collector):
         build = GaugeMetricFamily("sockwatch_build_info", "sockwatch's version", labels=["version"])
         build.add_metric([h.version], 1)
         yield build
+
+
+def _port(port: int) -> str:
+    return "other" if port < 0 else str(port)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -50,7 +50,7 @@ NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
 NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
 NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
 
-MAX_BIND_FAILURE_KEYS = 1000  # (protocol, port, errno) kept for the metrics
+MAX_BIND_KEYS = 1000  # (protocol, port[, errno]) kept for the metrics, each
 PORT_RANGE_SECONDS = 10.0  # how long a namespace's ip_local_port_range is taken as read
 OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
 TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
@@ -83,7 +83,7 @@ class Stats:
     namespaces_gone: int = 0  # namespaces that died while we ran (their rows went with them)
     autobound_udp: int = 0  # UDP sockets found bound by a send, not a bind
     kernel_reads: int = 0  # tables read whole at a query because a hook for them is missing
-    binds: Counter = field(default_factory=Counter)  # protocol -> successful bind() calls
+    binds: Counter = field(default_factory=Counter)  # (protocol, port asked, 0: any) -> successful bind() calls
     bind_failures: Counter = field(default_factory=Counter)  # (protocol, port, errno name) -> failed bind() calls
     last_reconcile_s: float = 0.0
     last_reconcile_at: float = field(default_factory=time.monotonic)  # the bootstrap counts as one
@@ -295,17 +295,25 @@ class Tracker:
 
     def _count_binds(self, batch: ev.EventBatch) -> None:
         """bind() outcomes for the metrics, from every record (a socket born and gone
-        within a batch is never tabled, but its bind counts). Failure keys are capped:
-        past MAX_BIND_FAILURE_KEYS, new ports count under port 0."""
+        within a batch is never tabled, but its bind counts): by protocol and the port
+        bind() asked for (0: the kernel chose), failures also by errno. Keys are capped:
+        past MAX_BIND_KEYS, new ports count under port -1 ("other")."""
+        st = self.stats
         for i, k in enumerate(batch.kinds):
+            if k not in (ev.BIND, ev.BIND_FAIL):
+                continue
+            e = batch.event(i)
+            port = e.local_port if e.flags & ev.F_PORT_ASKED else 0
             if k == ev.BIND:
-                self.stats.binds[batch.protocols[i]] += 1
-            elif k == ev.BIND_FAIL:
-                e = batch.event(i)
-                key = (e.protocol, e.local_port, errno.errorcode.get(e.err, str(e.err)))
-                if key not in self.stats.bind_failures and len(self.stats.bind_failures) >= MAX_BIND_FAILURE_KEYS:
-                    key = (e.protocol, 0, key[2])
-                self.stats.bind_failures[key] += 1
+                key2 = (e.protocol, port)
+                if key2 not in st.binds and len(st.binds) >= MAX_BIND_KEYS:
+                    key2 = (e.protocol, -1)
+                st.binds[key2] += 1
+            else:
+                key3 = (e.protocol, e.local_port, errno.errorcode.get(e.err, str(e.err)))
+                if key3 not in st.bind_failures and len(st.bind_failures) >= MAX_BIND_KEYS:
+                    key3 = (e.protocol, -1, key3[2])
+                st.bind_failures[key3] += 1
 
     def apply(self, e: Event) -> Change | None:
         """One event (tests and tools; the agent applies batches)."""

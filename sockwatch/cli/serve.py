@@ -16,10 +16,10 @@ from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
 from sockwatch.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from sockwatch.metrics import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, Limits
 
-# config-file key -> the parameter's name
-_PARAMS = {"socket": "socket_path"} | {k: k.replace("-", "_") for k in (
-    "reconcile-interval", "max-udp", "ringbuf-pages", "listen", "web-config", "metrics-max-listeners",
-    "metrics-max-destinations", "metrics-drop-label", "kubelet-log-dir", "stream-cpu")}  # fmt: skip
+
+def _param(key: str) -> str:
+    """A config-file key's parameter name."""
+    return "socket_path" if key == "socket" else key.replace("-", "_")
 
 
 def _opt(default: object, flag: str, help: str) -> Any:
@@ -77,6 +77,11 @@ def serve(
         "--metrics-drop-label",
         f"Leave this label out (its series are summed); repeatable. One of: {', '.join(sorted(DROPPABLE))}.",
     ),
+    metrics_keep_label: list[str] = _opt(
+        [],
+        "--metrics-keep-label",
+        "Keep only these of the labels --metrics-drop-label could drop (an allow list); repeatable.",
+    ),
     kubelet_log_dir: str = _opt(
         "/var/log",
         "--kubelet-log-dir",
@@ -113,14 +118,15 @@ def serve(
         "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,
         "ringbuf-pages": ringbuf_pages, "listen": listen, "web-config": web_config,
         "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
-        "metrics-drop-label": metrics_drop_label, "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
+        "metrics-drop-label": metrics_drop_label, "metrics-keep-label": metrics_keep_label,
+        "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
     }  # fmt: skip
     try:
         if config:
             from_file = cfg.load(config, {k for k, v in given.items() if isinstance(v, str)},
                                  {k for k, v in given.items() if isinstance(v, list)})  # fmt: skip
             for key, value in from_file.items():
-                if ctx.get_parameter_source(_PARAMS[key]) == ParameterSource.DEFAULT:
+                if ctx.get_parameter_source(_param(key)) == ParameterSource.DEFAULT:
                     given[key] = value
         g = {k: v for k, v in given.items() if isinstance(v, str)}
         socket_path = sockpath.validate(g["socket"])
@@ -132,7 +138,12 @@ def serve(
         limits = Limits(
             listeners=args.integer(g["metrics-max-listeners"], "--metrics-max-listeners", 0, 100_000),
             destinations=args.integer(g["metrics-max-destinations"], "--metrics-max-destinations", 0, 10_000),
-            drop_labels=args.choices(given["metrics-drop-label"], "--metrics-drop-label", DROPPABLE),
+            drop_labels=args.choices(given["metrics-drop-label"], "--metrics-drop-label", DROPPABLE)
+            | (
+                DROPPABLE - args.choices(given["metrics-keep-label"], "--metrics-keep-label", DROPPABLE)
+                if given["metrics-keep-label"]
+                else frozenset()
+            ),
         )
         logs = args.directory(g["kubelet-log-dir"], "--kubelet-log-dir")
         web = webconfig.load(g["web-config"]) if g["web-config"] else None

@@ -55,7 +55,7 @@ def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
             tally=tally_source,
             port_ranges=lambda: {NS: ports.PortRange(32768, 60999, frozenset({40010}))},
             bind_failures=lambda: {(IPPROTO_TCP, 443, "EADDRINUSE"): 3},
-            binds=lambda: {IPPROTO_TCP: 10, IPPROTO_UDP: 4},
+            binds=lambda: {(IPPROTO_TCP, 443): 7, (IPPROTO_TCP, 0): 3, (IPPROTO_UDP, 53): 4, (IPPROTO_UDP, -1): 2},
             health=lambda: metrics.Health(
                 events_lost={"ring": 5, "udp_owner_map": 0, "stream": 7},
                 udp_map_entries=512,
@@ -99,7 +99,9 @@ def test_who_owns_each_port_and_its_connections():
 
 def test_bind_counters_ports_and_health():
     v = registry().get_sample_value
-    assert v("sockwatch_binds_total", {"protocol": "tcp"}) == 10
+    assert v("sockwatch_binds_total", {"protocol": "tcp", "port": "443"}) == 7
+    assert v("sockwatch_binds_total", {"protocol": "tcp", "port": "0"}) == 3  # the kernel chose
+    assert v("sockwatch_binds_total", {"protocol": "udp", "port": "other"}) == 2  # past the cap
     assert v("sockwatch_bind_failures_total", {"protocol": "tcp", "port": "443", "errno": "EADDRINUSE"}) == 3
     assert v("sockwatch_events_lost_total", {"reason": "ring"}) == 5
     assert v("sockwatch_events_lost_total", {"reason": "stream"}) == 7
@@ -125,7 +127,7 @@ def test_caps_cut_series_and_say_how_many():
 def test_a_failing_source_leaves_the_others():
     reg = registry(fail="sockets")
     assert reg.get_sample_value("sockwatch_scrape_source_error", {"source": "sockets"}) == 1
-    assert reg.get_sample_value("sockwatch_binds_total", {"protocol": "tcp"}) == 10
+    assert reg.get_sample_value("sockwatch_binds_total", {"protocol": "tcp", "port": "443"}) == 7
     assert reg.get_sample_value("sockwatch_sockets", {"netns": str(NS), "protocol": "tcp", "family": "ipv4",
                                                       "state": "ESTAB"}) is None  # fmt: skip
 

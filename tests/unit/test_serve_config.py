@@ -181,3 +181,8 @@ def test_any_yaml_shape_is_a_web_config_or_one_sentence(tmp_path, doc):
         webconfig.load(write(tmp_path, yaml.safe_dump(doc), name="web.yml"))
     except webconfig.WebConfigError:
         pass
+
+
+def test_keep_and_drop_label_lists_are_strict():
+    r = run("serve", "--metrics-keep-label", "netns", "--metrics-keep-label", "pid")
+    assert r.returncode == 2 and "--metrics-keep-label 'pid' is not one of" in r.stderr, r.stderr

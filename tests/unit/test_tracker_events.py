@@ -168,3 +168,17 @@ def test_events_from_an_unknown_namespace_are_counted_not_guessed():
     t = tracker()
     t.apply(ev(E.BIND, 9, IPPROTO_UDP, local=("0.0.0.0", 1))._replace(netns_cookie=1))
     assert t.rows == {} and t.stats.unknown_netns == 1
+
+
+def test_binds_count_by_the_port_asked_and_cap_their_keys(monkeypatch):
+    import sockwatch.tracker as tr
+
+    monkeypatch.setattr(tr, "MAX_BIND_KEYS", 3)
+    t = tracker()
+    t.apply(ev(E.BIND, 1, IPPROTO_UDP, local=("0.0.0.0", 53), flags=E.F_PORT_ASKED))
+    t.apply(ev(E.BIND, 2, IPPROTO_UDP, local=("0.0.0.0", 40001)))  # bind(port 0): the kernel chose 40001
+    t.apply(ev(E.BIND, 3, IPPROTO_TCP, local=("0.0.0.0", 80), flags=E.F_PORT_ASKED))
+    t.apply(ev(E.BIND, 4, IPPROTO_TCP, local=("0.0.0.0", 81), flags=E.F_PORT_ASKED))  # a fourth key: "other"
+    t.apply(ev(E.BIND, 5, IPPROTO_UDP, local=("0.0.0.0", 53), flags=E.F_PORT_ASKED))  # a known key still counts
+    assert dict(t.stats.binds) == {(IPPROTO_UDP, 53): 2, (IPPROTO_UDP, 0): 1, (IPPROTO_TCP, 80): 1,
+                                   (IPPROTO_TCP, -1): 1}  # fmt: skip
