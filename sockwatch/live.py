@@ -349,7 +349,7 @@ class Live(App[None]):
             table.add_row(*(Text(cells[n], style=style) for n in names))
 
     def draw_processes(self, table: DataTable) -> None:
-        names = ("PID", "COMM", "TOTAL", "LISTEN", "CONN", "UDP", "TIME-WAIT", "PORTS")
+        names = ("PID", "COMM", "TOTAL", "LISTEN", "CONN", "UDP", "TIME-WAIT", "PORTS", "CONTAINER")
         self._columns(table, names)
         table.clear()
         for p in (self.data or {}).get("processes", []):
@@ -357,7 +357,7 @@ class Live(App[None]):
                 "" if p["pid"] is None else str(p["pid"]),
                 printable_cell(p["comm"] or ("(TIME-WAIT: no owner)" if p["time_wait"] == p["total"] else "(unknown)")),
                 str(p["total"]), str(p["listeners"]), str(p["connections"]), str(p["udp"]), str(p["time_wait"]),
-                ",".join(map(str, p["ports"])),
+                ",".join(map(str, p["ports"])), _container(p.get("container")),
             )  # fmt: skip
 
     def draw_events(self, table: DataTable) -> None:

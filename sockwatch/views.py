@@ -67,7 +67,8 @@ def processes(rows: Iterable[SockRow]) -> list[dict]:
         g = groups.get((r.pid, r.comm))
         if g is None:
             g = groups[(r.pid, r.comm)] = {"pid": r.pid, "comm": r.comm, "listeners": 0, "connections": 0,
-                                           "udp": 0, "time_wait": 0, "total": 0, "ports": set()}  # fmt: skip
+                                           "udp": 0, "time_wait": 0, "total": 0, "ports": set(),
+                                           "row": r}  # fmt: skip
         g["total"] += 1
         if r.protocol == IPPROTO_UDP:
             g["udp"] += 1
@@ -83,6 +84,14 @@ def processes(rows: Iterable[SockRow]) -> list[dict]:
     for g in out:
         g["ports"] = sorted(g["ports"])[:8]
     return out
+
+
+def with_container(group: dict) -> dict:
+    """A process group as the wire carries it: its container (from one of its rows, so
+    the owner check the view ran on that row counts) in place of the row."""
+    r = group.pop("row")
+    group["container"] = r.container.as_dict() if r.container is not None else None
+    return group
 
 
 def view(
@@ -104,7 +113,9 @@ def view(
     if name == "processes":
         groups = processes(matched)
         answer["groups"] = len(groups)
-        answer["processes"] = groups[offset : offset + limit]
+        page = groups[offset : offset + limit]
+        fix_owners([g["row"] for g in page])
+        answer["processes"] = [with_container(g) for g in page]
         return answer
     selected = select(matched, name)
     answer["selected"] = len(selected)

@@ -11,6 +11,7 @@ import pytest
 
 from sockwatch import events as E
 from sockwatch import ports, stream, views
+from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.filters import build
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
@@ -135,9 +136,16 @@ def test_a_window_is_the_slice_of_the_full_sort(n, sort, reverse):
 
 
 def test_processes_group_what_each_holds():
-    got = views.view(table(), build(), "processes", "local", False, 0, 10)
+    def fix(rows):  # the owner check also names each shown group's container
+        for r in rows:
+            r.container = Container("/system.slice/nginx.service", "systemd", "nginx.service") if r.pid == 1 else None
+
+    got = views.view(table(), build(), "processes", "local", False, 0, 10, fix_owners=fix)
     assert got["processes"][0] == {"pid": 1, "comm": "nginx", "listeners": 1, "connections": 2, "udp": 0,
-                                   "time_wait": 0, "total": 3, "ports": [80]}  # fmt: skip
+                                   "time_wait": 0, "total": 3, "ports": [80],
+                                   "container": {"cgroup": "/system.slice/nginx.service", "runtime": "systemd",
+                                                 "id": "nginx.service", "name": None, "pod_namespace": None,
+                                                 "pod_name": None, "pod_uid": None}}  # fmt: skip
     assert [(p["pid"], p["total"]) for p in got["processes"]] == [(1, 3), (2, 1), (None, 1)]
 
 
