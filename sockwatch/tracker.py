@@ -618,7 +618,7 @@ class Tracker:
         of_pid, now = self.containers.of_pid, time.monotonic()
         for r in rows:
             c = of_pid(r.pid, now) if r.pid is not None else None
-            if c != r.container:
+            if c is not r.container and c != r.container:
                 r.container = c
                 r.touch()
                 changed += 1

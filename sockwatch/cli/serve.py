@@ -149,6 +149,8 @@ def serve(
         web = webconfig.load(g["web-config"]) if g["web-config"] else None
     except (sockpath.PathError, args.ArgError, cfg.ConfigError, webconfig.WebConfigError) as e:
         raise fail(str(e), code=EXIT_USAGE) from None
+    if pages & (pages - 1):
+        raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
     agent = Agent(
         Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, stream_cpu=stream_share, listen=where,
