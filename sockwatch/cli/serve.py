@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import typer
@@ -13,6 +14,7 @@ from sockwatch.agent.protocol import DEFAULT_SOCKET
 from sockwatch.cli import args
 from sockwatch.cli import config as cfg
 from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
+from sockwatch.kernel import prereq
 from sockwatch.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from sockwatch.metrics import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, Limits
 
@@ -82,6 +84,12 @@ def serve(
         "--metrics-keep-label",
         "Keep only these of the labels --metrics-drop-label could drop (an allow list); repeatable.",
     ),
+    cgroup_root: str = _opt(
+        "",
+        "--cgroup-root",
+        "The cgroup v2 mount to attach to (default: the first one). In a "
+        "container with its own cgroup namespace, where the host's hierarchy is mounted.",
+    ),
     kubelet_log_dir: str = _opt(
         "/var/log",
         "--kubelet-log-dir",
@@ -119,7 +127,7 @@ def serve(
         "ringbuf-pages": ringbuf_pages, "listen": listen, "web-config": web_config,
         "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
         "metrics-drop-label": metrics_drop_label, "metrics-keep-label": metrics_keep_label,
-        "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
+        "cgroup-root": cgroup_root, "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
     }  # fmt: skip
     try:
         if config:
@@ -146,6 +154,8 @@ def serve(
             ),
         )
         logs = args.directory(g["kubelet-log-dir"], "--kubelet-log-dir")
+        if g["cgroup-root"]:
+            os.environ[prereq.CGROUP_ROOT_ENV] = args.directory(g["cgroup-root"], "--cgroup-root")
         web = webconfig.load(g["web-config"]) if g["web-config"] else None
     except (sockpath.PathError, args.ArgError, cfg.ConfigError, webconfig.WebConfigError) as e:
         raise fail(str(e), code=EXIT_USAGE) from None

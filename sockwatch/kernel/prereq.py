@@ -34,12 +34,20 @@ class Check:
 WITHOUT_BPF = "meanwhile 'sockwatch snapshot --standalone' reads the kernel without BPF"
 
 
+CGROUP_ROOT_ENV = "SOCKWATCH_CGROUP_ROOT"
+
+
 def cgroup2_path() -> str | None:
+    """The cgroup v2 hierarchy the hooks attach to: the first cgroup2 mount, or the one
+    SOCKWATCH_CGROUP_ROOT names (a container in its own cgroup namespace sees its own
+    cgroup at /sys/fs/cgroup; the host's, mounted elsewhere, is the one to attach to).
+    None if there is none (or the named path is not a cgroup2 mount)."""
+    want = os.environ.get(CGROUP_ROOT_ENV) or None
     try:
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 2 and parts[2] == "cgroup2":
+                if len(parts) > 2 and parts[2] == "cgroup2" and (want is None or parts[1] == want.rstrip("/")):
                     return parts[1]
     except OSError:
         pass
@@ -127,7 +135,13 @@ def checks() -> list[Check]:
         Check(
             "cgroup2",
             cg is not None,
-            f"cgroup v2 at {cg}" if cg else "no cgroup v2 mount",
+            f"cgroup v2 at {cg}"
+            if cg
+            else (
+                f"{os.environ[CGROUP_ROOT_ENV]} ({CGROUP_ROOT_ENV}) is not a cgroup v2 mount"
+                if os.environ.get(CGROUP_ROOT_ENV)
+                else "no cgroup v2 mount"
+            ),
             "" if cg else "mount it (mount -t cgroup2 none /sys/fs/cgroup/unified); " + WITHOUT_BPF,
         )
     )

@@ -108,13 +108,14 @@ def test_the_daemonset_asks_for_what_the_agent_needs_and_no_more():
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     assert sc["capabilities"]["add"] == unit_capabilities()  # one list, two deployments
     mounts = {v["mountPath"]: v for v in c["volumeMounts"]}
-    assert mounts["/sys/fs/cgroup"]["readOnly"] and mounts["/host/var/log"]["readOnly"]
+    assert mounts["/host/sys/fs/cgroup"]["readOnly"] and mounts["/host/var/log"]["readOnly"]
     assert not any(v.get("hostPath", {}).get("path") in ("/", "/proc", "/sys", "/var/run/docker.sock")
                    for v in pod["volumes"])  # fmt: skip
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["SOCKWATCH_LISTEN"].endswith(":9847") and env["SOCKWATCH_KUBELET_LOG_DIR"] == "/host/var/log"
+    assert env["SOCKWATCH_CGROUP_ROOT"] == "/host/sys/fs/cgroup"  # not the pod's own cgroup
     assert not pod["automountServiceAccountToken"]  # it never calls the API server
 
 
