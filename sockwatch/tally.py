@@ -68,18 +68,19 @@ class Tally:
         self.accepted: dict[tuple[int, int], Counter] = {}  # (netns, port) -> (family, address) -> TCP conns
         self.ns_ports: dict[int, Counter] = {}  # netns -> local port -> sockets
         self.tcp_held: dict[int, Counter] = {}  # netns -> port -> TCP listeners on it
-        # pressure keys, (netns, "tcp", local, remote, rport) or (netns, "udp", local, None, None) -> port -> n
-        self.used: dict[tuple, Counter] = {}
-        self.used_tw: dict[tuple, Counter] = {}  # TCP keys: TIME-WAIT only
+        # pressure keys, (netns, "tcp", local, remote, rport) or (netns, "udp", local, None, None):
+        # (key, port) -> sockets, flat (one small dict per key would cost ~300 bytes a connection)
+        self.used: Counter[tuple[tuple, int]] = Counter()
+        self.used_tw: Counter[tuple[tuple, int]] = Counter()  # TCP: TIME-WAIT only
+        self._ports_of: Counter[tuple] = Counter()  # key -> distinct ports
+        self._keys_in_ns: Counter[int] = Counter()  # netns -> keys
         self._shapes: dict[int, Shape] = {}
-        self._keys_by_ns: dict[int, set[tuple]] = {}
         # Per pressure key, counted as ports come and go under the namespace's range and
         # listeners as last seen (recounted when those change, which is rare): distinct
         # ephemeral ports in use (keys with none are left out) and TIME-WAIT connections on them.
         self._ns_seen: dict[int, PortsSeen] = {}
         self._n_used: dict[tuple, int] = {}
         self._n_tw: dict[tuple, int] = {}
-        self._keys_by_port: dict[tuple[int, int], set[tuple]] = {}  # (netns, port) -> TCP keys using it
         self._ranges: Mapping[int, ports.PortRange] = {}  # as last given: a new namespace starts with these
         self._ns_in_range: dict[int, tuple[ports.PortRange, int]] = {}  # netns -> (range, distinct ports in it)
 
@@ -144,43 +145,32 @@ class Tally:
         return seen
 
     def _use(self, key: tuple, port: int, n: int, time_wait: bool) -> None:
-        appeared = _bump(self.used, key, port, n)
+        kp = (key, port)
+        appeared = _flat(self.used, kp, n)
         if time_wait:
-            _bump(self.used_tw, key, port, n)
+            _flat(self.used_tw, kp, n)
         if self._seen(key[0]).ephemeral(key, port):
             if appeared:
                 _add(self._n_used, key, appeared)
             if time_wait:
                 _add(self._n_tw, key, n)
-        if appeared:
-            keys = self._keys_by_ns.setdefault(key[0], set())
-            if key in self.used:
-                keys.add(key)
-            else:
-                keys.discard(key)
-                if not keys:
-                    del self._keys_by_ns[key[0]]
-            if key[1] == "tcp":
-                by_port = self._keys_by_port.setdefault((key[0], port), set())
-                if appeared > 0:
-                    by_port.add(key)
-                else:
-                    by_port.discard(key)
-                    if not by_port:
-                        del self._keys_by_port[(key[0], port)]
+        if appeared and _flat(self._ports_of, key, appeared):
+            _flat(self._keys_in_ns, key[0], appeared)
 
     def _held_changed(self, netns: int, port: int, held: bool) -> None:
-        """A TCP listener took or left a port: only the keys using that port change."""
+        """A TCP listener took or left a port in the ephemeral range (rare): the keys
+        using that port gain or lose it. One pass over what is in use."""
         seen = self._ns_seen.get(netns)
         if seen is None or not seen.range.contains(port):
             return
         self._ns_seen[netns] = PortsSeen(seen.range, seen.held | {port} if held else seen.held - {port})
         sign = -1 if held else 1
-        for key in self._keys_by_port.get((netns, port), ()):
-            _add(self._n_used, key, sign)
-            tw = self.used_tw.get(key)
-            if tw and tw.get(port):
-                _add(self._n_tw, key, sign * tw[port])
+        for key, p in list(self.used):
+            if p == port and key[0] == netns and key[1] == "tcp":
+                _add(self._n_used, key, sign)
+                tw = self.used_tw.get((key, p))
+                if tw:
+                    _add(self._n_tw, key, sign * tw)
 
     # ---- what the views and metrics read ---------------------------------------------------
 
@@ -231,13 +221,13 @@ class Tally:
         namespace's keys are recounted only when its range or listeners changed."""
         default = ports.PortRange(*ports.DEFAULT_RANGE)
         self._ranges = ranges
-        for netns, keys in self._keys_by_ns.items():
+        for netns in self._keys_in_ns:
             rng = ranges.get(netns, default)
             if self._seen(netns).range != rng:  # a sysctl changed: recount the namespace
                 seen = self._ns_seen[netns] = PortsSeen(rng, frozenset(p for p in self.tcp_held.get(netns, ())
                                                                        if rng.contains(p)))  # fmt: skip
-                self._recount(keys, seen)
-        for gone in self._ns_seen.keys() - self._keys_by_ns.keys():
+                self._recount(netns, seen)
+        for gone in self._ns_seen.keys() - self._keys_in_ns.keys():
             del self._ns_seen[gone]
         entries = []
         for key, used in self._n_used.items():
@@ -248,15 +238,16 @@ class Tally:
             return heapq.nsmallest(top, entries, key=_worst_first)
         return sorted(entries, key=_worst_first)
 
-    def _recount(self, keys: set[tuple], seen: PortsSeen) -> None:
-        for key in keys:
-            used = sum(1 for p in self.used[key] if seen.ephemeral(key, p))
-            tw = sum(n for p, n in self.used_tw.get(key, {}).items() if seen.ephemeral(key, p))
-            for table, v in ((self._n_used, used), (self._n_tw, tw)):
-                if v:
-                    table[key] = v
-                else:
-                    table.pop(key, None)
+    def _recount(self, netns: int, seen: PortsSeen) -> None:
+        for table in (self._n_used, self._n_tw):
+            for key in [k for k in table if k[0] == netns]:
+                del table[key]
+        for key, p in self.used:
+            if key[0] == netns and seen.ephemeral(key, p):
+                _add(self._n_used, key, 1)
+                tw = self.used_tw.get((key, p))
+                if tw:
+                    _add(self._n_tw, key, tw)
 
 
 class PortsSeen(NamedTuple):
@@ -270,6 +261,17 @@ class PortsSeen(NamedTuple):
         """Does this port count toward the key's pressure? TCP: not a listener's port (a
         connect() cannot take it, and accepted connections use no ephemeral port)."""
         return self.range.contains(port) and (key[1] != "tcp" or port not in self.held)
+
+
+def _flat(table: Counter, key: object, n: int) -> int:
+    """Add n to table[key]; returns 1 if key appeared, -1 if it went, else 0."""
+    before = table.get(key, 0)
+    after = before + n
+    if after > 0:
+        table[key] = after
+    else:
+        table.pop(key, None)
+    return (after > 0) - (before > 0)
 
 
 def _add(table: dict, key: tuple, n: int) -> None:

@@ -200,6 +200,7 @@ class Tracker:
             o = owners.get(ino)
             if o is not None:
                 row.pid, row.comm, row.owner_source = o.pid, o.comm, OWNER_PROC
+                row.container = self.containers.of_pid(o.pid)
                 row.touch()
 
     def bootstrap(self) -> None:
@@ -351,7 +352,7 @@ class Tracker:
                 return None
             old.state = after
             old.inode = 0  # a time-wait socket has no inode (no file), as ss shows
-            old.pid = old.comm = old.owner_source = None  # and so no owner
+            old.pid = old.comm = old.owner_source = old.container = None  # and so no owner
             old.touch()
             self._changed.add(cookie)
             self.pending[cookie] = {NEED_TIMEWAIT}
@@ -382,6 +383,8 @@ class Tracker:
             row.flags |= old.flags & ~R_NO_CALLBACKS
             if row.pid is None:
                 row.pid, row.uid, row.comm, row.owner_source = old.pid, old.uid, old.comm, old.owner_source
+            if row.pid == old.pid:
+                row.container = old.container
             if kind == ev.UDP_CONNECT:
                 row.local_address, row.local_port = old.local_address, old.local_port
         if kind == ev.UDP_CONNECT:
@@ -426,6 +429,7 @@ class Tracker:
                 lst = listeners.get(key)
                 if lst is not None:
                     r.pid, r.uid, r.comm, r.owner_source = lst.pid, lst.uid, lst.comm, OWNER_LISTENER
+                    r.container = lst.container
                     r.touch()
                     break
 
@@ -587,41 +591,29 @@ class Tracker:
         else every row. Returns how many rows changed."""
         changed = 0
         lost: list[SockRow] = []
+        of_pid, now = self.containers.of_pid, time.monotonic()
         for pid, owned in self._rows_by_owner(rows).items():
             name = procscan.process_name(pid)
+            c = of_pid(pid, now) if name is not None else None  # the owner's container, read once per pid
             for r in owned:
                 if name is None or r.state == TcpState.TIME_WAIT:
-                    r.pid = r.comm = r.owner_source = None
+                    r.pid = r.comm = r.owner_source = r.container = None
                     if r.inode and r.state != TcpState.TIME_WAIT:
                         lost.append(r)
-                elif r.comm == name:
+                elif r.comm == name and (r.container is c or r.container == c):
                     continue
                 else:
-                    r.comm = name
+                    r.comm, r.container = name, c
                 r.touch()
                 changed += 1
         self._owner_scan_due |= bool(lost)
-        now = time.monotonic()
         if self._owner_scan_due and now - self._last_owner_scan >= OWNER_SCAN_SECONDS:
             self._owner_scan_due = False  # until another owner is found gone
             self._last_owner_scan = now
             self._fill_owners([r for r in self.rows.values() if r.pid is None and r.inode and r.visible])
             changed += 1
-        changed += self._fix_containers(self.rows.values() if rows is None else rows)
         if changed:
             self.version += 1
-        return changed
-
-    def _fix_containers(self, rows: Iterable[SockRow]) -> int:
-        """Each owned row names its owner's container (read once per pid, cached)."""
-        changed = 0
-        of_pid, now = self.containers.of_pid, time.monotonic()
-        for r in rows:
-            c = of_pid(r.pid, now) if r.pid is not None else None
-            if c is not r.container and c != r.container:
-                r.container = c
-                r.touch()
-                changed += 1
         return changed
 
     def verify_holders(self) -> int:
@@ -634,7 +626,7 @@ class Tracker:
             held = procscan.socket_inodes(pid)
             lost += [r for r in rows if r.inode and (held is None or r.inode not in held)]
         for r in lost:
-            r.pid = r.comm = r.owner_source = None
+            r.pid = r.comm = r.owner_source = r.container = None
             r.touch()
         if lost:
             self._fill_owners(lost)
