@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from sockwatch import ports
-from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, wildcard
+from sockwatch.demux import listener_order
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
 
 Address = object  # an ipaddress address (hashable)
 
@@ -177,7 +178,7 @@ class Tally:
     def listener_connections(self, listeners: Iterable[SockRow]) -> dict[int, int]:
         """Established (not TIME-WAIT) connections each TCP listener accepted, by its
         cookie: those on its exact address, and for a wildcard listener those no exact
-        listener on the same port takes (a v6 wildcard takes v4 too)."""
+        listener on the same port takes (demux.listener_order)."""
         by_port: dict[tuple[int, int], list[SockRow]] = {}
         for r in listeners:
             if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN:
@@ -189,7 +190,7 @@ class Tally:
                 continue
             exact = {(r.family, r.local_address): r.cookie for r in group}
             for (fam, addr), n in conns.items():
-                for cand in ((fam, addr), (fam, wildcard(fam)), (6, wildcard(6))):
+                for cand in listener_order(fam, addr):
                     owner = exact.get(cand)
                     if owner is not None:
                         out[owner] = out.get(owner, 0) + n

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import NamedTuple
 
-from sockwatch import containers, ports
+from sockwatch import containers, demux, ports
 from sockwatch import events as ev
 from sockwatch.events import Event
 from sockwatch.filters import Filters
@@ -37,7 +37,6 @@ from sockwatch.model import (
     SockRow,
     TcpState,
     sort_key,
-    wildcard,
 )
 from sockwatch.tally import Tally
 
@@ -405,8 +404,8 @@ class Tracker:
         return self._netns_inode(e)
 
     def _inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
-        """An accepted connection belongs to whoever holds its listener (exact address
-        first, then the wildcard; a dual-stack listener also takes IPv4)."""
+        """An accepted connection belongs to whoever holds its listener, found in the
+        kernel's order (demux.listener_order: the one lookup rule)."""
         need = [r for r in rows if r.pid is None and r.protocol == IPPROTO_TCP and r.is_connection]
         if not need:
             return
@@ -417,16 +416,8 @@ class Tracker:
                     self._listeners.setdefault((r.netns, r.family, r.local_address, r.local_port), r)
         listeners = self._listeners
         for r in need:
-            cands = [
-                (r.netns, r.family, r.local_address, r.local_port),
-                (r.netns, r.family, wildcard(r.family), r.local_port),
-            ]
-            mapped = getattr(r.local_address, "ipv4_mapped", None)
-            if mapped is not None:
-                cands.append((r.netns, 4, mapped, r.local_port))
-                cands.append((r.netns, 4, wildcard(4), r.local_port))
-            for key in cands:
-                lst = listeners.get(key)
+            for family, addr in demux.listener_order(r.family, r.local_address):
+                lst = listeners.get((r.netns, family, addr, r.local_port))
                 if lst is not None:
                     r.pid, r.uid, r.comm, r.owner_source = lst.pid, lst.uid, lst.comm, OWNER_LISTENER
                     r.container = lst.container

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sockwatch.cli import doctor, events, live, ports, serve, snapshot, status
+from sockwatch.cli import doctor, events, explain, live, ports, serve, snapshot, status
 
 app = typer.Typer(
     name="sockwatch",
@@ -18,6 +18,7 @@ app.command("live")(live.live)
 app.command("snapshot")(snapshot.snapshot)
 app.command("events")(events.events)
 app.command("ports")(ports.ports)
+app.command("explain")(explain.explain)
 app.command("serve")(serve.serve)
 app.command("status")(status.status)
 app.command("doctor")(doctor.doctor)

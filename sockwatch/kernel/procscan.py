@@ -11,6 +11,7 @@ from dataclasses import dataclass
 class Owner:
     pid: int
     comm: str
+    fd: int = -1  # one of its descriptors for the socket
 
 
 def _comm(pid: str) -> str:
@@ -81,7 +82,7 @@ def scan(wanted: set[int] | None = None) -> dict[int, Owner]:
                 continue
             if proc is None:
                 proc = Owner(int(pid), _comm(pid))
-            owners[ino] = proc
+            owners[ino] = Owner(proc.pid, proc.comm, int(fd))
             if remaining is not None:
                 remaining.discard(ino)
                 if not remaining:

@@ -26,6 +26,8 @@ NLMSG_DONE = 3
 ALL_STATES = 0xFFF
 LISTEN_ONLY = 1 << 10  # the kernel then walks the listener hash only
 INET_DIAG_NOCOOKIE = 0xFFFFFFFFFFFFFFFF
+INET_DIAG_SKV6ONLY = 11  # an rtattr after inet_diag_msg, on every AF_INET6 socket
+_RTA = struct.Struct("=HH")
 
 _NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, sockid(48)
@@ -53,6 +55,8 @@ class DiagSock:
     uid: int
     inode: int
     expires_ms: int = 0  # a TIME-WAIT socket: milliseconds until the kernel drops it
+    bound_dev: int = 0  # SO_BINDTODEVICE's ifindex (idiag_if); 0: any
+    v6only: bool = False  # IPV6_V6ONLY (INET_DIAG_SKV6ONLY), read only when asked for (attrs=True)
 
 
 def _swap16(p: int) -> int:
@@ -87,8 +91,10 @@ def dump(
     family: int,
     states: int = ALL_STATES,
     cache: AddrCache | None = None,
+    attrs: bool = False,
 ) -> Iterator[DiagSock]:
-    """Every socket of (protocol, family) in the namespace of `sock`."""
+    """Every socket of (protocol, family) in the namespace of `sock`. attrs: also read
+    the attributes after each message (IPV6_V6ONLY), which a table dump does without."""
     cache = cache or AddrCache()
     req = _REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
     seq = 1
@@ -114,9 +120,12 @@ def dump(
                     return
                 raise SockDiagError(-err, f"sock_diag dump failed: {errno.errorcode.get(-err, -err)}")
             if mtype == SOCK_DIAG_BY_FAMILY:
-                (_f, state, _t, _r, sport, dport, src, dst, _if, cookie, expires, _rq, _wq, uid, inode) = msg_unpack(
+                (_f, state, _t, _r, sport, dport, src, dst, dev, cookie, expires, _rq, _wq, uid, inode) = msg_unpack(
                     data, off + hdr_size
                 )
+                v6only = False
+                if attrs:
+                    v6only = _v6only(data, off + hdr_size + _MSG.size, off + min(length, end - off))
                 yield DiagSock(
                     protocol,
                     fam,
@@ -129,10 +138,25 @@ def dump(
                     uid,
                     inode,
                     expires,
+                    dev,
+                    v6only,
                 )
             if length < hdr_size:
                 raise SockDiagError(errno.EPROTO, "malformed netlink message")
             off += (length + 3) & ~3
+
+
+def _v6only(data: bytes, off: int, end: int) -> bool:
+    """INET_DIAG_SKV6ONLY among the rtattrs in data[off:end] (bounds checked: bytes
+    from the kernel, but a parser never reads past what it was given)."""
+    while off + _RTA.size <= end:
+        length, kind = _RTA.unpack_from(data, off)
+        if length < _RTA.size or off + length > end:
+            return False
+        if kind == INET_DIAG_SKV6ONLY and length >= _RTA.size + 1:
+            return data[off + _RTA.size] != 0
+        off += (length + 3) & ~3
+    return False
 
 
 def _sockid(local: bytes, lport: int, remote: bytes, rport: int, cookie: int) -> bytes:
@@ -179,12 +203,15 @@ def lookup_one(
 
 
 def dump_all(
-    sock: socket.socket, protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP), states: int = ALL_STATES
+    sock: socket.socket,
+    protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP),
+    states: int = ALL_STATES,
+    attrs: bool = False,
 ) -> list[DiagSock]:
     """TCP and UDP, IPv4 and IPv6, in the namespace of `sock`."""
     cache = AddrCache()
     out: list[DiagSock] = []
     for proto in protocols:
         for family in (socket.AF_INET, socket.AF_INET6):
-            out.extend(dump(sock, proto, family, states, cache=cache))
+            out.extend(dump(sock, proto, family, states, cache=cache, attrs=attrs))
     return out

@@ -60,6 +60,23 @@ def netns() -> Iterator[Netns]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+@pytest.fixture
+def netns_factory() -> Iterator:
+    """Fresh namespaces on demand (one per hypothesis example), all removed by name afterwards."""
+    made: list[str] = []
+
+    def make() -> Netns:
+        name = f"sw-t-{uuid.uuid4().hex[:10]}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        made.append(name)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        return Netns(name, os.stat(f"/run/netns/{name}").st_ino)
+
+    yield make
+    for name in made:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 class Child:
     """A process of the test's that opens sockets on command (tests/kernel/sockproc.py)."""
 

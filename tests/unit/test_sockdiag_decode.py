@@ -12,13 +12,16 @@ import pytest
 from sockwatch.kernel import sockdiag
 
 
-def diag_msg(family, state, sport, dport, src, dst, cookie, uid, inode) -> bytes:
+def diag_msg(family, state, sport, dport, src, dst, cookie, uid, inode, dev=0, v6only=None, tail=b"") -> bytes:
     body = struct.pack("=BBBB", family, state, 0, 0)
     body += struct.pack(">HH", sport, dport)
     body += src.ljust(16, b"\0") + dst.ljust(16, b"\0")
-    body += struct.pack("=I", 0) + struct.pack("=II", cookie & 0xFFFFFFFF, cookie >> 32)
+    body += struct.pack("=I", dev) + struct.pack("=II", cookie & 0xFFFFFFFF, cookie >> 32)
     body += struct.pack("=IIIII", 0, 0, 0, uid, inode)
     body += struct.pack("=HHB3x", 5, 8, 0)  # an attribute (INET_DIAG_SHUTDOWN), skipped
+    if v6only is not None:
+        body += struct.pack("=HHB3x", 5, sockdiag.INET_DIAG_SKV6ONLY, int(v6only))
+    body += tail
     return struct.pack("=IHHII", 16 + len(body), sockdiag.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
 
 
@@ -78,3 +81,16 @@ def test_missing_protocol_module_means_no_sockets():
 def test_other_errors_are_raised():
     with pytest.raises(sockdiag.SockDiagError):
         list(sockdiag.dump(Peer(error(errno.EPERM)), 6, socket.AF_INET))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("v6only", "tail", "want"), [
+    (True, b"", True), (False, b"", False), (None, b"", False),
+    (None, struct.pack("=HH", 200, sockdiag.INET_DIAG_SKV6ONLY), False),  # an attribute longer than the message
+    (None, struct.pack("=HH", 2, 1), False),  # shorter than its own header: the walk stops
+])  # fmt: skip
+def test_v6only_and_bound_device_when_asked(v6only, tail, want):
+    m = diag_msg(socket.AF_INET6, 10, 53, 0, bytes(16), b"", 1, 0, 9, dev=3, v6only=v6only, tail=tail)
+    (got,) = sockdiag.dump(Peer(m, done()), 17, socket.AF_INET6, attrs=True)  # type: ignore[arg-type]
+    assert (got.v6only, got.bound_dev) == (want, 3)
+    (plain,) = sockdiag.dump(Peer(m, done()), 17, socket.AF_INET6)  # type: ignore[arg-type]
+    assert plain.v6only is False  # not read unless asked

@@ -79,9 +79,9 @@ def oracle_connections(rows: list[SockRow]) -> dict[int, int]:
         if c.protocol != IPPROTO_TCP or not c.is_connection or c.state == TcpState.TIME_WAIT:
             continue
         wild = ipaddress.ip_address("0.0.0.0" if c.family == 4 else "::")
-        for want in (c.local_address, wild, ipaddress.ip_address("::")):
+        for want in (c.local_address, wild):  # an accepted socket has its listener's family
             hit = [r for r in listeners if (r.netns, r.local_port, r.local_address) == (c.netns, c.local_port, want)
-                   and r.family == want.version]  # fmt: skip
+                   and r.family == c.family]  # fmt: skip
             if hit:
                 out[min(hit, key=lambda r: r.cookie).cookie] += 1
                 break

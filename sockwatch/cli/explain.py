@@ -1,0 +1,178 @@
+"""`sockwatch explain`: which socket, and which process, the kernel hands a packet to,
+and why, step by step."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from sockwatch.cli import options as opt
+from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
+from sockwatch.filters import shown
+from sockwatch.model import PROTO_NUMBERS, STATE_NAMES
+
+
+def parse_endpoint(text: str, what: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """ADDR:PORT or [V6ADDR]:PORT."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        raise ValueError(f"{what} {shown(text)} is not ADDR:PORT ([ADDR]:PORT for IPv6)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{what} {shown(text)}: {shown(host)} is not an IP address") from None
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise ValueError(f"{what} {shown(text)}: the port is not 1 to 65535")
+    return addr, int(port)
+
+
+def explain(
+    protocol: Annotated[str, typer.Argument(help="tcp or udp.", show_default=False)],
+    destination: Annotated[str, typer.Argument(help="Where the packet goes: ADDR:PORT ([ADDR]:PORT for IPv6).")],
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from", help="Where it comes from, ADDR:PORT: connections and connected UDP sockets match on it."
+        ),
+    ] = "",
+    netns: Annotated[
+        str,
+        typer.Option(
+            "--netns",
+            help="The namespace it arrives in: a name from ip netns "
+            "list, a pid or an inode (default: sockwatch's own).",
+        ),
+    ] = "",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object: the verdict, its steps, the sockets.")
+    ] = False,
+) -> None:
+    """Which socket the kernel hands this packet to, and why, in the kernel's own order:
+    an established 4-tuple first; then the listener (TCP) or socket (UDP) bound to the
+    destination address over one bound to the wildcard; a dual-stack IPv6 socket taking
+    IPv4; an SO_REUSEPORT group (one member per flow); SO_BINDTODEVICE; or nothing
+    (RST, or ICMP port unreachable). Read from the kernel's tables now (sock_diag), with
+    each socket's owner.
+
+    Examples:
+
+        sockwatch explain udp 127.0.0.53:53
+
+        sockwatch explain tcp 10.0.0.1:443 --from 10.0.0.9:51000 --netns blue --json
+    """
+    from sockwatch import demux
+
+    try:
+        proto = PROTO_NUMBERS[protocol.strip().lower()]
+    except KeyError:
+        raise fail(f"protocol {shown(protocol)} is not tcp or udp", code=EXIT_USAGE) from None
+    try:
+        dst, dport = parse_endpoint(destination, "destination")
+        src, sport = parse_endpoint(source, "--from") if source else (None, 0)
+    except ValueError as e:
+        raise fail(str(e), code=EXIT_USAGE) from None
+    with friendly():
+        inode = opt.netns_inode(netns) if netns else os.stat("/proc/self/ns/net").st_ino
+        from sockwatch.kernel import prereq
+
+        prereq.require_root()
+        diags = _read(inode, proto)
+        on_port = [d for d in diags if d.local_port == dport]
+        owners, reuse = _owners(on_port)
+        verdict = demux.lookup(demux.Packet(proto, dst, dport, src, sport), demux.from_kernel(diags, reuse))
+        out = {
+            "packet": {"protocol": protocol.strip().lower(), "destination": str(dst), "destination_port": dport,
+                       "source": str(src) if src else None, "source_port": sport or None},
+            "netns": inode,
+            "reason": verdict.reason,
+            "answer": verdict.answer or None,
+            "reuseport": verdict.reuseport,
+            "steps": verdict.steps,
+            "sockets": [_sock(s, owners.get(s.cookie)) for s in verdict.sockets],
+        }  # fmt: skip
+        sys.stdout.write(json.dumps(out, indent=2) + "\n" if as_json else _text(out))
+
+
+def _read(inode: int, proto: int) -> list:
+    from sockwatch.kernel import sockdiag
+    from sockwatch.kernel.netns import NamespaceRegistry
+
+    reg = NamespaceRegistry()
+    reg.refresh()
+    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
+    if ns is None:
+        raise fail(f"no network namespace {inode} is reachable (no ip-netns name or process holds it)",
+                   code=EXIT_USAGE)  # fmt: skip
+    with reg.reading():
+        return sockdiag.dump_all(reg.diag(ns), (proto,), attrs=True)
+
+
+def _owners(diags: list) -> tuple[dict[int, dict], dict[int, bool]]:
+    """For the sockets on the port: cookie -> owner (pid, comm, container) from one
+    /proc scan, and cookie -> SO_REUSEPORT read from the socket itself."""
+    from sockwatch.containers import Resolver
+    from sockwatch.kernel import procscan, sockopts
+
+    found = procscan.scan({d.inode for d in diags if d.inode})
+    resolver = Resolver()
+    owners, reuse = {}, {}
+    for d in diags:
+        o = found.get(d.inode)
+        if o is None:
+            continue
+        c = resolver.of_pid(o.pid)
+        owners[d.cookie] = {"pid": o.pid, "comm": o.comm, "container": c.as_dict() if c is not None else None}
+        r = sockopts.peek(o.pid, o.fd, d.inode)
+        if r is not None:
+            reuse[d.cookie] = r.reuseport
+    return owners, reuse
+
+
+def _sock(s: object, owner: dict | None) -> dict:
+    from sockwatch.model import fmt_addr
+
+    d = s.__dict__  # a frozen dataclass: plain fields
+    return {
+        "cookie": d["cookie"],
+        "protocol": "tcp" if d["protocol"] == 6 else "udp",
+        "family": d["family"],
+        "state": STATE_NAMES.get(d["state"], str(d["state"])),
+        "local_address": fmt_addr(d["local"]),
+        "local_port": d["port"],
+        "remote_address": fmt_addr(d["remote"]) if d["remote"] is not None else None,
+        "remote_port": d["remote_port"],
+        "v6only": d["v6only"],
+        "bound_dev": d["bound_dev"],
+        "reuseport": d["reuseport"],
+        **(owner or {"pid": None, "comm": None, "container": None}),
+    }
+
+
+def _text(out: dict) -> str:
+    from sockwatch.containers import Container
+    from sockwatch.render import endpoint, printable_cell
+
+    p = out["packet"]
+    fam = 6 if ":" in p["destination"] else 4
+    head = f"{p['protocol']} {endpoint(p['destination'], p['destination_port'], fam)}"
+    if p["source"]:
+        head += f" from {endpoint(p['source'], p['source_port'], 6 if ':' in p['source'] else 4)}"
+    lines = [f"{head} in netns {out['netns']}"]
+    lines += [f"  {i}. {step}" for i, step in enumerate(out["steps"], 1)]
+    if not out["sockets"]:
+        lines.append(f"=> no socket: the sender gets {out['answer']}")
+    for s in out["sockets"]:
+        who = f"{s['pid']}/{printable_cell(s['comm'] or '')}" if s["pid"] is not None else "no owner found"
+        c = s.get("container")
+        label = Container.from_dict(c).label if c else ""
+        lines.append(f"=> {'one of: ' if len(out['sockets']) > 1 else ''}socket {s['cookie']} "
+                     f"{s['protocol']}{s['family']} {endpoint(s['local_address'], s['local_port'], s['family'])} "
+                     f"{s['state']}, {who}" + (f" [{label}]" if label else ""))  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,135 @@
+"""`sockwatch explain` against real packets: random sets of real sockets (TCP and UDP,
+v4 and v6, wildcard and specific, v6only on and off, SO_REUSEPORT, connected UDP) in a
+fresh namespace, a real packet sent to each, and the socket that really received it
+must be the one explain named (for a reuseport group or a tie: one of those named)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import sockwatch_cmd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PORT = 7070
+# addresses the namespace has (lo: 127.0.0.0/8 and ::1)
+V4 = ["0.0.0.0", "127.0.0.1", "127.0.0.2"]
+V6 = ["::", "::1", "::ffff:127.0.0.1", "::ffff:127.0.0.2"]
+PEER = ("127.0.0.3", 5555)  # where connected UDP sockets are connected to; packets come from here or elsewhere
+
+sock_spec = st.fixed_dictionaries({
+    "proto": st.sampled_from(["tcp", "udp"]),
+    "family": st.sampled_from([4, 6]),
+    "reuseport": st.booleans(),
+    "v6only": st.booleans(),
+    "connected": st.booleans(),
+    "addr_i": st.integers(0, 3),
+})  # fmt: skip
+
+
+def concrete(spec: dict) -> dict:
+    addrs = V4 if spec["family"] == 4 else V6
+    out = {"proto": spec["proto"], "family": spec["family"], "addr": addrs[spec["addr_i"] % len(addrs)],
+           "port": PORT, "reuseport": spec["reuseport"], "v6only": spec["v6only"]}  # fmt: skip
+    if spec["proto"] == "udp" and spec["connected"] and not (spec["family"] == 6 and spec["v6only"]):
+        out["peer"] = [PEER[0] if spec["family"] == 4 else "::ffff:" + PEER[0], PEER[1]]
+    return out
+
+
+class Child:
+    def __init__(self, ns: str) -> None:
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.join(HERE, "demux_child.py")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def ask(self, **c: object) -> object:
+        assert self.p.stdin and self.p.stdout
+        self.p.stdin.write(json.dumps(c) + "\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.ask_quit()
+        self.p.wait(10)
+
+    def ask_quit(self) -> None:
+        assert self.p.stdin
+        self.p.stdin.write('{"op": "quit"}\n')
+        self.p.stdin.flush()
+
+
+def explain(ns: str, proto: str, dst: str, src: tuple[str, int]) -> dict:
+    d = f"[{dst}]:{PORT}" if ":" in dst else f"{dst}:{PORT}"
+    s = f"[{src[0]}]:{src[1]}" if ":" in src[0] else f"{src[0]}:{src[1]}"
+    r = subprocess.run(sockwatch_cmd("explain", proto, d, "--from", s, "--netns", ns, "--json"),
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs=st.lists(sock_spec, min_size=1, max_size=6),
+       packets=st.lists(st.tuples(st.sampled_from(["tcp", "udp"]),
+                                  st.sampled_from(["127.0.0.1", "127.0.0.2", "::1"]),
+                                  st.booleans()), min_size=1, max_size=4))  # fmt: skip
+@example(  # AF_INET beats a dual-stack socket on the same wildcard (compute_score's +1)
+    specs=[
+        {"proto": p, "family": f, "reuseport": True, "v6only": False, "connected": False, "addr_i": 0}
+        for p in ("tcp", "udp")
+        for f in (6, 4)
+    ],
+    packets=[("tcp", "127.0.0.1", False), ("udp", "127.0.0.1", False)],
+)
+@example(  # a reuseport group, and the exact address over it
+    specs=[
+        {"proto": "udp", "family": 4, "reuseport": True, "v6only": False, "connected": False, "addr_i": i}
+        for i in (0, 0, 1)
+    ],
+    packets=[("udp", "127.0.0.2", False), ("udp", "127.0.0.1", False)],
+)
+@example(  # a connected UDP socket takes its peer's datagrams, no other
+    specs=[{"proto": "udp", "family": 4, "reuseport": True, "v6only": False, "connected": c, "addr_i": 1}
+           for c in (False, True)],
+    packets=[("udp", "127.0.0.1", True), ("udp", "127.0.0.1", False)],
+)  # fmt: skip
+@example(  # two connected UDP sockets (v4, and dual-stack v6) on one 4-tuple: Linux 6.13+ takes the last
+    specs=[{"proto": "udp", "family": f, "reuseport": True, "v6only": False, "connected": True, "addr_i": 0}
+           for f in (4, 6)],
+    packets=[("udp", "127.0.0.1", True)],
+)  # fmt: skip
+def test_explain_names_the_socket_that_really_receives(netns_factory, specs, packets):
+    ns = netns_factory()
+    child = Child(ns.name)
+    try:
+        opened = child.ask(op="open", socks=[concrete(s) for s in specs])
+        assert isinstance(opened, list)
+        for proto, dst, from_peer in packets:
+            src = PEER if from_peer and dst != "::1" else ((dst, 6000) if dst != "::1" else ("::1", 6000))
+            said = explain(ns.name, proto, dst, src)
+            got = child.ask(op="send", proto=proto, dst=dst, dport=PORT, src=src[0], sport=src[1])
+            assert isinstance(got, dict)
+            named = {s["cookie"] for s in said["sockets"]}
+            received = set(got["got"])
+            why = f"\nsockets: {specs}\nopened: {opened}\npacket: {proto} {src} -> {dst}\nsaid: {said}\ngot: {got}"
+            if not named:
+                assert not received, why
+                assert got["errno"] in (0, 111), why  # TCP: connection refused (the RST)
+                continue
+            assert len(received) == 1 and received <= named, why
+            if len(named) > 1 and said["reason"] != "connected":
+                # "one of" must be earned: a reuseport group spreads flows over its members
+                # (16 flows all on one of 2 members: 2^-15); a tie (SO_REUSEADDR) gives all to one
+                for i in range(1, 16):
+                    more = child.ask(op="send", proto=proto, dst=dst, dport=PORT, src=src[0], sport=src[1] + i)
+                    assert isinstance(more, dict)
+                    received |= set(more["got"])
+                assert received <= named, why + f"\nover 16 flows: {received}"
+                # a group spreads flows; a tie (groups, or SO_REUSEADDR) gives every flow to the first in the chain
+                assert (len(received) > 1) == said["reuseport"], why + f"\nover 16 flows: {received}"
+    finally:
+        child.stop()
