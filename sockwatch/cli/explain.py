@@ -86,7 +86,11 @@ def explain(
         diags = _read(inode, proto)
         on_port = [d for d in diags if d.local_port == dport]
         owners, reuse = _owners(on_port)
-        verdict = demux.lookup(demux.Packet(proto, dst, dport, src, sport), demux.from_kernel(diags, reuse))
+        from sockwatch.kernel import bpflinks
+
+        steering = bpflinks.sk_lookup_links(inode)
+        verdict = demux.lookup(demux.Packet(proto, dst, dport, src, sport), demux.from_kernel(diags, reuse),
+                               other_sk_lookup=bool(steering))  # fmt: skip
         out = {
             "packet": {"protocol": protocol.strip().lower(), "destination": str(dst), "destination_port": dport,
                        "source": str(src) if src else None, "source_port": sport or None},
@@ -94,6 +98,7 @@ def explain(
             "reason": verdict.reason,
             "answer": verdict.answer or None,
             "reuseport": verdict.reuseport,
+            "sk_lookup_programs": [prog for _link, prog in steering],
             "steps": verdict.steps,
             "sockets": [_sock(s, owners.get(s.cookie)) for s in verdict.sockets],
         }  # fmt: skip

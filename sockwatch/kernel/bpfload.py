@@ -113,6 +113,9 @@ def _libbpf() -> ctypes.CDLL:
     lib.bpf_link_create.restype = ctypes.c_int
     lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     lib.bpf_map_update_elem.restype = ctypes.c_int
+    lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     return lib
 
 

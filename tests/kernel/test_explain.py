@@ -133,3 +133,30 @@ def test_explain_names_the_socket_that_really_receives(netns_factory, specs, pac
                 assert (len(received) > 1) == said["reuseport"], why + f"\nover 16 flows: {received}"
     finally:
         child.stop()
+
+
+def test_another_sk_lookup_program_in_the_namespace_is_named(netns_factory):
+    """A BPF sk_lookup program attached to the namespace (here a pass-through one, on the
+    test's own namespace only) may steer packets: explain says so, and which program."""
+    from bcc import BPF
+
+    from sockwatch.kernel import bpfload
+
+    ns = netns_factory()
+    b = BPF(text="int steer(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
+    link = -1
+    try:
+        fn = b.load_func("steer", 30, attach_type=36)  # BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP
+        nsfd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+        try:
+            link = bpfload.link_create(fn.fd, nsfd, 36)  # BPF_SK_LOOKUP
+        finally:
+            os.close(nsfd)
+        said = explain(ns.name, "tcp", "127.0.0.1", ("127.0.0.1", 6000))
+        assert len(said["sk_lookup_programs"]) == 1
+        assert any("sk_lookup program" in step for step in said["steps"]), said["steps"]
+    finally:
+        if link >= 0:
+            os.close(link)  # the link goes with its last descriptor
+        b.cleanup()
+    assert explain(ns.name, "tcp", "127.0.0.1", ("127.0.0.1", 6000))["sk_lookup_programs"] == []
