@@ -123,6 +123,11 @@ def test_status_without_agent(tmp_path):
         (["snapshot", "--netns", "4194303"], "no process 4194303"),
         (["events", "--kind", "binds"], "is not one of: bind, bind_fail"),
         (["ports", "--top", "0"], "out of range: 1 to 100000"),
+        (["explain", "icmp", "10.0.0.1:80"], "protocol 'icmp' is not tcp or udp"),
+        (["explain", "tcp", "10.0.0.1"], "is not ADDR:PORT"),
+        (["explain", "tcp", "10.0.0.1:0"], "the port is not 1 to 65535"),
+        (["explain", "udp", "dns:53"], "'dns' is not an IP address"),
+        (["explain", "tcp", "10.0.0.1:80", "--from", "[::1]:99999"], "the port is not 1 to 65535"),
     ],
 )
 def test_options_are_strict_and_name_their_bounds(args, needle):
@@ -160,7 +165,7 @@ def test_any_socket_path_is_accepted_only_when_safe(text):
     assert not any(p == r or p.startswith(r + "/") for r in ("/proc", "/sys", "/dev"))
 
 
-@pytest.mark.parametrize("command", ["live", "snapshot", "events", "ports", "serve", "status", "doctor"])
+@pytest.mark.parametrize("command", ["live", "snapshot", "events", "ports", "explain", "serve", "status", "doctor"])
 def test_every_command_explains_itself_at_80_columns(command):
     r = subprocess.run(sockwatch_cmd(command, "--help"), capture_output=True, text=True, check=False,
                        env={**os.environ, "COLUMNS": "80", "TERM": "dumb"})  # fmt: skip
