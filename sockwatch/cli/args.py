@@ -4,6 +4,7 @@ the input quoted short."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 
@@ -38,23 +39,26 @@ def seconds(text: str, name: str, lo: float, hi: float) -> float:
     return _parse(text, name, lo, hi, _DECIMAL, "a number of seconds")
 
 
-def listen_address(text: str, name: str) -> tuple[str, int] | None:
-    """ADDR:PORT, [V6ADDR]:PORT, or 'off' (None)."""
-    import ipaddress
-
-    t = text.strip()
-    if t.lower() == "off":
-        return None
-    host, sep, port = t.rpartition(":")
+def endpoint(text: str, name: str, lowest_port: int = 1) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """ADDR:PORT or [V6ADDR]:PORT."""
+    host, sep, port = text.strip().rpartition(":")
     if not sep:
-        raise ArgError(f"{name} {shown(text)} is not ADDR:PORT (or 'off')")
+        raise ArgError(f"{name} {shown(text)} is not ADDR:PORT ([ADDR]:PORT for IPv6)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
         raise ArgError(f"{name} {shown(text)}: {shown(host)} is not an IP address") from None
-    return str(addr), integer(port, f"{name} port", 0, 65535)
+    return addr, integer(port, f"{name} port", lowest_port, 65535)
+
+
+def listen_address(text: str, name: str) -> tuple[str, int] | None:
+    """ADDR:PORT, [V6ADDR]:PORT (port 0: any free one), or 'off' (None)."""
+    if text.strip().lower() == "off":
+        return None
+    addr, port = endpoint(text, name, lowest_port=0)
+    return str(addr), port
 
 
 def choices(values: Sequence[str], name: str, allowed: frozenset[str]) -> frozenset[str]:

@@ -3,7 +3,6 @@ and why, step by step."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys
@@ -11,26 +10,11 @@ from typing import Annotated
 
 import typer
 
+from sockwatch.cli import args
 from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
 from sockwatch.filters import shown
 from sockwatch.model import PROTO_NUMBERS, STATE_NAMES
-
-
-def parse_endpoint(text: str, what: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    """ADDR:PORT or [V6ADDR]:PORT."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep:
-        raise ValueError(f"{what} {shown(text)} is not ADDR:PORT ([ADDR]:PORT for IPv6)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{what} {shown(text)}: {shown(host)} is not an IP address") from None
-    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
-        raise ValueError(f"{what} {shown(text)}: the port is not 1 to 65535")
-    return addr, int(port)
 
 
 def explain(
@@ -74,9 +58,9 @@ def explain(
     except KeyError:
         raise fail(f"protocol {shown(protocol)} is not tcp or udp", code=EXIT_USAGE) from None
     try:
-        dst, dport = parse_endpoint(destination, "destination")
-        src, sport = parse_endpoint(source, "--from") if source else (None, 0)
-    except ValueError as e:
+        dst, dport = args.endpoint(destination, "destination")
+        src, sport = args.endpoint(source, "--from") if source else (None, 0)
+    except args.ArgError as e:
         raise fail(str(e), code=EXIT_USAGE) from None
     with friendly():
         inode = opt.netns_inode(netns) if netns else os.stat("/proc/self/ns/net").st_ino

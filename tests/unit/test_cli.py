@@ -125,9 +125,9 @@ def test_status_without_agent(tmp_path):
         (["ports", "--top", "0"], "out of range: 1 to 100000"),
         (["explain", "icmp", "10.0.0.1:80"], "protocol 'icmp' is not tcp or udp"),
         (["explain", "tcp", "10.0.0.1"], "is not ADDR:PORT"),
-        (["explain", "tcp", "10.0.0.1:0"], "the port is not 1 to 65535"),
+        (["explain", "tcp", "10.0.0.1:0"], "destination port '0' is out of range: 1 to 65535"),
         (["explain", "udp", "dns:53"], "'dns' is not an IP address"),
-        (["explain", "tcp", "10.0.0.1:80", "--from", "[::1]:99999"], "the port is not 1 to 65535"),
+        (["explain", "tcp", "10.0.0.1:80", "--from", "[::1]:99999"], "--from port '99999' is out of range"),
     ],
 )
 def test_options_are_strict_and_name_their_bounds(args, needle):
