@@ -191,3 +191,17 @@ def test_shell_completion_completes_commands_and_options():
     env |= {"COMP_WORDS": "sockwatch events --ki", "COMP_CWORD": "2"}
     r = subprocess.run([exe], capture_output=True, text=True, check=False, env=env)
     assert "--kind" in r.stdout.split(), r
+
+
+def test_an_interrupt_inside_an_import_is_still_just_an_interrupt():
+    """Ctrl-C landing inside a class's creation comes out of Python 3.11 as a
+    RuntimeError caused by KeyboardInterrupt: no traceback, exit 130."""
+    code = (
+        "import sys\nfrom sockwatch import cli\n"
+        "def boom():\n"
+        "    try:\n        raise KeyboardInterrupt\n"
+        "    except KeyboardInterrupt as e:\n        raise RuntimeError('Error calling __set_name__') from e\n"
+        "cli.app.command('boom')(boom)\nsys.argv = ['sockwatch', 'boom']\ncli.main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
