@@ -101,32 +101,34 @@ def test_signals_at_any_moment_of_start_up_leave_nothing(fresh_agent, tmp_path):
     kernel, SIGTERM/SIGINT exit promptly, and a new agent then starts on the same path."""
     assert _our_bpf_objects() == (set(), set()), "another sockwatch is attached: one agent at a time"
     path = f"/run/sockwatch-test/sig-{os.getpid()}/agent.sock"
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
-        for delay in (0.2, 0.8, 1.5):
-            proc = subprocess.Popen(sockwatch_cmd("serve", "--socket", path), stderr=subprocess.PIPE, text=True)
-            time.sleep(delay)
-            t0 = time.monotonic()
-            proc.send_signal(sig)
-            proc.wait(10)
-            took = time.monotonic() - t0
-            err = proc.stderr.read() if proc.stderr else ""
-            assert "Traceback" not in err, err
-            if sig != signal.SIGKILL:
-                assert took < 3.0, f"{sig.name} at {delay}s took {took:.1f}s"  # bcc's compile is not interruptible
-            deadline = time.monotonic() + 10
-            while _our_bpf_objects() != (set(), set()):  # programs go by RCU, not at once
-                assert time.monotonic() < deadline, f"{sig.name} at {delay}s left {_our_bpf_objects()}"
-                time.sleep(0.2)
-    # serving, with a client connected and silent: SIGTERM within a second, then a restart serves
-    a = fresh_agent(path)
-    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    idle.connect(path)
-    t0 = time.monotonic()
-    a.proc.send_signal(signal.SIGTERM)
-    a.proc.wait(5)
-    idle.close()
-    assert time.monotonic() - t0 < 1.0
-    again = fresh_agent(path)
-    assert again.status()["links"] == len(bpfload.HOOKS)
-    again.stop()
-    shutil.rmtree(os.path.dirname(path))  # the killed agents' directory: the test chose it
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+            for delay in (0.2, 0.8, 1.5):
+                proc = subprocess.Popen(sockwatch_cmd("serve", "--socket", path), stderr=subprocess.PIPE, text=True)
+                time.sleep(delay)
+                t0 = time.monotonic()
+                proc.send_signal(sig)
+                proc.wait(10)
+                took = time.monotonic() - t0
+                err = proc.stderr.read() if proc.stderr else ""
+                assert "Traceback" not in err, err
+                if sig != signal.SIGKILL:
+                    assert took < 3.0, f"{sig.name} at {delay}s took {took:.1f}s"  # bcc's compile is not interruptible
+                deadline = time.monotonic() + 10
+                while _our_bpf_objects() != (set(), set()):  # programs go by RCU, not at once
+                    assert time.monotonic() < deadline, f"{sig.name} at {delay}s left {_our_bpf_objects()}"
+                    time.sleep(0.2)
+        # serving, with a client connected and silent: SIGTERM within a second, then a restart serves
+        a = fresh_agent(path)
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(path)
+        t0 = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        a.proc.wait(5)
+        idle.close()
+        assert time.monotonic() - t0 < 1.0
+        again = fresh_agent(path)
+        assert again.status()["links"] == len(bpfload.HOOKS)
+        again.stop()
+    finally:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # the killed agents' directory: the test chose it
