@@ -3,6 +3,7 @@ one agent per socket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,3 +133,5 @@ def test_signals_at_any_moment_of_start_up_leave_nothing(fresh_agent, tmp_path):
         again.stop()
     finally:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # the killed agents' directory: the test chose it
+        with contextlib.suppress(OSError):  # and its parent, if no other test's is in it
+            os.rmdir(os.path.dirname(os.path.dirname(path)))
