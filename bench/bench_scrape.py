@@ -51,6 +51,13 @@ def measure(url: str, agent_pid: int, n: int) -> dict:
     }
 
 
+def idle_cpu_percent(pid: int, seconds: float = 10.0) -> float:
+    """The agent's CPU while nobody scrapes it."""
+    cpu0, t0 = proc_cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return 100 * (proc_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sockets", type=int, default=100_000)
@@ -70,18 +77,14 @@ def main() -> int:
         b.setup()
         agent_pid = b.start_agent()
         url = b.status()["metrics"]
-        idle_cpu0, t0 = proc_cpu_seconds(agent_pid), time.monotonic()
-        time.sleep(10)
-        idle = 100 * (proc_cpu_seconds(agent_pid) - idle_cpu0) / (time.monotonic() - t0)
+        idle = idle_cpu_percent(agent_pid)
         result["empty_table"] = measure(url, agent_pid, args.scrapes) | {"agent_cpu_percent_unscraped": round(idle, 2)}
         held_sockets = HeldSockets(b.ns, args.sockets, 9100)
         held = held_sockets.held
         t0 = time.monotonic()
         while b.status()["pending"] and time.monotonic() - t0 < 120:
             time.sleep(0.2)
-        idle_cpu0, t0 = proc_cpu_seconds(agent_pid), time.monotonic()
-        time.sleep(10)
-        idle = 100 * (proc_cpu_seconds(agent_pid) - idle_cpu0) / (time.monotonic() - t0)
+        idle = idle_cpu_percent(agent_pid)
         result["full_table"] = measure(url, agent_pid, args.scrapes) | {"agent_cpu_percent_unscraped": round(idle, 2)}
         result["full_table"]["scrape_cpu_percent"] = round(
             result["full_table"]["agent_cpu_percent_at_1_per_second"] - idle, 2

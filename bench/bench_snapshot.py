@@ -30,6 +30,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 SW = [sys.executable, "-m", "sockwatch"]
 sys.path.insert(0, HERE)
+from bench_cost import proc_cpu_seconds  # noqa: E402
 from common import HeldSockets  # noqa: E402
 
 
@@ -40,12 +41,6 @@ def timed(cmd: list[str], repeat: int) -> list[float]:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         out.append(time.perf_counter() - t0)
     return out
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:

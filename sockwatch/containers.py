@@ -85,6 +85,17 @@ class Container:
         return f"{self.pod_namespace}/{self.pod_name}" if self.pod_name else None
 
     @classmethod
+    def label_of(cls, d: object) -> str:
+        """The label of a container as the agent's JSON carries it (not trusted): "" for
+        none, "?" for something that is not a container."""
+        if d is None:
+            return ""
+        try:
+            return cls.from_dict(d).label
+        except ValueError:
+            return "?"
+
+    @classmethod
     def from_dict(cls, d: object) -> Container:
         """The inverse of as_dict, for what came over the wire: strings or nulls only."""
         if not isinstance(d, dict) or not isinstance(d.get("cgroup"), str):
@@ -196,7 +207,7 @@ class Resolver:
             return None
         c = parse(path)
         if c.pod_uid is None:
-            return c if c.runtime else Container(path)
+            return c
         if (c.pod_uid not in self._pods or (c.id and c.id not in self._names)) and (
             now - self._pods_read >= POD_DIRS_SECONDS
         ):

@@ -344,7 +344,7 @@ class Live(App[None]):
                 "INODE": "" if r["inode"] is None else str(r["inode"]),
                 "COOKIE": str(r["cookie"]),
                 "AGE": _age(r.get("born_ns", 0)),
-                "CONTAINER": _container(r.get("container")),
+                "CONTAINER": printable_cell(Container.label_of(r.get("container"))),
             }
             table.add_row(*(Text(cells[n], style=style) for n in names))
 
@@ -357,7 +357,7 @@ class Live(App[None]):
                 "" if p["pid"] is None else str(p["pid"]),
                 printable_cell(p["comm"] or ("(TIME-WAIT: no owner)" if p["time_wait"] == p["total"] else "(unknown)")),
                 str(p["total"]), str(p["listeners"]), str(p["connections"]), str(p["udp"]), str(p["time_wait"]),
-                ",".join(map(str, p["ports"])), _container(p.get("container")),
+                ",".join(map(str, p["ports"])), printable_cell(Container.label_of(p.get("container"))),
             )  # fmt: skip
 
     def draw_events(self, table: DataTable) -> None:
@@ -433,16 +433,6 @@ class Live(App[None]):
     def action_home(self) -> None:
         self.offset = 0
         self.refetch()
-
-
-def _container(c: object) -> str:
-    """The owner's container as one cell (the agent's JSON, not trusted)."""
-    if c is None:
-        return ""
-    try:
-        return printable_cell(Container.from_dict(c).label)
-    except ValueError:
-        return "?"
 
 
 def _age(born_ns: int) -> str:

@@ -49,7 +49,6 @@ LOSS_MEMORY_SECONDS = 60.0  # how long answers mention a repaired loss
 TRIM_SECONDS = 30.0
 STREAM_BUFFER = 8 * 2**20  # a subscriber that falls this far behind is dropped
 STREAM_CHECK_EVERY = 256  # records between looks at the stream's CPU budget
-PORTS_SUMMARY_SECONDS = 5.0  # a view's header: ephemeral ports per namespace, this fresh
 
 
 @dataclass
@@ -195,7 +194,6 @@ class Agent:
         self.describer = stream.Describer()
         self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
         self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
-        self._ports_cache: tuple[float, list[dict]] = (-math.inf, [])
         self._stream_cpu = 0.0  # spent on the stream in this second
         self._stream_skipped = 0  # records skipped in this second for the budget
         self.stream_skipped_total = 0
@@ -224,8 +222,6 @@ class Agent:
         self.loaded.set_config(abi.SW_CFG_PRESTART_COOKIE, self.tracker.max_bootstrap_cookie)
         self.drain()
         self.tracker.fill_owners()
-        if self.collector is not None:
-            self.tracker.tally()  # counted once now, so that no scrape pays for the first count
         self.bootstrap_seconds = time.monotonic() - t0
         _give_back_memory()
         bpfload.release_compiler_pages()
@@ -794,18 +790,8 @@ class Agent:
             "metrics": self.metrics_url(),
             "degraded": self.loaded.degraded(),
         }
-        answer["ports"] = self._ports_summary()
+        answer["ports"] = self.tracker.tally().namespace_summary(self.tracker.port_ranges())  # kept as ports change
         return answer
-
-    def _ports_summary(self) -> list[dict]:
-        """Ephemeral ports per namespace for a header: a pass over the whole table, so
-        at most once per PORTS_SUMMARY_SECONDS."""
-        now = time.monotonic()
-        when, summary = self._ports_cache
-        if now - when > PORTS_SUMMARY_SECONDS:
-            summary = self.tracker.tally().namespace_summary(self.tracker.port_ranges())
-            self._ports_cache = (now, summary)
-        return summary
 
     def _ports(self, f: flt.Filters) -> dict:
         ranges = self.tracker.port_ranges()

@@ -99,10 +99,8 @@ def _describe(e: dict) -> str:
     if e.get("remote_address"):
         where += " -> " + _ep(e["remote_address"], e["remote_port"])
     head = f"{t} {e['kind'].upper():<9} {e['protocol']:<3} {where}  {who}  netns {e['netns']}"
-    c = e.get("container")
-    if isinstance(c, dict) and isinstance(c.get("cgroup"), str):
-        label = Container.from_dict(c).label
-        head += f"  [{label}]" if label else ""
+    label = Container.label_of(e.get("container"))
+    head += f"  [{label}]" if label else ""
     extra = []
     if e.get("old_state"):
         extra.append(f"{e['old_state']} -> {e['state']}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,9 @@ from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
 from sockwatch.filters import shown
 from sockwatch.model import PROTO_NUMBERS, STATE_NAMES
+
+if TYPE_CHECKING:
+    from sockwatch import demux
 
 
 def explain(
@@ -124,22 +127,21 @@ def _owners(diags: list) -> tuple[dict[int, dict], dict[int, bool]]:
     return owners, reuse
 
 
-def _sock(s: object, owner: dict | None) -> dict:
-    from sockwatch.model import fmt_addr
+def _sock(s: demux.Sock, owner: dict | None) -> dict:
+    from sockwatch.model import PROTO_NAMES, fmt_addr
 
-    d = s.__dict__  # a frozen dataclass: plain fields
     return {
-        "cookie": d["cookie"],
-        "protocol": "tcp" if d["protocol"] == 6 else "udp",
-        "family": d["family"],
-        "state": STATE_NAMES.get(d["state"], str(d["state"])),
-        "local_address": fmt_addr(d["local"]),
-        "local_port": d["port"],
-        "remote_address": fmt_addr(d["remote"]) if d["remote"] is not None else None,
-        "remote_port": d["remote_port"],
-        "v6only": d["v6only"],
-        "bound_dev": d["bound_dev"],
-        "reuseport": d["reuseport"],
+        "cookie": s.cookie,
+        "protocol": PROTO_NAMES.get(s.protocol, str(s.protocol)),
+        "family": s.family,
+        "state": STATE_NAMES.get(s.state, str(s.state)),
+        "local_address": fmt_addr(s.local),
+        "local_port": s.port,
+        "remote_address": fmt_addr(s.remote) if s.remote is not None else None,
+        "remote_port": s.remote_port,
+        "v6only": s.v6only,
+        "bound_dev": s.bound_dev,
+        "reuseport": s.reuseport,
         **(owner or {"pid": None, "comm": None, "container": None}),
     }
 
@@ -159,8 +161,7 @@ def _text(out: dict) -> str:
         lines.append(f"=> no socket: the sender gets {out['answer']}")
     for s in out["sockets"]:
         who = f"{s['pid']}/{printable_cell(s['comm'] or '')}" if s["pid"] is not None else "no owner found"
-        c = s.get("container")
-        label = Container.from_dict(c).label if c else ""
+        label = printable_cell(Container.label_of(s.get("container")))
         lines.append(f"=> {'one of: ' if len(out['sockets']) > 1 else ''}socket {s['cookie']} "
                      f"{s['protocol']}{s['family']} {endpoint(s['local_address'], s['local_port'], s['family'])} "
                      f"{s['state']}, {who}" + (f" [{label}]" if label else ""))  # fmt: skip

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from sockwatch.kernel.bpfload import _libbpf
+from sockwatch.kernel.bpfload import libbpf
 
 BPF_LINK_TYPE_NETNS = 5  # enum bpf_link_type
 BPF_SK_LOOKUP = 36  # enum bpf_attach_type
@@ -29,7 +29,7 @@ class _LinkInfo(ctypes.Structure):
 
 def sk_lookup_links(netns_inode: int) -> list[tuple[int, int]]:
     """(link id, program id) of every sk_lookup link attached to the namespace."""
-    lib = _libbpf()
+    lib = libbpf()
     out: list[tuple[int, int]] = []
     cur, nxt = ctypes.c_uint32(0), ctypes.c_uint32(0)
     while lib.bpf_link_get_next_id(cur, ctypes.byref(nxt)) == 0:

@@ -106,7 +106,7 @@ class LoadError(RuntimeError):
 
 
 @functools.cache
-def _libbpf() -> ctypes.CDLL:
+def libbpf() -> ctypes.CDLL:
     name = ctypes.util.find_library("bpf") or "libbpf.so.1"
     lib = ctypes.CDLL(name, use_errno=True)
     lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
@@ -120,7 +120,7 @@ def _libbpf() -> ctypes.CDLL:
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
-    fd = _libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
+    fd = libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
     if fd < 0:
         err = -fd if fd < -1 else ctypes.get_errno()
         raise OSError(err, f"BPF_LINK_CREATE: {os.strerror(err)}")
@@ -182,7 +182,7 @@ class Loaded:
         entry.flags |= abi.SW_U_ANNOUNCED
         key = table.Key(cookie)
         leaf = table.Leaf.from_buffer_copy(bytes(entry))
-        lib = _libbpf()
+        lib = libbpf()
         rc = lib.bpf_map_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_EXIST)
         return rc == 0
 

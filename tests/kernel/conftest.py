@@ -80,8 +80,8 @@ def netns_factory() -> Iterator:
 class Child:
     """A process of the test's that opens sockets on command (tests/kernel/sockproc.py)."""
 
-    def __init__(self, netns: str | None = None) -> None:
-        cmd = [sys.executable, os.path.join(HERE, "sockproc.py")]
+    def __init__(self, netns: str | None = None, script: str = "sockproc.py") -> None:
+        cmd = [sys.executable, os.path.join(HERE, script)]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -3,6 +3,7 @@ sockets it is told to (keeping those the kernel accepts), then for each packet i
 told to send, says which of its sockets received it. JSON lines on stdin and stdout."""
 
 import json
+import os
 import select
 import socket
 import sys
@@ -80,6 +81,8 @@ def main():
                 else:
                     s.sendto(b"x", (c["dst"], c["dport"]))
                 print(json.dumps({"got": received(socks[c["proto"]], c["proto"]), "errno": 0}), flush=True)
+        elif c["op"] == "pid":
+            print(json.dumps({"pid": os.getpid()}), flush=True)
         elif c["op"] == "quit":
             return
 

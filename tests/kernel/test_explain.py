@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import sockwatch_cmd
+from tests.kernel.conftest import Child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PORT = 7070
@@ -39,28 +39,6 @@ def concrete(spec: dict) -> dict:
     if spec["proto"] == "udp" and spec["connected"] and not (spec["family"] == 6 and spec["v6only"]):
         out["peer"] = [PEER[0] if spec["family"] == 4 else "::ffff:" + PEER[0], PEER[1]]
     return out
-
-
-class Child:
-    def __init__(self, ns: str) -> None:
-        self.p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.join(HERE, "demux_child.py")],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-
-    def ask(self, **c: object) -> object:
-        assert self.p.stdin and self.p.stdout
-        self.p.stdin.write(json.dumps(c) + "\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline())
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.ask_quit()
-        self.p.wait(10)
-
-    def ask_quit(self) -> None:
-        assert self.p.stdin
-        self.p.stdin.write('{"op": "quit"}\n')
-        self.p.stdin.flush()
 
 
 def explain(ns: str, proto: str, dst: str, src: tuple[str, int]) -> dict:
@@ -104,14 +82,14 @@ def explain(ns: str, proto: str, dst: str, src: tuple[str, int]) -> dict:
 )  # fmt: skip
 def test_explain_names_the_socket_that_really_receives(netns_factory, specs, packets):
     ns = netns_factory()
-    child = Child(ns.name)
+    child = Child(ns.name, script="demux_child.py")
     try:
-        opened = child.ask(op="open", socks=[concrete(s) for s in specs])
+        opened = child.attempt(op="open", socks=[concrete(s) for s in specs])
         assert isinstance(opened, list)
         for proto, dst, from_peer in packets:
             src = PEER if from_peer and dst != "::1" else ((dst, 6000) if dst != "::1" else ("::1", 6000))
             said = explain(ns.name, proto, dst, src)
-            got = child.ask(op="send", proto=proto, dst=dst, dport=PORT, src=src[0], sport=src[1])
+            got = child.attempt(op="send", proto=proto, dst=dst, dport=PORT, src=src[0], sport=src[1])
             assert isinstance(got, dict)
             named = {s["cookie"] for s in said["sockets"]}
             received = set(got["got"])
@@ -125,7 +103,7 @@ def test_explain_names_the_socket_that_really_receives(netns_factory, specs, pac
                 # "one of" must be earned: a reuseport group spreads flows over its members
                 # (16 flows all on one of 2 members: 2^-15); a tie (SO_REUSEADDR) gives all to one
                 for i in range(1, 16):
-                    more = child.ask(op="send", proto=proto, dst=dst, dport=PORT, src=src[0], sport=src[1] + i)
+                    more = child.attempt(op="send", proto=proto, dst=dst, dport=PORT, src=src[0], sport=src[1] + i)
                     assert isinstance(more, dict)
                     received |= set(more["got"])
                 assert received <= named, why + f"\nover 16 flows: {received}"
