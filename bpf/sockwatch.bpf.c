@@ -2,8 +2,9 @@
  *
  * One compilation unit so that all programs see the same maps; each concern lives in
  * its own file below. Only UAPI context structs (bpf_sock, bpf_sock_ops,
- * bpf_sock_addr) and helpers are read: the headers bcc compiles against may come
- * from another kernel version, so no kernel-internal struct is ever dereferenced.
+ * bpf_sock_addr, bpf_sk_lookup), tracepoint fields and helpers are read: the headers
+ * bcc compiles against may come from another kernel version, so no kernel-internal
+ * struct is ever dereferenced.
  *
  * Every hook here runs on someone's production traffic. What keeps them cheap: no
  * map write for TCP at all, one ring-buffer record per change and no wakeup for it
@@ -132,3 +133,4 @@ static __always_inline void local_from_sock(struct sw_event *e, struct bpf_sock 
 #include "tcp.bpf.c"
 #include "lifecycle.bpf.c"
 #include "bind.bpf.c"
+#include "lookup.bpf.c"

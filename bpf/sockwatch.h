@@ -42,7 +42,11 @@
 #define SW_C_UDP_CREATED    3 /* UDP sockets created (entries made in udp_socks) */
 #define SW_C_UDP_ANNOUNCED  4 /* of those, announced by a bind/connect event */
 #define SW_C_UDP_SILENT_GONE 5 /* of those, released without ever being announced */
-#define SW_C_MAX            6
+#define SW_C_LOOKUP_FULL    6 /* a lookup whose key did not fit in lookup_counts: not counted */
+#define SW_C_MISS_UNMATCHED 7 /* a TCP/UDP drop for no socket that no lookup of ours preceded
+			       * (a namespace not hooked yet): not attributed to a port */
+#define SW_C_PEERS_NEW      8 /* peers added to udp_peers (less those present = evicted) */
+#define SW_C_MAX            9
 
 /* Index of the config array, written by user space. */
 #define SW_CFG_PRESTART_COOKIE 0 /* TCP sockets with cookie <= this may lack state callbacks. A filter
@@ -100,6 +104,47 @@ struct sw_udp {
 	char  comm[SW_COMM_LEN];
 	__u8  flags;          /* SW_U_* */
 	__u8  pad[7];
+};
+
+/* A destination the kernel looked up a socket for (sk_lookup): what lookup_counts is
+ * keyed by. The padding is zero: the key is hashed whole. */
+struct sw_lookup_key {
+	__u64 netns_cookie;   /* host order: the namespace the program was loaded for */
+	__u32 addr[4];        /* local (destination) address, network order; IPv4 in [0] */
+	__u16 port;           /* local (destination) port, host order */
+	__u8  family;         /* AF_INET or AF_INET6 (a v4 packet to a dual-stack socket is AF_INET) */
+	__u8  protocol;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u32 pad;
+};
+
+/* Per CPU, per key. */
+struct sw_lookup_count {
+	__u64 lookups;        /* times the kernel looked up a socket for this destination */
+	__u64 misses;         /* of those, found none: answered with RST or ICMP port unreachable */
+};
+
+/* A remote peer of an unconnected UDP socket's destination: udp_peers' key. */
+struct sw_peer_key {
+	__u64 netns_cookie;   /* host order */
+	__u32 local_addr[4];  /* network order; IPv4 in [0] */
+	__u32 remote_addr[4]; /* network order; IPv4 in [0] */
+	__u16 local_port;     /* host order */
+	__u16 remote_port;    /* host order */
+	__u8  family;
+	__u8  pad[7];
+};
+
+/* Per CPU, per peer. */
+struct sw_peer_count {
+	__u64 packets;
+	__u64 last_ns;        /* CLOCK_MONOTONIC_COARSE of the last datagram, host order */
+};
+
+/* The last lookup on this CPU, until the packet is delivered or dropped for no socket
+ * (both happen on the CPU that looked it up, before its next lookup). */
+struct sw_lookup_slot {
+	struct sw_lookup_key key;
+	__u64 armed;          /* 1 from the lookup until a drop for no socket takes it */
 };
 
 #endif

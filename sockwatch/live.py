@@ -30,12 +30,13 @@ from sockwatch.containers import Container
 from sockwatch.filters import FilterError, Filters
 from sockwatch.render import endpoint, printable_cell
 
-VIEWS = ("listeners", "connections", "processes", "events")
+VIEWS = ("listeners", "connections", "processes", "events", "peers")
 VIEW_TITLES = {
     "listeners": "Listeners+UDP by (IP, port)",
     "connections": "Connections by 4-tuple",
     "processes": "Processes",
     "events": "Events",
+    "peers": "UDP peers of unconnected sockets (most packets first)",
 }
 HIGHLIGHT_SECONDS = 2.0
 FETCH_TIMEOUT = 10.0  # a screenful; the header says so when the agent is slower
@@ -44,7 +45,7 @@ EVENTS_KEPT = 2000
 HELP = """\
 sockwatch live: keys
 
-1 2 3 4, Tab    listeners+UDP, connections, processes, events
+1 2 3 4 5, Tab  listeners+UDP, connections, processes, events, UDP peers
 /               filter, in snapshot's language: proto=udp port=53
                 addr=10.0.0.0/8 state=listen pid=123 netns=blue
                 (or --port 53 ...); an empty filter clears it
@@ -104,6 +105,7 @@ class Live(App[None]):
         Binding("2", "view('connections')", "connections"),
         Binding("3", "view('processes')", "processes"),
         Binding("4", "view('events')", "events"),
+        Binding("5", "view('peers')", "peers"),
         Binding("s", "sort(1)", "sort"),
         Binding("S", "sort(-1)", "sort back", show=False),
         Binding("r", "reverse", "reverse", show=False),
@@ -249,6 +251,8 @@ class Live(App[None]):
             self.draw_events(table)
         elif self.view_name == "processes":
             self.draw_processes(table)
+        elif self.view_name == "peers":
+            self.draw_peers(table)
         else:
             self.draw_rows(table)
 
@@ -296,7 +300,9 @@ class Live(App[None]):
             t.append(f"  rows {self.offset + 1 if n else 0}-{min(n, self.offset + self.rows_wanted())} of {n}")
         if self.filter_text:
             t.append(f"  filter: {printable_cell(self.filter_text)}", style="cyan")
-        if self.view_name not in ("processes", "events"):
+        if self.view_name == "peers" and (self.data or {}).get("peers_note"):
+            t.append("  " + printable_cell(self.data["peers_note"]), style="yellow")  # type: ignore[index]
+        if self.view_name not in ("processes", "events", "peers"):
             t.append(f"  sort {self.sort}{' reversed' if self.reverse else ''}")
         if self.error:
             t.append(f"  {printable_cell(self.error)}", style="bold red")
@@ -358,6 +364,22 @@ class Live(App[None]):
                 printable_cell(p["comm"] or ("(TIME-WAIT: no owner)" if p["time_wait"] == p["total"] else "(unknown)")),
                 str(p["total"]), str(p["listeners"]), str(p["connections"]), str(p["udp"]), str(p["time_wait"]),
                 ",".join(map(str, p["ports"])), printable_cell(Container.label_of(p.get("container"))),
+            )  # fmt: skip
+
+    def draw_peers(self, table: DataTable) -> None:
+        names = ("LOCAL", "PEER", "PACKETS", "LAST SEEN", "PID", "COMM", "NETNS")
+        self._columns(table, names)
+        table.clear()
+        now = time.time()
+        for p in (self.data or {}).get("peers", []):
+            fam = p["family"]
+            owner = p["sockets"][0] if p["sockets"] else {}
+            ago = max(0.0, now - p["last_seen"])
+            table.add_row(
+                endpoint(p["local_address"], p["local_port"], fam),
+                endpoint(p["remote_address"], p["remote_port"], fam),
+                str(p["packets"]), f"{ago:.0f}s ago", "" if owner.get("pid") is None else str(owner["pid"]),
+                printable_cell(owner.get("comm") or ("(no socket)" if not p["sockets"] else "")), str(p["netns"]),
             )  # fmt: skip
 
     def draw_events(self, table: DataTable) -> None:

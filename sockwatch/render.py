@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from sockwatch.model import IPPROTO_UDP, SockRow, TcpState, fmt_addr
@@ -97,3 +97,62 @@ def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout) -> None:
         out.write(fmt.format(*COLUMNS).rstrip() + "\n")
         for row in by_group[g]:
             out.write(fmt.format(*row).rstrip() + "\n")
+
+
+def _owners(sockets: list[dict]) -> str:
+    """The socket(s) a destination reaches, as 'pid/comm' (several: 'one of ...')."""
+    if not sockets:
+        return "(none: RST / port unreachable)"
+    names = [f"{s['pid']}/{s['comm'] or ''}" if s.get("pid") is not None else f"cookie {s['cookie']}" for s in sockets]
+    shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+    return printable_cell(("one of " if len(names) > 1 else "") + shown)
+
+
+def _aligned(title: str, header: tuple[str, ...], rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out.write(f"# {title}\n" + fmt.format(*header).rstrip() + "\n")
+    for r in rows:
+        out.write(fmt.format(*r).rstrip() + "\n")
+
+
+def print_lookups(report: dict, out: TextIO = sys.stdout) -> None:
+    """`snapshot --lookups`: destinations by lookups, then closed ports by misses."""
+    dests = report["destinations"]
+    rows = [(str(d["netns"]), f"{d['protocol']}{d['family']}", endpoint(d["address"], d["port"], d["family"]),
+             str(d["lookups"]), str(d["misses"]), _owners(d["sockets"]) + (" (reuseport)" if d["reuseport"] else ""))
+            for d in dests]  # fmt: skip
+    _aligned(f"Socket lookups by destination ({len(dests)} of {report['matched']})",
+             ("NETNS", "PROTO", "DESTINATION", "LOOKUPS", "MISSES", "GOES TO"), rows, out)  # fmt: skip
+    closed = report["closed_ports"]
+    if closed:
+        out.write("\n")
+        rows = [(str(c["netns"]), c["protocol"], str(c["port"]), str(c["misses"]), str(c["addresses"]),
+                 "open now" if c["open_now"] else "closed") for c in closed]  # fmt: skip
+        _aligned("Ports probed that no socket answered (misses: RST / ICMP port unreachable)",
+                 ("NETNS", "PROTO", "PORT", "MISSES", "ADDRESSES", "NOW"), rows, out)  # fmt: skip
+    t = report["totals"]
+    out.write(f"\n{t['namespaces_hooked']} of {t['namespaces_known']} network namespaces hooked")
+    if t["lookups_uncounted"]:
+        out.write(f"; {t['lookups_uncounted']} lookups not counted (counter map full: --max-lookup-keys)")
+    if t["misses_unattributed"]:
+        out.write(f"; {t['misses_unattributed']} misses in namespaces not yet hooked")
+    out.write("\n")
+
+
+def print_peers(report: dict, out: TextIO = sys.stdout) -> None:
+    """`snapshot --peers`: who sends to unconnected UDP sockets, most packets first."""
+    import time
+
+    now = time.time()
+    peers = report["peers"]
+    rows = [(str(p["netns"]), endpoint(p["local_address"], p["local_port"], p["family"]),
+             endpoint(p["remote_address"], p["remote_port"], p["family"]), str(p["packets"]),
+             f"{max(0.0, now - p['last_seen']):.0f}s ago", _owners(p["sockets"]))
+            for p in peers]  # fmt: skip
+    _aligned(f"UDP peers of unconnected sockets ({len(peers)} of {report['matched']})",
+             ("NETNS", "LOCAL", "PEER", "PACKETS", "LAST SEEN", "SOCKET"), rows, out)  # fmt: skip
+    t = report["totals"]
+    if t.get("udp_peers_evicted"):
+        out.write(f"\n{t['udp_peers_evicted']} peers were evicted, least recently seen first "
+                  f"(--max-udp-peers {t['udp_peers_capacity']})\n")  # fmt: skip

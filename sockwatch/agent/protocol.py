@@ -15,8 +15,8 @@ from typing import Any
 DEFAULT_SOCKET = os.environ.get("SOCKWATCH_SOCKET", "/run/sockwatch/agent.sock")
 MAX_REQUEST = 64 * 1024
 MAX_HEADER = 64 * 1024
-OPS = ("snapshot", "status", "events", "view", "ports")
-VIEWS = ("all", "listeners", "connections", "processes")
+OPS = ("snapshot", "status", "events", "view", "ports", "lookups", "peers")
+VIEWS = ("all", "listeners", "connections", "processes", "peers")
 SORTS = ("local", "remote", "state", "protocol", "pid", "comm", "age", "netns")
 EVENT_KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close")
 MAX_LIMIT = 10_000

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sockwatch import __version__, containers, metrics, stream, tally, views
+from sockwatch import __version__, containers, lookups, metrics, stream, tally, views
 from sockwatch import events as ev
 from sockwatch import filters as flt
 from sockwatch.agent import sockpath, webconfig
@@ -79,6 +79,8 @@ class Settings:
     drop_check_interval: float = 1.0
     max_udp: int = 65536
     ringbuf_pages: int = 4096
+    max_lookup_keys: int = 16384
+    max_udp_peers: int = 16384
     stream_cpu: float = 0.25  # seconds of CPU per second the event stream may take; past it, it skips and says so
     listen: tuple[str, int] | None = ("127.0.0.1", metrics.DEFAULT_PORT)  # /metrics and /healthz; None: off
     metrics_limits: metrics.Limits = field(default_factory=metrics.Limits)
@@ -207,7 +209,10 @@ class Agent:
         if self.settings.listen is not None:
             self.http_listener = self._listen_http(self.settings.listen)
         t0 = time.monotonic()
-        self.loaded = bpfload.load_and_attach(self.settings.max_udp, self.settings.ringbuf_pages)
+        st = self.settings
+        self.loaded = bpfload.load_and_attach(
+            bpfload.Sizes(st.max_udp, st.ringbuf_pages, st.max_lookup_keys, st.max_udp_peers), self.tracker.registry
+        )
         self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
         for m in self.loaded.missing:
             log.warning("running without %s: %s", m.hook.what, m.why)
@@ -222,6 +227,7 @@ class Agent:
         self.loaded.set_config(abi.SW_CFG_PRESTART_COOKIE, self.tracker.max_bootstrap_cookie)
         self.drain()
         self.tracker.fill_owners()
+        self._follow_namespaces()
         self.bootstrap_seconds = time.monotonic() - t0
         _give_back_memory()
         bpfload.release_compiler_pages()
@@ -274,7 +280,7 @@ class Agent:
             repairs=dict(t.repairs),
             reconciles=t.reconciles,
             last_reconcile_age=time.monotonic() - t.last_reconcile_at,
-            programs_attached=len(self.loaded.link_fds),
+            programs_attached=len(self.loaded.links),
             hooks_missing=len(self.loaded.missing),
             cpu_seconds=_cpu_seconds(),
             events=t.events.total(),
@@ -338,6 +344,7 @@ class Agent:
             if now >= next_second:
                 self._check_losses()
                 self.tracker.forget_dead_namespaces()
+                self._follow_namespaces()
                 self.tracker.expire_timewait()
                 if self.subscribers:
                     self._find_autobound()  # subscribers hear of sendto() binds within a second
@@ -360,6 +367,16 @@ class Agent:
             self._drop(c)
         self._ep = None
         ep.close()
+
+    def _follow_namespaces(self) -> None:
+        """Find namespaces created since the last tick and give each the lookup hook;
+        release the hooks of those gone (forget_dead_namespaces found them)."""
+        if self.loaded is None or self.loaded.lookup is None:
+            return
+        self.tracker.registry.refresh()
+        attached, released = self.loaded.lookup.follow(self.tracker.registry)
+        if attached or released:
+            log.info("sk_lookup: attached to %d namespaces, released %d", attached, released)
 
     def drain(self) -> list:
         """Apply every event the hooks committed so far; returns what changed."""
@@ -698,6 +715,8 @@ class Agent:
                 "view": self._on_view,
                 "ports": self._on_ports,
                 "status": self._on_status,
+                "lookups": self._on_lookups,
+                "peers": self._on_peers,
             }[req.op]
             return handler(req, f, c)
         except (ProtocolError, flt.FilterError) as e:
@@ -724,6 +743,74 @@ class Agent:
     def _on_ports(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
         self.prepare_answer()
         return [encode_header(True, partial=self.partial()), self._json(self._ports(f))]
+
+    def _on_lookups(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        why = self._lookup_missing()
+        if why:
+            return [encode_header(False, error=why)]
+        self.prepare_answer()
+        dests = lookups.destinations(self.destinations(), self.tracker.visible(), f)
+        body = {"destinations": dests[: req.limit], "matched": len(dests),
+                "closed_ports": lookups.closed_ports(dests)[: req.limit], "totals": self.lookup_totals()}  # fmt: skip
+        return [encode_header(True, partial=self.partial()), self._json(body)]
+
+    def _on_peers(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        why = self._lookup_missing()
+        if why:
+            return [encode_header(False, error=why)]
+        self.prepare_answer()
+        found = self.peers()
+        shown = lookups.peers(found, self.tracker.visible(), f)
+        body = {"peers": shown[: req.limit], "matched": len(shown), "totals": self.lookup_totals(len(found))}
+        return [encode_header(True, partial=self.partial()), self._json(body)]
+
+    def _lookup_missing(self) -> str:
+        """Why there are no lookup counts, or ''."""
+        assert self.loaded is not None
+        if self.loaded.lookup is not None:
+            return ""
+        why = next((m.why for m in self.loaded.missing if m.hook is bpfload.LOOKUP_HOOK), "not attached")
+        return f"this agent has no sk_lookup hook ({why}): lookups, misses and UDP peers are not counted"
+
+    def _inode_of(self, cookie: int) -> int | None:
+        ns = self.tracker.registry.by_cookie.get(cookie)
+        return ns.inode if ns is not None else None
+
+    def destinations(self) -> list[lookups.Destination]:
+        """What the sk_lookup hook counted, by namespace inode (read now)."""
+        assert self.loaded is not None and self.loaded.lookup is not None
+        return [
+            lookups.Destination(inode, c.protocol, 4 if c.family == socket.AF_INET else 6, c.address, c.port,
+                                c.lookups, c.misses)
+            for inode, c in lookups.resolve(self.loaded.lookup.counts(), self._inode_of)
+        ]  # fmt: skip
+
+    def peers(self) -> list[lookups.Peer]:
+        assert self.loaded is not None and self.loaded.lookup is not None
+        return [
+            lookups.Peer(inode, 4 if p.family == socket.AF_INET else 6, p.local_address, p.local_port,
+                         p.remote_address, p.remote_port, p.packets, self.wall_offset + p.last_ns / 1e9)
+            for inode, p in lookups.resolve(self.loaded.lookup.peers(), self._inode_of)
+        ]  # fmt: skip
+
+    def lookup_totals(self, peers_present: int | None = None) -> dict:
+        """The hook's reach and losses. `peers_present`: entries in the peer map, if read."""
+        assert self.loaded is not None
+        hook = self.loaded.lookup
+        c = self.loaded.counters()
+        out = {
+            "namespaces_hooked": hook.hooked() if hook else 0,
+            "namespaces_known": len(self.tracker.registry.by_cookie),
+            "namespaces_refused": len(hook.refused) if hook else 0,
+            "lookups_uncounted": c.get("lookup_full", 0),
+            "misses_unattributed": c.get("miss_unmatched", 0),
+            "lookup_keys_capacity": self.settings.max_lookup_keys,
+            "udp_peers_capacity": self.settings.max_udp_peers,
+            "udp_peers_seen": c.get("peers_new", 0),
+        }
+        if peers_present is not None:
+            out["udp_peers_evicted"] = max(0, c.get("peers_new", 0) - peers_present)
+        return out
 
     def _on_status(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
         self.drain()
@@ -752,7 +839,7 @@ class Agent:
                 body = generate_latest(self.registry)
                 return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
             if path in ("/healthz", "/readyz"):
-                ok = self.loaded is not None and bool(self.loaded.link_fds)
+                ok = self.loaded is not None and bool(len(self.loaded.links))
                 return _http_answer(200 if ok else 503, b"ok\n" if ok else b"no hook attached\n")
         except Exception:
             log.exception("answering %s failed", path)
@@ -778,9 +865,16 @@ class Agent:
         by: Counter[tuple[int, int]] = Counter()
         for (_netns, proto, _family, state), n in self.tracker.tally().counts.items():
             by[(proto, state)] += n
-        answer = views.view(self.tracker.visible(), f, req.view, req.sort, req.reverse, req.offset, req.limit,
-                            fix_owners=self.tracker.fix_owners, whole=by)  # fmt: skip
+        peers = req.view == "peers"
+        answer = views.view(self.tracker.visible(), f, "listeners" if peers else req.view, req.sort, req.reverse,
+                            0 if peers else req.offset, 0 if peers else req.limit, fix_owners=self.tracker.fix_owners,
+                            whole=by)  # fmt: skip
         assert self.loaded is not None
+        if peers:  # the live peers view: a window of the peers, most packets first
+            found = lookups.peers(self.peers(), self.tracker.visible(), f) if self.loaded.lookup is not None else []
+            answer["selected"] = len(found)
+            answer["peers"] = found[req.offset : req.offset + req.limit]
+            answer["peers_note"] = self._lookup_missing()
         c = self._last_counters or self.loaded.counters()
         answer["agent"] = {
             "pid": os.getpid(),
@@ -818,6 +912,14 @@ class Agent:
                        "last minute: resynced, owners read from /proc (raise --max-udp)")  # fmt: skip
         if self.tracker.stats.unknown_netns:
             why.append(f"{self.tracker.stats.unknown_netns} events came from namespaces gone before they were read")
+        c = self._last_counters
+        if c.get("lookup_full"):
+            why.append(f"{c['lookup_full']} socket lookups found the counter map full (--max-lookup-keys "
+                       f"{self.settings.max_lookup_keys}) and were not counted")  # fmt: skip
+        hook = self.loaded.lookup if self.loaded is not None else None
+        if hook is not None and hook.refused:
+            why.append(f"the kernel refused the sk_lookup hook in {len(hook.refused)} namespaces "
+                       f"({next(iter(hook.refused.values()))}): their lookups are not counted")  # fmt: skip
         return why
 
     def _full_json(self) -> bytes:
@@ -850,7 +952,8 @@ class Agent:
             "last_minute": self.cost.last_minute(self.tracker.stats.events.total(), _cpu_seconds()),
             "ring_bytes_read": self.ring.bytes_read if self.ring else 0,
             "ring_records_skipped": self.ring.skipped if self.ring else 0,
-            "links": len(self.loaded.link_fds),
+            "links": len(self.loaded.links),
+            "lookup": self.lookup_totals() if self.loaded.lookup is not None else None,
             "hooks_missing": [{"hook": m.hook.what, "why": m.why} for m in self.loaded.missing],
             "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),

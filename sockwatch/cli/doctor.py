@@ -11,29 +11,38 @@ from sockwatch.cli.errors import EXIT_ENV
 
 
 def _probe_hooks() -> list[tuple[str, bool, str]]:
-    """Compile the real programs, load each and attach it by link for an instant."""
+    """Compile the real programs, load each and attach it by link for an instant, the
+    way `serve` does (the sk_lookup program to doctor's own network namespace)."""
     from sockwatch.kernel import bpfload, prereq
+    from sockwatch.kernel.netns import NamespaceRegistry
 
     out: list[tuple[str, bool, str]] = []
     try:
-        b = bpfload.compile_programs(max_udp=1024, ringbuf_pages=16)
+        b = bpfload.compile_programs(bpfload.Sizes(1024, 16, 1024, 1024), bpfload.no_socket_reason())
     except bpfload.LoadError as e:
         return [("compile", False, f"{e.what}; {e.fix}")]
     except Exception as e:
         return [("compile", False, str(e))]
     out.append(("compile", True, "bcc compiled bpf/sockwatch.bpf.c; struct sizes match"))
+    loaded = bpfload.Loaded(bpf=b)
     cg = prereq.cgroup2_path() or "/sys/fs/cgroup"
-    cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    loaded.cgroup_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for h in bpfload.HOOKS:
             try:
-                os.close(bpfload.attach_one(b, h, cg_fd))
+                os.close(bpfload.attach_one(b, h, loaded.cgroup_fd))
                 out.append((h.what, True, "loads and attaches by BPF link"))
             except OSError as e:
                 out.append((h.what, False, f"{e.strerror}; sockwatch runs without it: {h.effect}"))
+        bpfload.attach_lookup(loaded, NamespaceRegistry())
+        if loaded.lookup is not None:
+            out.append((bpfload.LOOKUP_HOOK.what, True, "loads and attaches by BPF link to each network namespace"))
+        else:
+            why = loaded.missing[-1].why if loaded.missing else "refused"
+            out.append((bpfload.LOOKUP_HOOK.what, False, f"{why}; sockwatch runs without it: "
+                                                          f"{bpfload.LOOKUP_HOOK.effect}"))  # fmt: skip
     finally:
-        os.close(cg_fd)
-        b.cleanup()  # type: ignore[attr-defined]
+        loaded.close()
     return out
 
 

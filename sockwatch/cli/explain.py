@@ -75,7 +75,8 @@ def explain(
         owners, reuse = _owners(on_port)
         from sockwatch.kernel import bpflinks
 
-        steering = bpflinks.sk_lookup_links(inode)
+        links = bpflinks.sk_lookup_links(inode)
+        steering = [(link, prog) for link, prog, name in links if name != bpflinks.OBSERVER]
         verdict = demux.lookup(demux.Packet(proto, dst, dport, src, sport), demux.from_kernel(diags, reuse),
                                other_sk_lookup=bool(steering))  # fmt: skip
         out = {
@@ -86,6 +87,7 @@ def explain(
             "answer": verdict.answer or None,
             "reuseport": verdict.reuseport,
             "sk_lookup_programs": [prog for _link, prog in steering],
+            "observed_by_sockwatch": len(steering) < len(links),
             "steps": verdict.steps,
             "sockets": [_sock(s, owners.get(s.cookie)) for s in verdict.sockets],
         }  # fmt: skip

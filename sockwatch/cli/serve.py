@@ -51,6 +51,17 @@ def serve(
     ringbuf_pages: str = _opt(
         "4096", "--ringbuf-pages", "Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
     ),
+    max_lookup_keys: str = _opt(
+        "16384",
+        "--max-lookup-keys",
+        "Destinations (namespace, protocol, address, port) whose socket lookups are counted, 1024 to 1048576 "
+        "(per CPU: 16 bytes each; lookups past it are counted as uncounted).",
+    ),
+    max_udp_peers: str = _opt(
+        "16384",
+        "--max-udp-peers",
+        "Remote peers of unconnected UDP sockets kept (least recently seen go first), 1024 to 1048576.",
+    ),
     listen: str = _opt(
         f"127.0.0.1:{DEFAULT_METRICS_PORT}",
         "--listen",
@@ -124,7 +135,8 @@ def serve(
 
     given = {
         "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,
-        "ringbuf-pages": ringbuf_pages, "listen": listen, "web-config": web_config,
+        "ringbuf-pages": ringbuf_pages, "max-lookup-keys": max_lookup_keys, "max-udp-peers": max_udp_peers,
+        "listen": listen, "web-config": web_config,
         "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
         "metrics-drop-label": metrics_drop_label, "metrics-keep-label": metrics_keep_label,
         "cgroup-root": cgroup_root, "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
@@ -141,6 +153,8 @@ def serve(
         interval = args.seconds(g["reconcile-interval"], "--reconcile-interval", 1, 86400)
         udp = args.integer(g["max-udp"], "--max-udp", 1024, 16_777_216)
         pages = args.integer(g["ringbuf-pages"], "--ringbuf-pages", 16, 65536)
+        lookup_keys = args.integer(g["max-lookup-keys"], "--max-lookup-keys", 1024, 1 << 20)
+        udp_peers = args.integer(g["max-udp-peers"], "--max-udp-peers", 1024, 1 << 20)
         stream_share = args.integer(g["stream-cpu"], "--stream-cpu", 1, 100) / 100
         where = args.listen_address(g["listen"], "--listen")
         limits = Limits(
@@ -163,8 +177,9 @@ def serve(
         raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
     agent = Agent(
-        Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, stream_cpu=stream_share, listen=where,
-                 metrics_limits=limits, kubelet_log_dir=logs, web=web)
+        Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, max_lookup_keys=lookup_keys,
+                 max_udp_peers=udp_peers, stream_cpu=stream_share, listen=where, metrics_limits=limits,
+                 kubelet_log_dir=logs, web=web)
     )  # fmt: skip
     with friendly():
         try:

@@ -15,6 +15,23 @@ from sockwatch.cli.errors import friendly
 
 def snapshot(
     as_json: Annotated[bool, typer.Option("--json", help="A JSON array of objects, one per socket.")] = False,
+    lookups: Annotated[
+        bool,
+        typer.Option(
+            "--lookups",
+            help="Instead: socket lookups per destination (where the kernel delivered, and "
+            "misses: closed ports probed), from the agent's sk_lookup hook.",
+        ),
+    ] = False,
+    peers: Annotated[
+        bool,
+        typer.Option(
+            "--peers",
+            help="Instead: the remote peers of unconnected UDP sockets, with packets and last "
+            "seen, from the agent's sk_lookup hook.",
+        ),
+    ] = False,
+    top: Annotated[str, typer.Option("--top", help="With --lookups or --peers: this many, 1 to 10000.")] = "100",
     protocol: opt.Proto = [],  # noqa: B006 (typer's list defaults are not shared state)
     port: opt.Port = [],  # noqa: B006
     addr: opt.Addr = [],  # noqa: B006
@@ -42,9 +59,16 @@ def snapshot(
         sockwatch snapshot --state listen --addr 127.0.0.0/8 --json
 
         sockwatch snapshot --port 8000-8100 --netns blue
+
+        sockwatch snapshot --lookups --proto udp
+
+        sockwatch snapshot --peers --port 53 --json
     """
     with friendly():
         f = opt.build_filters(protocol, port, addr, state, pid, netns)
+        if lookups or peers:
+            _counted("lookups" if lookups else "peers", peers and lookups, top, f, as_json, standalone, socket_path)
+            return
         if not standalone:
             if as_json:
                 sys.stdout.flush()
@@ -74,6 +98,36 @@ def snapshot(
             from sockwatch.render import print_table
 
             print_table(rows)
+
+
+def _counted(op: str, both: bool, top: str, f: object, as_json: bool, standalone: bool,
+             socket_path: str | None) -> None:  # fmt: skip
+    """--lookups / --peers: what the agent's sk_lookup hook counted (only an agent has it)."""
+    from sockwatch.cli import args
+    from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail
+    from sockwatch.render import print_lookups, print_peers
+
+    if both:
+        raise fail("--lookups and --peers are two views: ask for one", code=EXIT_USAGE)
+    try:
+        limit = args.integer(top, "--top", 1, 10_000)
+    except args.ArgError as e:
+        raise fail(str(e), code=EXIT_USAGE) from None
+    answer = None if standalone else client.request(op, socket_path, filters=f.to_wire(), limit=limit)  # type: ignore[attr-defined]
+    if answer is None:
+        raise fail(f"--{op} needs a running agent: the counts are kept by its sk_lookup hook",
+                   "start one with 'sudo sockwatch serve'", EXIT_RUNTIME)  # fmt: skip
+    try:
+        report = json.loads(answer[1])
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        elif op == "lookups":
+            print_lookups(report)
+        else:
+            print_peers(report)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise client.AgentError(f"the agent's {op} answer is malformed") from None
+    _say_if_partial(answer[0])
 
 
 def _print_rows_from_json(body: bytes) -> None:

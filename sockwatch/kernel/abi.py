@@ -26,8 +26,12 @@ SW_C_EVENTS = 2
 SW_C_UDP_CREATED = 3
 SW_C_UDP_ANNOUNCED = 4
 SW_C_UDP_SILENT_GONE = 5
-SW_C_MAX = 6
-COUNTER_NAMES = ("ringbuf_full", "map_full", "events", "udp_created", "udp_announced", "udp_silent_gone")
+SW_C_LOOKUP_FULL = 6
+SW_C_MISS_UNMATCHED = 7
+SW_C_PEERS_NEW = 8
+SW_C_MAX = 9
+COUNTER_NAMES = ("ringbuf_full", "map_full", "events", "udp_created", "udp_announced", "udp_silent_gone",
+                 "lookup_full", "miss_unmatched", "peers_new")  # fmt: skip
 
 SW_CFG_PRESTART_COOKIE = 0
 
@@ -71,13 +75,58 @@ class SwBind(ctypes.Structure):
     ]
 
 
+class SwLookupKey(ctypes.Structure):
+    """struct sw_lookup_key: a destination the kernel looked up a socket for."""
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint8 * 16),  # network order
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class SwLookupCount(ctypes.Structure):
+    _fields_ = [("lookups", ctypes.c_uint64), ("misses", ctypes.c_uint64)]
+
+
+class SwPeerKey(ctypes.Structure):
+    """struct sw_peer_key: a remote peer of an unconnected UDP socket's destination."""
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("local_addr", ctypes.c_uint8 * 16),  # network order
+        ("remote_addr", ctypes.c_uint8 * 16),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+    ]
+
+
+class SwPeerCount(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
+MIRRORS = {
+    "sw_udp": SwUdp,
+    "sw_bind": SwBind,
+    "sw_lookup_key": SwLookupKey,
+    "sw_lookup_count": SwLookupCount,
+    "sw_peer_key": SwPeerKey,
+    "sw_peer_count": SwPeerCount,
+}
+
+
 class AbiMismatch(RuntimeError):
     pass
 
 
 def check_sizes(compiled: dict[str, int]) -> None:
     """compiled: struct name -> size the C compiler gave it."""
-    ours = {"sw_event": EVENT.size, "sw_udp": ctypes.sizeof(SwUdp), "sw_bind": ctypes.sizeof(SwBind)}
+    ours = {"sw_event": EVENT.size} | {name: ctypes.sizeof(t) for name, t in MIRRORS.items()}
     for name, size in compiled.items():
         if ours[name] != size:
             raise AbiMismatch(

@@ -27,10 +27,30 @@ class _LinkInfo(ctypes.Structure):
     ]
 
 
-def sk_lookup_links(netns_inode: int) -> list[tuple[int, int]]:
-    """(link id, program id) of every sk_lookup link attached to the namespace."""
+OBSERVER = "sw_lookup"  # sockwatch's own program (kernel/lookup.py): it returns SK_PASS and never assigns
+
+
+def prog_name(prog_id: int) -> str:
+    """A program's name (struct bpf_prog_info.name, at offset 64), or '' if it is gone."""
     lib = libbpf()
-    out: list[tuple[int, int]] = []
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return ""
+    try:
+        info = (ctypes.c_uint8 * 256)()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        if lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
+            return ""
+        return bytes(info[64:80]).split(b"\0", 1)[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def sk_lookup_links(netns_inode: int) -> list[tuple[int, int, str]]:
+    """(link id, program id, program name) of every sk_lookup link attached to the
+    namespace."""
+    lib = libbpf()
+    out: list[tuple[int, int, str]] = []
     cur, nxt = ctypes.c_uint32(0), ctypes.c_uint32(0)
     while lib.bpf_link_get_next_id(cur, ctypes.byref(nxt)) == 0:
         cur.value = nxt.value
@@ -43,7 +63,7 @@ def sk_lookup_links(netns_inode: int) -> list[tuple[int, int]]:
             if lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
                 continue
             if (info.type, info.attach_type) == (BPF_LINK_TYPE_NETNS, BPF_SK_LOOKUP) and info.netns_ino == netns_inode:
-                out.append((info.id, info.prog_id))
+                out.append((info.id, info.prog_id, prog_name(info.prog_id)))
         finally:
             os.close(fd)
     return out

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockwatch.kernel import abi, prereq
+from sockwatch.kernel import abi, lookup, prereq
+from sockwatch.kernel.links import Links, Target
+from sockwatch.kernel.netns import NamespaceGone, NamespaceRegistry
 from sockwatch.kernel.ringbuf import RingReader
 
 if "/usr/lib/python3/dist-packages" not in sys.path:
@@ -42,6 +44,7 @@ BPF_CGROUP_INET4_BIND = 8
 BPF_CGROUP_INET6_BIND = 9
 BPF_CGROUP_INET_SOCK_RELEASE = 34
 BPF_PERF_EVENT = 41
+BPF_TRACE_RAW_TP = 23
 BPF_EXIST = 2
 
 
@@ -55,14 +58,15 @@ class Hook:
     attach_type: int
     what: str
     feeds: tuple[int, ...]  # the protocols whose rows go stale without it
-    tracepoint: str = ""  # "category/name" for a tracepoint program (else a cgroup one)
+    tracepoint: str = ""  # "category/name" (a raw one: "name") for a tracepoint program (else a cgroup one)
+    without: str = "failed binds are not in the event stream"  # for hooks that feed no rows
 
     @property
     def effect(self) -> str:
         """What sockwatch cannot do without this hook."""
         if self.feeds:
             return unwatched_effect(self.feeds)
-        return "failed binds are not in the event stream"
+        return self.without
 
 
 # sock_release before sock_create: without the release hook, create's map entries would
@@ -82,7 +86,11 @@ HOOKS = (
     Hook("sw_bind6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_BIND, "cgroup bind6 (what bind() asked)", ()),
     Hook("sw_bind_exit", "TRACEPOINT", BPF_PERF_EVENT, "tracepoint sys_exit_bind (bind errno)", (),
          "syscalls/sys_exit_bind"),
+    Hook("sw_lookup_miss", "RAW_TRACEPOINT", BPF_TRACE_RAW_TP, "raw tracepoint kfree_skb (lookup misses)", (),
+         "kfree_skb", "lookups that find no socket (closed ports) are not counted"),
 )  # fmt: skip
+# Attached to each network namespace, not to the cgroup (kernel/lookup.py).
+LOOKUP_HOOK = Hook("sw_lookup", "SK_LOOKUP", 36, lookup.WHAT, (), "", "lookups, misses and UDP peers are not counted")
 
 
 def unwatched_effect(protocols: tuple[int, ...]) -> str:
@@ -115,7 +123,10 @@ def libbpf() -> ctypes.CDLL:
     lib.bpf_map_update_elem.restype = ctypes.c_int
     lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.bpf_raw_tracepoint_open.restype = ctypes.c_int
     return lib
 
 
@@ -137,7 +148,8 @@ def source_text() -> str:
 @dataclass
 class Loaded:
     bpf: Any  # bcc.BPF
-    link_fds: list[int] = field(default_factory=list)
+    links: Links = field(default_factory=Links)
+    lookup: lookup.LookupHook | None = None  # None: this kernel refused it (see .missing)
     cgroup_fd: int = -1
     ring: RingReader | None = None
     missing: list[Missing] = field(default_factory=list)
@@ -190,9 +202,7 @@ class Loaded:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
-        for fd in self.link_fds:
-            os.close(fd)
-        self.link_fds.clear()
+        self.links.close()
         if self.cgroup_fd >= 0:
             os.close(self.cgroup_fd)
             self.cgroup_fd = -1
@@ -225,12 +235,36 @@ def release_compiler_pages() -> int:
     return done
 
 
-def compile_programs(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Any:
+@dataclass(frozen=True)
+class Sizes:
+    """What the maps are sized for (serve's flags)."""
+
+    max_udp: int = 65536
+    ringbuf_pages: int = 4096
+    max_lookup_keys: int = 16384
+    max_udp_peers: int = 16384
+
+
+def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defines: tuple[str, ...] = ()) -> Any:
     """Compile with bcc and check struct sizes; raises LoadError with a remedy.
-    Callers have run prereq.require() (or doctor's checks) first."""
+    `no_socket`: the NO_SOCKET drop reason's number here (no_socket_reason());
+    `defines`: more -D flags (benchmarks' variants). Callers have run prereq.require()
+    (or doctor's checks) first."""
     from bcc import BPF
 
-    cflags = [f"-I{BPF_DIR}", f"-DSW_MAX_UDP={max_udp}", f"-DSW_RINGBUF_PAGES={ringbuf_pages}", "-w"]
+    cflags = [
+        f"-I{BPF_DIR}",
+        f"-DSW_MAX_UDP={sizes.max_udp}",
+        f"-DSW_RINGBUF_PAGES={sizes.ringbuf_pages}",
+        f"-DSW_MAX_LOOKUP_KEYS={sizes.max_lookup_keys}",
+        f"-DSW_MAX_UDP_PEERS={max(1, sizes.max_udp_peers)}",
+        "-w",
+        *(f"-D{d}" for d in defines),
+    ]
+    if not sizes.max_udp_peers:
+        cflags.append("-DSW_NO_PEERS")
+    if no_socket is not None:
+        cflags.append(f"-DSW_DROP_NO_SOCKET={no_socket}")  # fmt: skip
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(2)
     try:
@@ -251,6 +285,10 @@ def compile_programs(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Any:
             "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
             "sw_udp": ctypes.sizeof(b["udp_socks"].Leaf),
             "sw_bind": ctypes.sizeof(b["abi_bind"].Leaf),
+            "sw_lookup_key": ctypes.sizeof(b["abi_lookup_key"].Leaf),
+            "sw_lookup_count": ctypes.sizeof(b["lookup_counts"].sLeaf),
+            "sw_peer_key": ctypes.sizeof(b["abi_peer_key"].Leaf),
+            "sw_peer_count": ctypes.sizeof(b["udp_peers"].sLeaf),
         }
     )
     return b
@@ -259,16 +297,15 @@ def compile_programs(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Any:
 TRACING_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
-def tracepoint_id(tracepoint: str) -> int:
-    """The id perf_event_open needs, from tracefs. Where tracefs is not mounted, it is
-    mounted in a private mount namespace of a short-lived child: the host's mounts are
-    never changed."""
-    rel = f"events/{tracepoint}/id"
+def tracefs_text(rel: str) -> str:
+    """A file of tracefs. Where tracefs is not mounted, it is mounted in a private mount
+    namespace of a short-lived child: the host's mounts are never changed. OSError if
+    there is no such file."""
     for d in TRACING_DIRS:
         try:
             with open(os.path.join(d, rel)) as f:
-                return int(f.read())
-        except (OSError, ValueError):
+                return f.read()
+        except OSError:
             continue
     try:
         r = subprocess.run(
@@ -276,9 +313,26 @@ def tracepoint_id(tracepoint: str) -> int:
              'mount -t tracefs nodev /sys/kernel/tracing && cat "/sys/kernel/tracing/$1"', "sh", rel],
             capture_output=True, text=True, timeout=10, check=False,
         )  # fmt: skip
-        return int(r.stdout)
-    except (OSError, ValueError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):
+        r = None
+    if r is None or r.returncode != 0:
+        raise OSError(errno.ENOENT, f"{rel} not found in tracefs (is tracefs available?)")
+    return r.stdout
+
+
+def tracepoint_id(tracepoint: str) -> int:
+    """The id perf_event_open needs."""
+    try:
+        return int(tracefs_text(f"events/{tracepoint}/id"))
+    except (OSError, ValueError):
         raise OSError(errno.ENOENT, f"tracepoint {tracepoint} not found (is tracefs available?)") from None
+
+
+def no_socket_reason() -> int | None:
+    try:
+        return lookup.no_socket_reason(tracefs_text("events/skb/kfree_skb/format"))
+    except OSError:
+        return None
 
 
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
@@ -314,6 +368,12 @@ def attach_one(b: Any, h: Hook, cgroup_fd: int) -> int:
     except Exception as e:  # bcc raises a bare Exception with the verifier's words
         first = (str(e).splitlines() or ["refused"])[0]
         raise OSError(0, f"the kernel would not load it ({first})") from None
+    if h.prog_type == "RAW_TRACEPOINT":
+        fd = libbpf().bpf_raw_tracepoint_open(h.tracepoint.encode(), fn.fd)  # its fd is a link
+        if fd < 0:
+            err = -fd if fd < -1 else ctypes.get_errno()
+            raise OSError(err, f"the kernel would not attach it ({os.strerror(err)})")
+        return int(fd)
     target = cgroup_fd
     try:
         if h.tracepoint:
@@ -326,12 +386,39 @@ def attach_one(b: Any, h: Hook, cgroup_fd: int) -> int:
             os.close(target)  # the link holds the perf event
 
 
-def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
+def attach_lookup(loaded: Loaded, registry: NamespaceRegistry) -> None:
+    """The sk_lookup hook, attached to sockwatch's own namespace (the agent's tick
+    follows every other one). Where the kernel refuses it, it is listed in .missing."""
+    try:
+        loaded.lookup = lookup.LookupHook(loaded.bpf, loaded.links)
+        sites = lookup.drop_sites(_read("/proc/kallsyms"))
+        table = loaded.bpf["drop_sites"]
+        for i, (start, end) in enumerate(sites or [(0, 2**64 - 1)]):  # hidden addresses: any site
+            table[table.Key(i)] = table.Leaf(start, end)
+        own = registry.own()
+        if own is None:
+            raise OSError(errno.ENOENT, "sockwatch's own network namespace could not be read")
+        loaded.lookup.attach(own, registry)
+    except (OSError, lookup.TemplateError, NamespaceGone) as e:
+        loaded.lookup = None
+        loaded.missing.append(Missing(LOOKUP_HOOK, getattr(e, "strerror", None) or str(e)))
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def load_and_attach(sizes: Sizes, registry: NamespaceRegistry) -> Loaded:
     """Every hook this kernel takes, attached; close() (or process exit) detaches them.
     A hook the kernel refuses is listed in .missing and the protocols it feeds in
     .unwatched (degraded: the agent reads those from the kernel when asked); none at all
     is a LoadError. Callers have run prereq.require() first."""
-    b = compile_programs(max_udp, ringbuf_pages)
+    no_socket = no_socket_reason()
+    b = compile_programs(sizes, no_socket)
     loaded = Loaded(bpf=b)
     cg = prereq.cgroup2_path()
     assert cg is not None  # prereq.require checked it
@@ -342,11 +429,18 @@ def load_and_attach(max_udp: int = 65536, ringbuf_pages: int = 4096) -> Loaded:
                 loaded.missing.append(Missing(h, "not attached without sock_release (nothing would remove "
                                                  "its map entries)"))  # fmt: skip
                 continue
+            if h.func == "sw_lookup_miss" and no_socket is None:
+                loaded.missing.append(Missing(h, "this kernel's kfree_skb tracepoint has no drop reason"))
+                continue
             try:
-                loaded.link_fds.append(attach_one(b, h, loaded.cgroup_fd))
+                fd = attach_one(b, h, loaded.cgroup_fd)
             except OSError as e:
                 loaded.missing.append(Missing(h, e.strerror or str(e)))
-        if not loaded.link_fds:
+                continue
+            target = Target(h.prog_type.lower(), h.tracepoint) if h.tracepoint else Target("cgroup", cg)
+            loaded.links.add(fd, h.what, target)
+        attach_lookup(loaded, registry)
+        if not len(loaded.links):
             raise LoadError(
                 f"the kernel refused every sockwatch hook ({loaded.missing[0].hook.what}: {loaded.missing[0].why})",
                 f"run 'sockwatch doctor'; {prereq.WITHOUT_BPF}",

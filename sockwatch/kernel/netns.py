@@ -58,6 +58,12 @@ def netns_cookie_of(s: socket.socket) -> int:
     return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 
+def _cookie_here() -> int:
+    """The cookie of the namespace this thread is in."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        return netns_cookie_of(s)
+
+
 class NamespaceGone(OSError):
     """The namespace a read wanted no longer exists."""
 
@@ -157,35 +163,39 @@ class NamespaceRegistry:
         self._forget(ns)
         raise NamespaceGone(f"network namespace {ns.inode} is gone")
 
-    def sysctls(self, ns: Namespace, names: tuple[str, ...]) -> dict[str, str]:
-        """Files of /proc/sys/net as ns sees them (opened from inside it: /proc/sys/net
-        answers for the opener's namespace), or NamespaceGone."""
-
-        def read() -> tuple[int, dict[str, str]]:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                cookie = netns_cookie_of(s)
-            out = {}
-            for name in names:
-                with open(f"/proc/sys/net/{name}") as f:
-                    out[name] = f.read().strip()
-            return cookie, out
-
+    def using_fd(self, ns: Namespace, fn: Callable[[int], T]) -> T:
+        """fn(fd) with a descriptor of ns, closed when fn returns, or NamespaceGone. The
+        file is ns's by inode and by the cookie of a socket opened inside (a path or an
+        inode may by now be another namespace's). What fn raises is fn's."""
         for path in itertools.chain([ns.path], self._holders_of(ns)):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 continue
             try:
-                if os.fstat(fd).st_ino != ns.inode:
+                try:
+                    if os.fstat(fd).st_ino != ns.inode or in_netns(fd, _cookie_here) != ns.cookie:
+                        continue
+                except OSError:
                     continue
-                cookie, values = in_netns(fd, read)
-            except OSError:
-                continue
+                ns.path = path
+                return fn(fd)
             finally:
                 os.close(fd)
-            if cookie == ns.cookie:
-                return values
         raise NamespaceGone(f"network namespace {ns.inode} is gone")
+
+    def sysctls(self, ns: Namespace, names: tuple[str, ...]) -> dict[str, str]:
+        """Files of /proc/sys/net as ns sees them (opened from inside it: /proc/sys/net
+        answers for the opener's namespace); NamespaceGone, or OSError from a read."""
+
+        def read() -> dict[str, str]:
+            out = {}
+            for name in names:
+                with open(f"/proc/sys/net/{name}") as f:
+                    out[name] = f.read().strip()
+            return out
+
+        return self.using_fd(ns, lambda fd: in_netns(fd, read))
 
     @staticmethod
     def _holders_of(ns: Namespace) -> Iterator[str]:
@@ -211,6 +221,10 @@ class NamespaceRegistry:
             return self._add(path, inode, diag)
         finally:
             diag.close()
+
+    def own(self) -> Namespace | None:
+        """The namespace this process runs in."""
+        return self._open("/proc/self/ns/net")
 
     def refresh(self) -> list[Namespace]:
         """Find namespaces not known yet (stat first: entering is the costly part)."""

@@ -1,0 +1,245 @@
+"""The socket-lookup hook (bpf/lookup.bpf.c): one copy of sw_lookup per network
+namespace, each attached by a BPF link; the layout skb:kfree_skb has on this kernel;
+and reading what the programs counted.
+
+An SK_LOOKUP program cannot ask which namespace it runs in, so each namespace gets its
+own copy of the compiled program with the namespace's cookie written over a marker
+constant. The copy is loaded with BPF_PROG_LOAD as bcc loads the original (bcc has
+already put the maps' descriptors into the instructions); the link holds it, and the
+program is freed when the link is closed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ipaddress
+import os
+import platform
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from sockwatch.kernel import abi
+from sockwatch.kernel.links import Links, Target
+from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry
+
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SK_LOOKUP = 30
+BPF_SK_LOOKUP = 36  # enum bpf_attach_type
+MAGIC = 0x5357C00C1E5EED01  # SW_NETNS_MAGIC in bpf/lookup.bpf.c
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+WHAT = "sk_lookup (lookups, misses, UDP peers)"
+
+# Where a TCP or UDP packet is dropped because no socket took it (the receive functions,
+# and their callers where a kernel inlines them).
+DROP_FUNCTIONS = ("tcp_v4_rcv", "tcp_v6_rcv", "__udp4_lib_rcv", "udp_rcv", "__udp6_lib_rcv", "udpv6_rcv")
+MAX_DROP_SITES = 8  # SW_DROP_SITES
+
+
+class TemplateError(RuntimeError):
+    pass
+
+
+def template(code: bytes) -> tuple[bytes, int]:
+    """The compiled sw_lookup and the offset of its one 64-bit load of MAGIC."""
+    lo, hi = struct.pack("<I", MAGIC & 0xFFFFFFFF), struct.pack("<I", MAGIC >> 32)
+    at = [
+        i
+        for i in range(0, len(code) - 15, 8)
+        if code[i] == 0x18 and code[i + 1] >> 4 == 0 and code[i + 4 : i + 8] == lo and code[i + 12 : i + 16] == hi
+    ]
+    if len(at) != 1:
+        raise TemplateError(f"sw_lookup loads its namespace marker {len(at)} times, not once")
+    return code, at[0]
+
+
+def patched(code: bytes, at: int, cookie: int) -> bytes:
+    """The program with `cookie` in place of the marker (an ld_imm64 spans two instructions)."""
+    out = bytearray(code)
+    struct.pack_into("<I", out, at + 4, cookie & 0xFFFFFFFF)
+    struct.pack_into("<I", out, at + 12, cookie >> 32)
+    return bytes(out)
+
+
+def prog_load(insns: bytes, name: bytes = b"sw_lookup") -> int:
+    """BPF_PROG_LOAD of an SK_LOOKUP program; its fd. OSError with the verifier's last line."""
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(0, "bpf(): unknown architecture")
+    libc = ctypes.CDLL(None, use_errno=True)
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(0)
+    for level in (0, 1):  # again with the verifier's log only to say why
+        if level:
+            log = ctypes.create_string_buffer(1 << 16)
+        attr = ctypes.create_string_buffer(128)
+        struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_SK_LOOKUP, len(insns) // 8, ctypes.addressof(code),
+                         ctypes.addressof(lic), level, len(log) if level else 0,
+                         ctypes.addressof(log) if level else 0)  # fmt: skip
+        ctypes.memmove(ctypes.addressof(attr) + 48, name[:15], len(name[:15]))  # prog_name
+        struct.pack_into("<I", attr, 68, BPF_SK_LOOKUP)  # expected_attach_type
+        fd = libc.syscall(nr, BPF_PROG_LOAD, attr, 128)
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if level:
+            lines = [x for x in log.value.decode(errors="replace").splitlines() if x.strip()]
+            raise OSError(err, f"the kernel would not load it ({lines[-1] if lines else os.strerror(err)})")
+    raise AssertionError("unreachable")
+
+
+def no_socket_reason(fmt: str) -> int | None:
+    """SKB_DROP_REASON_NO_SOCKET's number on this kernel, from skb:kfree_skb's format
+    file; None where drops carry no reason (before 5.17)."""
+    m = re.search(r'\{\s*(\d+),\s*"NO_SOCKET"\s*\}', fmt)
+    return int(m.group(1)) if m else None
+
+
+def drop_sites(kallsyms: str) -> list[tuple[int, int]]:
+    """[start, end) of each of DROP_FUNCTIONS in the kernel's text (end: the next
+    symbol's address). Empty when addresses are hidden (kptr_restrict)."""
+    starts: dict[str, int] = {}
+    addrs: list[int] = []
+    for line in kallsyms.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) < 3 or parts[1] not in "tTwW":
+            continue
+        try:
+            a = int(parts[0], 16)
+        except ValueError:
+            continue
+        addrs.append(a)
+        if parts[2] in DROP_FUNCTIONS and len(parts) == 3:  # the kernel's own, not a module's
+            starts[parts[2]] = a
+    if not addrs or not any(addrs) or not starts:
+        return []
+    addrs.sort()
+    out = []
+    for a in sorted(starts.values()):
+        i = bisect.bisect_right(addrs, a)
+        if i < len(addrs):
+            out.append((a, addrs[i]))
+    return out[:MAX_DROP_SITES]
+
+
+@dataclass(frozen=True)
+class LookupCount:
+    netns_cookie: int
+    protocol: int
+    family: int
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    lookups: int
+    misses: int
+
+
+@dataclass(frozen=True)
+class PeerCount:
+    netns_cookie: int
+    family: int
+    local_address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    local_port: int
+    remote_address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    remote_port: int
+    packets: int
+    last_ns: int  # CLOCK_MONOTONIC of the last datagram (coarse)
+
+
+def _addr(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return abi.address(4 if family == 2 else 6, raw)
+
+
+class LookupHook:
+    """The sk_lookup program of every namespace the registry knows, attached by link."""
+
+    def __init__(self, bpf: Any, links: Links) -> None:
+        self.bpf = bpf
+        self.links = links
+        self._code, self._at = template(bytes(bpf.dump_func("sw_lookup")))
+        self.refused: dict[int, str] = {}  # namespace cookie -> why its attach failed (not retried)
+
+    def attach(self, ns: Namespace, registry: NamespaceRegistry) -> None:
+        """Load ns's copy and link it to ns. NamespaceGone, or OSError from the kernel."""
+        from sockwatch.kernel.bpfload import link_create
+
+        prog = prog_load(patched(self._code, self._at, ns.cookie))
+        try:
+            fd = registry.using_fd(ns, lambda nsfd: link_create(prog, nsfd, BPF_SK_LOOKUP))
+        finally:
+            os.close(prog)  # the link holds the program
+        self.links.add(fd, WHAT, Target("netns", str(ns.inode), ns.cookie))
+
+    def follow(self, registry: NamespaceRegistry) -> tuple[int, int]:
+        """Attach to each namespace the registry knows and we have not, release the
+        links (and counts) of those it has forgotten: (attached, released)."""
+        hooked = self.links.netns_cookies()
+        known = registry.by_cookie
+        released = 0
+        for cookie in hooked - known.keys():
+            released += self.links.release_netns(cookie)
+            self.forget(cookie)
+        for cookie in [c for c in self.refused if c not in known]:
+            del self.refused[cookie]
+        attached = 0
+        for cookie, ns in list(known.items()):
+            if cookie in hooked or cookie in self.refused:
+                continue
+            try:
+                self.attach(ns, registry)
+                attached += 1
+            except NamespaceGone:
+                continue  # check_alive will forget it
+            except OSError as e:
+                self.refused[cookie] = e.strerror or str(e)
+        return attached, released
+
+    def hooked(self) -> int:
+        return len(self.links.netns_cookies())
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _items(self, name: str) -> list[tuple[Any, Any]]:
+        table = self.bpf[name]
+        try:
+            return list(table.items_lookup_batch())
+        except Exception:  # kernels without batch operations on this map type
+            return list(table.items())
+
+    def counts(self) -> list[LookupCount]:
+        out = []
+        for k, v in self._items("lookup_counts"):
+            key = abi.SwLookupKey.from_buffer_copy(k)
+            lookups = sum(int(c.lookups) for c in v)
+            misses = sum(int(c.misses) for c in v)
+            out.append(LookupCount(key.netns_cookie, key.protocol, key.family, _addr(key.family, bytes(key.addr)),
+                                   key.port, lookups, misses))  # fmt: skip
+        return out
+
+    def peers(self) -> list[PeerCount]:
+        out = []
+        for k, v in self._items("udp_peers"):
+            key = abi.SwPeerKey.from_buffer_copy(k)
+            packets = sum(int(c.packets) for c in v)
+            if not packets:
+                continue
+            out.append(PeerCount(key.netns_cookie, key.family, _addr(key.family, bytes(key.local_addr)),
+                                 key.local_port, _addr(key.family, bytes(key.remote_addr)), key.remote_port,
+                                 packets, max(int(c.last_ns) for c in v)))  # fmt: skip
+        return out
+
+    def peers_present(self) -> int:
+        return len(self._items("udp_peers"))
+
+    def forget(self, cookie: int) -> None:
+        """A dead namespace's keys: nothing will count them again."""
+        for name, t in (("lookup_counts", abi.SwLookupKey), ("udp_peers", abi.SwPeerKey)):
+            table = self.bpf[name]
+            for k in list(table.keys()):
+                if t.from_buffer_copy(k).netns_cookie == cookie:
+                    try:
+                        del table[k]
+                    except KeyError:
+                        pass
