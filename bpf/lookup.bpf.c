@@ -18,8 +18,9 @@
  * / __udp6_lib_rcv, on the same CPU and before that CPU looks up anything else:
  * sw_lookup_miss, a raw tracepoint program on kfree_skb (a perf-event tracepoint
  * copies every drop's record first: 8% of a UDP flood into a full queue here, against
- * 3%), charges such a drop to the lookup this CPU made last. Drop sites are checked against those functions' addresses (drop_sites), so an
- * ICMP echo reply no ping socket wanted (also NO_SOCKET) is not taken for a closed port.
+ * 3%), charges such a drop to the lookup this CPU made last. Drop sites are checked
+ * against those functions' addresses (drop_sites), so an ICMP echo reply no ping socket
+ * wanted (also NO_SOCKET) is not taken for a closed port.
  *
  * Per packet: one per-CPU array lookup, one per-CPU hash lookup, and for UDP one
  * per-CPU LRU lookup. No atomics, no ring-buffer record.

@@ -12,7 +12,7 @@ SOCKWATCH_EXTRAS=dev "$here/scripts/install.sh"
 which=${1:-cost}
 [ $# -gt 0 ] && shift
 case "$which" in
-  cost|snapshot|churn|live|scrape) ;;
-  *) echo "bench: say cost, snapshot, churn, live or scrape" >&2; exit 2 ;;
+  cost|snapshot|churn|live|scrape|lookup) ;;
+  *) echo "bench: say cost, snapshot, churn, live, scrape or lookup" >&2; exit 2 ;;
 esac
 exec "${SOCKWATCH_VENV:-$here/.venv}/bin/python" "$here/bench/bench_$which.py" "$@"

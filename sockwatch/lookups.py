@@ -59,8 +59,17 @@ def _receivers(rows: Iterable[SockRow]) -> dict[tuple[int, int, int], list[SockR
     return out
 
 
-def _sock(r: SockRow) -> demux.Sock:
-    return demux.Sock(r.cookie, r.protocol, r.family, r.state, r.local_address, r.local_port)
+def _socks(rows: Sequence[SockRow]) -> list[demux.Sock]:
+    """The rows for demux. TCP listeners sharing an address and port are one reuseport
+    group (listen() refuses the second otherwise), as demux.from_kernel marks them."""
+    shared: dict[tuple, int] = {}
+    for r in rows:
+        if r.protocol == IPPROTO_TCP:
+            k = (r.family, r.local_address)
+            shared[k] = shared.get(k, 0) + 1
+    return [demux.Sock(r.cookie, r.protocol, r.family, r.state, r.local_address, r.local_port,
+                       reuseport=r.protocol == IPPROTO_TCP and shared[(r.family, r.local_address)] > 1)
+            for r in rows]  # fmt: skip
 
 
 def receivers_of(
@@ -73,7 +82,7 @@ def receivers_of(
     if not candidates:
         return [], False
     by_cookie = {r.cookie: r for r in candidates}
-    v = demux.lookup(demux.Packet(protocol, address, port), [_sock(r) for r in candidates])
+    v = demux.lookup(demux.Packet(protocol, address, port), _socks(candidates))
     return [by_cookie[s.cookie] for s in v.sockets], v.reuseport
 
 

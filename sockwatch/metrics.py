@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sockwatch import ports
+from sockwatch.lookups import Destination
 from sockwatch.model import PROTO_NAMES, STATE_NAMES, SockRow, fmt_addr
 from sockwatch.tally import Tally
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 9847  # sockwatch's own default, documented in the README
 MAX_LISTENERS = 2000  # sockwatch_listener_info series
 MAX_DESTINATIONS = 20  # sockwatch_ephemeral_destination_used_ratio series
+MAX_LOOKUPS = 500  # series of each socket-lookup family (the rest are summed as "other")
 # Labels a configuration may drop (their series are then summed, as `sum without (...)`
 # would): the ones whose values grow with the host. Ratios keep theirs (a sum of ratios
 # means nothing); top-N caps them instead.
@@ -40,6 +42,7 @@ DROPPABLE = frozenset({"netns", "address", "port", "port_class", "comm", "contai
 class Limits:
     listeners: int = MAX_LISTENERS
     destinations: int = MAX_DESTINATIONS
+    lookups: int = MAX_LOOKUPS
     drop_labels: frozenset[str] = frozenset()
 
 
@@ -58,6 +61,18 @@ class Health:
     cpu_seconds: float = 0.0
     events: int = 0
     version: str = "0"
+
+
+@dataclass
+class LookupSample:
+    """What the sk_lookup hook counted, read at scrape time."""
+
+    destinations: list[Destination]
+    peers: dict[tuple[int, str, str], int]  # (netns, address, port) -> peers counted
+    hooked: int = 0
+    uncounted: int = 0
+    unattributed: int = 0
+    peers_evicted: int = 0
 
 
 Family = GaugeMetricFamily | CounterMetricFamily
@@ -93,7 +108,9 @@ class SockwatchCollector(Collector):
         health: Callable[[], Health],
         limits: Limits | None = None,
         fix_owners: Callable[[list[SockRow]], object] = lambda rows: None,
+        lookups: Callable[[], LookupSample | None] = lambda: None,
     ) -> None:
+        self.lookups = lookups
         self.tally = tally
         self.port_ranges = port_ranges
         self.bind_failures = bind_failures
@@ -123,6 +140,7 @@ class SockwatchCollector(Collector):
             ("binds", self._binds),
             ("ports", self._ports),
             ("health", self._health),
+            ("lookups", self._lookups),
         ):
             try:
                 yield from list(build(capped))  # whole: a source failing half-way adds nothing
@@ -221,6 +239,56 @@ class SockwatchCollector(Collector):
         yield dest
         if len(worst) > self.limits.destinations:
             capped.add_metric(["sockwatch_ephemeral_destination_used_ratio"], len(worst) - self.limits.destinations)
+
+    def _top(self, fam: _Family, capped: GaugeMetricFamily, items: list[tuple[list[str], float]],
+             other: Callable[[list[str]], list[str]]) -> Metric:  # fmt: skip
+        """The limit's worth of items, largest first; the rest summed under other(labels)."""
+        items.sort(key=lambda it: -it[1])
+        for labels, v in items[: self.limits.lookups]:
+            fam.add(labels, v)
+        for labels, v in items[self.limits.lookups :]:
+            fam.add(other(labels), v)
+        if len(items) > self.limits.lookups:
+            capped.add_metric([fam.name], len(items) - self.limits.lookups)
+        return fam.metric()
+
+    def _lookups(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
+        got = self.lookups()
+        if got is None:
+            return  # no sk_lookup hook: sockwatch_hooks_missing says so
+        looked = self._family(CounterMetricFamily, "sockwatch_socket_lookups",
+                              "Socket lookups the kernel made for arriving packets, by destination (TCP: new "
+                              "connections; UDP: datagrams to unconnected sockets)",
+                              ["netns", "protocol", "address", "port"])  # fmt: skip
+        items = [([str(d.netns), PROTO_NAMES.get(d.protocol, str(d.protocol)), fmt_addr(d.address), str(d.port)],
+                  float(d.lookups)) for d in got.destinations]  # fmt: skip
+        yield self._top(looked, capped, items, lambda lb: [lb[0], lb[1], "other", "other"])
+        misses: dict[tuple[str, str, str], float] = {}
+        for d in got.destinations:
+            if d.misses:
+                k = (str(d.netns), PROTO_NAMES.get(d.protocol, str(d.protocol)), str(d.port))
+                misses[k] = misses.get(k, 0) + d.misses
+        missed = self._family(CounterMetricFamily, "sockwatch_socket_lookup_misses",
+                              "Lookups that found no socket (answered with RST or ICMP port unreachable), by "
+                              "port: closed ports being probed", ["netns", "protocol", "port"])  # fmt: skip
+        yield self._top(missed, capped, [(list(k), v) for k, v in misses.items()], lambda lb: [lb[0], lb[1], "other"])
+        peers = self._family(GaugeMetricFamily, "sockwatch_udp_peers",
+                             "Remote peers seen sending to each unconnected UDP destination (kept: see "
+                             "sockwatch_udp_peers_evicted)", ["netns", "address", "port"])  # fmt: skip
+        yield self._top(peers, capped, [([str(k[0]), k[1], k[2]], float(n)) for k, n in got.peers.items()],
+                        lambda lb: [lb[0], "other", "other"])  # fmt: skip
+        yield _gauge("sockwatch_lookup_namespaces_hooked", "Network namespaces with sockwatch's sk_lookup hook",
+                     got.hooked)  # fmt: skip
+        for name, doc, v in (
+            ("sockwatch_socket_lookups_uncounted", "Lookups not counted: the counter map was full", got.uncounted),
+            ("sockwatch_socket_lookup_misses_unattributed",
+             "Drops for no socket with no lookup of ours before them (a namespace not hooked yet)", got.unattributed),
+            ("sockwatch_udp_peers_evicted", "UDP peers evicted from the peer map, least recently seen first",
+             got.peers_evicted),
+        ):  # fmt: skip
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], v)
+            yield c
 
     def _health(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
         h = self.health()

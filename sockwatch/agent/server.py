@@ -255,6 +255,7 @@ class Agent:
             health=self._health,
             limits=self.settings.metrics_limits,
             fix_owners=self.tracker.fix_owners,
+            lookups=self._lookup_sample,
         )
         self.registry.register(self.collector)
         return s
@@ -792,6 +793,18 @@ class Agent:
                          p.remote_address, p.remote_port, p.packets, self.wall_offset + p.last_ns / 1e9)
             for inode, p in lookups.resolve(self.loaded.lookup.peers(), self._inode_of)
         ]  # fmt: skip
+
+    def _lookup_sample(self) -> metrics.LookupSample | None:
+        if self.loaded is None or self.loaded.lookup is None:
+            return None
+        found = self.peers()
+        by: dict[tuple[int, str, str], int] = {}
+        for p in found:
+            k = (p.netns, str(p.local_address), str(p.local_port))
+            by[k] = by.get(k, 0) + 1
+        t = self.lookup_totals(len(found))
+        return metrics.LookupSample(self.destinations(), by, t["namespaces_hooked"], t["lookups_uncounted"],
+                                    t["misses_unattributed"], t["udp_peers_evicted"])  # fmt: skip
 
     def lookup_totals(self, peers_present: int | None = None) -> dict:
         """The hook's reach and losses. `peers_present`: entries in the peer map, if read."""

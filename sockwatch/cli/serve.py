@@ -16,7 +16,7 @@ from sockwatch.cli import config as cfg
 from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
 from sockwatch.kernel import prereq
 from sockwatch.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
-from sockwatch.metrics import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, Limits
+from sockwatch.metrics import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, MAX_LOOKUPS, Limits
 
 
 def _param(key: str) -> str:
@@ -85,6 +85,12 @@ def serve(
         "--metrics-max-destinations",
         "At most this many worst ephemeral-port destinations, 0 to 10000.",
     ),
+    metrics_max_lookups: str = _opt(
+        str(MAX_LOOKUPS),
+        "--metrics-max-lookups",
+        "At most this many series in each socket-lookup family (lookups, misses, UDP peers), 0 to 100000; "
+        "the rest are summed as 'other'.",
+    ),
     metrics_drop_label: list[str] = _opt(
         [],
         "--metrics-drop-label",
@@ -138,6 +144,7 @@ def serve(
         "ringbuf-pages": ringbuf_pages, "max-lookup-keys": max_lookup_keys, "max-udp-peers": max_udp_peers,
         "listen": listen, "web-config": web_config,
         "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
+        "metrics-max-lookups": metrics_max_lookups,
         "metrics-drop-label": metrics_drop_label, "metrics-keep-label": metrics_keep_label,
         "cgroup-root": cgroup_root, "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
     }  # fmt: skip
@@ -160,6 +167,7 @@ def serve(
         limits = Limits(
             listeners=args.integer(g["metrics-max-listeners"], "--metrics-max-listeners", 0, 100_000),
             destinations=args.integer(g["metrics-max-destinations"], "--metrics-max-destinations", 0, 10_000),
+            lookups=args.integer(g["metrics-max-lookups"], "--metrics-max-lookups", 0, 100_000),
             drop_labels=args.choices(given["metrics-drop-label"], "--metrics-drop-label", DROPPABLE)
             | (
                 DROPPABLE - args.choices(given["metrics-keep-label"], "--metrics-keep-label", DROPPABLE)

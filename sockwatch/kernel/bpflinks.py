@@ -46,9 +46,9 @@ def prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def sk_lookup_links(netns_inode: int) -> list[tuple[int, int, str]]:
+def sk_lookup_links(netns_inode: int | None) -> list[tuple[int, int, str]]:
     """(link id, program id, program name) of every sk_lookup link attached to the
-    namespace."""
+    namespace (None: to any namespace, a dead one's included until its link is closed)."""
     lib = libbpf()
     out: list[tuple[int, int, str]] = []
     cur, nxt = ctypes.c_uint32(0), ctypes.c_uint32(0)
@@ -62,7 +62,10 @@ def sk_lookup_links(netns_inode: int) -> list[tuple[int, int, str]]:
             size = ctypes.c_uint32(ctypes.sizeof(info))
             if lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
                 continue
-            if (info.type, info.attach_type) == (BPF_LINK_TYPE_NETNS, BPF_SK_LOOKUP) and info.netns_ino == netns_inode:
+            if (info.type, info.attach_type) == (BPF_LINK_TYPE_NETNS, BPF_SK_LOOKUP) and netns_inode in (
+                None,
+                info.netns_ino,
+            ):
                 out.append((info.id, info.prog_id, prog_name(info.prog_id)))
         finally:
             os.close(fd)

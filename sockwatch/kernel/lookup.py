@@ -163,14 +163,19 @@ class LookupHook:
 
     def attach(self, ns: Namespace, registry: NamespaceRegistry) -> None:
         """Load ns's copy and link it to ns. NamespaceGone, or OSError from the kernel."""
+        fd = registry.using_fd(ns, lambda nsfd: self.link(ns.cookie, nsfd))
+        self.links.add(fd, WHAT, Target("netns", str(ns.inode), ns.cookie))
+
+    def link(self, cookie: int, nsfd: int) -> int:
+        """A link of the namespace's own copy (`cookie`: the namespace's, `nsfd` open on
+        it): its fd, not kept in .links. OSError from the kernel."""
         from sockwatch.kernel.bpfload import link_create
 
-        prog = prog_load(patched(self._code, self._at, ns.cookie))
+        prog = prog_load(patched(self._code, self._at, cookie))
         try:
-            fd = registry.using_fd(ns, lambda nsfd: link_create(prog, nsfd, BPF_SK_LOOKUP))
+            return link_create(prog, nsfd, BPF_SK_LOOKUP)
         finally:
             os.close(prog)  # the link holds the program
-        self.links.add(fd, WHAT, Target("netns", str(ns.inode), ns.cookie))
 
     def follow(self, registry: NamespaceRegistry) -> tuple[int, int]:
         """Attach to each namespace the registry knows and we have not, release the
