@@ -95,7 +95,7 @@ def _owner(r: SockRow) -> dict[str, Any]:
     }
 
 
-def _virtual_row(netns: int, protocol: int, family: int, local: Address, port: int, owner: SockRow | None,
+def virtual_row(netns: int, protocol: int, family: int, local: Address, port: int, owner: SockRow | None,
                  remote: Address | None = None, remote_port: int = 0) -> SockRow:  # fmt: skip
     """A row standing for a destination or a peer, for the filters the table's rows take."""
     state = TcpState.LISTEN if protocol == IPPROTO_TCP else UDP_UNCONNECTED
@@ -109,7 +109,7 @@ def destinations(counts: Iterable[Destination], rows: Iterable[SockRow], f: Filt
     out: list[dict[str, Any]] = []
     for d in counts:
         got, group = receivers_of(d.protocol, d.address, d.port, index.get((d.netns, d.protocol, d.port), []))
-        if not f.empty and not f.match(_virtual_row(d.netns, d.protocol, d.family, d.address, d.port,
+        if not f.empty and not f.match(virtual_row(d.netns, d.protocol, d.family, d.address, d.port,
                                                     got[0] if got else None)):  # fmt: skip
             continue
         out.append({
@@ -150,7 +150,7 @@ def peers(found: Iterable[Peer], rows: Iterable[SockRow], f: Filters) -> list[di
     for p in found:
         got, _group = receivers_of(IPPROTO_UDP, p.local_address, p.local_port,
                                    index.get((p.netns, IPPROTO_UDP, p.local_port), []))  # fmt: skip
-        if not f.empty and not f.match(_virtual_row(p.netns, IPPROTO_UDP, p.family, p.local_address, p.local_port,
+        if not f.empty and not f.match(virtual_row(p.netns, IPPROTO_UDP, p.family, p.local_address, p.local_port,
                                                     got[0] if got else None, p.remote_address,
                                                     p.remote_port)):  # fmt: skip
             continue

@@ -190,6 +190,15 @@ def lost_line(events: int, owners: int, wall_time: float, reason: str) -> bytes:
             f'"reason":"{reason}"}}\n').encode()  # fmt: skip
 
 
+def miss_line(wall_time: float, netns: int, protocol: int, port: int, misses: int, addresses: list[str]) -> bytes:
+    """Said to subscribers each second a port's lookups found no socket (the sender got
+    RST or ICMP port unreachable): how many, and to which local addresses."""
+    return (json.dumps({"time": round(wall_time, 6), "kind": "miss", "netns": netns,
+                        "protocol": "tcp" if protocol == 6 else "udp", "local_address": addresses[0],
+                        "local_port": port, "misses": misses, "addresses": addresses[:16]},
+                       separators=(",", ":")) + "\n").encode()  # fmt: skip
+
+
 def lifetime(e: Event, born_ns: int, active: bool) -> dict:
     """A TCP connection's totals at its close, as tcplife reports them, but in payload
     bytes: the kernel's counters also count the SYN and FIN sequence numbers, which the

@@ -18,7 +18,7 @@ MAX_HEADER = 64 * 1024
 OPS = ("snapshot", "status", "events", "view", "ports", "lookups", "peers")
 VIEWS = ("all", "listeners", "connections", "processes", "peers")
 SORTS = ("local", "remote", "state", "protocol", "pid", "comm", "age", "netns")
-EVENT_KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close")
+EVENT_KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close", "miss")
 MAX_LIMIT = 10_000
 FIELDS = ("op", "filters", "reconcile", "kinds", "view", "sort", "reverse", "offset", "limit")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import logging
 import math
@@ -185,6 +186,7 @@ class Agent:
         self._stop = False
         self._last_losses = (0, 0)
         self._last_counters: dict[str, int] = {}
+        self._misses_seen: dict[tuple[int, int, int], int] | None = None  # for the stream's miss lines
         self._recent_losses: deque[tuple[float, int, int]] = deque(maxlen=64)  # (when, ring, map)
         self._udp_announced_by_us = 0
         self.cost = CostWindow()
@@ -350,6 +352,8 @@ class Agent:
                 if self.subscribers:
                     self._find_autobound()  # subscribers hear of sendto() binds within a second
                 self._stream_second()
+                if self.subscribers:
+                    self._stream_misses()
                 if self.collector is not None:
                     self.tracker.tally()  # follow changes each second, so that a scrape finds few
                 if now >= next_trim:
@@ -513,6 +517,37 @@ class Agent:
             c.deadline = time.monotonic() + ANSWER_SECONDS
         c.out.extend(map(memoryview, chunks))
         self._flush(c)
+
+    def _stream_misses(self) -> None:
+        """Once a second while someone subscribes: the ports whose lookups found no
+        socket since the last second, one `miss` line each (a scan shows as many)."""
+        if self.loaded is None or self.loaded.lookup is None:
+            return
+        now: dict[tuple[int, int, int], int] = {}
+        addrs: dict[tuple[int, int, int], set[str]] = {}
+        for count in self.loaded.lookup.counts():
+            if count.misses:
+                k = (count.netns_cookie, count.protocol, count.port)
+                now[k] = now.get(k, 0) + count.misses
+                addrs.setdefault(k, set()).add(str(count.address))
+        seen, self._misses_seen = self._misses_seen, now
+        if seen is None:
+            return
+        wall = time.time()
+        for (cookie, proto, port), n in sorted(now.items()):
+            inode = self._inode_of(cookie)
+            if n <= seen.get((cookie, proto, port), 0) or inode is None:
+                continue
+            where = sorted(addrs[(cookie, proto, port)])
+            line = stream.miss_line(wall, inode, proto, port, n - seen.get((cookie, proto, port), 0), where)
+            row = lookups.virtual_row(inode, proto, 6 if ":" in where[0] else 4, ipaddress.ip_address(where[0]), port,
+                                      None)  # fmt: skip
+            for c in list(self.subscribers):
+                sub = c.sub
+                if sub is None or (sub.kinds and "miss" not in sub.kinds):
+                    continue
+                if sub.filters.empty or sub.filters.match(row):
+                    self._queue(c, [line])
 
     def _stream_lost(self, events: int, owners: int) -> None:
         line = stream.lost_line(events, owners, time.time(), "ring")
@@ -870,6 +905,7 @@ class Agent:
         self.drain()  # what happened before the subscription is not streamed
         if not self.subscribers:
             self.describer = stream.Describer()
+            self._misses_seen = None  # misses from before the stream are not streamed
         c.sub = Subscription(f, frozenset(req.kinds))
         self.subscribers.add(c)
         return [encode_header(True, stream=True, partial=self.partial())]

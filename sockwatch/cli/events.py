@@ -94,6 +94,10 @@ def _describe(e: dict) -> str:
         return (
             f"{t} LOST      {e['events']} events and {e['udp_owners']} UDP owners did not fit the ring (table resynced)"
         )
+    if e["kind"] == "miss":
+        answer = "RST" if e["protocol"] == "tcp" else "ICMP port unreachable"
+        return (f"{t} MISS      {e['protocol']:<3} port {e['local_port']}: {e['misses']} packets found no socket "
+                f"({answer}), to {', '.join(e['addresses'])}  netns {e['netns']}")  # fmt: skip
     who = f"{e['pid']}/{e['comm']}" if e.get("pid") is not None else "-"
     where = _ep(e["local_address"], e["local_port"])
     if e.get("remote_address"):

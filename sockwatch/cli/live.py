@@ -18,7 +18,7 @@ from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
 
 def live(
     refresh: Annotated[str, typer.Option("--refresh", help="Seconds between redraws, 0.1 to 60.")] = "1",
-    view: Annotated[str, typer.Option("--view", help="listeners, connections, processes or events.")] = "listeners",
+    view: Annotated[str, typer.Option("--view", help="listeners, connections, processes, events, peers")] = "listeners",
     filter_text: Annotated[str, typer.Option("--filter", help="As the / key: proto=udp port=53 ...")] = "",
     socket_path: opt.Socket = None,
 ) -> None:

@@ -57,6 +57,13 @@ def _lines(st: dict) -> str:
         f"clients now {st['clients']} ({st['subscribers']} streaming events; {st['stream_skipped']} records "
         f"skipped for the stream's CPU budget), dropped {st['clients_dropped'] or 'none'}",
     ]
+    lk = st.get("lookup")
+    if isinstance(lk, dict):
+        lines.append(
+            f"sk_lookup: {lk['namespaces_hooked']} of {lk['namespaces_known']} namespaces hooked; "
+            f"lookups not counted {lk['lookups_uncounted']}, misses unattributed {lk['misses_unattributed']}, "
+            f"UDP peers seen {lk['udp_peers_seen']}"
+        )
     lines += [f"hook missing: {m['hook']}: {m['why']}" for m in st["hooks_missing"]]
     lines += [f"note: {why}" for why in st["partial"]]
     return "\n".join(lines)

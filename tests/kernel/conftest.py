@@ -210,6 +210,23 @@ def fresh_agent() -> Iterator:
     yield from _stopping_factory(AgentProc)
 
 
+def observer_links() -> int:
+    """sockwatch's sk_lookup links on the host (one per hooked namespace, per agent)."""
+    from sockwatch.kernel import bpflinks
+
+    return sum(1 for _link, _prog, name in bpflinks.sk_lookup_links(None) if name == bpflinks.OBSERVER)
+
+
+def expected_links(st: dict, missing: int = 0) -> int:
+    """The links an agent's status should count: its hooks but the missing ones, and one
+    sk_lookup link per namespace, every namespace it knows being hooked."""
+    from sockwatch.kernel import bpfload
+
+    hooked = (st.get("lookup") or {}).get("namespaces_hooked", 0)
+    assert hooked == st["namespaces"], f"{hooked} of {st['namespaces']} namespaces hooked"
+    return len(bpfload.HOOKS) - missing + hooked
+
+
 def snapshot(*args: str, socket: str | None = None) -> list[dict]:
     extra = ["--socket", socket] if socket else ["--standalone"]
     r = subprocess.run(sockwatch_cmd("snapshot", "--json", *extra, *args), check=False, capture_output=True, text=True)

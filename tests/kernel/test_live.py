@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import sockwatch_cmd
-from tests.kernel.conftest import CHILD_COMM
+from tests.kernel.conftest import CHILD_COMM, observer_links
 
 
 class Terminal:
@@ -139,6 +139,18 @@ def test_live_shows_a_socket_come_and_go_and_its_keys_work_at_80x24(agent, netns
     t.keys("4")
     c.do(op="close", id=conn["id"])
     t.until(lambda s: "[4] Events" in s and "CLOSE" in s and "127.0.0.1:47124" in s)
+    # 5: UDP peers (the sk_lookup hook): a datagram to a UDP socket names its sender
+    c.do(op="udp_bind", addr="127.0.0.1", port=47126)
+    sender = c.do(op="udp_sendto", addr="127.0.0.1", port=47126)
+    t.keys("/")
+    t.until(lambda s: "filter (Enter applies" in s)
+    t.keys("C-u")
+    t.type("port=47126")
+    t.keys("Enter")
+    t.keys("5")
+    s = t.until(lambda s: "[5] UDP peers" in s and f"127.0.0.1:{sender['local'][1]}" in s)
+    row = next(line for line in s.splitlines() if f"127.0.0.1:{sender['local'][1]}" in line)
+    assert "127.0.0.1:47126" in row and str(c.pid) in row, row
     # ? help, then q quits and the shell has its terminal back
     t.keys("?")
     t.until(lambda s: "sockwatch live: keys" in s)
@@ -186,19 +198,34 @@ def bpf_links() -> int:
     return len(json.loads(out or "[]"))
 
 
+def _settled_links() -> tuple[int, int]:
+    """(links, sockwatch's sk_lookup links) once unchanged for 1.5 s: an agent another
+    test started hooks a new namespace within a second of its creation."""
+    last, since = (-1, -1), time.monotonic()
+    while True:
+        now = (bpf_links(), observer_links())
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 1.5:
+            return now
+        time.sleep(0.25)
+
+
 def test_with_no_agent_it_runs_one_in_process_and_leaves_nothing(netns, child_factory, terminal):
     from sockwatch.agent.inprocess import agent_running
     from sockwatch.kernel import bpfload
 
     assert not agent_running(None), "an agent serves the default path: this test needs none there"
-    before, dirs = bpf_links(), {d for d in os.listdir("/run") if d.startswith("sockwatch-")}
+    before, observers_before = _settled_links()
+    dirs = {d for d in os.listdir("/run") if d.startswith("sockwatch-")}
     t = terminal("--refresh", "0.3", "--filter", "port=47125")
     t.until(lambda s: "in-process agent" in s and "[1] Listeners+UDP" in s, 60)
-    assert bpf_links() == before + len(bpfload.HOOKS)
+    links, observers = _settled_links()
+    assert links == before + len(bpfload.HOOKS) + observers - observers_before
     c = child_factory(netns.name)
     c.do(op="udp_bind", addr="127.0.0.1", port=47125)
     t.until(lambda s: "udp4   UNCONN  127.0.0.1:47125" in s)
     t.keys("q")
     t.until(lambda s: "SOCKWATCH-EXITED rc=0" in s)
-    assert bpf_links() == before  # every link went with the process
+    assert _settled_links() == (before, observers_before)  # every link went with the process
     assert {d for d in os.listdir("/run") if d.startswith("sockwatch-")} == dirs

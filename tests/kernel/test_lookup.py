@@ -101,6 +101,9 @@ def test_counts_lookups_misses_and_peers_exactly(agent: AgentProc, netns: Netns)
     datagrams and M connection attempts to known ports give exactly those counts,
     closed ports their misses, and the UDP server its peers with their packets."""
     _until("the new namespace hooked", lambda: _ours(netns.inode))
+    events = subprocess.Popen(sockwatch_cmd("events", "--json", "--kind", "miss", "--netns", str(netns.inode),
+                                            "--socket", agent.socket), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(2.5)  # subscribed, and the first second's misses taken as the start
     spec = {"udp_a": 25, "udp_b": 7, "udp6": 5, "tcp": 9, "closed_udp": 6, "closed_tcp": 4, "closed_tcp6": 3}
     proc = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", TRAFFIC, json.dumps(spec)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -108,8 +111,17 @@ def test_counts_lookups_misses_and_peers_exactly(agent: AgentProc, netns: Netns)
         assert proc.stdout is not None
         cookies = json.loads(proc.stdout.readline())
         _check_counts(agent, netns, spec, cookies)
+        time.sleep(2.5)  # the stream tells misses once a second
     finally:
         proc.communicate("\n", timeout=30)
+        events.terminate()
+        out, _ = events.communicate(timeout=30)
+    streamed: dict[tuple[str, int], int] = {}
+    for line in out.splitlines():
+        e = json.loads(line)
+        assert e["kind"] == "miss" and e["netns"] == netns.inode, e
+        streamed[(e["protocol"], e["local_port"])] = streamed.get((e["protocol"], e["local_port"]), 0) + e["misses"]
+    assert streamed == {("udp", 5354): 6, ("tcp", 8081): 4, ("tcp", 8082): 3}, streamed
 
 
 def _check_counts(agent: AgentProc, netns: Netns, spec: dict, cookies: dict) -> None:

@@ -181,3 +181,17 @@ def test_metrics_cap_each_lookup_family_and_sum_the_rest() -> None:
     assert values["sockwatch_socket_lookups_uncounted_total"] == 3
     assert values["sockwatch_udp_peers_evicted_total"] == 4
     assert values["sockwatch_lookup_namespaces_hooked"] == 2
+
+
+def test_a_miss_line_is_json_the_events_text_can_say() -> None:
+    import json
+
+    from sockwatch import stream
+    from sockwatch.cli import events
+
+    e = json.loads(stream.miss_line(1700000000.5, 4026531840, IPPROTO_TCP, 8081, 4, ["127.0.0.1", "::1"]))
+    assert e == {"time": 1700000000.5, "kind": "miss", "netns": 4026531840, "protocol": "tcp",
+                 "local_address": "127.0.0.1", "local_port": 8081, "misses": 4,
+                 "addresses": ["127.0.0.1", "::1"]}  # fmt: skip
+    text = events.describe(e)
+    assert "MISS" in text and "port 8081: 4 packets found no socket (RST)" in text and "netns 4026531840" in text

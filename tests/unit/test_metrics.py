@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sockwatch import metrics, ports
 from sockwatch.containers import Container
+from sockwatch.lookups import Destination
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
 from sockwatch.tally import Tally
 
@@ -68,6 +69,14 @@ def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
                 version="0.1.0",
             ),
             limits=limits,
+            lookups=lambda: metrics.LookupSample(
+                [
+                    Destination(NS, IPPROTO_UDP, 4, ipaddress.ip_address("127.0.0.1"), 53, 40, 0),
+                    Destination(NS, IPPROTO_TCP, 4, ipaddress.ip_address("127.0.0.1"), 22, 9, 9),
+                ],
+                {(NS, "127.0.0.1", "53"): 3},
+                hooked=1,
+            ),
         )
     )
     return reg
