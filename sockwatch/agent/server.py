@@ -82,6 +82,7 @@ class Settings:
     ringbuf_pages: int = 4096
     max_lookup_keys: int = 16384
     max_udp_peers: int = 16384
+    lookups: bool = True  # the sk_lookup hook in every namespace (serve --lookups)
     stream_cpu: float = 0.25  # seconds of CPU per second the event stream may take; past it, it skips and says so
     listen: tuple[str, int] | None = ("127.0.0.1", metrics.DEFAULT_PORT)  # /metrics and /healthz; None: off
     metrics_limits: metrics.Limits = field(default_factory=metrics.Limits)
@@ -213,7 +214,9 @@ class Agent:
         t0 = time.monotonic()
         st = self.settings
         self.loaded = bpfload.load_and_attach(
-            bpfload.Sizes(st.max_udp, st.ringbuf_pages, st.max_lookup_keys, st.max_udp_peers), self.tracker.registry
+            bpfload.Sizes(st.max_udp, st.ringbuf_pages, st.max_lookup_keys, st.max_udp_peers),
+            self.tracker.registry,
+            st.lookups,
         )
         self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
         for m in self.loaded.missing:
@@ -805,6 +808,8 @@ class Agent:
         assert self.loaded is not None
         if self.loaded.lookup is not None:
             return ""
+        if self.loaded.lookups_off:
+            return "this agent runs with --lookups off: lookups, misses and UDP peers are not counted"
         why = next((m.why for m in self.loaded.missing if m.hook is bpfload.LOOKUP_HOOK), "not attached")
         return f"this agent has no sk_lookup hook ({why}): lookups, misses and UDP peers are not counted"
 

@@ -60,7 +60,14 @@ def serve(
     max_udp_peers: str = _opt(
         "16384",
         "--max-udp-peers",
-        "Remote peers of unconnected UDP sockets kept (least recently seen go first), 1024 to 1048576.",
+        "Remote peers of unconnected UDP sockets kept (least recently seen go first), 1024 to 1048576; "
+        "0 leaves the peer map out.",
+    ),
+    lookups: str = _opt(
+        "on",
+        "--lookups",
+        "The sk_lookup hook in every network namespace (lookups, closed ports probed, UDP peers): on or off. "
+        "It costs UDP floods most (README: Benchmarks).",
     ),
     listen: str = _opt(
         f"127.0.0.1:{DEFAULT_METRICS_PORT}",
@@ -142,6 +149,7 @@ def serve(
     given = {
         "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,
         "ringbuf-pages": ringbuf_pages, "max-lookup-keys": max_lookup_keys, "max-udp-peers": max_udp_peers,
+        "lookups": lookups,
         "listen": listen, "web-config": web_config,
         "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
         "metrics-max-lookups": metrics_max_lookups,
@@ -161,7 +169,11 @@ def serve(
         udp = args.integer(g["max-udp"], "--max-udp", 1024, 16_777_216)
         pages = args.integer(g["ringbuf-pages"], "--ringbuf-pages", 16, 65536)
         lookup_keys = args.integer(g["max-lookup-keys"], "--max-lookup-keys", 1024, 1 << 20)
-        udp_peers = args.integer(g["max-udp-peers"], "--max-udp-peers", 1024, 1 << 20)
+        udp_peers = args.integer(g["max-udp-peers"], "--max-udp-peers", 0, 1 << 20)
+        if udp_peers and udp_peers < 1024:
+            raise args.ArgError(f"--max-udp-peers {udp_peers} is out of range: 0 (off) or 1024 to 1048576")
+        if g["lookups"] not in ("on", "off"):
+            raise args.ArgError(f"--lookups must be on or off, not {g['lookups'][:20]!r}")
         stream_share = args.integer(g["stream-cpu"], "--stream-cpu", 1, 100) / 100
         where = args.listen_address(g["listen"], "--listen")
         limits = Limits(
@@ -186,8 +198,8 @@ def serve(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
     agent = Agent(
         Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, max_lookup_keys=lookup_keys,
-                 max_udp_peers=udp_peers, stream_cpu=stream_share, listen=where, metrics_limits=limits,
-                 kubelet_log_dir=logs, web=web)
+                 max_udp_peers=udp_peers, lookups=g["lookups"] == "on", stream_cpu=stream_share, listen=where,
+                 metrics_limits=limits, kubelet_log_dir=logs, web=web)
     )  # fmt: skip
     with friendly():
         try:

@@ -149,7 +149,8 @@ def source_text() -> str:
 class Loaded:
     bpf: Any  # bcc.BPF
     links: Links = field(default_factory=Links)
-    lookup: lookup.LookupHook | None = None  # None: this kernel refused it (see .missing)
+    lookup: lookup.LookupHook | None = None  # None: refused (see .missing) or turned off
+    lookups_off: bool = False  # serve --lookups off
     cgroup_fd: int = -1
     ring: RingReader | None = None
     missing: list[Missing] = field(default_factory=list)
@@ -412,14 +413,15 @@ def _read(path: str) -> str:
         return ""
 
 
-def load_and_attach(sizes: Sizes, registry: NamespaceRegistry) -> Loaded:
+def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = True) -> Loaded:
     """Every hook this kernel takes, attached; close() (or process exit) detaches them.
     A hook the kernel refuses is listed in .missing and the protocols it feeds in
     .unwatched (degraded: the agent reads those from the kernel when asked); none at all
-    is a LoadError. Callers have run prereq.require() first."""
+    is a LoadError. `lookups` False leaves the sk_lookup and miss programs out. Callers
+    have run prereq.require() first."""
     no_socket = no_socket_reason()
     b = compile_programs(sizes, no_socket)
-    loaded = Loaded(bpf=b)
+    loaded = Loaded(bpf=b, lookups_off=not lookups)
     cg = prereq.cgroup2_path()
     assert cg is not None  # prereq.require checked it
     loaded.cgroup_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -428,6 +430,8 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry) -> Loaded:
             if h.func == "sw_sock_create" and any(m.hook.func == "sw_sock_release" for m in loaded.missing):
                 loaded.missing.append(Missing(h, "not attached without sock_release (nothing would remove "
                                                  "its map entries)"))  # fmt: skip
+                continue
+            if h.func == "sw_lookup_miss" and not lookups:
                 continue
             if h.func == "sw_lookup_miss" and no_socket is None:
                 loaded.missing.append(Missing(h, "this kernel's kfree_skb tracepoint has no drop reason"))
@@ -439,7 +443,8 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry) -> Loaded:
                 continue
             target = Target(h.prog_type.lower(), h.tracepoint) if h.tracepoint else Target("cgroup", cg)
             loaded.links.add(fd, h.what, target)
-        attach_lookup(loaded, registry)
+        if lookups:
+            attach_lookup(loaded, registry)
         if not len(loaded.links):
             raise LoadError(
                 f"the kernel refused every sockwatch hook ({loaded.missing[0].hook.what}: {loaded.missing[0].why})",

@@ -294,3 +294,15 @@ def test_traffic_is_delivered_the_same_with_the_hook() -> None:
 def test_lookups_need_an_agent(flag: str) -> None:
     r = _sw("snapshot", flag, "--standalone")
     assert r.returncode != 0 and "needs a running agent" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_lookups_off_leaves_the_hook_out(fresh_agent, tmp_path) -> None:
+    from sockwatch.kernel import bpfload
+
+    before = len(_ours(None))
+    a = fresh_agent(str(tmp_path / "a.sock"), ("--lookups", "off"))
+    st = a.status()
+    assert st["lookup"] is None and st["hooks_missing"] == [] and st["links"] == len(bpfload.HOOKS) - 1
+    assert len(_ours(None)) == before  # no sk_lookup link of its own
+    r = _sw("snapshot", "--lookups", "--socket", a.socket)
+    assert r.returncode != 0 and "--lookups off" in r.stderr and "Traceback" not in r.stderr, r.stderr
