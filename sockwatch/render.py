@@ -119,11 +119,14 @@ def _aligned(title: str, header: tuple[str, ...], rows: Sequence[tuple[str, ...]
 def print_lookups(report: dict, out: TextIO = sys.stdout) -> None:
     """`snapshot --lookups`: destinations by lookups, then closed ports by misses."""
     dests = report["destinations"]
+    if not report["matched"]:
+        out.write("no socket lookups counted yet (TCP SYNs, UDP datagrams to unconnected sockets)\n")
     rows = [(str(d["netns"]), f"{d['protocol']}{d['family']}", endpoint(d["address"], d["port"], d["family"]),
              str(d["lookups"]), str(d["misses"]), _owners(d["sockets"]) + (" (reuseport)" if d["reuseport"] else ""))
             for d in dests]  # fmt: skip
-    _aligned(f"Socket lookups by destination ({len(dests)} of {report['matched']})",
-             ("NETNS", "PROTO", "DESTINATION", "LOOKUPS", "MISSES", "GOES TO"), rows, out)  # fmt: skip
+    if dests:
+        _aligned(f"Socket lookups by destination ({len(dests)} of {report['matched']})",
+                 ("NETNS", "PROTO", "DESTINATION", "LOOKUPS", "MISSES", "GOES TO"), rows, out)  # fmt: skip
     closed = report["closed_ports"]
     if closed:
         out.write("\n")
@@ -146,6 +149,9 @@ def print_peers(report: dict, out: TextIO = sys.stdout) -> None:
 
     now = time.time()
     peers = report["peers"]
+    if not peers:
+        out.write("no UDP peers seen yet (datagrams to unconnected UDP sockets)\n")
+        return
     rows = [(str(p["netns"]), endpoint(p["local_address"], p["local_port"], p["family"]),
              endpoint(p["remote_address"], p["remote_port"], p["family"]), str(p["packets"]),
              f"{max(0.0, now - p['last_seen']):.0f}s ago", _owners(p["sockets"]))
