@@ -860,6 +860,7 @@ class Agent:
             "lookup_keys_capacity": self.settings.max_lookup_keys,
             "udp_peers_capacity": self.settings.max_udp_peers,
             "udp_peers_seen": c.get("peers_new", 0),
+            "drop_sites_checked": hook.drop_sites_checked if hook else False,
         }
         if peers_present is not None:
             out["udp_peers_evicted"] = max(0, c.get("peers_new", 0) - peers_present)
@@ -971,6 +972,9 @@ class Agent:
             why.append(f"{c['lookup_full']} socket lookups found the counter map full (--max-lookup-keys "
                        f"{self.settings.max_lookup_keys}) and were not counted")  # fmt: skip
         hook = self.loaded.lookup if self.loaded is not None else None
+        if hook is not None and not hook.drop_sites_checked:
+            why.append("kernel addresses are hidden from the agent (kernel.kptr_restrict; CAP_SYSLOG): a drop for no "
+                       "socket outside TCP and UDP (an unanswered ping reply) may count as a lookup miss")  # fmt: skip
         if hook is not None and hook.refused:
             why.append(f"the kernel refused the sk_lookup hook in {len(hook.refused)} namespaces "
                        f"({next(iter(hook.refused.values()))}): their lookups are not counted")  # fmt: skip

@@ -396,6 +396,7 @@ def attach_lookup(loaded: Loaded, registry: NamespaceRegistry) -> None:
         table = loaded.bpf["drop_sites"]
         for i, (start, end) in enumerate(sites or [(0, 2**64 - 1)]):  # hidden addresses: any site
             table[table.Key(i)] = table.Leaf(start, end)
+        loaded.lookup.drop_sites_checked = bool(sites)
         own = registry.own()
         if own is None:
             raise OSError(errno.ENOENT, "sockwatch's own network namespace could not be read")

@@ -160,6 +160,7 @@ class LookupHook:
         self.links = links
         self._code, self._at = template(bytes(bpf.dump_func("sw_lookup")))
         self.refused: dict[int, str] = {}  # namespace cookie -> why its attach failed (not retried)
+        self.drop_sites_checked = False  # kernel addresses readable: misses told from other drops
 
     def attach(self, ns: Namespace, registry: NamespaceRegistry) -> None:
         """Load ns's copy and link it to ns. NamespaceGone, or OSError from the kernel."""

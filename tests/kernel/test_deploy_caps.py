@@ -1,5 +1,6 @@
 """The capabilities deploy/ grants (the systemd unit's bounding set, the DaemonSet's
-list: the same) are enough for every hook, and the table they give equals ss."""
+list: the same) are enough for every hook, the sk_lookup hook in every namespace and
+its drop-site check, and the table they give equals ss."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ CAP_NUMBERS = {
     "SYS_RESOURCE": 24,
     "PERFMON": 38,
     "BPF": 39,
+    "SYSLOG": 34,
 }  # linux/capability.h
 
 
@@ -31,6 +33,8 @@ def test_the_deployed_capabilities_attach_every_hook(tmp_path, netns, child_fact
         want = sum(1 << CAP_NUMBERS[c] for c in unit_capabilities()) & bounding_set("self")
         assert bounding_set(str(a.proc.pid)) == want  # it really ran with only those (that we have)
         assert not st.get("hooks_missing"), st.get("hooks_missing")
+        assert st["lookup"]["namespaces_hooked"] == st["namespaces"] and st["lookup"]["namespaces_refused"] == 0
+        assert st["lookup"]["drop_sites_checked"], "kernel addresses hidden: CAP_SYSLOG is missing"
         c = child_factory(netns.name)
         c.do(op="tcp_listen", addr="0.0.0.0", port=47320)
         c.do(op="udp_bind", addr="127.0.0.1", port=47321)
