@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Install what is missing (gcc too, for the load generators), then run a benchmark:
-#   sudo scripts/bench.sh cost       # the host's cost with vs without the agent (~5 minutes)
-#   sudo scripts/bench.sh snapshot   # snapshot speed at 100,000 sockets vs ss (~2 minutes)
-#   sudo scripts/bench.sh churn      # churn with idle clients and snapshots; table vs ss after (~80 s)
-#   sudo scripts/bench.sh live       # live and events at 100,000 sockets under churn (~5 minutes)
-#   sudo scripts/bench.sh scrape     # a Prometheus scrape at 100,000 sockets vs an empty table (~4 minutes)
+#   scripts/bench.sh cost       # the host's cost with vs without the agent (~5 minutes)
+#   scripts/bench.sh snapshot   # snapshot speed at 100,000 sockets vs ss (~2 minutes)
+#   scripts/bench.sh churn      # churn with idle clients and snapshots; table vs ss after (~80 s)
+#   scripts/bench.sh live       # live and events at 100,000 sockets under churn (~5 minutes)
+#   scripts/bench.sh scrape     # a Prometheus scrape at 100,000 sockets vs an empty table (~4 minutes)
+#   scripts/bench.sh lookup     # the sk_lookup hook under a UDP flood and TCP crr (~4 minutes)
 # Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/scripts/as-root.sh"
 SOCKWATCH_EXTRAS=dev "$here/scripts/install.sh"
 which=${1:-cost}
 [ $# -gt 0 ] && shift

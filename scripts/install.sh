@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Installs whatever sockwatch needs that this Debian machine lacks, then exits.
-# Idempotent: each step checks first. Run as root. Used by scripts/run.sh and scripts/test.sh.
+# Idempotent: each step checks first. As root (it asks for sudo otherwise). Used by
+# scripts/run.sh and scripts/test.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${SOCKWATCH_VENV:-$here/.venv}
 say() { printf 'install: %s\n' "$*" >&2; }
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "install: run as root (sudo $0): it installs Debian packages and links kernel headers" >&2
-  exit 3
-fi
+. "$here/scripts/as-root.sh"
 
 # 1. Debian packages: bcc (python3-bpfcc; PyPI's "bcc" is another project), bpftool,
 #    iproute2 (ss, ip netns), kernel headers for bcc to compile against, venv.

@@ -4,6 +4,7 @@
 # Extra arguments go to pytest (e.g. -k udp, -m slow).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/scripts/as-root.sh"
 SOCKWATCH_EXTRAS=dev "$here/scripts/install.sh"
 py="${SOCKWATCH_VENV:-$here/.venv}/bin"
 cd "$here"

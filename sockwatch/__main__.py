@@ -1,3 +1,3 @@
-from sockwatch.cli import main
+from sockwatch.entry import run
 
-main()
+run()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
 from sockwatch.cli import doctor, events, explain, live, ports, serve, snapshot, status
@@ -27,13 +25,5 @@ app.command("doctor")(doctor.doctor)
 
 
 def main() -> None:
-    try:
-        app()
-    except RuntimeError as e:
-        # Ctrl-C while a module is imported can land inside a class's creation, which
-        # Python 3.11 wraps in RuntimeError: still just an interrupt (click's own
-        # handling of KeyboardInterrupt never sees it)
-        if isinstance(e.__cause__, KeyboardInterrupt):
-            sys.stderr.write("\nAborted!\n")
-            sys.exit(130)
-        raise
+    """The command (sockwatch.entry.run calls it, under its Ctrl-C handler)."""
+    app()

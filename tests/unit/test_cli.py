@@ -197,11 +197,52 @@ def test_an_interrupt_inside_an_import_is_still_just_an_interrupt():
     """Ctrl-C landing inside a class's creation comes out of Python 3.11 as a
     RuntimeError caused by KeyboardInterrupt: no traceback, exit 130."""
     code = (
-        "import sys\nfrom sockwatch import cli\n"
+        "import sys\nfrom sockwatch import cli, entry\n"
         "def boom():\n"
         "    try:\n        raise KeyboardInterrupt\n"
         "    except KeyboardInterrupt as e:\n        raise RuntimeError('Error calling __set_name__') from e\n"
-        "cli.app.command('boom')(boom)\nsys.argv = ['sockwatch', 'boom']\ncli.main()\n"
+        "cli.app.command('boom')(boom)\nsys.argv = ['sockwatch', 'boom']\nentry.run()\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("how", ["plain", "wrapped"])
+def test_ctrl_c_while_the_cli_is_imported_is_an_interrupt(how, monkeypatch, capsys):
+    import builtins
+
+    from sockwatch import entry
+
+    real = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "sockwatch.cli":
+            if how == "plain":
+                raise KeyboardInterrupt
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise RuntimeError("Error calling __set_name__") from e
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as ex:
+        entry.run()
+    assert ex.value.code == 130 and "Aborted!" in capsys.readouterr().err
+
+
+def test_another_error_while_the_cli_is_imported_is_not_hidden(monkeypatch):
+    import builtins
+
+    from sockwatch import entry
+
+    real = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "sockwatch.cli":
+            raise RuntimeError("a real bug")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        entry.run()
