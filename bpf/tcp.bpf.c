@@ -65,13 +65,13 @@ static __always_inline int on_state(struct bpf_sock_ops *o)
 	return 1;
 }
 
-int sw_sockops(struct bpf_sock_ops *o)
+static __always_inline int sockops(struct bpf_sock_ops *o, int owners)
 {
 	switch (o->op) {
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		return on_tcp(o, SW_EV_LISTEN, SW_TCP_LISTEN, 1);
+		return on_tcp(o, SW_EV_LISTEN, SW_TCP_LISTEN, owners);
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		return on_tcp(o, SW_EV_CONNECT, SW_TCP_SYN_SENT, 1);
+		return on_tcp(o, SW_EV_CONNECT, SW_TCP_SYN_SENT, owners);
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		return on_tcp(o, SW_EV_ACCEPT, SW_TCP_ESTABLISHED, 0);
 	case BPF_SOCK_OPS_STATE_CB:
@@ -79,3 +79,10 @@ int sw_sockops(struct bpf_sock_ops *o)
 	}
 	return 1;
 }
+
+int sw_sockops(struct bpf_sock_ops *o) { return sockops(o, 1); }
+
+/* For kernels whose sockops may not read the current task (bpf_get_current_pid_tgid and
+ * _comm came to sockops in 6.2; Debian 12's 6.1 refuses them): the same events without
+ * owners, which user space then reads from /proc. */
+int sw_sockops_no_owner(struct bpf_sock_ops *o) { return sockops(o, 0); }

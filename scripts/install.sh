@@ -15,7 +15,9 @@ pkgs=(python3-bpfcc bpftool iproute2 linux-headers-amd64 python3-venv python3-pi
 # the tests also compile the shared header with gcc and drop privileges with setpriv
 # drive `sockwatch live` in a real terminal (tmux), scrape the agent with a real Prometheus (and
 # its promtool), make TLS certificates (openssl), and check the systemd unit (systemd-analyze)
-[ "${SOCKWATCH_EXTRAS:-}" = dev ] && pkgs+=(gcc libc6-dev linux-libc-dev util-linux tmux prometheus openssl systemd)
+# and boot other kernels (qemu-system-x86, busybox-static: scripts/kernels.sh, tests/kernel/test_vm.py)
+[ "${SOCKWATCH_EXTRAS:-}" = dev ] && pkgs+=(gcc libc6-dev linux-libc-dev util-linux tmux prometheus openssl systemd
+                                          qemu-system-x86 busybox-static)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -167,6 +167,7 @@ class Tracker:
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
         self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
+        self._owner_sought: set[int] = set()  # ownerless rows already looked for in /proc
         self._tw_due: list[tuple[float, int]] = []  # (when the kernel drops it, cookie): TIME-WAIT rows
         self._port_ranges: dict[int, tuple[float, ports.PortRange]] = {}  # netns cookie -> (read at, range)
         self._tally: Tally | None = None  # whole-table aggregates, once something has asked for them
@@ -598,11 +599,25 @@ class Tracker:
                 r.touch()
                 changed += 1
         self._owner_scan_due |= bool(lost)
+        # rows no hook named (a kernel whose sockops cannot read the task): looked for at
+        # once the first time, then with the owners that exited
+        ownerless = [r for r in (self.rows.values() if rows is None else rows)
+                     if r.pid is None and r.visible and r.state != TcpState.TIME_WAIT]  # fmt: skip
+        fresh = [r for r in ownerless if r.inode and r.cookie not in self._owner_sought]
+        if fresh:
+            if len(self._owner_sought) > 1 << 17:
+                self._owner_sought.clear()
+            self._owner_sought.update(r.cookie for r in fresh)
+            self._owner_scan_due, self._last_owner_scan = True, -OWNER_SCAN_SECONDS
         if self._owner_scan_due and now - self._last_owner_scan >= OWNER_SCAN_SECONDS:
             self._owner_scan_due = False  # until another owner is found gone
             self._last_owner_scan = now
             self._fill_owners([r for r in self.rows.values() if r.pid is None and r.inode and r.visible])
+            self._listeners = None  # listeners may have just got theirs
             changed += 1
+        if ownerless:  # connections in an accept queue (no file yet) are their listener's
+            self._inherit_listener_owners(ownerless)
+            changed += sum(1 for r in ownerless if r.pid is not None)
         if changed:
             self.version += 1
         return changed

@@ -221,6 +221,8 @@ class Agent:
         self.ring = self.loaded.open_ring(self.settings.ringbuf_pages)
         for m in self.loaded.missing:
             log.warning("running without %s: %s", m.hook.what, m.why)
+        for note in self.loaded.lesser:
+            log.warning("%s", note)
         if self.loaded.missing:
             log.warning("%s", self.loaded.degraded())
         self.load_seconds = time.monotonic() - t0
@@ -1013,6 +1015,7 @@ class Agent:
             "links": len(self.loaded.links),
             "lookup": self.lookup_totals() if self.loaded.lookup is not None else None,
             "hooks_missing": [{"hook": m.hook.what, "why": m.why} for m in self.loaded.missing],
+            "hooks_lesser": list(self.loaded.lesser),
             "udp_map_entries": len(self.loaded.udp_entries()),
             "clients": len(self.clients),
             "subscribers": len(self.subscribers),

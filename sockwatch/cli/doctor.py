@@ -30,8 +30,10 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
     try:
         for h in bpfload.HOOKS:
             try:
-                os.close(bpfload.attach_one(b, h, loaded.cgroup_fd))
-                out.append((h.what, True, "loads and attaches by BPF link"))
+                lesser: list[str] = []
+                os.close(bpfload.attach_one(b, h, loaded.cgroup_fd, lesser))
+                note = f" ({h.fallback_note})" if lesser else ""
+                out.append((h.what, True, "loads and attaches by BPF link" + note))
             except OSError as e:
                 out.append((h.what, False, f"{e.strerror}; sockwatch runs without it: {h.effect}"))
         bpfload.attach_lookup(loaded, NamespaceRegistry())

@@ -13,6 +13,7 @@ from sockwatch.filters import FilterError
 from sockwatch.kernel.abi import AbiMismatch
 from sockwatch.kernel.bpfload import LoadError
 from sockwatch.kernel.prereq import PrereqError
+from sockwatch.kernel.sockdiag import SockDiagError
 
 EXIT_USAGE = 2
 EXIT_ENV = 3  # the machine lacks something
@@ -36,6 +37,9 @@ def friendly() -> Iterator[None]:
         raise fail(e.what, e.fix, EXIT_ENV) from None
     except AbiMismatch as e:
         raise fail(str(e), code=EXIT_ENV) from None
+    except SockDiagError as e:
+        raise fail(e.strerror or str(e), "load the kernel's socket diagnostics (modprobe tcp_diag udp_diag)",
+                   EXIT_ENV) from None  # fmt: skip
     except AgentError as e:
         raise fail(str(e)) from None
     except BrokenPipeError:

@@ -65,5 +65,6 @@ def _lines(st: dict) -> str:
             f"UDP peers seen {lk['udp_peers_seen']}"
         )
     lines += [f"hook missing: {m['hook']}: {m['why']}" for m in st["hooks_missing"]]
+    lines += [f"hook variant: {note}" for note in st.get("hooks_lesser", [])]
     lines += [f"note: {why}" for why in st["partial"]]
     return "\n".join(lines)

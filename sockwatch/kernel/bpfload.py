@@ -7,6 +7,7 @@ so the kernel detaches every program when sockwatch exits, even on SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -17,6 +18,7 @@ import re
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,8 @@ class Hook:
     feeds: tuple[int, ...]  # the protocols whose rows go stale without it
     tracepoint: str = ""  # "category/name" (a raw one: "name") for a tracepoint program (else a cgroup one)
     without: str = "failed binds are not in the event stream"  # for hooks that feed no rows
+    fallback: str = ""  # a lesser variant to load where the kernel refuses func
+    fallback_note: str = ""  # what the variant lacks
 
     @property
     def effect(self) -> str:
@@ -79,7 +83,9 @@ HOOKS = (
     Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (binds)", (IPPROTO_UDP,)),
     Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (binds)", (IPPROTO_UDP,)),
     Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/accept/state)",
-         (IPPROTO_TCP,)),
+         (IPPROTO_TCP,), fallback="sw_sockops_no_owner",
+         fallback_note="sockops cannot read the current task on this kernel (before 6.2): TCP owners come from "
+                       "/proc when a view asks"),
     Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP)", (IPPROTO_UDP,)),
     Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP)", (IPPROTO_UDP,)),
     Hook("sw_bind4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_BIND, "cgroup bind4 (what bind() asked)", ()),
@@ -154,6 +160,7 @@ class Loaded:
     cgroup_fd: int = -1
     ring: RingReader | None = None
     missing: list[Missing] = field(default_factory=list)
+    lesser: list[str] = field(default_factory=list)  # hooks loaded as their fallback variant: what they lack
 
     @property
     def unwatched(self) -> tuple[int, ...]:
@@ -266,21 +273,14 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
         cflags.append("-DSW_NO_PEERS")
     if no_socket is not None:
         cflags.append(f"-DSW_DROP_NO_SOCKET={no_socket}")  # fmt: skip
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    saved = os.dup(2)
     try:
-        os.dup2(devnull, 2)  # clang's chatter about the headers is not for users
-        b = BPF(text=source_text(), cflags=cflags)
+        with _quiet():  # clang's chatter about the headers is not for users
+            b = BPF(text=source_text(), cflags=cflags)
     except Exception as e:
-        os.dup2(saved, 2)
         raise LoadError(
             f"bcc could not compile sockwatch's BPF programs ({e})",
             "check the kernel headers with 'sockwatch doctor'; " + prereq.INSTALL_HINT,
         ) from None
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
     abi.check_sizes(
         {
             "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
@@ -359,16 +359,44 @@ def perf_tracepoint_fd(tp_id: int) -> int:
     return int(fd)
 
 
-def attach_one(b: Any, h: Hook, cgroup_fd: int) -> int:
-    """Load `h` and attach it by link (to the cgroup, or to a perf event on its
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """bcc prints the verifier's whole log to fd 2 when a load fails: not for users when a
+    lesser variant follows (the exception keeps the log's first line)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def attach_one(b: Any, h: Hook, cgroup_fd: int, lesser: list[str] | None = None) -> int:
+    """Load `h` (or, where the kernel refuses it, its fallback variant, said in
+    `lesser`) and attach it by link (to the cgroup, or to a perf event on its
     tracepoint); the link's fd. Raises OSError with what the kernel said."""
     from bcc import BPF
 
+    def load(func: str) -> Any:
+        try:
+            with _quiet() if h.fallback and func == h.func else contextlib.nullcontext():
+                return b.load_func(func, getattr(BPF, h.prog_type),
+                                   attach_type=h.attach_type if not h.tracepoint else -1)  # fmt: skip
+        except Exception as e:  # bcc raises a bare Exception with the verifier's words
+            first = (str(e).splitlines() or ["refused"])[0]
+            raise OSError(0, f"the kernel would not load it ({first})") from None
+
     try:
-        fn = b.load_func(h.func, getattr(BPF, h.prog_type), attach_type=h.attach_type if not h.tracepoint else -1)
-    except Exception as e:  # bcc raises a bare Exception with the verifier's words
-        first = (str(e).splitlines() or ["refused"])[0]
-        raise OSError(0, f"the kernel would not load it ({first})") from None
+        fn = load(h.func)
+    except OSError:
+        if not h.fallback:
+            raise
+        fn = load(h.fallback)
+        if lesser is not None:
+            lesser.append(f"{h.what}: {h.fallback_note}")
     if h.prog_type == "RAW_TRACEPOINT":
         fd = libbpf().bpf_raw_tracepoint_open(h.tracepoint.encode(), fn.fd)  # its fd is a link
         if fd < 0:
@@ -438,7 +466,7 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
                 loaded.missing.append(Missing(h, "this kernel's kfree_skb tracepoint has no drop reason"))
                 continue
             try:
-                fd = attach_one(b, h, loaded.cgroup_fd)
+                fd = attach_one(b, h, loaded.cgroup_fd, loaded.lesser)
             except OSError as e:
                 loaded.missing.append(Missing(h, e.strerror or str(e)))
                 continue

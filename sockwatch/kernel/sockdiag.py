@@ -85,6 +85,9 @@ def open_diag_socket() -> socket.socket:
     return s
 
 
+_PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+
+
 def dump(
     sock: socket.socket,
     protocol: int,
@@ -116,8 +119,14 @@ def dump(
                 (err,) = struct.unpack_from("=i", data, off + hdr_size)
                 if err == 0:
                     return
-                if -err == errno.ENOENT:  # protocol not loaded (no IPv6) = no sockets
+                if -err == errno.ENOENT and family == socket.AF_INET6:  # no IPv6 here: no sockets
                     return
+                if -err == errno.ENOENT:  # the kernel could not load its tcp_diag/udp_diag module
+                    raise SockDiagError(
+                        -err,
+                        f"sock_diag has no {_PROTO_NAME.get(protocol, protocol)} handler "
+                        f"(modprobe {_PROTO_NAME.get(protocol, protocol)}_diag)",
+                    )
                 raise SockDiagError(-err, f"sock_diag dump failed: {errno.errorcode.get(-err, -err)}")
             if mtype == SOCK_DIAG_BY_FAMILY:
                 (_f, state, _t, _r, sport, dport, src, dst, dev, cookie, expires, _rq, _wq, uid, inode) = msg_unpack(

@@ -74,8 +74,12 @@ def test_ipv6_and_messages_split_across_reads():
     assert (str(out[0].remote_address), out[0].remote_port, out[0].family) == ("::ffff:a00:2", 51000, 6)
 
 
-def test_missing_protocol_module_means_no_sockets():
+def test_no_ipv6_means_no_sockets_but_no_ipv4_handler_is_an_error():
+    """ENOENT: IPv6 is not in this kernel (no sockets), or the tcp_diag/udp_diag module
+    could not be loaded: then the dump is not empty, it is impossible, and says so."""
     assert list(sockdiag.dump(Peer(error(errno.ENOENT)), 17, socket.AF_INET6)) == []  # type: ignore[arg-type]
+    with pytest.raises(sockdiag.SockDiagError, match="modprobe udp_diag"):
+        list(sockdiag.dump(Peer(error(errno.ENOENT)), 17, socket.AF_INET))  # type: ignore[arg-type]
 
 
 def test_other_errors_are_raised():

@@ -1,0 +1,30 @@
+"""The kernel runner itself works: it boots Debian's 6.1 kernel under QEMU (software
+emulation) with this machine's filesystem, and a short kernel test passes inside, where
+sockops must take its lesser variant (6.1's sockops cannot read the current task)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sockwatch.kernel import bpfload
+from tests.vm import kernels
+
+
+def test_a_6_1_guest_runs_doctor_and_a_kernel_test() -> None:
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("busybox") is None:
+        pytest.fail("qemu-system-x86 and busybox-static are missing: scripts/test.sh installs them")
+    k = kernels.fetch(kernels.newest("6.1"))
+    test = "tests/kernel/test_table.py::test_tcp_listener_and_both_ends"
+    command = (
+        "export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; .venv/bin/python -m sockwatch doctor; "
+        f".venv/bin/python -m pytest -p no:cacheprovider -q --color=no -o addopts='' '{test}'"
+    )
+    run = kernels.boot(k, command, 600)
+    tail = run.output[-3000:]
+    assert run.booted, tail
+    got = kernels.summary(run)
+    assert run.status == 0 and got["passed"] == 2 and got["failed"] == 0, tail
+    assert "6.1." in run.kernel and "sockops cannot read the current task on this kernel" in run.output, tail
+    assert got["hooks_loaded"] == len(bpfload.HOOKS) + 1 and not got["hooks_refused"], got  # + sk_lookup

@@ -1,0 +1,294 @@
+"""Boot other kernels under QEMU (software emulation: no KVM here) with this machine's
+filesystem, and run sockwatch's kernel tests inside each.
+
+For each kernel: Debian's image package (and its headers, where this machine has
+none) is fetched with apt into /var/cache/sockwatch-kernels and unpacked there; a small
+busybox initramfs loads 9p (and virtio, where the kernel has it as modules), mounts
+this machine's root read-only over 9p, gives it writable tmpfs where the tests write
+(/tmp, /run, /var/tmp), the kernel's own modules and headers under /lib/modules, the
+kernel file systems (cgroup2, bpf, tracefs), and runs the command in a chroot there.
+The guest prints `SW-EXIT <status>` and powers off. Nothing of this machine is changed
+(its root is mounted read-only in the guest; the cache is sockwatch's own).
+
+  scripts/kernels.sh                       # 6.1 and 6.12: doctor, then the table and lookup tests
+  scripts/kernels.sh --kernel 6.1 -- tests/kernel/test_table.py -k reuseport
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import io
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+CACHE = Path(os.environ.get("SOCKWATCH_KERNEL_CACHE", "/var/cache/sockwatch-kernels"))
+SERIES = {"6.1": r"linux-image-(6\.1\.0-\d+-amd64)", "6.12": r"linux-image-(6\.12\.\d+\+deb12-amd64)"}
+# the 9p root and what it needs, in load order (built in on some kernels: then absent)
+# and the socket diagnostics sockwatch reads (a Debian host loads them on demand through
+# modprobe; this machine has no kmod to lend the guest)
+BOOT_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+                "netfs", "9pnet", "9pnet_virtio", "9p", "inet_diag", "tcp_diag", "udp_diag", "veth")  # fmt: skip
+# a subset of the kernel tests that fits software emulation's pace (each agent start compiles)
+DEFAULT_TESTS = ("tests/kernel/test_table.py", "tests/kernel/test_lookup.py")
+
+
+@dataclass
+class Kernel:
+    version: str
+    root: Path  # the unpacked packages
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.version}"
+
+    @property
+    def modules(self) -> Path:
+        return self.root / "lib" / "modules" / self.version
+
+    def headers(self) -> tuple[Path, Path]:
+        """(build, source): the arch headers and the common ones, this machine's if it
+        has them, else the unpacked packages'."""
+        for base in (Path("/usr/src"), self.root / "usr" / "src"):
+            build = base / f"linux-headers-{self.version}"
+            if build.is_dir():
+                common = sorted(base.glob(f"linux-headers-{self.version.rsplit('-', 1)[0]}-common"))
+                common = common or sorted(base.glob(f"linux-headers-{self.version.split('-')[0]}*common*"))
+                return build, common[0] if common else build
+        raise SystemExit(f"kernels: no headers for {self.version}")
+
+
+def say(msg: str) -> None:
+    print(f"kernels: {msg}", file=sys.stderr, flush=True)
+
+
+def newest(series: str) -> str:
+    out = subprocess.run(["apt-cache", "search", "--names-only", "^linux-image-"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    found = {m.group(1) for m in re.finditer(SERIES[series] + r" ", out)}
+    if not found:
+        raise SystemExit(f"kernels: apt offers no {series} kernel")
+    return max(found, key=lambda v: [int(x) for x in re.findall(r"\d+", v)])
+
+
+def fetch(version: str) -> Kernel:
+    root = CACHE / version / "root"
+    k = Kernel(version, root)
+    if k.vmlinuz.exists():
+        return k
+    dl = CACHE / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    os.chmod(dl, 0o755)  # apt downloads as its own user where it can
+    pkgs = [f"linux-image-{version}"]
+    if not Path(f"/usr/src/linux-headers-{version}").is_dir():
+        common = version.rsplit("-", 1)[0] + "-common"
+        pkgs += [f"linux-headers-{version}", f"linux-headers-{common}"]
+    say(f"fetching {' '.join(pkgs)}")
+    subprocess.run(["apt-get", "download", "-q", *pkgs], cwd=dl, check=True, stdout=subprocess.DEVNULL)
+    tmp = CACHE / version / "root.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in pkgs:
+        deb = sorted(dl.glob(f"{glob.escape(p)}_*.deb"))
+        if not deb:
+            raise SystemExit(f"kernels: apt did not download {p}")
+        subprocess.run(["dpkg-deb", "-x", str(deb[-1]), str(tmp)], check=True)
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return k
+
+
+# ---- the initramfs ------------------------------------------------------------------------
+
+
+def _module_file(k: Kernel, name: str) -> Path | None:
+    hits = [p for p in k.modules.rglob(f"{name}.ko*") if p.name.split(".ko")[0] == name]
+    return hits[0] if hits else None
+
+
+def _module_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.suffix == ".xz" else data
+
+
+def _depends(ko: bytes) -> list[str]:
+    m = re.search(rb"\0depends=([^\0]*)\0", ko)
+    return [d for d in (m.group(1).decode().split(",") if m else []) if d]
+
+
+def boot_modules(k: Kernel) -> list[tuple[str, bytes]]:
+    """The modules the 9p root needs, dependencies first (from each module's own
+    `depends=`); those built into this kernel are simply not found."""
+    out: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> None:
+        name = name.replace("-", "_")
+        if name in seen:
+            return
+        seen.add(name)
+        path = _module_file(k, name) or _module_file(k, name.replace("_", "-"))
+        if path is None:
+            return  # built in
+        data = _module_bytes(path)
+        for d in _depends(data):
+            add(d)
+        out.append((name, data))
+
+    for name in BOOT_MODULES:
+        add(name)
+    return out
+
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /modules); do insmod /mods/$m.ko || echo "SW-NOTE insmod $m failed"; done
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host \
+  || { echo SW-EXIT 90; poweroff -f; }
+. "/host$SW_ENV"
+for d in tmp run var/tmp root; do mount -t tmpfs tmpfs /host/$d; done
+chmod 1777 /host/tmp /host/var/tmp
+mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
+mount -t devpts devpts /host/dev/pts 2>/dev/null
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup; mount -t bpf bpf /host/sys/fs/bpf
+mount -t tracefs tracefs /host/sys/kernel/tracing; mount -t debugfs debugfs /host/sys/kernel/debug
+V=$(uname -r)
+mount -t tmpfs tmpfs /host/lib/modules; mkdir -p /host/lib/modules/$V
+for f in /host$SW_MODULES/*; do ln -s "${f#/host}" /host/lib/modules/$V/; done
+rm -f /host/lib/modules/$V/build /host/lib/modules/$V/source
+ln -s "$SW_BUILD" /host/lib/modules/$V/build; ln -s "$SW_SOURCE" /host/lib/modules/$V/source
+mkdir -p /host/run/netns
+echo SW-BOOTED $V
+chroot /host /bin/sh -c 'ip link set lo up; cd "$SW_REPO" && exec sh -c "$SW_CMD"'
+echo "SW-EXIT $?"
+poweroff -f
+"""
+
+
+def _cpio(files: dict[str, tuple[int, bytes]]) -> bytes:
+    """A newc archive of {path: (mode, data)} (directories: data b"")."""
+    out = io.BytesIO()
+    ino = 1
+    for name, (mode, data) in [*files.items(), ("TRAILER!!!", (0, b""))]:
+        nm = name.encode() + b"\0"
+        hdr = "070701" + "".join(f"{x:08x}" for x in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nm), 0))
+        out.write(hdr.encode() + nm + b"\0" * ((-(110 + len(nm))) % 4) + data + b"\0" * ((-len(data)) % 4))
+        ino += 1
+    return out.getvalue()
+
+
+def initramfs(k: Kernel, path: Path) -> None:
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    files: dict[str, tuple[int, bytes]] = {}
+    for d in ("bin", "dev", "proc", "sys", "mods", "host"):
+        files[d] = (stat.S_IFDIR | 0o755, b"")
+    files["bin/busybox"] = (stat.S_IFREG | 0o755, Path(busybox).read_bytes())
+    mods = boot_modules(k)
+    for name, data in mods:
+        files[f"mods/{name}.ko"] = (stat.S_IFREG | 0o644, data)
+    files["modules"] = (stat.S_IFREG | 0o644, "\n".join(n for n, _ in mods).encode() + b"\n")
+    files["init"] = (stat.S_IFREG | 0o755, INIT.encode())
+    path.write_bytes(gzip.compress(_cpio(files), 1))
+
+
+# ---- booting ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    kernel: str
+    booted: bool
+    status: int | None
+    seconds: float
+    output: str
+
+
+def boot(k: Kernel, command: str, timeout: float, memory: str = "3G") -> Run:
+    work = CACHE / k.version
+    rd = work / "initrd.gz"
+    initramfs(k, rd)
+    build, source = k.headers()
+    env = {"SW_CMD": command, "SW_REPO": str(ROOT), "SW_MODULES": str(k.modules), "SW_BUILD": str(build),
+           "SW_SOURCE": str(source)}  # fmt: skip
+    # the init's environment comes from the kernel command line (quoted words are not
+    # split by the kernel, but spaces are): the command goes through a file instead
+    cmdfile = work / "command.sh"
+    cmdfile.write_text("".join(f"export {k_}={_sh(v)}\n" for k_, v in env.items()))
+    append = f"console=ttyS0 quiet panic=-1 rdinit=/init SW_ENV={cmdfile}"
+    qemu = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", memory,
+            "-nographic", "-no-reboot", "-kernel", str(k.vmlinuz), "-initrd", str(rd), "-append", append,
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"]  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(qemu, capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
+        out = r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out += "\nkernels: timed out\n"
+    took = time.monotonic() - t0
+    m = re.search(r"SW-EXIT (\d+)", out)
+    return Run(k.version, "SW-BOOTED" in out, int(m.group(1)) if m else None, took, out)
+
+
+def _sh(v: str) -> str:
+    return "'" + v.replace("'", "'\\''") + "'"
+
+
+def summary(run: Run) -> dict:
+    """What the guest said: hooks doctor found loadable, and pytest's counts."""
+    hooks_ok = len(re.findall(r"^\s*ok (?!compile|root|bpf|bcc|cgroup2|headers|btf|tracefs)", run.output, re.M))
+    hooks_bad = re.findall(r"^\s*!! (.+?)\s{2,}", run.output, re.M)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", run.output)}
+    return {"kernel": run.kernel, "booted": run.booted, "status": run.status, "seconds": round(run.seconds, 1),
+            "hooks_loaded": hooks_ok, "hooks_refused": hooks_bad, "passed": counts.get("passed", 0),
+            "failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", action="append", choices=sorted(SERIES), help="6.1, 6.12 (repeatable; default both)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per kernel")
+    ap.add_argument("--json-out", default="", help="also write the table as JSON here")
+    ap.add_argument("pytest_args", nargs="*", help="after --: what pytest runs in the guest (default: a subset)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("kernels: run as root (scripts/kernels.sh asks for sudo)", file=sys.stderr)
+        return 3
+    tests = " ".join(_sh(a) for a in (args.pytest_args or DEFAULT_TESTS))
+    command = ("export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; "
+               ".venv/bin/python -m sockwatch doctor; "
+               f".venv/bin/python -m pytest -p no:cacheprovider -q --color=no -o addopts='' {tests}")  # fmt: skip
+    rows = []
+    for series in args.kernel or sorted(SERIES, key=lambda s: [int(x) for x in s.split(".")]):
+        k = fetch(newest(series))
+        say(f"booting {k.version} under QEMU (software emulation)")
+        run = boot(k, command, args.timeout)
+        (CACHE / k.version / "console.log").write_text(run.output)
+        rows.append(summary(run))
+        say(f"{k.version}: console in {CACHE / k.version / 'console.log'}")
+    print(f"{'kernel':<24} {'booted':<7} {'hooks':>5} {'passed':>6} {'failed':>6} {'time':>7}  refused")
+    for r in rows:
+        print(f"{r['kernel']:<24} {'yes' if r['booted'] else 'NO':<7} {r['hooks_loaded']:>5} {r['passed']:>6} "
+              f"{r['failed']:>6} {r['seconds']:>6.0f}s  {', '.join(r['hooks_refused']) or '-'}")  # fmt: skip
+    if args.json_out:
+        import json
+
+        Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0 if all(r["booted"] and r["status"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
