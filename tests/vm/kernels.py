@@ -159,7 +159,9 @@ mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host \
   || { echo SW-EXIT 90; poweroff -f; }
 . "/host$SW_ENV"
+mkdir -p /keep; mount -o bind "/host$SW_REPO" /keep  # the repository, should a tmpfs below hide it
 for d in tmp run var/tmp root; do mount -t tmpfs tmpfs /host/$d; done
+[ -d "/host$SW_REPO" ] || { mkdir -p "/host$SW_REPO"; mount -o bind /keep "/host$SW_REPO"; }
 chmod 1777 /host/tmp /host/var/tmp
 mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
 mount -t devpts devpts /host/dev/pts 2>/dev/null
@@ -193,7 +195,7 @@ def _cpio(files: dict[str, tuple[int, bytes]]) -> bytes:
 def initramfs(k: Kernel, path: Path) -> None:
     busybox = shutil.which("busybox") or "/bin/busybox"
     files: dict[str, tuple[int, bytes]] = {}
-    for d in ("bin", "dev", "proc", "sys", "mods", "host"):
+    for d in ("bin", "dev", "proc", "sys", "mods", "host", "keep"):
         files[d] = (stat.S_IFDIR | 0o755, b"")
     files["bin/busybox"] = (stat.S_IFREG | 0o755, Path(busybox).read_bytes())
     mods = boot_modules(k)
