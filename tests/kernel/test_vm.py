@@ -5,6 +5,7 @@ sockops must take its lesser variant (6.1's sockops cannot read the current task
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 
@@ -17,9 +18,10 @@ def test_a_6_1_guest_runs_doctor_and_a_kernel_test() -> None:
         pytest.fail("qemu-system-x86 and busybox-static are missing: scripts/test.sh installs them")
     k = kernels.fetch(kernels.newest("6.1"))
     test = "tests/kernel/test_table.py::test_tcp_listener_and_both_ends"
+    py = sys.executable  # this run's own environment, seen by the guest through 9p
     command = (
-        "export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; .venv/bin/python -m sockwatch doctor; "
-        f".venv/bin/python -m pytest -p no:cacheprovider -q --color=no -o addopts='' '{test}'"
+        f"export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; {py} -m sockwatch doctor; "
+        f"{py} -m pytest -p no:cacheprovider -q --color=no -o addopts='' '{test}'"
     )
     run = kernels.boot(k, command, 600)
     tail = run.output[-3000:]

@@ -270,9 +270,10 @@ def main() -> int:
         print("kernels: run as root (scripts/kernels.sh asks for sudo)", file=sys.stderr)
         return 3
     tests = " ".join(_sh(a) for a in (args.pytest_args or DEFAULT_TESTS))
+    py = sys.executable  # this environment, seen by the guest through 9p
     command = ("export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; "
-               ".venv/bin/python -m sockwatch doctor; "
-               f".venv/bin/python -m pytest -p no:cacheprovider -q --color=no -o addopts='' {tests}")  # fmt: skip
+               f"{py} -m sockwatch doctor; "
+               f"{py} -m pytest -p no:cacheprovider -q --color=no -o addopts='' {tests}")  # fmt: skip
     rows = []
     for series in args.kernel or sorted(SERIES, key=lambda s: [int(x) for x in s.split(".")]):
         k = fetch(newest(series))
