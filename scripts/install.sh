@@ -11,7 +11,14 @@ say() { printf 'install: %s\n' "$*" >&2; }
 
 # 1. Debian packages: bcc (python3-bpfcc; PyPI's "bcc" is another project), bpftool,
 #    iproute2 (ss, ip netns), kernel headers for bcc to compile against, venv.
-pkgs=(python3-bpfcc bpftool iproute2 linux-headers-amd64 python3-venv python3-pip procps)
+#    The distribution's headers for the running kernel where it has them (a stock Debian or
+#    Ubuntu kernel), else Debian's current ones (linked in step 2); bpftool is its own
+#    package on Debian, part of the kernel's tools on Ubuntu.
+headers=linux-headers-$(uname -r)
+apt-cache show "$headers" >/dev/null 2>&1 || headers=linux-headers-amd64
+bpftool=bpftool
+apt-cache show bpftool >/dev/null 2>&1 || bpftool=linux-tools-$(uname -r)
+pkgs=(python3-bpfcc "$bpftool" iproute2 "$headers" python3-venv python3-pip procps)
 # the tests also compile the shared header with gcc and drop privileges with setpriv
 # drive `sockwatch live` in a real terminal (tmux), scrape the agent with a real Prometheus (and
 # its promtool), make TLS certificates (openssl), and check the systemd unit (systemd-analyze)
