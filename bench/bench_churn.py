@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cost import SW, Bench, proc_cpu_seconds, proc_rss_mib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import parse_as_root
+
 from tests.kernel import oracle
 
 
@@ -53,10 +55,7 @@ def main() -> int:
     ap.add_argument("--udp-rate", type=float, default=2_000, help="UDP socket()+sendto()+close() per second")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds after the load before comparing with ss")
     ap.add_argument("--json-out", default=None)
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: run as root (sudo)", file=sys.stderr)
-        return 3
+    args = parse_as_root(ap)
     if not (1 <= args.seconds <= 3600 and 0 < args.tcp_rate <= 1e6 and 0 <= args.udp_rate <= 1e6):
         print("bench: --seconds 1..3600, --tcp-rate 1..1e6, --udp-rate 0..1e6", file=sys.stderr)
         return 2

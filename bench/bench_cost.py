@@ -33,6 +33,8 @@ import tempfile
 import time
 import uuid
 
+from common import parse_as_root
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SW = [sys.executable, "-m", "sockwatch"]
 WORKLOADS = {"tcp_crr": 0.05, "udp_sendto": 0.03, "udp_send": 0.02, "udp_churn": None}  # allowed loss
@@ -119,10 +121,7 @@ def main() -> int:
     ap.add_argument("--churn-seconds", type=float, default=60.0, help="churn before the memory figure (600 = 10 min)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "cost.json"))
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: run as root (sudo)", file=sys.stderr)
-        return 3
+    args = parse_as_root(ap)
     workloads = [w for w in args.workloads.split(",") if w]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown or not 1 <= args.repeat <= 100 or not 0.2 <= args.seconds <= 60:

@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_cost import Bench
+from common import parse_as_root
 
 from sockwatch.kernel import bpfload, prereq
 
@@ -42,10 +43,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--seconds", type=float, default=1.5)
     ap.add_argument("--json-out", default=os.path.join(os.path.dirname(__file__), "results", "hook_floor.json"))
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: run as root (sudo)", file=sys.stderr)
-        return 3
+    args = parse_as_root(ap)
     if not (3 <= args.repeat <= 100 and 0.2 <= args.seconds <= 60):
         print("bench: --repeat 3..100, --seconds 0.2..60", file=sys.stderr)
         return 2

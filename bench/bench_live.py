@@ -30,7 +30,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cost import SW, Bench, proc_cpu_seconds
-from common import HeldSockets, host, write_result
+from common import HeldSockets, host, parse_as_root, write_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -104,10 +104,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=10_000)
     ap.add_argument("--repeat", type=int, default=3, help="full-speed crr rounds each way")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "live.json"))
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: run as root (sudo)", file=sys.stderr)
-        return 3
+    args = parse_as_root(ap)
     if not (1000 <= args.sockets <= 200_000 and 5 <= args.seconds <= 300 and 1 <= args.repeat <= 20):
         print("bench: --sockets 1000..200000, --seconds 5..300, --repeat 1..20", file=sys.stderr)
         return 2

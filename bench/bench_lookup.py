@@ -28,10 +28,9 @@ import sys
 import tempfile
 import uuid
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from common import host, parse_as_root, write_result
 
-from bench.common import host, write_result  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIGS = ("none", "empty sk_lookup", "sockwatch", "sockwatch, no peers")
 TARGETS = {"udp_sendto": 0.03, "tcp_crr": 0.05}
@@ -42,10 +41,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=7, help="rounds (>= 5 for figures)")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each run")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "lookup.json"))
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: run as root (sudo)", file=sys.stderr)
-        return 3
+    args = parse_as_root(ap)
     if not 1 <= args.repeat <= 100 or not 0.2 <= args.seconds <= 60:
         print("bench: --repeat 1..100; --seconds 0.2..60", file=sys.stderr)
         return 2
@@ -113,7 +109,7 @@ def main() -> int:
                     for fd in fds:
                         os.close(fd)
             print(f"round {rnd + 1}/{args.repeat} done", file=sys.stderr)
-        counted = sum(c.lookups for c in hook.counts() if c.netns_cookie == ns_cookie)
+        counted = sum(c.lookups for c in hook.counts() if c.netns == ns_cookie)
     finally:
         if nsfd >= 0:
             os.close(nsfd)

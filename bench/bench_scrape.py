@@ -19,7 +19,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cost import Bench, proc_cpu_seconds
-from common import HeldSockets, host, write_result
+from common import HeldSockets, host, parse_as_root, write_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,10 +63,7 @@ def main() -> int:
     ap.add_argument("--sockets", type=int, default=100_000)
     ap.add_argument("--scrapes", type=int, default=60)
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "scrape.json"))
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: run as root (sudo)", file=sys.stderr)
-        return 3
+    args = parse_as_root(ap)
     if not (1000 <= args.sockets <= 200_000 and 5 <= args.scrapes <= 600):
         print("bench: --sockets 1000..200000, --scrapes 5..600", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SW = [sys.executable, "-m", "sockwatch"]
 sys.path.insert(0, HERE)
 from bench_cost import proc_cpu_seconds  # noqa: E402
-from common import HeldSockets  # noqa: E402
+from common import HeldSockets, parse_as_root  # noqa: E402
 
 
 def timed(cmd: list[str], repeat: int) -> list[float]:
@@ -49,10 +49,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "snapshot.json"))
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench: run as root (sudo)", file=sys.stderr)
-        return 3
+    args = parse_as_root(ap)
 
     ns = f"sw-bench-{uuid.uuid4().hex[:8]}"
     sock = f"/run/sockwatch-bench/{ns}/agent.sock"

@@ -4,6 +4,7 @@ results file."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -44,6 +45,15 @@ class HeldSockets:
             except subprocess.TimeoutExpired:
                 os.kill(w.pid, signal.SIGKILL)
                 w.wait()
+
+
+def parse_as_root(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The benchmark's arguments; a benchmark loads BPF and makes namespaces: root only."""
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: run as root (sudo)", file=sys.stderr)
+        raise SystemExit(3)
+    return args
 
 
 def host(command: str) -> dict:

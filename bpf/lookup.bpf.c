@@ -113,15 +113,11 @@ int sw_lookup(struct bpf_sk_lookup *ctx)
 	if (c) {
 		c->lookups++;
 	} else {
+		/* Per CPU: should another CPU have added the key meanwhile, this writes only this
+		 * CPU's count, which was 0. It fails only when the map is full. */
 		struct sw_lookup_count one = {1, 0};
-		/* NOEXIST: another CPU may have added the key meanwhile (its count is its own) */
-		if (lookup_counts.update(k, &one) != 0) {
-			c = lookup_counts.lookup(k);
-			if (c)
-				c->lookups++;
-			else
-				count(SW_C_LOOKUP_FULL);
-		}
+		if (lookup_counts.update(k, &one))
+			count(SW_C_LOOKUP_FULL);
 	}
 #ifndef SW_NO_PEERS /* serve --max-udp-peers 0 */
 	if (ctx->protocol == IPPROTO_UDP)

@@ -24,7 +24,8 @@ UDP_UNCONNECTED = 7  # the table's state for a UDP socket with no peer (TCP_CLOS
 
 @dataclass(frozen=True)
 class Destination:
-    """A destination's counts (kernel/lookup.LookupCount, with the namespace by inode)."""
+    """A destination's counts. `netns`: the namespace's inode (as read from the maps by
+    kernel/lookup.py: its cookie, until the agent resolves it)."""
 
     netns: int
     protocol: int
@@ -44,7 +45,7 @@ class Peer:
     remote_address: Address
     remote_port: int
     packets: int
-    last_seen: float  # wall-clock seconds
+    last_seen: float  # wall-clock seconds (as read from the maps: CLOCK_MONOTONIC seconds)
 
 
 def _receivers(rows: Iterable[SockRow]) -> dict[tuple[int, int, int], list[SockRow]]:
@@ -170,11 +171,11 @@ def peers(found: Iterable[Peer], rows: Iterable[SockRow], f: Filters) -> list[di
 
 
 def resolve(items: Iterable[Any], inode_of: Callable[[int], int | None]) -> list[tuple[int, Any]]:
-    """(netns inode, item) for kernel counts keyed by namespace cookie; those of
+    """(netns inode, item) for what the maps hold, keyed by namespace cookie; those of
     namespaces no longer known are left out."""
     out = []
     for it in items:
-        inode = inode_of(it.netns_cookie)
+        inode = inode_of(it.netns)
         if inode is not None:
             out.append((inode, it))
     return out

@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -532,7 +532,7 @@ class Agent:
         addrs: dict[tuple[int, int, int], set[str]] = {}
         for count in self.loaded.lookup.counts():
             if count.misses:
-                k = (count.netns_cookie, count.protocol, count.port)
+                k = (count.netns, count.protocol, count.port)  # the namespace's cookie
                 now[k] = now.get(k, 0) + count.misses
                 addrs.setdefault(k, set()).add(str(count.address))
         seen, self._misses_seen = self._misses_seen, now
@@ -800,9 +800,9 @@ class Agent:
         if why:
             return [encode_header(False, error=why)]
         self.prepare_answer()
-        found = self.peers()
+        found, present = self.peers()
         shown = lookups.peers(found, self.tracker.visible(), f)
-        body = {"peers": shown[: req.limit], "matched": len(shown), "totals": self.lookup_totals(len(found))}
+        body = {"peers": shown[: req.limit], "matched": len(shown), "totals": self.lookup_totals(present)}
         return [encode_header(True, partial=self.partial()), self._json(body)]
 
     def _lookup_missing(self) -> str:
@@ -822,29 +822,26 @@ class Agent:
     def destinations(self) -> list[lookups.Destination]:
         """What the sk_lookup hook counted, by namespace inode (read now)."""
         assert self.loaded is not None and self.loaded.lookup is not None
-        return [
-            lookups.Destination(inode, c.protocol, 4 if c.family == socket.AF_INET else 6, c.address, c.port,
-                                c.lookups, c.misses)
-            for inode, c in lookups.resolve(self.loaded.lookup.counts(), self._inode_of)
-        ]  # fmt: skip
+        return [replace(d, netns=inode) for inode, d in lookups.resolve(self.loaded.lookup.counts(), self._inode_of)]
 
-    def peers(self) -> list[lookups.Peer]:
+    def peers(self) -> tuple[list[lookups.Peer], int]:
+        """The peers kept, by namespace inode and wall time, and how many entries the
+        map holds (those of namespaces not yet forgotten included: not evicted)."""
         assert self.loaded is not None and self.loaded.lookup is not None
-        return [
-            lookups.Peer(inode, 4 if p.family == socket.AF_INET else 6, p.local_address, p.local_port,
-                         p.remote_address, p.remote_port, p.packets, self.wall_offset + p.last_ns / 1e9)
-            for inode, p in lookups.resolve(self.loaded.lookup.peers(), self._inode_of)
-        ]  # fmt: skip
+        read = self.loaded.lookup.peers()
+        kept = [replace(p, netns=inode, last_seen=self.wall_offset + p.last_seen)
+                for inode, p in lookups.resolve(read, self._inode_of)]  # fmt: skip
+        return kept, len(read)
 
     def _lookup_sample(self) -> metrics.LookupSample | None:
         if self.loaded is None or self.loaded.lookup is None:
             return None
-        found = self.peers()
+        found, present = self.peers()
         by: dict[tuple[int, str, str], int] = {}
         for p in found:
             k = (p.netns, str(p.local_address), str(p.local_port))
             by[k] = by.get(k, 0) + 1
-        t = self.lookup_totals(len(found))
+        t = self.lookup_totals(present)
         return metrics.LookupSample(self.destinations(), by, t["namespaces_hooked"], t["lookups_uncounted"],
                                     t["misses_unattributed"], t["udp_peers_evicted"])  # fmt: skip
 
@@ -865,7 +862,8 @@ class Agent:
             "drop_sites_checked": hook.drop_sites_checked if hook else False,
         }
         if peers_present is not None:
-            out["udp_peers_evicted"] = max(0, c.get("peers_new", 0) - peers_present)
+            forgotten = hook.peers_forgotten if hook else 0
+            out["udp_peers_evicted"] = max(0, c.get("peers_new", 0) - forgotten - peers_present)
         return out
 
     def _on_status(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
@@ -928,7 +926,7 @@ class Agent:
                             whole=by)  # fmt: skip
         assert self.loaded is not None
         if peers:  # the live peers view: a window of the peers, most packets first
-            found = lookups.peers(self.peers(), self.tracker.visible(), f) if self.loaded.lookup is not None else []
+            found = lookups.peers(self.peers()[0], self.tracker.visible(), f) if self.loaded.lookup is not None else []
             answer["selected"] = len(found)
             answer["peers"] = found[req.offset : req.offset + req.limit]
             answer["peers_note"] = self._lookup_missing()

@@ -1,6 +1,7 @@
 """The socket-lookup hook (bpf/lookup.bpf.c): one copy of sw_lookup per network
-namespace, each attached by a BPF link; the layout skb:kfree_skb has on this kernel;
-and reading what the programs counted.
+namespace, each attached by a BPF link; what sw_lookup_miss needs to know of this
+kernel (the NO_SOCKET drop reason's number, the drop sites); and reading what the
+programs counted.
 
 An SK_LOOKUP program cannot ask which namespace it runs in, so each namespace gets its
 own copy of the compiled program with the namespace's cookie written over a marker
@@ -17,13 +18,14 @@ import ipaddress
 import os
 import platform
 import re
+import socket
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from sockwatch.kernel import abi
 from sockwatch.kernel.links import Links, Target
 from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry
+from sockwatch.lookups import Destination, Peer
 
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SK_LOOKUP = 30
@@ -125,31 +127,12 @@ def drop_sites(kallsyms: str) -> list[tuple[int, int]]:
     return out[:MAX_DROP_SITES]
 
 
-@dataclass(frozen=True)
-class LookupCount:
-    netns_cookie: int
-    protocol: int
-    family: int
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    port: int
-    lookups: int
-    misses: int
+def _version(family: int) -> int:
+    return 4 if family == socket.AF_INET else 6
 
 
-@dataclass(frozen=True)
-class PeerCount:
-    netns_cookie: int
-    family: int
-    local_address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    local_port: int
-    remote_address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    remote_port: int
-    packets: int
-    last_ns: int  # CLOCK_MONOTONIC of the last datagram (coarse)
-
-
-def _addr(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return abi.address(4 if family == 2 else 6, raw)
+def _addr(family: int, raw: ctypes.Array) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return abi.address(_version(family), bytes(raw))
 
 
 class LookupHook:
@@ -161,6 +144,7 @@ class LookupHook:
         self._code, self._at = template(bytes(bpf.dump_func("sw_lookup")))
         self.refused: dict[int, str] = {}  # namespace cookie -> why its attach failed (not retried)
         self.drop_sites_checked = False  # kernel addresses readable: misses told from other drops
+        self.peers_forgotten = 0  # peers deleted with their namespace (not evictions)
 
     def attach(self, ns: Namespace, registry: NamespaceRegistry) -> None:
         """Load ns's copy and link it to ns. NamespaceGone, or OSError from the kernel."""
@@ -214,33 +198,34 @@ class LookupHook:
         except Exception:  # kernels without batch operations on this map type
             return list(table.items())
 
-    def counts(self) -> list[LookupCount]:
+    def counts(self) -> list[Destination]:
+        """Every destination counted, its `netns` the namespace's cookie (the agent names
+        it by inode)."""
         out = []
         for k, v in self._items("lookup_counts"):
             key = abi.SwLookupKey.from_buffer_copy(k)
-            lookups = sum(int(c.lookups) for c in v)
-            misses = sum(int(c.misses) for c in v)
-            out.append(LookupCount(key.netns_cookie, key.protocol, key.family, _addr(key.family, bytes(key.addr)),
+            lookups, misses = sum(int(c.lookups) for c in v), sum(int(c.misses) for c in v)
+            lookups, misses = sum(int(c.lookups) for c in v), sum(int(c.misses) for c in v)
+            out.append(Destination(key.netns_cookie, key.protocol, _version(key.family), _addr(key.family, key.addr),
                                    key.port, lookups, misses))  # fmt: skip
         return out
 
-    def peers(self) -> list[PeerCount]:
+    def peers(self) -> list[Peer]:
+        """Every peer kept, its `netns` the namespace's cookie and `last_seen` in
+        CLOCK_MONOTONIC seconds (the agent makes both its own)."""
         out = []
         for k, v in self._items("udp_peers"):
             key = abi.SwPeerKey.from_buffer_copy(k)
             packets = sum(int(c.packets) for c in v)
-            if not packets:
-                continue
-            out.append(PeerCount(key.netns_cookie, key.family, _addr(key.family, bytes(key.local_addr)),
-                                 key.local_port, _addr(key.family, bytes(key.remote_addr)), key.remote_port,
-                                 packets, max(int(c.last_ns) for c in v)))  # fmt: skip
+            if packets:
+                out.append(Peer(key.netns_cookie, _version(key.family), _addr(key.family, key.local_addr),
+                                key.local_port, _addr(key.family, key.remote_addr), key.remote_port, packets,
+                                max(int(c.last_ns) for c in v) / 1e9))  # fmt: skip
         return out
 
-    def peers_present(self) -> int:
-        return len(self._items("udp_peers"))
-
     def forget(self, cookie: int) -> None:
-        """A dead namespace's keys: nothing will count them again."""
+        """A dead namespace's keys: nothing will count them again. Its peers are counted
+        as forgotten, not as evicted."""
         for name, t in (("lookup_counts", abi.SwLookupKey), ("udp_peers", abi.SwPeerKey)):
             table = self.bpf[name]
             for k in list(table.keys()):
@@ -248,4 +233,5 @@ class LookupHook:
                     try:
                         del table[k]
                     except KeyError:
-                        pass
+                        continue
+                    self.peers_forgotten += name == "udp_peers"

@@ -306,7 +306,7 @@ def test_traffic_is_delivered_the_same_with_the_hook() -> None:
             s.close()
         with_hook = _deliveries(receivers, listeners, udp_b, tcp_b, 30000)
         assert with_hook == without
-        counted = {(c.protocol, str(c.address), c.port): c.lookups for c in hook.counts() if c.netns_cookie == cookie}
+        counted = {(c.protocol, str(c.address), c.port): c.lookups for c in hook.counts() if c.netns == cookie}
         assert counted == {(17, "127.0.0.1", 7000): flows // 2, (17, "127.0.0.2", 7000): flows // 2,
                            (6, "127.0.0.1", 7100): flows // 2}, counted  # fmt: skip
         assert len({v for k, v in with_hook.items() if k[0] == "udp" and k[2] == "127.0.0.1"}) > 1, (
