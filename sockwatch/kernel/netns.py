@@ -227,16 +227,32 @@ class NamespaceRegistry:
         return self._open("/proc/self/ns/net")
 
     def refresh(self) -> list[Namespace]:
-        """Find namespaces not known yet (stat first: entering is the costly part)."""
+        """Find namespaces not known yet (stat first: entering is the costly part). A
+        known inode is entered again when the namespace known by it is no longer where it
+        was found: inodes are reused at once, and the new namespace must not pass for the
+        dead one (an event that names no process is resolved only through here)."""
         new: list[Namespace] = []
+        moved: dict[int, bool] = {}  # inode -> its known namespace left the path it was found at
         for path in _candidates():
             try:
                 inode = os.stat(path).st_ino
             except OSError:
                 continue
-            if inode not in self.by_inode:
-                ns = self._open(path)
-                if ns is not None:
+            known = self.by_inode.get(inode)
+            if known is not None and path != known.path:
+                if inode not in moved:
+                    try:
+                        moved[inode] = os.stat(known.path).st_ino != inode
+                    except OSError:
+                        moved[inode] = True
+                if not moved[inode]:
+                    continue
+            elif known is not None:
+                continue
+            ns = self._open(path)
+            if ns is not None:
+                moved[inode] = False  # what the inode names now was found here
+                if ns is not known:
                     new.append(ns)
         return new
 

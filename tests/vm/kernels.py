@@ -10,7 +10,8 @@ kernel file systems (cgroup2, bpf, tracefs), and runs the command in a chroot th
 The guest prints `SW-EXIT <status>` and powers off. Nothing of this machine is changed
 (its root is mounted read-only in the guest; the cache is sockwatch's own).
 
-  scripts/kernels.sh                       # 6.1 and 6.12: doctor, then the table and lookup tests
+  scripts/kernels.sh                       # 6.1, 6.12 and this machine's: doctor, then the
+                                           # namespace, table and lookup tests
   scripts/kernels.sh --kernel 6.1 -- tests/kernel/test_table.py -k reuseport
 """
 
@@ -40,7 +41,7 @@ SERIES = {"6.1": r"linux-image-(6\.1\.0-\d+-amd64)", "6.12": r"linux-image-(6\.1
 BOOT_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
                 "netfs", "9pnet", "9pnet_virtio", "9p", "inet_diag", "tcp_diag", "udp_diag", "veth")  # fmt: skip
 # a subset of the kernel tests that fits software emulation's pace (each agent start compiles)
-DEFAULT_TESTS = ("tests/kernel/test_table.py", "tests/kernel/test_lookup.py")
+DEFAULT_TESTS = ("tests/kernel/test_netns.py", "tests/kernel/test_table.py", "tests/kernel/test_lookup.py")
 
 
 @dataclass
@@ -245,6 +246,19 @@ def boot(k: Kernel, command: str, timeout: float, memory: str = "3G") -> Run:
     return Run(k.version, "SW-BOOTED" in out, int(m.group(1)) if m else None, took, out)
 
 
+def run_here(command: str, timeout: float) -> Run:
+    """The same command on this machine's own kernel, for the table's last row."""
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, text=True, errors="replace",
+                           timeout=timeout, check=False)  # fmt: skip
+        out, status = r.stdout + r.stderr, r.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out, status = out + "\nkernels: timed out\n", None
+    return Run(f"{os.uname().release} (here)", True, status, time.monotonic() - t0, out)
+
+
 def _sh(v: str) -> str:
     return "'" + v.replace("'", "'\\''") + "'"
 
@@ -261,7 +275,12 @@ def summary(run: Run) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", action="append", choices=sorted(SERIES), help="6.1, 6.12 (repeatable; default both)")
+    ap.add_argument(
+        "--kernel",
+        action="append",
+        choices=[*sorted(SERIES), "running"],
+        help="6.1, 6.12, or running: this machine's own, without a VM (repeatable; default all three)",
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per kernel")
     ap.add_argument("--json-out", default="", help="also write the table as JSON here")
     ap.add_argument("pytest_args", nargs="*", help="after --: what pytest runs in the guest (default: a subset)")
@@ -275,16 +294,21 @@ def main() -> int:
                f"{py} -m sockwatch doctor; "
                f"{py} -m pytest -p no:cacheprovider -q --color=no -o addopts='' {tests}")  # fmt: skip
     rows = []
-    for series in args.kernel or sorted(SERIES, key=lambda s: [int(x) for x in s.split(".")]):
-        k = fetch(newest(series))
-        say(f"booting {k.version} under QEMU (software emulation)")
-        run = boot(k, command, args.timeout)
-        (CACHE / k.version / "console.log").write_text(run.output)
+    for series in args.kernel or [*sorted(SERIES, key=lambda s: [int(x) for x in s.split(".")]), "running"]:
+        if series == "running":
+            say(f"running the same tests on this machine's kernel, {os.uname().release}")
+            run, log = run_here(command, args.timeout), CACHE / "running.log"
+        else:
+            k = fetch(newest(series))
+            say(f"booting {k.version} under QEMU (software emulation)")
+            run, log = boot(k, command, args.timeout), CACHE / k.version / "console.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(run.output)
         rows.append(summary(run))
-        say(f"{k.version}: console in {CACHE / k.version / 'console.log'}")
-    print(f"{'kernel':<24} {'booted':<7} {'hooks':>5} {'passed':>6} {'failed':>6} {'time':>7}  refused")
+        say(f"{run.kernel}: output in {log}")
+    print(f"{'kernel':<31} {'booted':<7} {'hooks':>5} {'passed':>6} {'failed':>6} {'time':>7}  refused")
     for r in rows:
-        print(f"{r['kernel']:<24} {'yes' if r['booted'] else 'NO':<7} {r['hooks_loaded']:>5} {r['passed']:>6} "
+        print(f"{r['kernel']:<31} {'yes' if r['booted'] else 'NO':<7} {r['hooks_loaded']:>5} {r['passed']:>6} "
               f"{r['failed']:>6} {r['seconds']:>6.0f}s  {', '.join(r['hooks_refused']) or '-'}")  # fmt: skip
     if args.json_out:
         import json
