@@ -3,6 +3,7 @@
  *   loadgen tcp_crr    ADDR PORT SECONDS [RATE]  connect/accept/close cycles (SO_LINGER 0)
  *   loadgen udp_sendto ADDR PORT SECONDS         unconnected sendto() of 64-byte datagrams
  *   loadgen udp_send   ADDR PORT SECONDS         connected send() of 64-byte datagrams
+ *   loadgen udp_read   ADDR PORT SECONDS         udp_sendto, every datagram read by its server
  *   loadgen udp_churn  ADDR PORT SECONDS [RATE]  socket(), sendto() (autobind), close()
  *
  * Each mode runs in one process (its own listener or sink), for SECONDS or until RATE
@@ -127,6 +128,40 @@ static long udp_send(struct sockaddr_in a, double secs, int connected)
 	return n;
 }
 
+/* A server that keeps up: 64 datagrams sent, then read back, so none is dropped (what a
+ * DNS or QUIC server under load does; udp_sendto's sink drops instead). Counts reads. */
+static long udp_read(struct sockaddr_in a, double secs)
+{
+	char buf[64] = {0}, in[2048];
+	int sink = socket(AF_INET, SOCK_DGRAM, 0), big = 1 << 22;
+	if (sink < 0)
+		die("socket");
+	setsockopt(sink, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big));
+	if (bind(sink, (struct sockaddr *)&a, sizeof(a)))
+		die("bind sink");
+	int s = socket(AF_INET, SOCK_DGRAM, 0);
+	if (s < 0)
+		die("socket");
+	long sent = 0, got = 0;
+	double end = now() + secs;
+	while (now() < end) {
+		for (int i = 0; i < 64; i++) {
+			if (sendto(s, buf, sizeof(buf), 0, (struct sockaddr *)&a, sizeof(a)) < 0)
+				die("sendto");
+			sent++;
+		}
+		while (recv(sink, in, sizeof(in), MSG_DONTWAIT) > 0)
+			got++;
+	}
+	if (got != sent) {
+		fprintf(stderr, "loadgen: %ld of %ld datagrams read: the server fell behind\n", got, sent);
+		exit(1);
+	}
+	close(s);
+	close(sink);
+	return got;
+}
+
 static long udp_churn(struct sockaddr_in a, double secs, double rate)
 {
 	char buf[64] = {0};
@@ -152,7 +187,7 @@ static long udp_churn(struct sockaddr_in a, double secs, double rate)
 int main(int argc, char **argv)
 {
 	if (argc < 5) {
-		fprintf(stderr, "usage: loadgen tcp_crr|udp_sendto|udp_send|udp_churn ADDR PORT SECONDS [RATE]\n");
+		fprintf(stderr, "usage: loadgen tcp_crr|udp_sendto|udp_send|udp_read|udp_churn ADDR PORT SECONDS [RATE]\n");
 		return 2;
 	}
 	const char *mode = argv[1];
@@ -166,6 +201,8 @@ int main(int argc, char **argv)
 		n = udp_send(a, secs, 0);
 	else if (!strcmp(mode, "udp_send"))
 		n = udp_send(a, secs, 1);
+	else if (!strcmp(mode, "udp_read"))
+		n = udp_read(a, secs);
 	else if (!strcmp(mode, "udp_churn"))
 		n = udp_churn(a, secs, rate);
 	else {

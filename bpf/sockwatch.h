@@ -42,7 +42,7 @@
 #define SW_C_UDP_CREATED    3 /* UDP sockets created (entries made in udp_socks) */
 #define SW_C_UDP_ANNOUNCED  4 /* of those, announced by a bind/connect event */
 #define SW_C_UDP_SILENT_GONE 5 /* of those, released without ever being announced */
-#define SW_C_LOOKUP_FULL    6 /* a lookup whose key did not fit in lookup_counts: not counted */
+#define SW_C_LOOKUP_FULL    6 /* lookups whose key did not fit in lookup_counts: not counted */
 #define SW_C_MISS_UNMATCHED 7 /* a TCP/UDP drop for no socket that no lookup of ours preceded
 			       * (a namespace not hooked yet): not attributed to a port */
 #define SW_C_PEERS_NEW      8 /* peers added to udp_peers (less those present = evicted) */
@@ -140,11 +140,27 @@ struct sw_peer_count {
 	__u64 last_ns;        /* CLOCK_MONOTONIC_COARSE of the last datagram, host order */
 };
 
+/* A destination's counts not yet added to lookup_counts: one slot of the per-CPU,
+ * direct-mapped lookup_cache in front of it. An empty slot has lookups 0. */
+struct sw_lookup_cached {
+	struct sw_lookup_key key;
+	__u64 lookups;
+	__u64 misses;
+};
+
+/* A peer's datagrams not yet added to udp_peers: one slot of peer_cache. */
+struct sw_peer_cached {
+	struct sw_peer_key key;
+	__u64 packets;        /* 0: an empty slot */
+	__u64 last_ns;        /* CLOCK_MONOTONIC_COARSE of the last datagram */
+	__u64 flushed_ns;     /* when udp_peers last saw this peer (its LRU recency) */
+};
+
 /* The last lookup on this CPU, until the packet is delivered or dropped for no socket
  * (both happen on the CPU that looked it up, before its next lookup). */
 struct sw_lookup_slot {
-	struct sw_lookup_key key;
-	__u64 armed;          /* 1 from the lookup until a drop for no socket takes it */
+	__u32 index;          /* its lookup_cache slot, which holds its key until the next lookup */
+	__u32 armed;          /* 1 from the lookup until a drop for no socket takes it */
 };
 
 #endif

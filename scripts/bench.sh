@@ -5,7 +5,7 @@
 #   scripts/bench.sh churn      # churn with idle clients and snapshots; table vs ss after (~80 s)
 #   scripts/bench.sh live       # live and events at 100,000 sockets under churn (~5 minutes)
 #   scripts/bench.sh scrape     # a Prometheus scrape at 100,000 sockets vs an empty table (~4 minutes)
-#   scripts/bench.sh lookup     # the sk_lookup hook under a UDP flood and TCP crr (~4 minutes)
+#   scripts/bench.sh lookup     # the sk_lookup hook under two UDP floods and TCP crr (~5 minutes)
 # Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -828,10 +828,10 @@ class Agent:
         """The peers kept, by namespace inode and wall time, and how many entries the
         map holds (those of namespaces not yet forgotten included: not evicted)."""
         assert self.loaded is not None and self.loaded.lookup is not None
-        read = self.loaded.lookup.peers()
+        read, in_map = self.loaded.lookup.peers()
         kept = [replace(p, netns=inode, last_seen=self.wall_offset + p.last_seen)
                 for inode, p in lookups.resolve(read, self._inode_of)]  # fmt: skip
-        return kept, len(read)
+        return kept, in_map
 
     def _lookup_sample(self) -> metrics.LookupSample | None:
         if self.loaded is None or self.loaded.lookup is None:

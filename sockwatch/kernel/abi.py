@@ -110,6 +110,19 @@ class SwPeerCount(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
 
 
+class SwLookupCached(ctypes.Structure):
+    """struct sw_lookup_cached: a lookup_cache slot (lookups 0: empty)."""
+
+    _fields_ = [("key", SwLookupKey), ("lookups", ctypes.c_uint64), ("misses", ctypes.c_uint64)]
+
+
+class SwPeerCached(ctypes.Structure):
+    """struct sw_peer_cached: a peer_cache slot (packets since it last reached udp_peers)."""
+
+    _fields_ = [("key", SwPeerKey), ("packets", ctypes.c_uint64), ("last_ns", ctypes.c_uint64),
+                ("flushed_ns", ctypes.c_uint64)]  # fmt: skip
+
+
 MIRRORS = {
     "sw_udp": SwUdp,
     "sw_bind": SwBind,
@@ -117,6 +130,8 @@ MIRRORS = {
     "sw_lookup_count": SwLookupCount,
     "sw_peer_key": SwPeerKey,
     "sw_peer_count": SwPeerCount,
+    "sw_lookup_cached": SwLookupCached,
+    "sw_peer_cached": SwPeerCached,
 }
 
 

@@ -290,6 +290,8 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
             "sw_lookup_count": ctypes.sizeof(b["lookup_counts"].sLeaf),
             "sw_peer_key": ctypes.sizeof(b["abi_peer_key"].Leaf),
             "sw_peer_count": ctypes.sizeof(b["udp_peers"].sLeaf),
+            "sw_lookup_cached": ctypes.sizeof(b["abi_lookup_cached"].Leaf),
+            "sw_peer_cached": ctypes.sizeof(b["abi_peer_cached"].Leaf),
         }
     )
     return b

@@ -13,6 +13,7 @@ program is freed when the link is closed.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -20,6 +21,7 @@ import platform
 import re
 import socket
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 from sockwatch.kernel import abi
@@ -135,6 +137,28 @@ def _addr(family: int, raw: ctypes.Array) -> ipaddress.IPv4Address | ipaddress.I
     return abi.address(_version(family), bytes(raw))
 
 
+def add_up(in_map: Iterable[tuple[bytes, int, int]], cached: Iterable[tuple[bytes, int, int]],
+           last: dict[bytes, tuple[int, int]]) -> dict[bytes, tuple[int, int]]:  # fmt: skip
+    """(lookups, misses) per key: the map's plus every cache slot's holding the key. The
+    map is read before the caches, so a slot written back between the two reads is
+    missed once (never counted twice): each count is kept from going below what `last`
+    says was returned before, as a counter must, and `last` is updated."""
+    totals: dict[bytes, list[int]] = {}
+    for kb, lookups, misses in in_map:
+        t = totals.setdefault(kb, [0, 0])
+        t[0] += lookups
+        t[1] += misses
+    for kb, lookups, misses in cached:
+        t = totals.setdefault(kb, [0, 0])
+        t[0] += lookups
+        t[1] += misses
+    out = {}
+    for kb, (lookups, misses) in totals.items():
+        was = last.get(kb, (0, 0))
+        out[kb] = last[kb] = (max(lookups, was[0]), max(misses, was[1]))
+    return out
+
+
 class LookupHook:
     """The sk_lookup program of every namespace the registry knows, attached by link."""
 
@@ -145,6 +169,9 @@ class LookupHook:
         self.refused: dict[int, str] = {}  # namespace cookie -> why its attach failed (not retried)
         self.drop_sites_checked = False  # kernel addresses readable: misses told from other drops
         self.peers_forgotten = 0  # peers deleted with their namespace (not evictions)
+        self._reported: dict[bytes, tuple[int, int]] = {}  # destination key -> (lookups, misses) last returned
+        self._dead_lookups: dict[int, int] = {}  # forgotten namespace cookie -> reads in a row that found none
+        self._dead_peers: dict[int, int] = {}
 
     def attach(self, ns: Namespace, registry: NamespaceRegistry) -> None:
         """Load ns's copy and link it to ns. NamespaceGone, or OSError from the kernel."""
@@ -198,34 +225,99 @@ class LookupHook:
         except Exception:  # kernels without batch operations on this map type
             return list(table.items())
 
+    def _slots(self, name: str, t: type[ctypes.Structure]) -> list[Any]:
+        """Every CPU's slots of a per-CPU cache, as `t`."""
+        try:
+            self.bpf[name]
+        except KeyError:  # peer_cache, under --max-udp-peers 0
+            return []
+        return [t.from_buffer_copy(bytes(v)) for _k, per_cpu in self._items(name) for v in per_cpu]
+
+    def _sweep(self, dead: dict[int, int], seen: set[int]) -> None:
+        """A forgotten namespace's keys can still come out of a cache slot (when another
+        key takes the slot) until no slot holds them: its cookie is watched until two
+        reads in a row find none (a slot written back between this read's two halves is
+        seen by the next)."""
+        for cookie in list(dead):
+            dead[cookie] = 0 if cookie in seen else dead[cookie] + 1
+            if dead[cookie] >= 2:
+                del dead[cookie]
+
+    def _read(self, name: str, key_t: type[ctypes.Structure], cache: str, cache_t: type[ctypes.Structure],
+              dead: dict[int, int], filled: str) -> tuple[list[tuple[bytes, Any]], list[Any], int]:  # fmt: skip
+        """One read of a map and of the per-CPU cache in front of it, the map first: its
+        entries (key bytes, per-CPU values), the cache's occupied slots (`filled`: the
+        field an empty slot has 0 in), and how many entries of forgotten namespaces it
+        deleted (written back from a slot since they were forgotten)."""
+        table = self.bpf[name]
+        entries: list[tuple[bytes, Any]] = []
+        seen: set[int] = set()
+        deleted = 0
+        for k, v in self._items(name):
+            kb = bytes(k)
+            cookie = key_t.from_buffer_copy(kb).netns_cookie  # type: ignore[attr-defined]
+            if cookie in dead:
+                seen.add(cookie)
+                with contextlib.suppress(KeyError):
+                    del table[k]
+                    deleted += 1
+                continue
+            entries.append((kb, v))
+        slots = []
+        for e in self._slots(cache, cache_t):
+            if not getattr(e, filled):
+                continue
+            if e.key.netns_cookie in dead:
+                seen.add(e.key.netns_cookie)
+                continue
+            slots.append(e)
+        self._sweep(dead, seen)
+        return entries, slots, deleted
+
     def counts(self) -> list[Destination]:
         """Every destination counted, its `netns` the namespace's cookie (the agent names
-        it by inode)."""
+        it by inode): lookup_counts plus what the CPUs' lookup_cache slots hold (see
+        add_up)."""
+        entries, slots, _ = self._read("lookup_counts", abi.SwLookupKey, "lookup_cache", abi.SwLookupCached,
+                                       self._dead_lookups, "lookups")  # fmt: skip
+        in_map = [(kb, sum(int(c.lookups) for c in v), sum(int(c.misses) for c in v)) for kb, v in entries]
+        cached = [(bytes(e.key), int(e.lookups), int(e.misses)) for e in slots]
         out = []
-        for k, v in self._items("lookup_counts"):
-            key = abi.SwLookupKey.from_buffer_copy(k)
-            lookups, misses = sum(int(c.lookups) for c in v), sum(int(c.misses) for c in v)
-            lookups, misses = sum(int(c.lookups) for c in v), sum(int(c.misses) for c in v)
+        for kb, (lookups, misses) in add_up(in_map, cached, self._reported).items():
+            key = abi.SwLookupKey.from_buffer_copy(kb)
             out.append(Destination(key.netns_cookie, key.protocol, _version(key.family), _addr(key.family, key.addr),
                                    key.port, lookups, misses))  # fmt: skip
         return out
 
-    def peers(self) -> list[Peer]:
+    def peers(self) -> tuple[list[Peer], int]:
         """Every peer kept, its `netns` the namespace's cookie and `last_seen` in
-        CLOCK_MONOTONIC seconds (the agent makes both its own)."""
-        out = []
-        for k, v in self._items("udp_peers"):
-            key = abi.SwPeerKey.from_buffer_copy(k)
+        CLOCK_MONOTONIC seconds (the agent makes both its own): udp_peers plus what the
+        CPUs' peer_cache slots hold; and how many entries udp_peers holds (for its
+        evictions). An evicted peer that sends again starts from its new datagrams."""
+        entries, slots, deleted = self._read("udp_peers", abi.SwPeerKey, "peer_cache", abi.SwPeerCached,
+                                             self._dead_peers, "packets")  # fmt: skip
+        self.peers_forgotten += deleted
+        totals: dict[bytes, list[int]] = {}
+        for kb, v in entries:
             packets = sum(int(c.packets) for c in v)
             if packets:
-                out.append(Peer(key.netns_cookie, _version(key.family), _addr(key.family, key.local_addr),
-                                key.local_port, _addr(key.family, key.remote_addr), key.remote_port, packets,
-                                max(int(c.last_ns) for c in v) / 1e9))  # fmt: skip
-        return out
+                totals[kb] = [packets, max(int(c.last_ns) for c in v)]
+        in_map = len(totals)
+        for q in slots:
+            t = totals.setdefault(bytes(q.key), [0, 0])
+            t[0] += q.packets
+            t[1] = max(t[1], q.last_ns)
+        out = []
+        for kb, (packets, last_ns) in totals.items():
+            key = abi.SwPeerKey.from_buffer_copy(kb)
+            out.append(Peer(key.netns_cookie, _version(key.family), _addr(key.family, key.local_addr), key.local_port,
+                            _addr(key.family, key.remote_addr), key.remote_port, packets, last_ns / 1e9))  # fmt: skip
+        return out, in_map
 
     def forget(self, cookie: int) -> None:
         """A dead namespace's keys: nothing will count them again. Its peers are counted
-        as forgotten, not as evicted."""
+        as forgotten, not as evicted. Cache slots may still hold some: they are dropped
+        when they come out (see _sweep)."""
         for name, t in (("lookup_counts", abi.SwLookupKey), ("udp_peers", abi.SwPeerKey)):
             table = self.bpf[name]
             for k in list(table.keys()):
@@ -235,3 +327,7 @@ class LookupHook:
                     except KeyError:
                         continue
                     self.peers_forgotten += name == "udp_peers"
+        self._dead_lookups[cookie] = 0
+        self._dead_peers[cookie] = 0
+        for kb in [kb for kb in self._reported if abi.SwLookupKey.from_buffer_copy(kb).netns_cookie == cookie]:
+            del self._reported[kb]

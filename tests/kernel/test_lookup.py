@@ -191,6 +191,103 @@ def test_a_deleted_namespace_releases_its_hook(agent: AgentProc, netns_factory) 
     assert st["lookup"]["namespaces_hooked"] == st["namespaces"], st["lookup"]
 
 
+# Many destinations and peers, interleaved on one CPU so that they keep taking each
+# other's cache slots (256 a CPU): every count then goes through lookup_counts and
+# udp_peers as well as the caches.
+CHURN = r"""
+import json, os, resource, socket, sys
+os.sched_setaffinity(0, {0})
+n = int(sys.argv[1])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, n + 64), max(hard, n + 64)))
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+server.bind(("127.0.0.1", 6000))
+clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+for c in clients:
+    c.bind(("127.0.0.1", 0))
+for rnd in range(3):
+    for i, c in enumerate(clients):
+        if i % 3 >= rnd:  # client i sends 1 + i % 3 datagrams in all
+            c.sendto(b"x", ("127.0.0.1", 6000))
+        c.sendto(b"x", ("127.0.0.1", 20000 + i))  # closed: a miss each, 3 a port
+        while True:
+            try:
+                server.recv(16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+print(json.dumps([c.getsockname()[1] for c in clients]), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _map_cookies(name: str) -> set[int]:
+    """The namespace cookies of every key in one of the agent's maps, as bpftool sees it."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "name", name], capture_output=True, text=True, check=True)
+    return {int.from_bytes(bytes(int(b, 16) for b in e["key"][:8]), "little") for e in json.loads(out.stdout)}
+
+
+def test_counts_stay_exact_when_slots_change_hands(agent: AgentProc, netns_factory, netns: Netns) -> None:
+    """600 peers of one server and 600 closed ports, interleaved: every count exact, the
+    caches' and the maps' added. Then the namespace is deleted, and once other traffic
+    has pushed its keys out of the caches no map holds any of them."""
+    from sockwatch.kernel.netns import NamespaceRegistry
+
+    n = 600
+    ns = netns_factory()
+    ns_cookie = NamespaceRegistry()._open(f"/run/netns/{ns.name}").cookie  # type: ignore[union-attr]
+    _until("the new namespace hooked", lambda: _ours(ns.inode))
+    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", CHURN, str(n)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ports = json.loads(proc.stdout.readline())
+        r = _sw("snapshot", "--lookups", "--json", "--top", "10000", "--netns", str(ns.inode), "--socket", agent.socket)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        got = {(d["protocol"], d["port"]): (d["lookups"], d["misses"]) for d in report["destinations"]}
+        assert got.pop(("udp", 6000)) == (sum(1 + i % 3 for i in range(n)), 0)
+        # each port unreachable comes back to its sender's socket through a lookup too
+        # (__udp4_lib_err; loopback's ICMP errors are not rate-limited)
+        assert got == {("udp", 20000 + i): (3, 3) for i in range(n)} | {("udp", p): (3, 0) for p in ports}
+        assert report["totals"]["lookups_uncounted"] == 0
+        r = _sw("snapshot", "--peers", "--json", "--top", "10000", "--netns", str(ns.inode), "--socket", agent.socket)
+        assert r.returncode == 0, r.stderr
+        peers = json.loads(r.stdout)
+        by_port = {p["remote_port"]: p["packets"] for p in peers["peers"] if p["local_port"] == 6000}
+        assert by_port == {port: 1 + i % 3 for i, port in enumerate(ports)}
+        assert peers["totals"].get("udp_peers_evicted", 0) == 0
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert ns_cookie in _map_cookies("lookup_counts") | _map_cookies("udp_peers")  # written back: the case at hand
+
+    before = set(_ours(None))
+    subprocess.run(["ip", "netns", "del", ns.name], check=True)
+    _until("its link released", lambda: len(set(_ours(None)) & before) == len(before) - 1)
+    _until("the other namespace hooked", lambda: _ours(netns.inode))
+    subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-c", CHURN.replace("sys.stdin.readline()", ""),
+                    str(n)], check=True, capture_output=True, timeout=120)  # fmt: skip
+    for _ in range(2):  # a key written back while one read runs is caught by the next
+        assert _sw("snapshot", "--lookups", "--json", "--socket", agent.socket).returncode == 0
+        assert _sw("snapshot", "--peers", "--json", "--socket", agent.socket).returncode == 0
+    assert ns_cookie not in _map_cookies("lookup_counts") | _map_cookies("udp_peers")
+
+
+def test_a_small_peer_map_counts_its_evictions(fresh_agent, netns: Netns, tmp_path) -> None:
+    """3000 peers into --max-udp-peers 1024: peers are evicted, least recently seen
+    first, and every one seen is either kept or counted as evicted; the view says so."""
+    a = fresh_agent(str(tmp_path / "a.sock"), ("--max-udp-peers", "1024"))
+    assert a.status()["lookup"]["udp_peers_capacity"] == 1024
+    subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-c", CHURN.replace("sys.stdin.readline()", ""),
+                    "3000"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    r = _sw("snapshot", "--peers", "--json", "--top", "10000", "--socket", a.socket)
+    assert r.returncode == 0, r.stderr
+    t = json.loads(r.stdout)["totals"]
+    assert t["udp_peers_seen"] >= 3000 and 0 < t["udp_peers_seen"] - t["udp_peers_evicted"] <= 1024, t
+    text = _sw("snapshot", "--peers", "--socket", a.socket)
+    assert f"{t['udp_peers_evicted']} peers were evicted" in text.stdout, text.stdout
+
+
 def _hidden_namespace(flows: int) -> tuple[list[socket.socket], int]:
     """Sockets in a network namespace no agent can find, and a descriptor of it: a thread
     of the test's moves itself alone into a new namespace (a namespace is per thread;

@@ -195,3 +195,22 @@ def test_a_miss_line_is_json_the_events_text_can_say() -> None:
                  "addresses": ["127.0.0.1", "::1"]}  # fmt: skip
     text = events.describe(e)
     assert "MISS" in text and "port 8081: 4 packets found no socket (RST)" in text and "netns 4026531840" in text
+
+
+@pytest.mark.parametrize(
+    ("in_map", "cached", "last", "expect"),
+    [
+        # the map's and every CPU's slots holding the key, added
+        ([(b"a", 5, 1)], [(b"a", 2, 0), (b"a", 3, 1)], {}, {b"a": (10, 2)}),
+        # only in a slot yet
+        ([], [(b"b", 1, 1)], {}, {b"b": (1, 1)}),
+        # a slot written back between the two reads: neither read saw its 4; the count
+        # stays at what was returned before, not below
+        ([(b"a", 5, 0)], [], {b"a": (9, 0)}, {b"a": (9, 0)}),
+        # and the next read, with the 4 in the map, goes on from there
+        ([(b"a", 9, 0), (b"c", 1, 0)], [(b"a", 1, 0)], {b"a": (9, 0)}, {b"a": (10, 0), b"c": (1, 0)}),
+    ],
+)
+def test_add_up_counts_of_the_map_and_the_caches(in_map, cached, last, expect) -> None:
+    assert lookup.add_up(in_map, cached, last) == expect
+    assert last == expect | {k: v for k, v in last.items() if k not in expect}
