@@ -68,25 +68,37 @@ class Filters:
         }
 
     def match(self, row: SockRow) -> bool:
-        if self.protocols and row.protocol not in self.protocols:
+        addrs = (row.local_address,) if row.remote_address is None else (row.local_address, row.remote_address)
+        return self._match(row.protocol, row.state, row.pid, row.netns, (row.local_port, row.remote_port), addrs)
+
+    def match_event(self, e: dict) -> bool:
+        """The same rule over a streamed event's own fields (`live` filters what the
+        stream sent before its filter changed); a field the event lacks (a bind has no
+        state) does not fail it."""
+        addrs = []
+        for key in ("local_address", "remote_address"):
+            try:
+                addrs.append(ipaddress.ip_address(e.get(key) or ""))
+            except ValueError:
+                continue
+        ports = tuple(p for p in (e.get("local_port"), e.get("remote_port")) if isinstance(p, int))
+        state = STATE_NUMBERS.get(str(e["state"])) if e.get("state") else None
+        return self._match(PROTO_NUMBERS.get(str(e.get("protocol", "")).lower(), 0), state, e.get("pid"),
+                           e.get("netns"), ports, tuple(addrs))  # fmt: skip
+
+    def _match(self, protocol: int, state: int | None, pid: object, netns: object, ports: tuple[int | None, ...],
+               addrs: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]) -> bool:  # fmt: skip
+        if self.protocols and protocol not in self.protocols:
             return False
-        if self.states and row.state not in self.states:
+        if self.states and state is not None and state not in self.states:
             return False
-        if self.pids and row.pid not in self.pids:
+        if self.pids and pid not in self.pids:
             return False
-        if self.netns and row.netns not in self.netns:
+        if self.netns and netns not in self.netns:
             return False
-        if self.ports and not any(
-            lo <= p <= hi for lo, hi in self.ports for p in (row.local_port, row.remote_port) if p
-        ):
+        if self.ports and not any(lo <= p <= hi for lo, hi in self.ports for p in ports if p):
             return False
-        if self.networks:
-            addrs = [row.local_address]
-            if row.remote_address is not None:
-                addrs.append(row.remote_address)
-            if not any(_in(a, n) for a in addrs for n in self.networks):
-                return False
-        return True
+        return not self.networks or any(_in(a, n) for a in addrs for n in self.networks)
 
     @property
     def empty(self) -> bool:

@@ -391,7 +391,7 @@ class Live(App[None]):
                 e = json.loads(raw)
             except ValueError:
                 continue
-            if not isinstance(e, dict) or (not self.filters.empty and not _event_matches(self.filters, e)):
+            if not isinstance(e, dict) or (not self.filters.empty and not self.filters.match_event(e)):
                 continue
             style = "bold red" if e.get("kind") in ("bind_fail", "lost") else ""
             table.add_row(Text(event_text.describe(e), style=style))
@@ -462,17 +462,3 @@ def _age(born_ns: int) -> str:
         return ""
     s = max(0.0, time.monotonic() - born_ns / 1e9)
     return f"{s:.0f}s" if s < 120 else (f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h")
-
-
-def _event_matches(f: Filters, e: dict) -> bool:
-    """The filter over a streamed event's own fields (the agent filters rows)."""
-    if f.protocols and {"tcp": 6, "udp": 17}.get(e.get("protocol", ""), 0) not in f.protocols:
-        return False
-    if f.pids and e.get("pid") not in f.pids:
-        return False
-    if f.netns and e.get("netns") not in f.netns:
-        return False
-    if f.ports and not any(lo <= p <= hi for lo, hi in f.ports for p in (e.get("local_port"), e.get("remote_port"))
-                           if isinstance(p, int) and p):  # fmt: skip
-        return False
-    return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import json
 import logging
@@ -447,7 +448,9 @@ class Agent:
             if said is None:
                 continue
             out.append(said)
-            if said.kind == "bind_fail":
+            if said.kind == "bind_fail" and said.errno == errno.EADDRINUSE:
+                # who holds the port: the answer to EADDRINUSE (an EACCES is about privilege,
+                # checked before the port is looked at: a holder then is not the reason)
                 key = (said.sock.netns, said.sock.protocol, said.sock.local_port)
                 now = [(stream.sock_of_row(r), r.state) for r in self._visible_by_port().get(key, [])
                        if r.cookie not in seen]  # fmt: skip
@@ -876,30 +879,32 @@ class Agent:
     def _http(self, head: bytes) -> list[bytes]:
         """GET /metrics (built now, from the table as it is) and GET /healthz; nothing
         else. The request is read, not trusted: only its first line matters."""
+        web = self.settings.web
+        extra = web.headers if web is not None else b""  # the web config's headers, on every answer
         try:
             method, target, _version = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
         except (ValueError, UnicodeDecodeError):
-            return _http_answer(400, b"bad request\n")
+            return _http_answer(400, b"bad request\n", extra=extra)
         path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
-            return _http_answer(405, b"only GET\n")
-        web = self.settings.web
+            return _http_answer(405, b"only GET\n", extra=extra)
         if path == "/metrics" and web is not None and not web.allows(webconfig.header(head, b"Authorization")):
             self.clients_dropped["unauthorized"] += 1
-            return _http_answer(401, b"unauthorized\n", extra=b'WWW-Authenticate: Basic realm="sockwatch"\r\n')
+            return _http_answer(401, b"unauthorized\n", extra=extra + b'WWW-Authenticate: Basic realm="sockwatch"\r\n')
         try:
             if path == "/metrics":
                 self.prepare_answer(owners=False)  # the collector checks the owners of what it shows
                 body = generate_latest(self.registry)
-                return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
+                return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD",
+                                    extra=extra)  # fmt: skip
             if path in ("/healthz", "/readyz"):
                 ok = self.loaded is not None and bool(len(self.loaded.links))
-                return _http_answer(200 if ok else 503, b"ok\n" if ok else b"no hook attached\n")
+                return _http_answer(200 if ok else 503, b"ok\n" if ok else b"no hook attached\n", extra=extra)
         except Exception:
             log.exception("answering %s failed", path)
             self.clients_dropped["internal_error"] += 1
-            return _http_answer(500, b"internal error in the agent (logged)\n")
-        return _http_answer(404, b"try /metrics or /healthz\n")
+            return _http_answer(500, b"internal error in the agent (logged)\n", extra=extra)
+        return _http_answer(404, b"try /metrics or /healthz\n", extra=extra)
 
     @staticmethod
     def _json(d: dict) -> bytes:

@@ -9,6 +9,11 @@ Prometheus exporters share (prometheus/exporter-toolkit's web configuration):
       min_version: TLS12             # optional
     basic_auth_users:
       prometheus: $2y$10$...         # bcrypt hashes (htpasswd -nBC 10 "" | tr -d ':\\n')
+    http_server_config:
+      headers:                       # added to every answer; blank: not sent
+        X-Content-Type-Options: nosniff
+        Strict-Transport-Security: max-age=31536000
+      http2: false                   # read, but answers are HTTP/1.1 either way
 
 Everything is checked at start (the certificate and key load, the hashes are bcrypt),
 so a bad file stops `serve` with one sentence rather than failing each scrape. /healthz
@@ -40,6 +45,14 @@ _VERSIONS = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
+# exporter-toolkit's headers and what each accepts (None: any value of one line)
+_HEADERS: dict[str, set[str] | None] = {
+    "Content-Security-Policy": None,
+    "X-Frame-Options": {"deny", "sameorigin"},
+    "X-Content-Type-Options": {"nosniff"},
+    "X-XSS-Protection": None,
+    "Strict-Transport-Security": None,
+}
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version"}
 # a bcrypt of a random password: unknown users cost as much as known ones (no timing oracle)
 _DUMMY = b"$2b$10$K.MS3hdyErc.VkEv.SY89OlTQlBDJTrkVf/oEAJh/Cgj31UqU/7sO"
@@ -53,6 +66,7 @@ class WebConfigError(ValueError):
 class WebConfig:
     tls: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)  # user -> bcrypt hash
+    headers: bytes = b""  # header lines every answer carries (http_server_config.headers)
     _verified: dict[tuple[str, bytes], bool] = field(default_factory=dict)
 
     def allows(self, authorization: str | None) -> bool:
@@ -102,7 +116,7 @@ def load(path: str) -> WebConfig:
     unknown = set(doc) - {"tls_server_config", "basic_auth_users", "http_server_config"}
     if unknown:
         raise WebConfigError(f"{shown(path)}: unknown section {shown(str(sorted(map(str, unknown))[0]))} "
-                             "(known: tls_server_config, basic_auth_users)")  # fmt: skip
+                             "(known: tls_server_config, basic_auth_users, http_server_config)")  # fmt: skip
     base = os.path.dirname(os.path.abspath(path))
     cfg = WebConfig()
     if doc.get("tls_server_config") is not None:
@@ -117,7 +131,36 @@ def load(path: str) -> WebConfig:
             raise WebConfigError(f"{shown(path)}: the password of {shown(user)} is not a bcrypt hash "
                                  "(make one with: htpasswd -nBC 10 \"\" | tr -d ':\\n')")  # fmt: skip
         cfg.users[user] = hashed.encode()
+    if doc.get("http_server_config") is not None:
+        cfg.headers = _http(doc["http_server_config"], path)
     return cfg
+
+
+def _http(section: object, path: str) -> bytes:
+    """http_server_config: its headers as lines to send. Values are checked as
+    exporter-toolkit checks them, and must be one line of printable text (no header
+    can be smuggled into an answer)."""
+    if not isinstance(section, dict) or not set(section) <= {"http2", "headers"}:
+        raise WebConfigError(f"{shown(path)}: http_server_config takes http2 and headers")
+    if not isinstance(section.get("http2", False), bool):
+        raise WebConfigError(f"{shown(path)}: http_server_config's http2 is true or false")
+    headers = section.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise WebConfigError(f"{shown(path)}: http_server_config's headers map header names to values")
+    out = b""
+    for name, value in headers.items():
+        if name not in _HEADERS:
+            raise WebConfigError(f"{shown(path)}: header {shown(str(name))} cannot be set "
+                                 f"(one of {', '.join(_HEADERS)})")  # fmt: skip
+        if value is None or value == "":
+            continue  # blank: not sent
+        if not isinstance(value, str) or not value.isprintable() or not value.isascii():
+            raise WebConfigError(f"{shown(path)}: the value of {name} is one line of printable ASCII")
+        allowed = _HEADERS[name]
+        if allowed is not None and value.lower() not in allowed:
+            raise WebConfigError(f"{shown(path)}: {name} is one of {', '.join(sorted(allowed))}")
+        out += f"{name}: {value}\r\n".encode()
+    return out
 
 
 def _tls(section: object, base: str, path: str) -> ssl.SSLContext:

@@ -32,8 +32,8 @@ def events(
     """Stream socket events as they happen, in every network namespace.
 
     Binds say how the port was set: asked for, port 0, or implicitly by connect,
-    listen or sendto. Failed binds carry the errno and, for EADDRINUSE and EACCES,
-    who holds the port now. A TCP close carries the connection's lifetime: duration,
+    listen or sendto. Failed binds carry the errno and, for EADDRINUSE, who holds
+    the port now (for EACCES, that the port is privileged). A TCP close carries the connection's lifetime: duration,
     bytes sent and received, retransmits, smoothed RTT. Events the kernel could not
     hand over (a full ring) are reported as a 'lost' line, never skipped silently.
 
@@ -119,6 +119,8 @@ def _describe(e: dict) -> str:
             else f"held by socket {h['cookie']} ({h['state']})"
             for h in holders[:3]
         )
+        if e["errno"] == "EACCES":
+            held = "a port below net.ipv4.ip_unprivileged_port_start needs CAP_NET_BIND_SERVICE"
         extra.append(f"{e['errno']} ({e['error']})" + (f"; {held}" if held else ""))
     life = e.get("lifetime")
     if life:

@@ -6,6 +6,7 @@ The stream is read through the CLI, as a person runs it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -290,3 +291,33 @@ def test_losses_are_streamed_to_every_subscriber(netns, child_factory, tmp_path)
         for s in streams:
             s.stop()
         a.stop()
+
+
+def test_a_privileged_port_refused_says_why_not_who_holds_it(agent, netns, child_factory):
+    """bind() to port 80 by an unprivileged user fails with EACCES, checked before the
+    port is looked at: the line says the port is privileged, not who holds it (a root
+    process does)."""
+    holder = child_factory(netns.name)
+    holder.do(op="tcp_listen", addr="0.0.0.0", port=80)
+    proc = subprocess.Popen(
+        sockwatch_cmd("events", "--socket", agent.socket, "--netns", str(netns.inode), "--kind", "bind_fail"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        bind = "import socket\ntry: socket.socket().bind(('127.0.0.1', 80))\nexcept OSError as e: print(e.errno)"
+        # the system's python3: nobody may not be able to reach this checkout's environment
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        r = subprocess.run(["ip", "netns", "exec", netns.name, *nobody, "/usr/bin/python3", "-c", bind],
+                           capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        assert r.stdout.strip() == str(errno.EACCES), r  # what bind() really returned
+        assert proc.stdout
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(5)
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
+    assert "BIND_FAIL tcp 127.0.0.1:80" in line and "EACCES (Permission denied)" in line, line
+    assert "needs CAP_NET_BIND_SERVICE" in line and "held by" not in line, line

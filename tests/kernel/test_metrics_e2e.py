@@ -162,7 +162,8 @@ def test_tls_and_basic_auth_from_a_web_config_with_a_real_prometheus(tmp_path):
     c, k = cert(tmp_path)
     hashed = bcrypt.hashpw(b"scrape-me", bcrypt.gensalt(4)).decode()
     web = tmp_path / "web.yml"
-    web.write_text(f"tls_server_config:\n  cert_file: {c}\n  key_file: {k}\nbasic_auth_users:\n  prom: '{hashed}'\n")
+    web.write_text(f"tls_server_config:\n  cert_file: {c}\n  key_file: {k}\nbasic_auth_users:\n  prom: '{hashed}'\n"
+                   "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n")  # fmt: skip
     a = AgentProc(socket=str(tmp_path / "a.sock"), extra=("--web-config", str(web)))
     try:
         url = a.status()["metrics"]
@@ -171,10 +172,11 @@ def test_tls_and_basic_auth_from_a_web_config_with_a_real_prometheus(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url, timeout=10, context=ctx)
         assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == 'Basic realm="sockwatch"'
+        assert e.value.headers["X-Content-Type-Options"] == "nosniff"  # the web config's headers, on every answer
         req = urllib.request.Request(url, headers={"Authorization": "Basic " + base64.b64encode(b"prom:scrape-me")
                                                    .decode()})  # fmt: skip
         with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
-            assert b"sockwatch_build_info" in r.read()
+            assert b"sockwatch_build_info" in r.read() and r.headers["X-Content-Type-Options"] == "nosniff"
         with urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=10, context=ctx) as r:
             assert r.read() == b"ok\n"  # probes need no password
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):

@@ -140,3 +140,36 @@ def test_unconnected_port_zero_does_not_match_port_zero_filters_by_accident():
 def test_wire_round_trip():
     f = flt.build(protocol=["udp"], port=["53", "8000-8100"], addr=["::1"], state=["unconn"], pid=["7"], netns=["9"])
     assert flt.from_wire(f.to_wire()) == f
+
+
+_FILTERS = [
+    {"protocol": ["tcp"]}, {"protocol": ["udp"]}, {"port": ["443"]}, {"port": ["50000-52000"]}, {"port": ["80"]},
+    {"addr": ["10.0.0.0/8"]}, {"addr": ["192.0.2.7"]}, {"addr": ["172.16.0.0/12"]}, {"addr": ["127.0.0.0/8"]},
+    {"state": ["established"]}, {"state": ["listen"]}, {"pid": ["100"]}, {"pid": ["101"]}, {"netns": ["4026531840"]},
+    {"protocol": ["tcp"], "port": ["80"]},
+]  # fmt: skip
+_ROWS = [
+    row(),
+    row(protocol=IPPROTO_UDP, state=TcpState.CLOSE, remote_address=None, remote_port=0, pid=None),
+    row(
+        family=6,
+        local_address=ipaddress.ip_address("::ffff:127.0.0.1"),
+        remote_address=None,
+        remote_port=0,
+        state=TcpState.LISTEN,
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs", _FILTERS)
+def test_a_streamed_event_matches_as_its_row_does(kwargs):
+    """`live` filters events the stream sent before its filter changed: by the same rule
+    over the event's fields as the agent's over rows."""
+    f = flt.build(**kwargs)
+    for r in _ROWS:
+        assert f.match_event(r.as_dict()) == f.match(r), (kwargs, r)
+    bind = {"kind": "bind_fail", "protocol": "tcp", "local_address": "10.0.0.1", "local_port": 443, "pid": 100,
+            "netns": 4026531840}  # fmt: skip
+    assert f.match_event(bind) == f.match(row(state=TcpState.ESTABLISHED, remote_port=0, remote_address=None)) or (
+        "state" in kwargs  # an event without a state is not failed by a state filter
+    )

@@ -125,6 +125,12 @@ def test_web_config_tls_and_users(tmp_path):
         ("basic_auth_users:\n  prom: plaintext\n", "is not a bcrypt hash"),
         ("basic_auth_users: [a]\n", "maps user names to bcrypt hashes"),
         ("tls_config: {}\n", "unknown section 'tls_config'"),
+        ("http_server_config:\n  http3: true\n", "http_server_config takes http2 and headers"),
+        ("http_server_config:\n  http2: maybe\n", "http2 is true or false"),
+        ("http_server_config:\n  headers: [a]\n", "headers map header names to values"),
+        ("http_server_config:\n  headers:\n    Set-Cookie: a=b\n", "header 'Set-Cookie' cannot be set"),
+        ("http_server_config:\n  headers:\n    X-Frame-Options: allow-from\n", "X-Frame-Options is one of deny"),
+        ('http_server_config:\n  headers:\n    X-XSS-Protection: "1\\r\\nSet-Cookie: a=b"\n', "one line of printable"),
         ("[unclosed\n", "is not YAML"),
         ("- a\n", "is not a mapping"),
     ],
@@ -133,6 +139,14 @@ def test_a_bad_web_config_is_one_sentence(tmp_path, text, needle):
     with pytest.raises(webconfig.WebConfigError) as e:
         webconfig.load(write(tmp_path, text, name="web.yml"))
     assert needle in str(e.value)
+
+
+def test_web_config_headers_are_sent_as_lines(tmp_path):
+    w = webconfig.load(write(tmp_path, "http_server_config:\n  http2: true\n  headers:\n"
+                                       "    X-Content-Type-Options: nosniff\n    X-Frame-Options: DENY\n"
+                                       "    Content-Security-Policy: ''\n", name="web.yml"))  # fmt: skip
+    assert w.headers == b"X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\n"  # blank: not sent
+    assert webconfig.load(write(tmp_path, "basic_auth_users: {}\n", name="web2.yml")).headers == b""
 
 
 def test_tls_client_auth_needs_a_ca(tmp_path):
