@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import ctypes
 import ipaddress
+import itertools
 import os
 import platform
 import re
@@ -144,11 +145,7 @@ def add_up(in_map: Iterable[tuple[bytes, int, int]], cached: Iterable[tuple[byte
     missed once (never counted twice): each count is kept from going below what `last`
     says was returned before, as a counter must, and `last` is updated."""
     totals: dict[bytes, list[int]] = {}
-    for kb, lookups, misses in in_map:
-        t = totals.setdefault(kb, [0, 0])
-        t[0] += lookups
-        t[1] += misses
-    for kb, lookups, misses in cached:
+    for kb, lookups, misses in itertools.chain(in_map, cached):
         t = totals.setdefault(kb, [0, 0])
         t[0] += lookups
         t[1] += misses

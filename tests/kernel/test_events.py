@@ -111,25 +111,34 @@ def test_a_failed_bind_names_the_errno_the_failing_process_and_the_holder(agent,
     assert [(h["pid"], h["cookie"], h["state"]) for h in fail["holders"]] == [(holder.pid, lst["cookie"], "LISTEN")]
 
 
-def test_a_failed_bind_as_text_says_who_holds_the_port(agent, netns, child_factory):
-    holder, failer = child_factory(netns.name), child_factory(netns.name)
-    holder.do(op="udp_bind", addr="127.0.0.1", port=5353)
+def _first_bind_fail_line(agent: AgentProc, netns: Netns, act: Callable[[], None]) -> str:
+    """The first line `sockwatch events --kind bind_fail` prints, as text, once `act` ran."""
     proc = subprocess.Popen(
         sockwatch_cmd("events", "--socket", agent.socket, "--netns", str(netns.inode), "--kind", "bind_fail"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(0.5)
-        got = failer.attempt(op="udp_bind", addr="0.0.0.0", port=5353)
-        assert got.get("errno") == EADDRINUSE, got
+        time.sleep(0.5)  # subscribed before the test acts
+        act()
         assert proc.stdout
-        line = proc.stdout.readline()
+        return proc.stdout.readline()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(5)
         for f in (proc.stdout, proc.stderr):
             if f:
                 f.close()
+
+
+def test_a_failed_bind_as_text_says_who_holds_the_port(agent, netns, child_factory):
+    holder, failer = child_factory(netns.name), child_factory(netns.name)
+    holder.do(op="udp_bind", addr="127.0.0.1", port=5353)
+
+    def fail() -> None:
+        got = failer.attempt(op="udp_bind", addr="0.0.0.0", port=5353)
+        assert got.get("errno") == EADDRINUSE, got
+
+    line = _first_bind_fail_line(agent, netns, fail)
     assert "BIND_FAIL udp 0.0.0.0:5353" in line and f"{failer.pid}/{CHILD_COMM}" in line, line
     assert (
         "EADDRINUSE (Address already in use)" in line
@@ -299,25 +308,15 @@ def test_a_privileged_port_refused_says_why_not_who_holds_it(agent, netns, child
     process does)."""
     holder = child_factory(netns.name)
     holder.do(op="tcp_listen", addr="0.0.0.0", port=80)
-    proc = subprocess.Popen(
-        sockwatch_cmd("events", "--socket", agent.socket, "--netns", str(netns.inode), "--kind", "bind_fail"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        time.sleep(0.5)
+
+    def fail() -> None:
         bind = "import socket\ntry: socket.socket().bind(('127.0.0.1', 80))\nexcept OSError as e: print(e.errno)"
         # the system's python3: nobody may not be able to reach this checkout's environment
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         r = subprocess.run(["ip", "netns", "exec", netns.name, *nobody, "/usr/bin/python3", "-c", bind],
                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         assert r.stdout.strip() == str(errno.EACCES), r  # what bind() really returned
-        assert proc.stdout
-        line = proc.stdout.readline()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(5)
-        for f in (proc.stdout, proc.stderr):
-            if f:
-                f.close()
+
+    line = _first_bind_fail_line(agent, netns, fail)
     assert "BIND_FAIL tcp 127.0.0.1:80" in line and "EACCES (Permission denied)" in line, line
     assert "needs CAP_NET_BIND_SERVICE" in line and "held by" not in line, line

@@ -234,29 +234,27 @@ def boot(k: Kernel, command: str, timeout: float, memory: str = "3G") -> Run:
     qemu = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", memory,
             "-nographic", "-no-reboot", "-kernel", str(k.vmlinuz), "-initrd", str(rd), "-append", append,
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"]  # fmt: skip
-    t0 = time.monotonic()
-    try:
-        r = subprocess.run(qemu, capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
-        out = r.stdout + r.stderr
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        out += "\nkernels: timed out\n"
-    took = time.monotonic() - t0
+    out, _status, took = _timed(qemu, timeout)
     m = re.search(r"SW-EXIT (\d+)", out)
     return Run(k.version, "SW-BOOTED" in out, int(m.group(1)) if m else None, took, out)
 
 
 def run_here(command: str, timeout: float) -> Run:
     """The same command on this machine's own kernel, for the table's last row."""
+    out, status, took = _timed(["sh", "-c", command], timeout, cwd=ROOT)
+    return Run(f"{os.uname().release} (here)", True, status, took, out)
+
+
+def _timed(cmd: list[str], timeout: float, cwd: Path | None = None) -> tuple[str, int | None, float]:
+    """(output, exit status or None if it timed out, seconds) of one run."""
     t0 = time.monotonic()
     try:
-        r = subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, text=True, errors="replace",
-                           timeout=timeout, check=False)  # fmt: skip
-        out, status = r.stdout + r.stderr, r.returncode
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout,
+                           check=False)  # fmt: skip
+        return r.stdout + r.stderr, r.returncode, time.monotonic() - t0
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        out, status = out + "\nkernels: timed out\n", None
-    return Run(f"{os.uname().release} (here)", True, status, time.monotonic() - t0, out)
+        return out + "\nkernels: timed out\n", None, time.monotonic() - t0
 
 
 def _sh(v: str) -> str:
