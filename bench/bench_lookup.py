@@ -18,6 +18,11 @@ are untouched). Everything it creates (namespace, links, programs, the compiled 
 generator) is removed at the end. Results: bench/results/lookup.json.
 
   sudo .venv/bin/python bench/bench_lookup.py --repeat 7 --seconds 2
+  sudo .venv/bin/python bench/bench_lookup.py --profile sockwatch --workload udp_read
+
+--profile CONFIG runs one workload under `perf record` on the sender's CPU instead, with
+CONFIG attached, and prints where that CPU's time went (the JIT'd programs by name:
+net.core.bpf_jit_kallsyms must be 1, as it is for root by default).
 """
 
 from __future__ import annotations
@@ -45,7 +50,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=7, help="rounds (>= 5 for figures)")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each run")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "lookup.json"))
+    ap.add_argument("--profile", choices=CONFIGS, help="profile one config with perf instead of comparing")
+    ap.add_argument("--workload", choices=list(TARGETS), default="udp_read", help="the workload --profile runs")
     args = parse_as_root(ap)
+    if args.profile and shutil.which("perf") is None:
+        print("bench: --profile needs perf (Debian's linux-perf)", file=sys.stderr)
+        return 2
     if not 1 <= args.repeat <= 100 or not 0.2 <= args.seconds <= 60:
         print("bench: --repeat 1..100; --seconds 0.2..60", file=sys.stderr)
         return 2
@@ -95,19 +105,31 @@ def main() -> int:
                                 str(args.seconds)], check=True, capture_output=True, text=True)  # fmt: skip
             return float(json.loads(r.stdout)["rate"])
 
+        def attach(config: str) -> list[int]:
+            fds: list[int] = []
+            if config == "empty sk_lookup":
+                fds.append(bpfload.link_create(empty_fn.fd, nsfd, lookup.BPF_SK_LOOKUP))
+            elif config == "kfree_skb alone":
+                fds.append(bpfload.attach_one(b, miss, -1))
+            elif config == "sockwatch":
+                fds.append(hook.link(ns_cookie, nsfd))
+                fds.append(bpfload.attach_one(b, miss, -1))
+            elif config == "sockwatch, no peers":
+                fds.append(hook_np.link(ns_cookie, nsfd))
+                fds.append(bpfload.attach_one(b_np, miss, -1))
+            return fds
+
+        if args.profile:
+            fds = attach(args.profile)
+            try:
+                return profile(ns, pin, loadgen, args.workload, args.seconds, tmp)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
         for rnd in range(args.repeat):
             for config in CONFIGS if rnd % 2 == 0 else CONFIGS[::-1]:
-                fds: list[int] = []
-                if config == "empty sk_lookup":
-                    fds.append(bpfload.link_create(empty_fn.fd, nsfd, lookup.BPF_SK_LOOKUP))
-                elif config == "kfree_skb alone":
-                    fds.append(bpfload.attach_one(b, miss, -1))
-                elif config == "sockwatch":
-                    fds.append(hook.link(ns_cookie, nsfd))
-                    fds.append(bpfload.attach_one(b, miss, -1))
-                elif config == "sockwatch, no peers":
-                    fds.append(hook_np.link(ns_cookie, nsfd))
-                    fds.append(bpfload.attach_one(b_np, miss, -1))
+                fds = attach(config)
                 try:
                     for w in TARGETS:
                         results[w][config].append(run(w))
@@ -142,6 +164,22 @@ def main() -> int:
                                            "ns_per_op": round(extra_ns, 1)}  # fmt: skip
             print(f"{w:<11} {config:<20} {min(xs):>10.0f} {med:>10.0f} {-loss:>+8.1%} {extra_ns:>+6.0f}  {verdict}")
     write_result(args.json_out, out)
+    return 0
+
+
+def profile(ns: str, pin: list[str], loadgen: str, workload: str, seconds: float, tmp: str) -> int:
+    """perf's flat profile of the sender's CPU (0) during one run of the workload."""
+    data = os.path.join(tmp, "perf.data")
+    gen = subprocess.Popen(["ip", "netns", "exec", ns, *pin, loadgen, workload, "127.0.0.1", "9000",
+                            str(seconds + 1)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        subprocess.run(["perf", "record", "-q", "-C", "0", "-o", data, "--", "sleep", str(seconds)], check=True)
+    finally:
+        rate = json.loads(gen.communicate()[0] or "{}").get("rate")
+    print(f"{workload}: {rate} ops/s during the profile", file=sys.stderr)
+    r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym",
+                        "--percent-limit", "0.5"], capture_output=True, text=True, check=True)  # fmt: skip
+    print("\n".join(line for line in r.stdout.splitlines() if line and not line.startswith("#")))
     return 0
 
 

@@ -42,6 +42,15 @@ BPF_ARRAY(config, u64, SW_CFG_MAX);
 BPF_HASH(udp_socks, u64, struct sw_udp, SW_MAX_UDP);
 /* bind() calls between the cgroup bind hook and the syscall's exit (see bind.bpf.c). */
 BPF_TABLE("lru_hash", u64, struct sw_bind, binding, 1024);
+/* The owner of the TCP connect() in progress on this CPU, for sockops on kernels where it
+ * cannot read the task (SW_CFG_CONNECT_OWNER, tcp.bpf.c). Internal: user space never reads it. */
+struct sw_connect_owner {
+	u64 cookie;
+	u32 pid;
+	u32 uid;
+	char comm[SW_COMM_LEN];
+};
+BPF_PERCPU_ARRAY(connect_owner, struct sw_connect_owner, 1);
 /* Never written: give user space the compiled sizes of the shared structs. */
 BPF_ARRAY(abi_event, struct sw_event, 1);
 BPF_ARRAY(abi_bind, struct sw_bind, 1);

@@ -52,7 +52,9 @@
 #define SW_CFG_PRESTART_COOKIE 0 /* TCP sockets with cookie <= this may lack state callbacks. A filter
 				  * only: cookies come from per-CPU batches, so newer sockets can
 				  * fall under it too; user space decides from its own rows. */
-#define SW_CFG_MAX             1
+#define SW_CFG_CONNECT_OWNER   1 /* 1: sockops cannot read the task (before 6.2): cgroup connect4/6
+				  * leave a TCP connect()'s owner for it (tcp.bpf.c) */
+#define SW_CFG_MAX             2
 
 
 

@@ -28,6 +28,21 @@ static __always_inline void tuple_from_ops(struct sw_event *e, struct bpf_sock_o
 	e->remote_port = bpf_ntohl(o->remote_port);  /* network order in the high half */
 }
 
+/* Where sockops cannot read the task: the owner cgroup connect4/6 left for this socket
+ * (udp.bpf.c), if it is this socket's. */
+static __always_inline void owner_left_by_connect(struct sw_event *e)
+{
+	u32 zero = 0;
+	struct sw_connect_owner *o = connect_owner.lookup(&zero);
+	if (!o || o->cookie != e->cookie)
+		return;
+	o->cookie = 0;
+	e->pid = o->pid;
+	e->uid = o->uid;
+	__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+	e->flags |= SW_F_OWNER;
+}
+
 static __always_inline int on_tcp(struct bpf_sock_ops *o, u8 kind, u8 state, int owner)
 {
 	/* every later state change of this socket calls back (on_state) */
@@ -39,6 +54,8 @@ static __always_inline int on_tcp(struct bpf_sock_ops *o, u8 kind, u8 state, int
 	tuple_from_ops(e, o);
 	if (owner)
 		take_owner(e);
+	else if (kind == SW_EV_CONNECT)
+		owner_left_by_connect(e);
 	event_send(e);
 	return 1;
 }

@@ -17,8 +17,27 @@ static __always_inline void udp_announce(u64 cookie)
 	}
 }
 
+/* A TCP connect(): cgroup connect4/6 run in it just before sockops' TCP_CONNECT_CB, on
+ * this CPU unless the task migrates in between (then the cookie does not match, and the
+ * connect has no owner, as without this). Only where sockops cannot read the task. */
+static __always_inline void leave_connect_owner(struct bpf_sock_addr *ctx)
+{
+	if (!config_get(SW_CFG_CONNECT_OWNER))
+		return;
+	u32 zero = 0;
+	struct sw_connect_owner *o = connect_owner.lookup(&zero);
+	if (!o)
+		return;
+	o->cookie = bpf_get_socket_cookie(ctx);
+	o->pid = bpf_get_current_pid_tgid() >> 32;
+	o->uid = (u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(o->comm, sizeof(o->comm));
+}
+
 static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6)
 {
+	if (ctx->protocol == IPPROTO_TCP)
+		leave_connect_owner(ctx);
 	if (ctx->protocol != IPPROTO_UDP)
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(ctx);

@@ -51,6 +51,7 @@ NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from befo
 
 MAX_BIND_KEYS = 1000  # (protocol, port[, errno]) kept for the metrics, each
 PORT_RANGE_SECONDS = 10.0  # how long a namespace's ip_local_port_range is taken as read
+MAX_BOUND_OWNERS = 4096
 OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
 TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
 TALLY_CHANGES_KEPT = 262_144  # past this (and the table's size), the tally is dropped and recounted when asked
@@ -165,6 +166,9 @@ class Tracker:
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
         self._visible: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
+        # TCP sockets bound but not yet listening or connecting -> their binder, for a
+        # listen/connect record without an owner (sockops before 6.2 cannot read the task)
+        self._bound_owner: dict[int, tuple[int, int, str]] = {}
         self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
         self._owner_sought: set[int] = set()  # ownerless rows already looked for in /proc
@@ -328,10 +332,15 @@ class Tracker:
         if e.state == TcpState.LISTEN or (old is not None and old.state == TcpState.LISTEN):
             self._listeners = None
 
+        if kind == ev.BIND and e.protocol == IPPROTO_TCP and e.has_owner:
+            if len(self._bound_owner) >= MAX_BOUND_OWNERS:
+                del self._bound_owner[next(iter(self._bound_owner))]  # bound long ago, never used
+            self._bound_owner[cookie] = (e.pid, e.uid, e.comm.rstrip(b"\0").decode(errors="replace"))
         if kind == ev.BIND_FAIL or (kind == ev.BIND and (e.protocol == IPPROTO_TCP or not e.local_port)):
             return None  # for the event stream: a bound TCP socket (or no port yet) is in no lookup table
 
         if kind == ev.RELEASE:
+            self._bound_owner.pop(cookie, None)
             if old is None:
                 return None
             if ev.ends_socket(e):
@@ -376,6 +385,9 @@ class Tracker:
             return None
         row = row_from_event(e, netns)
         row.gen = self._gen
+        if kind in (ev.LISTEN, ev.CONNECT) and (binder := self._bound_owner.pop(cookie, None)) and row.pid is None:
+            row.pid, row.uid, row.comm = binder
+            row.owner_source = OWNER_HOOK
         if old is not None:
             # keep what the event cannot know
             row.inode = old.inode

@@ -34,6 +34,8 @@ COUNTER_NAMES = ("ringbuf_full", "map_full", "events", "udp_created", "udp_annou
                  "lookup_full", "miss_unmatched", "peers_new")  # fmt: skip
 
 SW_CFG_PRESTART_COOKIE = 0
+SW_CFG_CONNECT_OWNER = 1
+SW_CFG_MAX = 2
 
 # struct sw_event, field for field (see Event); '<' = x86-64/arm64 little-endian, no padding
 EVENT = struct.Struct("<QQQ16s16sIIHHBBBBBBHi16s")

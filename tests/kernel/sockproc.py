@@ -7,6 +7,7 @@ socket open until told to close it, so the test can compare views at leisure.
 
 import json
 import os
+import resource
 import socket
 import struct
 import sys
@@ -128,6 +129,9 @@ def handle(c):
 
 
 def main():
+    # tests hold thousands of sockets; a login's soft limit (often 1024) is not the test's
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for line in sys.stdin:
         c = json.loads(line)
         if c["op"] == "quit":

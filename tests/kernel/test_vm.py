@@ -13,7 +13,7 @@ from sockwatch.kernel import bpfload
 from tests.vm import kernels
 
 
-def test_a_6_1_guest_runs_doctor_and_a_kernel_test() -> None:
+def test_a_6_1_guest_runs_doctor_and_a_kernel_test(tmp_path) -> None:
     if shutil.which("qemu-system-x86_64") is None or shutil.which("busybox") is None:
         pytest.fail("qemu-system-x86 and busybox-static are missing: scripts/test.sh installs them")
     k = kernels.fetch(kernels.newest("6.1"))
@@ -23,7 +23,7 @@ def test_a_6_1_guest_runs_doctor_and_a_kernel_test() -> None:
         f"export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; {py} -m sockwatch doctor; "
         f"{py} -m pytest -p no:cacheprovider -q --color=no -o addopts='' '{test}'"
     )
-    run = kernels.boot(k, command, 600)
+    run = kernels.boot(k, command, 600, tmp_path / "console.log")
     tail = run.output[-3000:]
     assert run.booted, tail
     got = kernels.summary(run)

@@ -182,3 +182,40 @@ def test_binds_count_by_the_port_asked_and_cap_their_keys(monkeypatch):
     t.apply(ev(E.BIND, 5, IPPROTO_UDP, local=("0.0.0.0", 53), flags=E.F_PORT_ASKED))  # a known key still counts
     assert dict(t.stats.binds) == {(IPPROTO_UDP, 53): 2, (IPPROTO_UDP, 0): 1, (IPPROTO_TCP, 80): 1,
                                    (IPPROTO_TCP, -1): 1}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bound_by", "then", "owner_after"),
+    [
+        ((10, "web"), E.LISTEN, (10, "web")),  # sockops without owners (before 6.2): the binder's
+        ((10, "web"), E.CONNECT, (10, "web")),
+        (None, E.LISTEN, (None, None)),  # listen() without bind(): no hook saw the task
+        ((10, "web"), None, None),  # bound, then released: nothing kept
+    ],
+)
+def test_a_tcp_listen_or_connect_without_an_owner_takes_its_binders(bound_by, then, owner_after):
+    t = tracker()
+    if bound_by:
+        assert t.apply(ev(E.BIND, 1, local=("127.0.0.1", 8080), owner=bound_by)) is None  # not tabled
+    if then is None:
+        t.apply(ev(E.RELEASE, 1))
+        assert not t._bound_owner
+        return
+    state = TcpState.LISTEN if then == E.LISTEN else TcpState.SYN_SENT
+    remote = ("127.0.0.1", 80) if then == E.CONNECT else None
+    t.apply(ev(then, 1, state=state, local=("127.0.0.1", 8080), remote=remote))
+    (r,) = t.snapshot()
+    assert (r.pid, r.comm) == owner_after and not t._bound_owner
+    if owner_after[0] is not None:
+        assert r.owner_source == OWNER_HOOK
+        # an accepted connection then inherits it from its listener, as with owners
+        if then == E.LISTEN:
+            t.apply(ev(E.ACCEPT, 2, state=TcpState.ESTABLISHED, local=("127.0.0.1", 8080), remote=("127.0.0.1", 5555)))
+            assert t.rows[2].pid == 10 and t.rows[2].owner_source == OWNER_LISTENER
+
+
+def test_a_listen_with_its_own_owner_keeps_it():
+    t = tracker()
+    t.apply(ev(E.BIND, 1, local=("127.0.0.1", 8080), owner=(10, "web")))
+    t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("127.0.0.1", 8080), owner=(11, "forked")))
+    assert (t.rows[1].pid, t.rows[1].comm) == (11, "forked") and not t._bound_owner

@@ -18,6 +18,7 @@ The guest prints `SW-EXIT <status>` and powers off. Nothing of this machine is c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import gzip
 import io
@@ -25,6 +26,7 @@ import lzma
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -165,7 +167,9 @@ for d in tmp run var/tmp root; do mount -t tmpfs tmpfs /host/$d; done
 [ -d "/host$SW_REPO" ] || { mkdir -p "/host$SW_REPO"; mount -o bind /keep "/host$SW_REPO"; }
 chmod 1777 /host/tmp /host/var/tmp
 mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
-mount -t devpts devpts /host/dev/pts 2>/dev/null
+mkdir -p /host/dev/pts /host/dev/shm  # a fresh devtmpfs has neither; tmux needs ptys
+mount -t devpts -o ptmxmode=0666 devpts /host/dev/pts; mount -t tmpfs tmpfs /host/dev/shm
+ulimit -n 32768  # the kernel's default 1024 is below what a systemd host gives
 mount -t cgroup2 cgroup2 /host/sys/fs/cgroup; mount -t bpf bpf /host/sys/fs/bpf
 mount -t tracefs tracefs /host/sys/kernel/tracing; mount -t debugfs debugfs /host/sys/kernel/debug
 V=$(uname -r)
@@ -219,7 +223,7 @@ class Run:
     output: str
 
 
-def boot(k: Kernel, command: str, timeout: float, memory: str = "3G") -> Run:
+def boot(k: Kernel, command: str, timeout: float, log: Path, memory: str = "3G") -> Run:
     work = CACHE / k.version
     rd = work / "initrd.gz"
     initramfs(k, rd)
@@ -228,33 +232,46 @@ def boot(k: Kernel, command: str, timeout: float, memory: str = "3G") -> Run:
            "SW_SOURCE": str(source)}  # fmt: skip
     # the init's environment comes from the kernel command line (quoted words are not
     # split by the kernel, but spaces are): the command goes through a file instead
-    cmdfile = work / "command.sh"
+    cmdfile = work / f"command-{os.getpid()}.sh"  # this run's: another run may boot the same kernel
     cmdfile.write_text("".join(f"export {k_}={_sh(v)}\n" for k_, v in env.items()))
     append = f"console=ttyS0 quiet panic=-1 rdinit=/init SW_ENV={cmdfile}"
     qemu = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", memory,
             "-nographic", "-no-reboot", "-kernel", str(k.vmlinuz), "-initrd", str(rd), "-append", append,
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"]  # fmt: skip
-    out, _status, took = _timed(qemu, timeout)
+    try:
+        out, _status, took = _timed(qemu, timeout, log)
+    finally:
+        cmdfile.unlink()
     m = re.search(r"SW-EXIT (\d+)", out)
     return Run(k.version, "SW-BOOTED" in out, int(m.group(1)) if m else None, took, out)
 
 
-def run_here(command: str, timeout: float) -> Run:
+def run_here(command: str, timeout: float, log: Path) -> Run:
     """The same command on this machine's own kernel, for the table's last row."""
-    out, status, took = _timed(["sh", "-c", command], timeout, cwd=ROOT)
+    out, status, took = _timed(["sh", "-c", command], timeout, log, cwd=ROOT)
     return Run(f"{os.uname().release} (here)", True, status, took, out)
 
 
-def _timed(cmd: list[str], timeout: float, cwd: Path | None = None) -> tuple[str, int | None, float]:
-    """(output, exit status or None if it timed out, seconds) of one run."""
+def _timed(cmd: list[str], timeout: float, log: Path, cwd: Path | None = None) -> tuple[str, int | None, float]:
+    """(output, exit status or None if it timed out, seconds) of one run. The output goes
+    to the log as it comes (`tail -f` it: a whole suite takes most of an hour under TCG);
+    the run has its own process group, killed whole on a timeout or if we are stopped."""
     t0 = time.monotonic()
-    try:
-        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout,
-                           check=False)  # fmt: skip
-        return r.stdout + r.stderr, r.returncode, time.monotonic() - t0
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return out + "\nkernels: timed out\n", None, time.monotonic() - t0
+    log.parent.mkdir(parents=True, exist_ok=True)
+    status: int | None = None
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            status = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            f.write(b"\nkernels: timed out\n")
+        finally:
+            if status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return log.read_text(errors="replace"), status, time.monotonic() - t0
 
 
 def _sh(v: str) -> str:
@@ -283,6 +300,8 @@ def main() -> int:
     ap.add_argument("--json-out", default="", help="also write the table as JSON here")
     ap.add_argument("pytest_args", nargs="*", help="after --: what pytest runs in the guest (default: a subset)")
     args = ap.parse_args()
+    # stopped (kill, a CI's timeout): unwind, so that _timed takes its QEMU down with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         print("kernels: run as root (scripts/kernels.sh asks for sudo)", file=sys.stderr)
         return 3
@@ -294,16 +313,15 @@ def main() -> int:
     rows = []
     for series in args.kernel or [*sorted(SERIES, key=lambda s: [int(x) for x in s.split(".")]), "running"]:
         if series == "running":
-            say(f"running the same tests on this machine's kernel, {os.uname().release}")
-            run, log = run_here(command, args.timeout), CACHE / "running.log"
+            log = CACHE / "running.log"
+            say(f"running the same tests on this machine's kernel, {os.uname().release} (output: {log})")
+            run = run_here(command, args.timeout, log)
         else:
             k = fetch(newest(series))
-            say(f"booting {k.version} under QEMU (software emulation)")
-            run, log = boot(k, command, args.timeout), CACHE / k.version / "console.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(run.output)
+            log = CACHE / k.version / "console.log"
+            say(f"booting {k.version} under QEMU, software emulation (console: {log})")
+            run = boot(k, command, args.timeout, log)
         rows.append(summary(run))
-        say(f"{run.kernel}: output in {log}")
     print(f"{'kernel':<31} {'booted':<7} {'hooks':>5} {'passed':>6} {'failed':>6} {'time':>7}  refused")
     for r in rows:
         print(f"{r['kernel']:<31} {'yes' if r['booted'] else 'NO':<7} {r['hooks_loaded']:>5} {r['passed']:>6} "
