@@ -12,6 +12,7 @@ The guest prints `SW-EXIT <status>` and powers off. Nothing of this machine is c
 
   scripts/kernels.sh                       # 6.1, 6.12 and this machine's: doctor, then the
                                            # namespace, table and lookup tests
+  scripts/kernels.sh --kernel 6.1 --full       # every kernel test but the benchmarks (~45 min)
   scripts/kernels.sh --kernel 6.1 -- tests/kernel/test_table.py -k reuseport
 """
 
@@ -44,6 +45,11 @@ BOOT_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_le
                 "netfs", "9pnet", "9pnet_virtio", "9p", "inet_diag", "tcp_diag", "udp_diag", "veth")  # fmt: skip
 # a subset of the kernel tests that fits software emulation's pace (each agent start compiles)
 DEFAULT_TESTS = ("tests/kernel/test_netns.py", "tests/kernel/test_table.py", "tests/kernel/test_lookup.py")
+# --full: the whole kernel suite but this runner's own test and the benchmarks, whose
+# figures under software emulation measure the emulator, not the kernel
+FULL_TESTS = ("tests/kernel", "--ignore=tests/kernel/test_vm.py", "--ignore=tests/kernel/test_cost_bench.py",
+              "--ignore=tests/kernel/test_churn_bench.py", "--ignore=tests/kernel/test_lookup_bench.py",
+              "-m", "not slow")  # fmt: skip
 
 
 @dataclass
@@ -296,7 +302,8 @@ def main() -> int:
         choices=[*sorted(SERIES), "running"],
         help="6.1, 6.12, or running: this machine's own, without a VM (repeatable; default all three)",
     )
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per kernel")
+    ap.add_argument("--full", action="store_true", help="every kernel test but the benchmarks (~45 min a kernel)")
+    ap.add_argument("--timeout", type=float, default=0, help="seconds per kernel (default 1800, --full 4200)")
     ap.add_argument("--json-out", default="", help="also write the table as JSON here")
     ap.add_argument("pytest_args", nargs="*", help="after --: what pytest runs in the guest (default: a subset)")
     args = ap.parse_args()
@@ -305,7 +312,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("kernels: run as root (scripts/kernels.sh asks for sudo)", file=sys.stderr)
         return 3
-    tests = " ".join(_sh(a) for a in (args.pytest_args or DEFAULT_TESTS))
+    if args.full and args.pytest_args:
+        print("kernels: --full or tests after --, not both", file=sys.stderr)
+        return 2
+    timeout = args.timeout or (4200 if args.full else 1800)
+    tests = " ".join(_sh(a) for a in (args.pytest_args or (FULL_TESTS if args.full else DEFAULT_TESTS)))
     py = sys.executable  # this environment, seen by the guest through 9p
     command = ("export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; "
                f"{py} -m sockwatch doctor; "
@@ -315,12 +326,12 @@ def main() -> int:
         if series == "running":
             log = CACHE / "running.log"
             say(f"running the same tests on this machine's kernel, {os.uname().release} (output: {log})")
-            run = run_here(command, args.timeout, log)
+            run = run_here(command, timeout, log)
         else:
             k = fetch(newest(series))
             log = CACHE / k.version / "console.log"
             say(f"booting {k.version} under QEMU, software emulation (console: {log})")
-            run = boot(k, command, args.timeout, log)
+            run = boot(k, command, timeout, log)
         rows.append(summary(run))
     print(f"{'kernel':<31} {'booted':<7} {'hooks':>5} {'passed':>6} {'failed':>6} {'time':>7}  refused")
     for r in rows:
