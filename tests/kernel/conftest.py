@@ -263,3 +263,23 @@ def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None
         if expect_pid is not None and r.key.state != "TIME-WAIT":
             assert row["pid"] == expect_pid, (r.key, row)
     return ours
+
+
+def subscribers(socket: str) -> int:
+    """Streams the agent serves now (asked in process: a CLI would add its start-up)."""
+    from sockwatch.agent import client
+
+    got = client.request("status", socket)
+    assert got is not None, "no agent"
+    return json.loads(got[1])["subscribers"]
+
+
+def wait_subscribed(socket: str, proc: subprocess.Popen, before: int) -> None:
+    """Until the agent counts one subscriber more than `before`: a test acts only then
+    (events before it are not streamed, and a CLI's start-up takes seconds under
+    emulation, tests/vm/kernels.py)."""
+    deadline = time.monotonic() + 60
+    while subscribers(socket) <= before:
+        assert proc.poll() is None, f"the stream exited: {proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, "the stream did not subscribe within 60 s"
+        time.sleep(0.05)

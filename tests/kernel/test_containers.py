@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import sockwatch_cmd
-from tests.kernel.conftest import AgentProc, snapshot
+from tests.kernel.conftest import AgentProc, snapshot, subscribers, wait_subscribed
 
 
 def cgroup2_root() -> str:
@@ -73,11 +73,12 @@ def test_pods_and_containers_are_named_on_every_view(tmp_path, netns, child_fact
                 for pid, cg in ((app.pid, pod_cg), (web.pid, docker_cg)):
                     with open(os.path.join(cg, "cgroup.procs"), "w") as f:
                         f.write(str(pid))
+                before = subscribers(agent.socket)
                 events = subprocess.Popen(
                     sockwatch_cmd("events", "--json", "--socket", agent.socket, "--port", "47311"),
                     stdout=subprocess.PIPE, text=True,
                 )  # fmt: skip
-                time.sleep(1.0)  # subscribed before the socket opens
+                wait_subscribed(agent.socket, events, before)  # before the socket opens
                 app.do(op="tcp_listen", addr="0.0.0.0", port=47310)
                 web.do(op="udp_bind", addr="127.0.0.1", port=47311)
 

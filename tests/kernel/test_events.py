@@ -18,35 +18,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sockwatch.agent import client
 from tests.conftest import sockwatch_cmd
-from tests.kernel.conftest import CHILD_COMM, AgentProc, Netns, snapshot
+from tests.kernel.conftest import CHILD_COMM, AgentProc, Netns, snapshot, subscribers, wait_subscribed
 
 EADDRINUSE = 98
-
-
-def _subscribers(socket: str) -> int:
-    got = client.request("status", socket)
-    assert got is not None, "no agent"
-    return json.loads(got[1])["subscribers"]
-
-
-def _wait_subscribed(socket: str, proc: subprocess.Popen, before: int) -> None:
-    """Until the agent counts one subscriber more than `before`: a test acts only then
-    (events before it are not streamed, and a CLI's start-up takes seconds under
-    emulation, tests/vm/kernels.py)."""
-    deadline = time.monotonic() + 60
-    while _subscribers(socket) <= before:
-        assert proc.poll() is None, f"the stream exited: {proc.stderr.read() if proc.stderr else ''}"
-        assert time.monotonic() < deadline, "the stream did not subscribe within 60 s"
-        time.sleep(0.05)
 
 
 class Stream:
     """`sockwatch events --json` in the background; lines collected as they come."""
 
     def __init__(self, socket: str, *args: str) -> None:
-        before = _subscribers(socket)
+        before = subscribers(socket)
         self.proc = subprocess.Popen(
             sockwatch_cmd("events", "--json", "--socket", socket, *args),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -55,7 +37,7 @@ class Stream:
         self.seen: list[dict] = []
         threading.Thread(target=self._read, daemon=True).start()
         try:
-            _wait_subscribed(socket, self.proc, before)
+            wait_subscribed(socket, self.proc, before)
         except BaseException:
             self.stop()
             raise
@@ -136,13 +118,13 @@ def test_a_failed_bind_names_the_errno_the_failing_process_and_the_holder(agent,
 
 def _first_bind_fail_line(agent: AgentProc, netns: Netns, act: Callable[[], None]) -> str:
     """The first line `sockwatch events --kind bind_fail` prints, as text, once `act` ran."""
-    before = _subscribers(agent.socket)
+    before = subscribers(agent.socket)
     proc = subprocess.Popen(
         sockwatch_cmd("events", "--socket", agent.socket, "--netns", str(netns.inode), "--kind", "bind_fail"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _wait_subscribed(agent.socket, proc, before)
+        wait_subscribed(agent.socket, proc, before)
         act()
         assert proc.stdout
         return proc.stdout.readline()
