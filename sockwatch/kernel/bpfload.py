@@ -305,23 +305,41 @@ def tracefs_text(rel: str) -> str:
     """A file of tracefs. Where tracefs is not mounted, it is mounted in a private mount
     namespace of a short-lived child: the host's mounts are never changed. OSError if
     there is no such file."""
-    for d in TRACING_DIRS:
-        try:
-            with open(os.path.join(d, rel)) as f:
-                return f.read()
-        except OSError:
-            continue
-    try:
-        r = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             'mount -t tracefs nodev /sys/kernel/tracing && cat "/sys/kernel/tracing/$1"', "sh", rel],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        r = None
-    if r is None or r.returncode != 0:
+    got = tracefs_texts((rel,)).get(rel)
+    if got is None:
         raise OSError(errno.ENOENT, f"{rel} not found in tracefs (is tracefs available?)")
-    return r.stdout
+    return got
+
+
+_from_private_mount: dict[str, str] = {}  # what a child read where tracefs is not mounted
+
+
+def tracefs_texts(rels: tuple[str, ...]) -> dict[str, str]:
+    """The files of tracefs that exist among `rels`; where tracefs is not mounted, all of
+    them are read by one child (start-up asks for two: one spawn, not two)."""
+    out: dict[str, str] = {}
+    for rel in rels:
+        for d in TRACING_DIRS:
+            try:
+                with open(os.path.join(d, rel)) as f:
+                    out[rel] = f.read()
+                break
+            except OSError:
+                continue
+    wanted = [rel for rel in rels if rel not in out and rel not in _from_private_mount]
+    if wanted:
+        script = ('mount -t tracefs nodev /sys/kernel/tracing || exit 1; for f; do '
+                  'if [ -r "/sys/kernel/tracing/$f" ]; then printf "%s\\0" "$f"; cat "/sys/kernel/tracing/$f"; '
+                  'printf "\\0"; fi; done')  # fmt: skip
+        try:
+            r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *wanted],
+                               capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+            parts = r.stdout.split("\0") if r.returncode == 0 else []
+            _from_private_mount.update(zip(parts[0::2], parts[1::2], strict=False))  # a trailing ""
+        except (OSError, subprocess.SubprocessError):
+            pass
+    out.update((rel, _from_private_mount[rel]) for rel in rels if rel not in out and rel in _from_private_mount)
+    return out
 
 
 def tracepoint_id(tracepoint: str) -> int:
@@ -333,10 +351,11 @@ def tracepoint_id(tracepoint: str) -> int:
 
 
 def no_socket_reason() -> int | None:
-    try:
-        return lookup.no_socket_reason(tracefs_text("events/skb/kfree_skb/format"))
-    except OSError:
-        return None
+    """NO_SOCKET's number in this kernel's drop reasons. The first tracefs read of a
+    start: the tracepoints' ids are read with it (see tracefs_texts)."""
+    fmt = "events/skb/kfree_skb/format"
+    got = tracefs_texts((fmt, *(f"events/{h.tracepoint}/id" for h in HOOKS if h.prog_type == "TRACEPOINT")))
+    return lookup.no_socket_reason(got[fmt]) if fmt in got else None
 
 
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -62,10 +63,18 @@ def test_no_bpf_is_one_sentence_and_standalone_still_works(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout) == [], r
 
 
-def test_without_tracefs_the_bind_tracepoint_still_attaches_and_nothing_is_mounted():
-    """A fresh machine has no tracefs mounted: the tracepoint's id comes from a private
-    mount namespace, and the host (here: this test's own mount namespace) stays as it was."""
-    r = in_private_mounts("(umount /sys/kernel/tracing 2>/dev/null; true)", "doctor")
+def test_without_tracefs_the_bind_tracepoint_still_attaches_and_nothing_is_mounted(tmp_path):
+    """A fresh machine has no tracefs mounted: the tracepoint's id and the drop reasons
+    come from one private mount namespace (one child, counted through a shim on PATH),
+    and the host (here: this test's own mount namespace) stays as it was."""
+    shim, calls = tmp_path / "unshare", tmp_path / "calls"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {shutil.which("unshare")} "$@"\n')
+    shim.chmod(0o755)
+    hide = f"(umount /sys/kernel/tracing 2>/dev/null; true) && export PATH={tmp_path}:$PATH"
+    r = in_private_mounts(hide, "doctor")
     line = next(x for x in r.stdout.splitlines() if "tracepoint sys_exit_bind" in x)
     assert line.lstrip().startswith("ok"), r.stdout
+    line = next(x for x in r.stdout.splitlines() if "raw tracepoint kfree_skb" in x)
+    assert line.lstrip().startswith("ok"), r.stdout  # the drop reasons were read too
     assert "tracefs is not mounted" in r.stdout and "Traceback" not in r.stderr
+    assert len(calls.read_text().splitlines()) == 1, calls.read_text()
