@@ -75,6 +75,13 @@ class Event(NamedTuple):
 _LIFE = struct.Struct("<QQ")  # the union over comm in struct sw_event
 
 
+def comm_text(raw: bytes) -> str:
+    """A task name as a hook copied it: up to its first NUL. Before 6.2 or so,
+    bpf_get_current_comm() does not clear what follows the name (strscpy without _pad),
+    so the rest of the field is what an older record left in the ring."""
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
 def life(e: Event) -> tuple[int, int]:
     """(bytes acked, bytes received) of a STATE record with F_LIFETIME."""
     acked, received = _LIFE.unpack(e.comm)

@@ -70,7 +70,7 @@ def _addr(family: int, raw: bytes) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _comm(raw: bytes) -> str:
-    return raw.rstrip(b"\0").decode(errors="replace")
+    return ev.comm_text(raw)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -143,7 +143,7 @@ def row_from_event(e: Event, netns: int) -> SockRow:
         netns=netns,
         pid=e.pid if owner else None,
         uid=e.uid if owner else None,
-        comm=e.comm.rstrip(b"\0").decode(errors="replace") if owner else None,
+        comm=ev.comm_text(e.comm) if owner else None,
         owner_source=OWNER_HOOK if owner else None,
         netns_cookie=e.netns_cookie,
         flags=R_ACTIVE if e.kind == ev.CONNECT else 0,
@@ -335,7 +335,7 @@ class Tracker:
         if kind == ev.BIND and e.protocol == IPPROTO_TCP and e.has_owner:
             if len(self._bound_owner) >= MAX_BOUND_OWNERS:
                 del self._bound_owner[next(iter(self._bound_owner))]  # bound long ago, never used
-            self._bound_owner[cookie] = (e.pid, e.uid, e.comm.rstrip(b"\0").decode(errors="replace"))
+            self._bound_owner[cookie] = (e.pid, e.uid, ev.comm_text(e.comm))
         if kind == ev.BIND_FAIL or (kind == ev.BIND and (e.protocol == IPPROTO_TCP or not e.local_port)):
             return None  # for the event stream: a bound TCP socket (or no port yet) is in no lookup table
 
@@ -698,7 +698,7 @@ class Tracker:
                     continue  # not bound (yet), or released meanwhile
                 row = row_from_diag(d, ns)
                 row.pid, row.uid = u.pid, u.uid
-                row.comm = u.comm.rstrip(b"\0").decode(errors="replace")
+                row.comm = ev.comm_text(u.comm)
                 row.owner_source = OWNER_HOOK
                 row.gen = self._gen
                 self.rows[c] = row

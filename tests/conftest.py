@@ -16,6 +16,10 @@ settings.load_profile("sockwatch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# How much slower than this machine the tests run: the kernel runner's QEMU guests set 10
+# (software emulation). Waits for the agent to work off a load scale with it; bounds that
+# tell a stall from slowness do not, where the stall they rule out is longer still.
+PACE = float(os.environ.get("SOCKWATCH_TEST_PACE") or 1)
 
 
 def sockwatch_cmd(*args: str) -> list[str]:

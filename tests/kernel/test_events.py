@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import sockwatch_cmd
+from tests.conftest import PACE, sockwatch_cmd
 from tests.kernel.conftest import CHILD_COMM, AgentProc, Netns, snapshot, subscribers, wait_subscribed
 
 EADDRINUSE = 98
@@ -287,27 +287,27 @@ def test_a_reader_that_falls_behind_is_dropped_and_counted(agent, netns, child_f
         stuck.sendall(encode_request("events"))
         time.sleep(0.5)
         c = child_factory(netns.name)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 60 * PACE
         while time.monotonic() < deadline:
             c.do(op="burst", n=10000)  # ~20,000 events, ~8 MB of JSON lines
             if agent.status()["clients_dropped"].get("slow_subscriber", 0) > dropped:
                 break
         assert agent.status()["clients_dropped"].get("slow_subscriber", 0) > dropped
         # and the one dropped is this reader: what it was sent ends in EOF
-        stuck.settimeout(10)
+        stuck.settimeout(10 * PACE)
         while stuck.recv(1 << 20):
             pass
     # the reading stream lives on (a probe may land in what the stream's CPU budget skips
     # while the agent works off the bursts' backlog: that is reported, so try again)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 60 * PACE
     while True:
         u = c.do(op="udp_bind", addr="127.0.0.1", port=0)
         c.do(op="close", id=u["id"])
         try:
-            s.until(has("close", u["cookie"]), 5)  # after the backlog of the bursts, read at its pace
+            s.until(has("close", u["cookie"]), 5 * PACE)  # after the backlog of the bursts, read at its pace
             break
         except AssertionError:
-            assert time.monotonic() < deadline, "the reading stream showed nothing new for a minute"
+            assert time.monotonic() < deadline, f"the reading stream showed nothing new for {60 * PACE:.0f} s"
 
 
 def ring_lost(seen: list[dict]) -> int:
@@ -327,7 +327,7 @@ def test_losses_are_streamed_to_every_subscriber(netns, child_factory, tmp_path)
         lost = a.status()["bpf"]["ringbuf_full"]
         assert lost > 0, "the burst did not overflow a 16-page ring: the test proves nothing"
         for s in streams:  # a filter never hides a loss
-            seen = s.until(lambda seen: ring_lost(seen) >= lost, 20)
+            seen = s.until(lambda seen: ring_lost(seen) >= lost, 20 * PACE)
             assert ring_lost(seen) == lost
     finally:
         for s in streams:

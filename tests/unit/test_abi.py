@@ -144,3 +144,17 @@ def test_batch_columns_agree_with_the_events_they_come_from(specs):
     assert batch.cookies == [e.cookie for e in evs]
     assert list(batch.kinds) == [e.kind for e in evs]
     assert batch.ends() == [events.ends_socket(e) for e in evs]
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b"nginx".ljust(16, b"\0"), "nginx"),
+        (b"python\0\x07\0\x01" + bytes(6), "python"),  # 6.1: an older record's bytes after the NUL
+        (b"sixteen-chars-xx", "sixteen-chars-xx"),  # TASK_COMM_LEN full: no NUL at all
+        (bytes(16), ""),
+        (b"caf\xc3\xa9\0\xff" + bytes(9), "café"),
+    ],
+)
+def test_a_task_name_ends_at_its_first_nul(raw, text):
+    assert events.comm_text(raw) == text
