@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import sockwatch_cmd
+from tests.conftest import PACE, sockwatch_cmd
 from tests.kernel.conftest import CHILD_COMM, observer_links
 
 
@@ -44,6 +44,7 @@ class Terminal:
         time.sleep(0.2)
 
     def until(self, ok: Callable[[str], bool], timeout: float = 15) -> str:
+        timeout *= PACE  # the app's work at this machine's pace (a QEMU guest's: 10x slower)
         deadline = time.monotonic() + timeout
         while True:
             s = self.screen()
