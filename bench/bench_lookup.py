@@ -100,9 +100,12 @@ def main() -> int:
         empty = BPF(text="int sw_empty(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
         empty_fn = empty.load_func("sw_empty", lookup.BPF_PROG_TYPE_SK_LOOKUP, attach_type=lookup.BPF_SK_LOOKUP)
 
+        def gen(workload: str, seconds: float) -> list[str]:
+            """The load generator, pinned, in the bench's namespace: prints its rate as JSON."""
+            return ["ip", "netns", "exec", ns, *pin, loadgen, workload, "127.0.0.1", "9000", str(seconds)]
+
         def run(workload: str) -> float:
-            r = subprocess.run(["ip", "netns", "exec", ns, *pin, loadgen, workload, "127.0.0.1", "9000",
-                                str(args.seconds)], check=True, capture_output=True, text=True)  # fmt: skip
+            r = subprocess.run(gen(workload, args.seconds), check=True, capture_output=True, text=True)
             return float(json.loads(r.stdout)["rate"])
 
         def attach(config: str) -> list[int]:
@@ -122,7 +125,7 @@ def main() -> int:
         if args.profile:
             fds = attach(args.profile)
             try:
-                return profile(ns, pin, loadgen, args.workload, args.seconds, tmp)
+                return profile(gen(args.workload, args.seconds + 1), args.workload, args.seconds, tmp)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -167,11 +170,10 @@ def main() -> int:
     return 0
 
 
-def profile(ns: str, pin: list[str], loadgen: str, workload: str, seconds: float, tmp: str) -> int:
-    """perf's flat profile of the sender's CPU (0) during one run of the workload."""
+def profile(cmd: list[str], workload: str, seconds: float, tmp: str) -> int:
+    """perf's flat profile of the sender's CPU (0) for `seconds` of `cmd`'s run (a little longer)."""
     data = os.path.join(tmp, "perf.data")
-    gen = subprocess.Popen(["ip", "netns", "exec", ns, *pin, loadgen, workload, "127.0.0.1", "9000",
-                            str(seconds + 1)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         subprocess.run(["perf", "record", "-q", "-C", "0", "-o", data, "--", "sleep", str(seconds)], check=True)
     finally:

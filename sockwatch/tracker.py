@@ -166,8 +166,9 @@ class Tracker:
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
         self._visible: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
-        # TCP sockets bound but not yet listening or connecting -> their binder, for a
-        # listen/connect record without an owner (sockops before 6.2 cannot read the task)
+        # Set where sockops cannot read the task (before 6.2): TCP sockets bound but not
+        # yet listening or connecting -> their binder, for the listen/connect record
+        self.owners_from_binds = False
         self._bound_owner: dict[int, tuple[int, int, str]] = {}
         self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
@@ -332,7 +333,7 @@ class Tracker:
         if e.state == TcpState.LISTEN or (old is not None and old.state == TcpState.LISTEN):
             self._listeners = None
 
-        if kind == ev.BIND and e.protocol == IPPROTO_TCP and e.has_owner:
+        if kind == ev.BIND and e.protocol == IPPROTO_TCP and e.has_owner and self.owners_from_binds:
             if len(self._bound_owner) >= MAX_BOUND_OWNERS:
                 del self._bound_owner[next(iter(self._bound_owner))]  # bound long ago, never used
             self._bound_owner[cookie] = (e.pid, e.uid, ev.comm_text(e.comm))

@@ -224,6 +224,7 @@ class Agent:
             log.warning("running without %s: %s", m.hook.what, m.why)
         for note in self.loaded.lesser:
             log.warning("%s", note)
+        self.tracker.owners_from_binds = not self.loaded.tcp_owners
         if self.loaded.missing:
             log.warning("%s", self.loaded.degraded())
         self.load_seconds = time.monotonic() - t0

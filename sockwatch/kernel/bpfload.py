@@ -162,6 +162,7 @@ class Loaded:
     ring: RingReader | None = None
     missing: list[Missing] = field(default_factory=list)
     lesser: list[str] = field(default_factory=list)  # hooks loaded as their fallback variant: what they lack
+    tcp_owners: bool = True  # False: sockops cannot read the task (its variant without owners)
 
     @property
     def unwatched(self) -> tuple[int, ...]:
@@ -505,6 +506,7 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
             if h.func == "sw_sockops" and len(loaded.lesser) > lesser:
                 # before connect4/6 attach (HOOKS' order): they leave TCP connect()s' owners
                 loaded.set_config(abi.SW_CFG_CONNECT_OWNER, 1)
+                loaded.tcp_owners = False
             target = Target(h.prog_type.lower(), h.tracepoint) if h.tracepoint else Target("cgroup", cg)
             loaded.links.add(fd, h.what, target)
         if lookups:

@@ -5,7 +5,6 @@ sockops must take its lesser variant (6.1's sockops cannot read the current task
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 
@@ -17,12 +16,7 @@ def test_a_6_1_guest_runs_doctor_and_a_kernel_test(tmp_path) -> None:
     if shutil.which("qemu-system-x86_64") is None or shutil.which("busybox") is None:
         pytest.fail("qemu-system-x86 and busybox-static are missing: scripts/test.sh installs them")
     k = kernels.fetch(kernels.newest("6.1"))
-    test = "tests/kernel/test_table.py::test_tcp_listener_and_both_ends"
-    py = sys.executable  # this run's own environment, seen by the guest through 9p
-    command = (
-        f"export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; {py} -m sockwatch doctor; "
-        f"{py} -m pytest -p no:cacheprovider -q --color=no -o addopts='' '{test}'"
-    )
+    command = kernels.test_command(["tests/kernel/test_table.py::test_tcp_listener_and_both_ends"], guest=True)
     run = kernels.boot(k, command, 600, tmp_path / "console.log")
     tail = run.output[-3000:]
     assert run.booted, tail

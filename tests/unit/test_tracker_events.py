@@ -195,6 +195,7 @@ def test_binds_count_by_the_port_asked_and_cap_their_keys(monkeypatch):
 )
 def test_a_tcp_listen_or_connect_without_an_owner_takes_its_binders(bound_by, then, owner_after):
     t = tracker()
+    t.owners_from_binds = True  # the agent's, where sockops cannot read the task
     if bound_by:
         assert t.apply(ev(E.BIND, 1, local=("127.0.0.1", 8080), owner=bound_by)) is None  # not tabled
     if then is None:
@@ -216,6 +217,13 @@ def test_a_tcp_listen_or_connect_without_an_owner_takes_its_binders(bound_by, th
 
 def test_a_listen_with_its_own_owner_keeps_it():
     t = tracker()
+    t.owners_from_binds = True
     t.apply(ev(E.BIND, 1, local=("127.0.0.1", 8080), owner=(10, "web")))
     t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("127.0.0.1", 8080), owner=(11, "forked")))
     assert (t.rows[1].pid, t.rows[1].comm) == (11, "forked") and not t._bound_owner
+
+
+def test_where_sockops_names_owners_binds_are_not_remembered():
+    t = tracker()  # owners_from_binds off: listen and connect carry their own owner
+    t.apply(ev(E.BIND, 1, local=("127.0.0.1", 8080), owner=(10, "web")))
+    assert not t._bound_owner

@@ -280,6 +280,20 @@ def _timed(cmd: list[str], timeout: float, log: Path, cwd: Path | None = None) -
     return log.read_text(errors="replace"), status, time.monotonic() - t0
 
 
+def test_command(tests: tuple[str, ...] | list[str], guest: bool) -> str:
+    """What runs in a guest (or here): doctor, then pytest on `tests` with this
+    environment's interpreter (the guest sees it through 9p). A test's limits (pyproject:
+    300 s each; its waits for the agent) are for this machine's pace; a guest's is ~10x
+    slower (tests/conftest.py PACE)."""
+    py = sys.executable
+    pace = "export SOCKWATCH_TEST_PACE=10; " if guest else ""
+    limit = "-o timeout=1800 " if guest else ""
+    return (
+        f"export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; {pace}{py} -m sockwatch doctor; "
+        f"{py} -m pytest -p no:cacheprovider -q --color=no -o addopts='' {limit}{' '.join(map(_sh, tests))}"
+    )
+
+
 def _sh(v: str) -> str:
     return "'" + v.replace("'", "'\\''") + "'"
 
@@ -316,26 +330,18 @@ def main() -> int:
         print("kernels: --full or tests after --, not both", file=sys.stderr)
         return 2
     timeout = args.timeout or (4200 if args.full else 1800)
-    tests = " ".join(_sh(a) for a in (args.pytest_args or (FULL_TESTS if args.full else DEFAULT_TESTS)))
-    py = sys.executable  # this environment, seen by the guest through 9p
-    command = ("export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; "
-               f"{py} -m sockwatch doctor; "
-               f"{py} -m pytest -p no:cacheprovider -q --color=no -o addopts='' @TIMEOUT@{tests}")  # fmt: skip
-    # a test's limits (pyproject: 300 s each; its waits for the agent) are for this
-    # machine's pace: emulation's is ~10x slower (tests/conftest.py PACE)
-    here_command = command.replace("@TIMEOUT@", "")
-    guest_command = "export SOCKWATCH_TEST_PACE=10; " + command.replace("@TIMEOUT@", "-o timeout=1800 ")
+    tests = args.pytest_args or (FULL_TESTS if args.full else DEFAULT_TESTS)
     rows = []
     for series in args.kernel or [*sorted(SERIES, key=lambda s: [int(x) for x in s.split(".")]), "running"]:
         if series == "running":
             log = CACHE / "running.log"
             say(f"running the same tests on this machine's kernel, {os.uname().release} (output: {log})")
-            run = run_here(here_command, timeout, log)
+            run = run_here(test_command(tests, guest=False), timeout, log)
         else:
             k = fetch(newest(series))
             log = CACHE / k.version / "console.log"
             say(f"booting {k.version} under QEMU, software emulation (console: {log})")
-            run = boot(k, guest_command, timeout, log)
+            run = boot(k, test_command(tests, guest=True), timeout, log)
         rows.append(summary(run))
     print(f"{'kernel':<31} {'booted':<7} {'hooks':>5} {'passed':>6} {'failed':>6} {'time':>7}  refused")
     for r in rows:
