@@ -1,6 +1,9 @@
 /* loadgen.c — small load generators for the with/without-sockwatch cost benchmark.
  *
  *   loadgen tcp_crr    ADDR PORT SECONDS [RATE]  connect/accept/close cycles (SO_LINGER 0)
+ *   loadgen tcp_crr_fin ADDR PORT SECONDS [RATE] the same, closed by FIN: the server first, as a web
+ *                                                server closing a request does (its end lingers in
+ *                                                TIME-WAIT, up to the kernel's limit)
  *   loadgen udp_sendto ADDR PORT SECONDS         unconnected sendto() of 64-byte datagrams
  *   loadgen udp_send   ADDR PORT SECONDS         connected send() of 64-byte datagrams
  *   loadgen udp_read   ADDR PORT SECONDS         udp_sendto, every datagram read by its server
@@ -57,7 +60,7 @@ static void pace(double t0, long done, double rate)
 	}
 }
 
-static long tcp_crr(struct sockaddr_in a, double secs, double rate)
+static long tcp_crr(struct sockaddr_in a, double secs, double rate, int reset)
 {
 	int one = 1;
 	struct linger lg = {.l_onoff = 1, .l_linger = 0};
@@ -79,10 +82,15 @@ static long tcp_crr(struct sockaddr_in a, double secs, double rate)
 			int s = accept(l, NULL, NULL);
 			if (s < 0)
 				die("accept");
-			/* the client resets: no TIME-WAIT, so the port space never runs out */
-			setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-			close(c);
-			close(s);
+			if (reset) {
+				/* the client resets: no TIME-WAIT, so the port space never runs out */
+				setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+				close(c);
+				close(s);
+			} else {
+				close(s); /* FIN-WAIT-1 -> FIN-WAIT-2 -> TIME-WAIT */
+				close(c); /* CLOSE-WAIT -> LAST-ACK -> CLOSE */
+			}
 			n++;
 			pace(t0, n, rate);
 		}
@@ -187,7 +195,7 @@ static long udp_churn(struct sockaddr_in a, double secs, double rate)
 int main(int argc, char **argv)
 {
 	if (argc < 5) {
-		fprintf(stderr, "usage: loadgen tcp_crr|udp_sendto|udp_send|udp_read|udp_churn ADDR PORT SECONDS [RATE]\n");
+		fprintf(stderr, "usage: loadgen tcp_crr|tcp_crr_fin|udp_sendto|udp_send|udp_read|udp_churn ADDR PORT SECONDS [RATE]\n");
 		return 2;
 	}
 	const char *mode = argv[1];
@@ -196,7 +204,9 @@ int main(int argc, char **argv)
 	double t0 = now();
 	long n;
 	if (!strcmp(mode, "tcp_crr"))
-		n = tcp_crr(a, secs, rate);
+		n = tcp_crr(a, secs, rate, 1);
+	else if (!strcmp(mode, "tcp_crr_fin"))
+		n = tcp_crr(a, secs, rate, 0);
 	else if (!strcmp(mode, "udp_sendto"))
 		n = udp_send(a, secs, 0);
 	else if (!strcmp(mode, "udp_send"))

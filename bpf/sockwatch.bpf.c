@@ -6,10 +6,12 @@
  * bcc compiles against may come from another kernel version, so no kernel-internal
  * struct is ever dereferenced.
  *
- * Every hook here runs on someone's production traffic. What keeps them cheap: no
- * map write for TCP at all, one ring-buffer record per change and no wakeup for it
- * (user space drains on a short timer; every SW_WAKE_EVERY-th record per CPU wakes it
- * so that a burst cannot fill the ring between two timer ticks).
+ * Every hook here runs on someone's production traffic. What keeps them cheap: a TCP
+ * connection costs one per-CPU increment per callback and, if connect() opened it, one
+ * socket-local storage write; its records reach the ring only while someone streams
+ * (SW_CFG_STREAM). A record wakes no one (user space drains on a short timer; every
+ * SW_WAKE_EVERY-th record per CPU wakes it so that a burst cannot fill the ring between
+ * two timer ticks).
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -51,9 +53,12 @@ struct sw_connect_owner {
 	char comm[SW_COMM_LEN];
 };
 BPF_PERCPU_ARRAY(connect_owner, struct sw_connect_owner, 1);
+/* Who connect()ed each TCP socket, stored with the socket (tcp.bpf.c). */
+BPF_SK_STORAGE(tcp_owners, struct sw_owner);
 /* Never written: give user space the compiled sizes of the shared structs. */
 BPF_ARRAY(abi_event, struct sw_event, 1);
 BPF_ARRAY(abi_bind, struct sw_bind, 1);
+BPF_ARRAY(abi_owner, struct sw_owner, 1);
 
 static __always_inline u64 count(u32 idx)
 {

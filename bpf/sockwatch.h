@@ -4,10 +4,12 @@
  * size the compiler gave the C struct. Byte order is stated on every field: the UAPI
  * context structs mix both orders.
  *
- * The hot path keeps no per-socket state for TCP: every event carries what the table
- * needs (the owner too, where the hook runs in the owner's context), and user space owns
- * the table. Only UDP sockets get a small map entry, because an unconnected sendto()
- * autobinds with no hook that is cheap to watch (see udp.bpf.c).
+ * TCP connections cost user space nothing until a view asks: their rows are read then
+ * from the kernel's own table (sock_diag), which also returns each socket's sw_owner
+ * (socket-local storage written by connect(), tcp.bpf.c), and their records reach the
+ * ring only while someone streams events. Listens, binds and UDP changes always do. UDP
+ * sockets get a small map entry, because an unconnected sendto() autobinds with no hook
+ * that is cheap to watch (see udp.bpf.c).
  */
 #ifndef SOCKWATCH_H
 #define SOCKWATCH_H
@@ -46,7 +48,9 @@
 #define SW_C_MISS_UNMATCHED 7 /* a TCP/UDP drop for no socket that no lookup of ours preceded
 			       * (a namespace not hooked yet): not attributed to a port */
 #define SW_C_PEERS_NEW      8 /* peers added to udp_peers (less those present = evicted) */
-#define SW_C_MAX            9
+#define SW_C_TCP_CHANGES    9 /* TCP connections opened, or changing state: the table's generation */
+#define SW_C_TCP_OPENED    10 /* TCP connections opened (connect, accept) */
+#define SW_C_MAX           11
 
 /* Index of the config array, written by user space. */
 #define SW_CFG_PRESTART_COOKIE 0 /* TCP sockets with cookie <= this may lack state callbacks. A filter
@@ -54,7 +58,8 @@
 				  * fall under it too; user space decides from its own rows. */
 #define SW_CFG_CONNECT_OWNER   1 /* 1: sockops cannot read the task (before 6.2): cgroup connect4/6
 				  * leave a TCP connect()'s owner for it (tcp.bpf.c) */
-#define SW_CFG_MAX             2
+#define SW_CFG_STREAM          2 /* 1 while someone streams events: connection records reach the ring */
+#define SW_CFG_MAX             3
 
 
 
@@ -83,6 +88,16 @@ struct sw_event {
 			__u64 bytes_received; /* host order */
 		} life;
 	};
+};
+
+/* The owner of a TCP socket that connect()ed: socket-local storage (tcp_owners), freed
+ * with the socket, read with the socket through sock_diag (INET_DIAG_SK_BPF_STORAGES).
+ * Accepted sockets have none: they belong to their listener's owner (user space). */
+struct sw_owner {
+	__u64 born_ns;        /* CLOCK_MONOTONIC_COARSE at connect(), host order */
+	__u32 pid;            /* tgid, host order */
+	__u32 uid;            /* host order */
+	char  comm[SW_COMM_LEN];
 };
 
 /* A bind() in progress, from the cgroup bind hook to the syscall's exit (keyed by the

@@ -1,12 +1,16 @@
 /* tcp.bpf.c — sockops: listen, connect, accept, state changes. Included by
  * sockwatch.bpf.c.
  *
+ * Connections are the host's hot path, and their rows are read from the kernel when a
+ * view asks (sock_diag, with the owner connect() stored: udp.bpf.c), so what a
+ * connection costs here is one per-CPU count per callback (the table's generation: an
+ * unchanged count means an unchanged table) and, only while someone streams events, its
+ * records. Listeners are few and always reported.
+ *
  * TCP_LISTEN_CB and TCP_CONNECT_CB run inside listen() and connect(), so the owner is
  * the current task; PASSIVE_ESTABLISHED_CB and STATE_CB may run in softirq, so they
  * carry no owner (an accepted socket belongs to its listener's owner, in user space).
- * Four records per short connection (connect, accept, two closes) is the floor: the
- * active side's ->ESTABLISHED is not sent, because the read that gives a new row its
- * inode, when a view first asks, gives its state too. */
+ * The active side's ->ESTABLISHED is not streamed: connect and accept say enough. */
 
 static __always_inline void tuple_from_ops(struct sw_event *e, struct bpf_sock_ops *o)
 {
@@ -43,10 +47,22 @@ static __always_inline void owner_left_by_connect(struct sw_event *e)
 	e->flags |= SW_F_OWNER;
 }
 
+/* Someone streams events: connection records go to the ring. */
+static __always_inline int streaming(void)
+{
+	return config_get(SW_CFG_STREAM) != 0;
+}
+
 static __always_inline int on_tcp(struct bpf_sock_ops *o, u8 kind, u8 state, int owner)
 {
 	/* every later state change of this socket calls back (on_state) */
 	bpf_sock_ops_cb_flags_set(o, o->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (kind != SW_EV_LISTEN) {
+		count(SW_C_TCP_CHANGES);
+		count(SW_C_TCP_OPENED);
+		if (!streaming())
+			return 1;
+	}
 	struct sw_event *e = event_new(bpf_get_socket_cookie(o), kind, bpf_get_netns_cookie(o), o->family,
 				       IPPROTO_TCP, state, 0);
 	if (!e)
@@ -63,9 +79,13 @@ static __always_inline int on_tcp(struct bpf_sock_ops *o, u8 kind, u8 state, int
 static __always_inline int on_state(struct bpf_sock_ops *o)
 {
 	u8 old = o->args[0], new = o->args[1];
-	/* ->ESTABLISHED: an accept is reported by its own callback, a connect when read */
-	if (new == SW_TCP_ESTABLISHED)
-		return 1;
+	/* a listener's end changes what receives packets: always told */
+	if (old != SW_TCP_LISTEN) {
+		count(SW_C_TCP_CHANGES);
+		/* ->ESTABLISHED: an accept is reported by its own callback, a connect by its own */
+		if (new == SW_TCP_ESTABLISHED || !streaming())
+			return 1;
+	}
 	struct sw_event *e = event_new(bpf_get_socket_cookie(o), SW_EV_STATE, bpf_get_netns_cookie(o), o->family,
 				       IPPROTO_TCP, new, old);
 	if (!e)

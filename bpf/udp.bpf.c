@@ -17,6 +17,22 @@ static __always_inline void udp_announce(u64 cookie)
 	}
 }
 
+/* A TCP connect(), in the task that makes it (on every kernel, where sockops may not
+ * read the task): its owner, kept with the socket for sock_diag to return. */
+static __always_inline void keep_tcp_owner(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct sw_owner *o = tcp_owners.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o)
+		return; /* no memory: the row's owner then comes from /proc when a view asks */
+	o->born_ns = bpf_ktime_get_coarse_ns();
+	o->pid = bpf_get_current_pid_tgid() >> 32;
+	o->uid = (u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(o->comm, sizeof(o->comm));
+}
+
 /* A TCP connect(): cgroup connect4/6 run in it just before sockops' TCP_CONNECT_CB, on
  * this CPU unless the task migrates in between (then the cookie does not match, and the
  * connect has no owner, as without this). Only where sockops cannot read the task. */
@@ -36,8 +52,10 @@ static __always_inline void leave_connect_owner(struct bpf_sock_addr *ctx)
 
 static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6)
 {
-	if (ctx->protocol == IPPROTO_TCP)
+	if (ctx->protocol == IPPROTO_TCP) {
+		keep_tcp_owner(ctx);
 		leave_connect_owner(ctx);
+	}
 	if (ctx->protocol != IPPROTO_UDP)
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(ctx);

@@ -6,6 +6,8 @@
 #   scripts/bench.sh live       # live and events at 100,000 sockets under churn (~5 minutes)
 #   scripts/bench.sh scrape     # a Prometheus scrape at 100,000 sockets vs an empty table (~4 minutes)
 #   scripts/bench.sh lookup     # the sk_lookup hook under two UDP floods and TCP crr (~5 minutes)
+#   scripts/bench.sh traffic    # paired: nginx (new connection per request, keep-alive) and the C loop
+#                               # closing by FIN and RST, sockwatch vs the bare-sockops floor (~12 minutes)
 # Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +17,16 @@ which=${1:-cost}
 [ $# -gt 0 ] && shift
 case "$which" in
   cost|snapshot|churn|live|scrape|lookup) ;;
-  *) echo "bench: say cost, snapshot, churn, live, scrape or lookup" >&2; exit 2 ;;
+  traffic)  # real servers from Debian as the workloads
+    missing=()
+    for p in nginx-light wrk; do
+      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+      echo "bench: apt-get install ${missing[*]}" >&2
+      DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    fi ;;
+  *) echo "bench: say cost, snapshot, churn, live, scrape, lookup or traffic" >&2; exit 2 ;;
 esac
 exec "${SOCKWATCH_VENV:-$here/.venv}/bin/python" "$here/bench/bench_$which.py" "$@"

@@ -230,12 +230,16 @@ _KIND = {
 
 
 class Describer:
-    """Turns hook records into stream events. Keeps one thing across records: which TCP
-    sockets bind() gave a port, so that a later connect or listen can say whether the
-    kernel chose the port (bounded; it only runs while someone subscribes)."""
+    """Turns hook records into stream events. Keeps two things across records (bounded;
+    it only runs while someone subscribes): which TCP sockets bind() gave a port, so that
+    a later connect or listen can say whether the kernel chose the port, and each open
+    connection as its connect or accept said (the table reads connections from the
+    kernel only when a view asks), so that its state changes and its close have its
+    owner, its birth and which side opened it."""
 
     def __init__(self) -> None:
         self.bound: dict[int, int] = {}  # cookie -> port bind() left it with
+        self.conns: dict[int, Sock] = {}  # cookie -> an open TCP connection, until its close
 
     def describe(self, e: Event, before: Sock | None, netns: Callable[[Event], int | None]) -> StreamEvent | None:
         """`before`: the socket as its earlier records or its table row left it;
@@ -273,6 +277,8 @@ class Describer:
         elif kind in (ev.LISTEN, ev.CONNECT):
             if not self.bound.pop(e.cookie, 0):
                 out.bind = "listen" if kind == ev.LISTEN else "connect"
+            if kind == ev.CONNECT:
+                self.remember_conn(out.sock)
         elif kind == ev.UDP_CONNECT:
             if before is None or not before.local_port:
                 out.bind = "connect"
@@ -285,11 +291,19 @@ class Describer:
                 if e.flags & ev.F_LIFETIME and e.old_state != TcpState.LISTEN:
                     out.lifetime = lifetime(e, sock.born_ns, sock.active)
                 self.bound.pop(e.cookie, None)
+                self.conns.pop(e.cookie, None)
+        elif kind == ev.ACCEPT:
+            self.remember_conn(out.sock)
         elif kind == ev.RELEASE:
             self.bound.pop(e.cookie, None)
             if sock.born_ns:
                 out.lifetime = {"seconds": round((e.ts_ns - sock.born_ns) / 1e9, 6)}
         return out
+
+    def remember_conn(self, sock: Sock) -> None:
+        if len(self.conns) >= MAX_BOUND and sock.cookie not in self.conns:
+            del self.conns[next(iter(self.conns))]  # the oldest: its close was missed (a loss, or opened before)
+        self.conns[sock.cookie] = sock
 
     def _remember(self, cookie: int, port: int) -> None:
         if len(self.bound) >= MAX_BOUND:

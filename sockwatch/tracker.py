@@ -1,18 +1,25 @@
 """The one owner of the socket table. Data flows one way into it (bootstrap dump, hook
 events, kernel reads when a view asks, reconcile) and out of it to the views.
 
-The hooks send as little as the table needs (bpf/tcp.bpf.c says what they leave out);
-what they cannot see is read from the kernel's own tables (sock_diag) when a view asks,
-not per event: a socket's inode, the state an active open reached, the local side the
-kernel chose for a connected or autobound UDP socket, whether a closed TCP socket became
-TIME-WAIT, and sockets from before sockwatch started.
+Two kinds of rows, kept two ways:
+- what receives packets by (IP, port) — TCP listeners, UDP sockets — from hook events as
+  they happen (they are few, and a bind or a listen is news);
+- TCP connections (every TCP state but LISTEN, TIME-WAIT included) from the kernel's own
+  table when a view asks (`sync_connections`): one sock_diag dump that also returns the
+  owner connect() stored with each socket (bpf/udp.bpf.c), and only when the hooks'
+  generation counter moved or a TIME-WAIT row is due. A connection costs no Python work
+  at all until then; its records reach the agent only while someone streams them.
+
+What hooks cannot see is read from the kernel when a view asks, not per event: a
+socket's inode, the local side the kernel chose for a connected or autobound UDP
+socket, and sockets from before sockwatch started.
 """
 
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -43,17 +50,15 @@ from sockwatch.tally import Tally
 log = logging.getLogger(__name__)
 
 # Why a row waits for a sock_diag read (done when a view asks, or at reconcile).
-NEED_INODE = "inode"  # not read yet, or 0 while the connection waits in an accept queue
-NEED_STATE = "state"  # an active open: SYN-SENT until read (->ESTABLISHED is not sent)
+NEED_INODE = "inode"  # not read yet
 NEED_TUPLE = "tuple"  # connected UDP: the kernel chose the local side
-NEED_TIMEWAIT = "timewait"  # TCP closed from FIN-WAIT-2/CLOSING: TIME-WAIT or reset?
-NEED_ORPHAN = "orphan"  # released TCP socket without state callbacks (from before start)
+NEED_ORPHAN = "orphan"  # a released listener without state callbacks (from before start)
 
 MAX_BIND_KEYS = 1000  # (protocol, port[, errno]) kept for the metrics, each
 PORT_RANGE_SECONDS = 10.0  # how long a namespace's ip_local_port_range is taken as read
 MAX_BOUND_OWNERS = 4096
 OWNER_SCAN_SECONDS = 5.0  # at most one /proc scan this often for owners that exited
-TIMEWAIT_SECONDS = 60.5  # TCP_TIMEWAIT_LEN, plus the timer's slack
+CONNECTION_STATES = sockdiag.ALL_STATES & ~sockdiag.LISTEN_ONLY  # what sync_connections reads
 TALLY_CHANGES_KEPT = 262_144  # past this (and the table's size), the tally is dropped and recounted when asked
 
 # SockRow.flags, the tracker's own bookkeeping
@@ -68,10 +73,37 @@ class Change(NamedTuple):
     cookie: int
 
 
+def is_connection_row(r: SockRow) -> bool:
+    """A row sync_connections keeps (every TCP state but LISTEN)."""
+    return r.protocol == IPPROTO_TCP and r.state != TcpState.LISTEN
+
+
+def is_connection_event(e: Event, old: SockRow | None) -> bool:
+    """A record about a TCP connection: the stream's alone (the table reads connections
+    from the kernel). Listens and a listener's end stay the table's."""
+    if e.protocol != IPPROTO_TCP or e.kind in (ev.LISTEN, ev.BIND, ev.BIND_FAIL):
+        return False
+    if e.kind == ev.STATE:
+        return e.old_state != TcpState.LISTEN
+    if e.kind == ev.RELEASE:
+        return old is None or old.state != TcpState.LISTEN
+    return True  # connect, accept
+
+
+def owner_of_storage(raw: bytes | None) -> tuple[int, int, str, int] | None:
+    """(pid, uid, comm, born_ns) from a socket's sw_owner as sock_diag returns it."""
+    if raw is None or len(raw) < abi.OWNER.size:
+        return None
+    born_ns, pid, uid, comm = abi.OWNER.unpack_from(raw)
+    return pid, uid, ev.comm_text(comm), born_ns
+
+
 @dataclass
 class Stats:
     events: Counter = field(default_factory=Counter)  # by kind
     coalesced: int = 0  # events of sockets born and gone within one batch: never tabled
+    connection_syncs: int = 0  # connection tables read from the kernel for a view
+    connection_sync_s: float = 0.0  # the last one's duration
     repairs: Counter = field(default_factory=Counter)  # reconcile fixes, by kind
     expired: int = 0  # TIME-WAIT rows the kernel let go (expected, not a repair)
     reconciles: int = 0
@@ -93,6 +125,8 @@ class Stats:
         return {
             "events": {ev.KIND_NAMES.get(k, str(k)): n for k, n in self.events.items()},
             "coalesced": self.coalesced,
+            "connection_syncs": self.connection_syncs,
+            "last_connection_sync_seconds": round(self.connection_sync_s, 4),
             "repairs": dict(self.repairs),
             "timewait_expired": self.expired,
             "reconciles": self.reconciles,
@@ -173,7 +207,11 @@ class Tracker:
         self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
         self._owner_sought: set[int] = set()  # ownerless rows already looked for in /proc
-        self._tw_due: list[tuple[float, int]] = []  # (when the kernel drops it, cookie): TIME-WAIT rows
+        # what sync_connections last read: the hooks' generation then, and the moment its
+        # first TIME-WAIT row ends (no hook sees a TIME-WAIT end: the clock does)
+        self._synced_generation: int | None = None
+        self._timewait_next = math.inf
+        self.owner_map_fd = -1  # tcp_owners, for sock_diag to return owners with sockets
         self._port_ranges: dict[int, tuple[float, ports.PortRange]] = {}  # netns cookie -> (read at, range)
         self._tally: Tally | None = None  # whole-table aggregates, once something has asked for them
         self._changed: set[int] = set()  # cookies changed since the tally last looked
@@ -217,7 +255,6 @@ class Tracker:
         for ns, diags in dumps:
             for d in diags:
                 row = row_from_diag(d, ns)
-                self._watch_timewait(d)
                 if row.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS
                     self.max_bootstrap_cookie = max(self.max_bootstrap_cookie, row.cookie)
@@ -342,6 +379,10 @@ class Tracker:
 
         if kind == ev.RELEASE:
             self._bound_owner.pop(cookie, None)
+        if is_connection_event(e, old):
+            return None  # the stream's: connections are read from the kernel (sync_connections)
+
+        if kind == ev.RELEASE:
             if old is None:
                 return None
             if ev.ends_socket(e):
@@ -354,31 +395,8 @@ class Tracker:
                 self._need(cookie, NEED_ORPHAN)  # no state callbacks: only the kernel knows its end
             return None
 
-        if kind == ev.STATE and e.state == TcpState.CLOSE:
-            after = ev.tcp_state_after_close(e.old_state)
-            if after is None:
-                return Change("remove", cookie) if self._remove(cookie) else None
-            if old is None:
-                return None
-            old.state = after
-            old.inode = 0  # a time-wait socket has no inode (no file), as ss shows
-            old.pid = old.comm = old.owner_source = old.container = None  # and so no owner
-            old.touch()
-            self._changed.add(cookie)
-            self.pending[cookie] = {NEED_TIMEWAIT}
-            # the kernel drops it TCP_TIMEWAIT_LEN (60 s) after this at the latest
-            heapq.heappush(self._tw_due, (time.monotonic() + TIMEWAIT_SECONDS, cookie))
-            self.version += 1
-            return Change("update", cookie)
-
-        if kind == ev.STATE and old is not None:
-            # the common state change: the row has everything else already
-            old.state = e.state
-            old.gen = self._gen
-            old.touch()
-            self._changed.add(cookie)
-            self.version += 1
-            return Change("update", cookie)
+        if kind == ev.STATE:  # a listener's end (the only state change the table takes)
+            return Change("remove", cookie) if self._remove(cookie) else None
 
         netns = old.netns if old is not None else self._netns_inode(e)
         if netns is None:
@@ -386,7 +404,7 @@ class Tracker:
             return None
         row = row_from_event(e, netns)
         row.gen = self._gen
-        if kind in (ev.LISTEN, ev.CONNECT) and (binder := self._bound_owner.pop(cookie, None)) and row.pid is None:
+        if kind == ev.LISTEN and (binder := self._bound_owner.pop(cookie, None)) and row.pid is None:
             row.pid, row.uid, row.comm = binder
             row.owner_source = OWNER_HOOK
         if old is not None:
@@ -402,10 +420,6 @@ class Tracker:
                 row.local_address, row.local_port = old.local_address, old.local_port
         if kind == ev.UDP_CONNECT:
             self._need(cookie, NEED_TUPLE)
-        elif kind == ev.CONNECT:
-            self._need(cookie, NEED_STATE)
-        if kind == ev.ACCEPT and row.pid is None:
-            self._inherit_listener_owners([row])
         self.rows[cookie] = row
         self._changed.add(cookie)
         if row.visible and not row.inode:
@@ -417,33 +431,36 @@ class Tracker:
         """The inode of a record's namespace, or None if it is gone unseen."""
         return self._netns_inode(e)
 
-    def _inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
-        """An accepted connection belongs to whoever holds its listener, found in the
-        kernel's order (demux.listener_order: the one lookup rule)."""
-        need = [r for r in rows if r.pid is None and r.protocol == IPPROTO_TCP and r.is_connection]
-        if not need:
-            return
+    def listener_of(self, netns: int, family: int, address: demux.Address, port: int) -> SockRow | None:
+        """The owned listener an accepted connection to (address, port) came through, in
+        the kernel's order (demux.listener_order: the one lookup rule)."""
         if self._listeners is None:  # one pass after listeners changed, not one per accept
             self._listeners = {}
             for r in self.rows.values():
                 if r.protocol == IPPROTO_TCP and r.state == TcpState.LISTEN and r.pid is not None:
                     self._listeners.setdefault((r.netns, r.family, r.local_address, r.local_port), r)
         listeners = self._listeners
-        for r in need:
-            for family, addr in demux.listener_order(r.family, r.local_address):
-                lst = listeners.get((r.netns, family, addr, r.local_port))
+        for fam, addr in demux.listener_order(family, address):
+            lst = listeners.get((netns, fam, addr, port))
+            if lst is not None:
+                return lst
+        return None
+
+    def _inherit_listener_owners(self, rows: Iterable[SockRow]) -> None:
+        """An accepted connection belongs to whoever holds its listener."""
+        for r in rows:
+            if r.pid is None and r.protocol == IPPROTO_TCP and r.is_connection:
+                lst = self.listener_of(r.netns, r.family, r.local_address, r.local_port)
                 if lst is not None:
                     r.pid, r.uid, r.comm, r.owner_source = lst.pid, lst.uid, lst.comm, OWNER_LISTENER
                     r.container = lst.container
                     r.touch()
-                    break
 
     # ---- reading the kernel for what hooks cannot see ---------------------------------------
 
-    def resolve_pending(self, max_tries: int = 5, exact_limit: int = 256) -> int:
+    def resolve_pending(self, max_tries: int = 5) -> int:
         """Read from the kernel what waiting rows need, as cheaply as the kernel allows:
-        TCP connections by exact 4-tuple lookups (O(1) each), listeners from the listener
-        hash only, everything else (and bursts) with one dump per namespace and protocol."""
+        listeners from the listener hash only, UDP with one dump per namespace."""
         if not self.pending:
             return 0
         groups: dict[tuple[int, int], list[int]] = {}
@@ -454,9 +471,9 @@ class Tracker:
                 continue
             groups.setdefault((row.netns_cookie, row.protocol), []).append(cookie)
         with self.registry.reading():
-            return self._resolve_groups(groups, exact_limit, max_tries)
+            return self._resolve_groups(groups, max_tries)
 
-    def _resolve_groups(self, groups: dict[tuple[int, int], list[int]], exact_limit: int, max_tries: int) -> int:
+    def _resolve_groups(self, groups: dict[tuple[int, int], list[int]], max_tries: int) -> int:
         fixed = 0
         for (netns_cookie, proto), cookies in groups.items():
             ns = self.registry.by_cookie.get(netns_cookie)
@@ -465,13 +482,7 @@ class Tracker:
                     self._remove(c)
                 continue
             found: dict[int, sockdiag.DiagSock | None] = {}
-            rest = cookies
-            if proto == IPPROTO_TCP:
-                conns = [c for c in cookies if self.rows[c].is_connection]
-                if len(conns) <= exact_limit:
-                    for c in conns:
-                        found[c] = self._lookup(ns, self.rows[c])
-                    rest = [c for c in cookies if c not in found]
+            rest = cookies  # listeners and UDP sockets: connections are synced whole
             if rest:
                 only_listeners = proto == IPPROTO_TCP and all(self.rows[c].state == TcpState.LISTEN for c in rest)
                 states = sockdiag.LISTEN_ONLY if only_listeners else sockdiag.ALL_STATES
@@ -482,7 +493,7 @@ class Tracker:
                 row = self.rows[c]
                 reasons = self.pending.get(c, set())
                 if d is None or d.cookie != c:
-                    if reasons & {NEED_TIMEWAIT, NEED_ORPHAN, NEED_STATE}:
+                    if reasons & {NEED_ORPHAN}:
                         self._remove(c)  # it is gone from the kernel too
                         fixed += 1
                         continue
@@ -494,71 +505,15 @@ class Tracker:
                     continue
                 self._take_kernel_fields(row, d)
                 self.pending_tries.pop(c, None)
-                if d.inode == 0 and d.state not in (TcpState.TIME_WAIT, TcpState.SYN_SENT) and c in self.pending:
-                    # still in an accept queue: its inode comes when accept() runs
-                    self.pending[c] = {NEED_INODE}
-                elif d.state == TcpState.SYN_SENT:
-                    self.pending[c] = {NEED_STATE}
-                else:
-                    self.pending.pop(c, None)
+                self.pending.pop(c, None)
                 fixed += 1
         if fixed:
             self.version += 1
             self._listeners = None
         return fixed
 
-    def _lookup(self, ns: Namespace, row: SockRow) -> sockdiag.DiagSock | None:
-        assert row.remote_address is not None
-        try:
-            with self.registry.reading():
-                diag = self.registry.diag(ns)
-            return sockdiag.lookup_one(
-                diag,
-                row.protocol,
-                row.family,
-                row.local_address,
-                row.local_port,
-                row.remote_address,
-                row.remote_port,
-            )
-        except NamespaceGone:
-            return None
-        except OSError as e:
-            log.warning("sock_diag lookup in netns %s failed: %s", ns.inode, e)
-            return None
-
-    def _watch_timewait(self, d: sockdiag.DiagSock) -> None:
-        """TIME-WAIT ends on the kernel's timer, with no hook to say so: remember when."""
-        if d.state == TcpState.TIME_WAIT:
-            heapq.heappush(self._tw_due, (time.monotonic() + d.expires_ms / 1000 + 0.05, d.cookie))
-
-    def expire_timewait(self, now: float | None = None) -> int:
-        """Drop TIME-WAIT rows whose time is up, each checked with the kernel first (it
-        may have been reused or reset meanwhile). Returns how many went."""
-        now = time.monotonic() if now is None else now
-        due: list[int] = []
-        while self._tw_due and self._tw_due[0][0] <= now:
-            due.append(heapq.heappop(self._tw_due)[1])
-        # a row may be due twice (its close event, then a kernel read): check it once
-        rows = [r for c in dict.fromkeys(due) if (r := self.rows.get(c)) is not None and r.state == TcpState.TIME_WAIT]
-        gone = 0
-        if not rows:
-            return 0
-        with self.registry.reading():
-            for row in rows:
-                ns = self.registry.by_cookie.get(row.netns_cookie)
-                d = self._lookup(ns, row) if ns is not None and row.remote_address is not None else None
-                if d is not None and d.cookie == row.cookie and d.state == TcpState.TIME_WAIT:
-                    self._watch_timewait(d)  # not yet: look again when it says
-                    continue
-                self._remove(row.cookie)
-                self.stats.expired += 1
-                gone += 1
-        return gone
-
     def _take_kernel_fields(self, row: SockRow, d: sockdiag.DiagSock) -> bool:
         """Copy state/addresses/inode from the kernel; True if anything but the inode differed."""
-        self._watch_timewait(d)
         connected = d.remote_port != 0
         remote = d.remote_address if connected else None
         changed = (
@@ -737,8 +692,10 @@ class Tracker:
                     except NamespaceGone:
                         gone.add(ns.cookie)
                         continue
-                    for d in self._dump(ns, protocols):
-                        kernel[d.cookie] = (d, ns)
+                    for proto in protocols:  # TCP: listeners only (sync_connections keeps the rest)
+                        states = sockdiag.LISTEN_ONLY if proto == IPPROTO_TCP else sockdiag.ALL_STATES
+                        for d in self._dump(ns, (proto,), states):
+                            kernel[d.cookie] = (d, ns)
             for c in [c for c, r in self.rows.items() if r.netns_cookie in gone]:
                 self._remove(c)
             drain()
@@ -754,7 +711,6 @@ class Tracker:
                 if cookie in removed_meanwhile:
                     continue  # closed while we were dumping
                 row = row_from_diag(d, ns)
-                self._watch_timewait(d)
                 self.rows[cookie] = row
                 self._changed.add(cookie)
                 added.append(row)
@@ -772,9 +728,9 @@ class Tracker:
         for cookie, row in list(self.rows.items()):
             if cookie in kernel or not row.visible or row.gen > gen0 or row.protocol not in protocols:
                 continue
-            if row.state == TcpState.TIME_WAIT:
-                self.stats.expired += 1
-            elif self.pending.get(cookie, set()) & {NEED_STATE, NEED_ORPHAN}:
+            if is_connection_row(row):
+                continue  # sync_connections' (below)
+            if self.pending.get(cookie, set()) & {NEED_ORPHAN}:
                 pass  # its end was not reported by design: not a repair
             else:
                 counts["removed"] += 1
@@ -784,8 +740,7 @@ class Tracker:
             if row.protocol == IPPROTO_TCP:
                 row.flags |= R_NO_CALLBACKS
         self._listeners = None
-        self._fill_owners(added)
-        self._inherit_listener_owners(added)
+        self._fill_owners(added)  # (connections are not compared: sync_connections reads them whole when asked)
         self.stats.owners_moved += self.verify_holders()  # expected: no hook sees fds passed
         self.version += 1
         if repair:
@@ -797,6 +752,92 @@ class Tracker:
         else:
             self.stats.kernel_reads += 1
         return dict(counts)
+
+    # ---- TCP connections, read from the kernel when a view asks -------------------------
+
+    def connections_stale(self, generation: int | None, now: float | None = None) -> bool:
+        """Whether the connection rows may differ from the kernel's: the hooks' generation
+        moved since the last sync (None: not known, so yes), or a TIME-WAIT row's time is up."""
+        now = time.monotonic() if now is None else now
+        return generation is None or generation != self._synced_generation or now >= self._timewait_next
+
+    def sync_connections(self, generation: int | None) -> int:
+        """Every TCP connection (all states but LISTEN, TIME-WAIT included) as the kernel
+        has it now, read with one sock_diag dump per namespace that also returns the
+        owner connect() stored with each socket. Skipped when `generation` (the hooks'
+        count of connection changes) has not moved and no TIME-WAIT row is due.
+        Accepted connections take their listener's owner. Returns how many rows changed."""
+        now = time.monotonic()
+        if not self.connections_stale(generation, now):
+            return 0
+        t0 = now
+        kernel: list[tuple[sockdiag.DiagSock, Namespace]] = []
+        with self.registry.reading():
+            for ns in list(self.registry.by_cookie.values()):
+                try:
+                    diags = sockdiag.dump_all(self.registry.diag(ns), (IPPROTO_TCP,), CONNECTION_STATES,
+                                              storage_fd=self.owner_map_fd)  # fmt: skip
+                except NamespaceGone:
+                    continue
+                except OSError as e:
+                    log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
+                    return 0  # keep what we have; the next view asks again
+                kernel.extend((d, ns) for d in diags)
+        changed = self.apply_connections(kernel, time.monotonic_ns())
+        self._synced_generation = generation
+        self.stats.connection_syncs += 1
+        self.stats.connection_sync_s = time.monotonic() - t0
+        return changed
+
+    def apply_connections(self, kernel: Sequence[tuple[sockdiag.DiagSock, Namespace]], now_ns: int) -> int:
+        """Make the connection rows the kernel's (`kernel`: every connection of every
+        namespace, as read just now). A new row's owner is the one connect() stored with
+        it, else its listener's (accepted), else none until a view's /proc look; its age
+        starts at connect(), or at this read for an accepted one."""
+        rows = self.rows
+        seen: set[int] = set()
+        added: list[SockRow] = []
+        changed = 0
+        tw_next = math.inf
+        for d, ns in kernel:
+            cookie = d.cookie
+            seen.add(cookie)
+            if d.state == TcpState.TIME_WAIT:
+                tw_next = min(tw_next, d.expires_ms)
+            row = rows.get(cookie)
+            if row is None:
+                row = row_from_diag(d, ns)
+                owner = owner_of_storage(d.storage)
+                if owner is not None:
+                    row.pid, row.uid, row.comm, row.born_ns = owner
+                    row.owner_source = OWNER_HOOK
+                    row.flags |= R_ACTIVE
+                else:
+                    row.born_ns = now_ns
+                rows[cookie] = row
+                added.append(row)
+            elif (row.state, row.inode, row.local_port, row.remote_port) == (d.state, d.inode, d.local_port,
+                                                                             d.remote_port):  # fmt: skip
+                continue
+            elif not is_connection_row(row):
+                continue  # a listener the events keep (the dump began before its listen)
+            else:
+                if d.state == TcpState.TIME_WAIT and row.state != TcpState.TIME_WAIT:
+                    row.pid = row.comm = row.owner_source = row.container = None  # no file, so no owner (as ss -p)
+                self._take_kernel_fields(row, d)
+            self._changed.add(cookie)
+            changed += 1
+        gone = [c for c, r in rows.items() if c not in seen and is_connection_row(r)]
+        for c in gone:
+            if rows[c].state == TcpState.TIME_WAIT:
+                self.stats.expired += 1
+            self._remove(c)
+        if added:
+            self._inherit_listener_owners(added)
+        self._timewait_next = time.monotonic() + tw_next / 1000 + 0.05
+        if changed or gone:
+            self.version += 1
+        return changed + len(gone)
 
     def port_ranges(self) -> dict[int, ports.PortRange]:
         """Each namespace's ephemeral range and reserved ports, read from inside it (a

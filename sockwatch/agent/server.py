@@ -5,7 +5,8 @@ The hooks do not wake the agent per event: it drains the ring every `drain_inter
 (the bound on how stale the table can be between queries), when the BPF side forces a
 wakeup because a burst is filling the ring, and before answering any query (so an
 answer includes everything that happened before it was asked). What the hooks leave to
-a kernel read is read when a query needs it, not per event."""
+a kernel read is read when a query needs it, not per event: TCP connections above all,
+whose records reach the ring only while a subscriber streams them (`_update_stream_gate`)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ LOSS_MEMORY_SECONDS = 60.0  # how long answers mention a repaired loss
 TRIM_SECONDS = 30.0
 STREAM_BUFFER = 8 * 2**20  # a subscriber that falls this far behind is dropped
 STREAM_CHECK_EVERY = 256  # records between looks at the stream's CPU budget
+CONNECTION_KINDS = frozenset({"connect", "accept", "state", "close"})  # what SW_CFG_STREAM sends
 
 
 @dataclass
@@ -203,6 +205,7 @@ class Agent:
         self._stream_cpu = 0.0  # spent on the stream in this second
         self._stream_skipped = 0  # records skipped in this second for the budget
         self.stream_skipped_total = 0
+        self._streaming = False  # SW_CFG_STREAM as last set
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -225,6 +228,8 @@ class Agent:
         for note in self.loaded.lesser:
             log.warning("%s", note)
         self.tracker.owners_from_binds = not self.loaded.tcp_owners
+        self.tracker.owner_map_fd = self.loaded.owner_map_fd
+        self.loaded.set_stream(False)
         if self.loaded.missing:
             log.warning("%s", self.loaded.degraded())
         self.load_seconds = time.monotonic() - t0
@@ -355,7 +360,6 @@ class Agent:
                 self._check_losses()
                 self.tracker.forget_dead_namespaces()
                 self._follow_namespaces()
-                self.tracker.expire_timewait()
                 if self.subscribers:
                     self._find_autobound()  # subscribers hear of sendto() binds within a second
                 self._stream_second()
@@ -407,6 +411,14 @@ class Agent:
             self._stream_cpu += time.thread_time() - t0
         return changes
 
+    def _update_stream_gate(self) -> None:
+        """Connection records cost the host and the agent for every connection: the
+        hooks send them only while some subscriber wants a kind they make."""
+        want = any(not c.sub.kinds or c.sub.kinds & CONNECTION_KINDS for c in self.subscribers if c.sub is not None)
+        if self.loaded is not None and want != self._streaming:
+            self.loaded.set_stream(want)
+            self._streaming = want
+
     def _stream_second(self) -> None:
         """Once a second: a new CPU budget for the stream, and what it skipped told."""
         self._stream_cpu = 0.0
@@ -432,6 +444,7 @@ class Agent:
         seen: dict[int, stream.StreamEvent] = {}  # each socket's latest event in this batch
         out = []
         describe, netns = self.describer.describe, self.tracker.netns_inode
+        conns = self.describer.conns
         n = len(batch)
         for i in range(n):
             if i % STREAM_CHECK_EVERY == 0 and time.thread_time() > until_cpu:
@@ -441,6 +454,8 @@ class Agent:
             last = seen.get(e.cookie)
             if last is not None:
                 before: stream.Sock | None = last.sock
+            elif (conn := conns.get(e.cookie)) is not None:
+                before = conn
             elif (row := rows.get(e.cookie)) is not None:
                 before = stream.sock_of_row(row)
             else:
@@ -478,8 +493,12 @@ class Agent:
         socket."""
         t = self.tracker
         for s in said:
-            if s.kind == "accept" and s.sock.pid is None and (row := t.rows.get(s.sock.cookie)) is not None:
-                s.sock = s.sock._replace(pid=row.pid, uid=row.uid, comm=row.comm)
+            if s.kind == "accept" and s.sock.pid is None:
+                lst = t.listener_of(s.sock.netns, s.sock.family, ipaddress.ip_address(s.sock.local), s.sock.local_port)
+                if lst is not None:
+                    s.sock = s.sock._replace(pid=lst.pid, uid=lst.uid, comm=lst.comm)
+                    if s.sock.cookie in self.describer.conns:
+                        self.describer.remember_conn(s.sock)
         udp = [s for s in said if s.kind == "connect" and s.sock.protocol == IPPROTO_UDP]
         if udp:
             t.resolve_pending()
@@ -610,7 +629,7 @@ class Agent:
         if self.loaded.unwatched:  # degraded: no hook keeps these rows, so the kernel is asked now
             self.tracker.reconcile(drain=self.drain, protocols=self.loaded.unwatched, repair=False)
         self.tracker.resolve_pending()
-        self.tracker.expire_timewait()
+        self.tracker.sync_connections(self._last_counters.get("tcp_changes"))
         if owners:
             self.tracker.fix_owners()
         self._find_autobound()
@@ -733,7 +752,9 @@ class Agent:
             self._ep.modify(c.sock.fileno(), want)
 
     def _drop(self, c: Client) -> None:
-        self.subscribers.discard(c)
+        if c in self.subscribers:
+            self.subscribers.discard(c)
+            self._update_stream_gate()
         fd = c.sock.fileno()
         if self.clients.pop(fd, None) is not None and self._ep is not None:
             with contextlib.suppress(OSError):
@@ -920,6 +941,7 @@ class Agent:
             self._misses_seen = None  # misses from before the stream are not streamed
         c.sub = Subscription(f, frozenset(req.kinds))
         self.subscribers.add(c)
+        self._update_stream_gate()
         return [encode_header(True, stream=True, partial=self.partial())]
 
     def _view(self, req: Request, f: flt.Filters) -> dict:

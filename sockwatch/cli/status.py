@@ -49,7 +49,9 @@ def _lines(st: dict) -> str:
         f"cost over the last {cost['seconds']:.0f}s: {cost['cpu_percent']}% of one CPU, "
         f"{cost['events_per_second']} events/s; memory {st['rss_bytes'] / 2**20:.1f} MiB, "
         f"cpu {st['cpu_seconds']}s total",
-        f"BPF: {bpf['events']} events ({tr['coalesced']} never tabled: born and gone between two reads); "
+        f"BPF: {bpf['events']} records to the agent; TCP connections opened {bpf.get('tcp_opened', 0)} "
+        f"(read from the kernel when asked: {tr.get('connection_syncs', 0)} reads, the last "
+        f"{tr.get('last_connection_sync_seconds', 0)}s); "
         f"lost: ring buffer full {bpf['ringbuf_full']}, UDP owner map full {bpf['map_full']}",
         f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
         f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}, "

@@ -29,13 +29,16 @@ SW_C_UDP_SILENT_GONE = 5
 SW_C_LOOKUP_FULL = 6
 SW_C_MISS_UNMATCHED = 7
 SW_C_PEERS_NEW = 8
-SW_C_MAX = 9
+SW_C_TCP_CHANGES = 9
+SW_C_TCP_OPENED = 10
+SW_C_MAX = 11
 COUNTER_NAMES = ("ringbuf_full", "map_full", "events", "udp_created", "udp_announced", "udp_silent_gone",
-                 "lookup_full", "miss_unmatched", "peers_new")  # fmt: skip
+                 "lookup_full", "miss_unmatched", "peers_new", "tcp_changes", "tcp_opened")  # fmt: skip
 
 SW_CFG_PRESTART_COOKIE = 0
 SW_CFG_CONNECT_OWNER = 1
-SW_CFG_MAX = 2
+SW_CFG_STREAM = 2
+SW_CFG_MAX = 3
 
 # struct sw_event, field for field (see Event); '<' = x86-64/arm64 little-endian, no padding
 EVENT = struct.Struct("<QQQ16s16sIIHHBBBBBBHi16s")
@@ -60,6 +63,21 @@ class SwUdp(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 7),
     ]
+
+
+class SwOwner(ctypes.Structure):
+    """struct sw_owner: who connect()ed a TCP socket (its socket-local storage)."""
+
+    _fields_ = [
+        ("born_ns", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("comm", ctypes.c_char * SW_COMM_LEN),
+    ]
+
+
+OWNER = struct.Struct("<QII16s")  # the same, for decoding sock_diag's copy of it
+assert OWNER.size == ctypes.sizeof(SwOwner)
 
 
 class SwBind(ctypes.Structure):
@@ -127,6 +145,7 @@ class SwPeerCached(ctypes.Structure):
 
 MIRRORS = {
     "sw_udp": SwUdp,
+    "sw_owner": SwOwner,
     "sw_bind": SwBind,
     "sw_lookup_key": SwLookupKey,
     "sw_lookup_count": SwLookupCount,

@@ -181,6 +181,18 @@ class Loaded:
         table = self.bpf["counters"]
         return {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(abi.COUNTER_NAMES)}
 
+    @property
+    def owner_map_fd(self) -> int:
+        """tcp_owners (socket-local storage: bcc has no Table for it), for sock_diag to
+        return each TCP socket's owner with the socket."""
+        from bcc.libbcc import lib  # type: ignore[import-not-found]
+
+        return int(lib.bpf_table_fd(self.bpf.module, b"tcp_owners"))
+
+    def set_stream(self, on: bool) -> None:
+        """Connection records reach the ring only while someone streams them."""
+        self.set_config(abi.SW_CFG_STREAM, int(on))
+
     def set_config(self, index: int, value: int) -> None:
         table = self.bpf["config"]
         table[table.Key(index)] = table.Leaf(value)
@@ -288,6 +300,7 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
             "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
             "sw_udp": ctypes.sizeof(b["udp_socks"].Leaf),
             "sw_bind": ctypes.sizeof(b["abi_bind"].Leaf),
+            "sw_owner": ctypes.sizeof(b["abi_owner"].Leaf),
             "sw_lookup_key": ctypes.sizeof(b["abi_lookup_key"].Leaf),
             "sw_lookup_count": ctypes.sizeof(b["lookup_counts"].sLeaf),
             "sw_peer_key": ctypes.sizeof(b["abi_peer_key"].Leaf),

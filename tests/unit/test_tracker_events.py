@@ -1,5 +1,5 @@
-"""How hook events change the table: the rules the BPF side leaves to the tracker,
-driven with plain Event values (no root, no kernel)."""
+"""How hook events and kernel reads change the table: the rules the BPF side leaves to
+the tracker, driven with plain Event and DiagSock values (no root, no kernel)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ import pytest
 from sockwatch import events as E
 from sockwatch.events import Event
 from sockwatch.kernel import abi
-from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, OWNER_HOOK, OWNER_LISTENER, TcpState
-from sockwatch.tracker import NEED_INODE, NEED_ORPHAN, NEED_STATE, NEED_TIMEWAIT, NEED_TUPLE, R_NO_CALLBACKS, Tracker
+from sockwatch.kernel.sockdiag import DiagSock
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, OWNER_HOOK, OWNER_LISTENER, R_ACTIVE, TcpState
+from sockwatch.tracker import NEED_INODE, NEED_TUPLE, R_NO_CALLBACKS, Tracker
 
 NS_COOKIE, NS_INODE = 4096, 4026532000
 
 
 class Ns:
     inode = NS_INODE
+    cookie = NS_COOKIE
 
 
 class OneNamespace:
@@ -78,81 +80,108 @@ def test_bind_then_release_of_udp():
     assert t.snapshot() == [] and 1 not in t.pending
 
 
-def test_accepted_connection_takes_its_listeners_owner():
+def diag(cookie, state, local, remote, inode=0, owner=None, expires_ms=0):
+    la, ra = ipaddress.ip_address(local[0]), ipaddress.ip_address(remote[0])
+    stored = None
+    if owner is not None:
+        stored = abi.OWNER.pack(owner[2], owner[0], 0, owner[1].encode().ljust(16, b"\0"))
+    return DiagSock(IPPROTO_TCP, la.version, state, la, local[1], ra, remote[1], cookie, 0, inode,
+                    expires_ms, storage=stored)  # fmt: skip
+
+
+def test_connection_records_are_the_streams_not_the_tables():
     t = tracker()
-    t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("::", 443), owner=(20, "proxy")))
-    t.apply(ev(E.LISTEN, 2, state=TcpState.LISTEN, local=("10.0.0.1", 443), owner=(21, "other")))
-    # dual-stack listener taking IPv4: the child is IPv6 with a v4-mapped address
-    t.apply(ev(E.ACCEPT, 3, state=1, local=("::ffff:127.0.0.1", 443), remote=("::ffff:127.0.0.1", 5000)))
-    t.apply(ev(E.ACCEPT, 4, state=1, local=("10.0.0.1", 443), remote=("10.0.0.9", 5001)))
-    rows = {r.cookie: r for r in t.snapshot()}
-    assert (rows[3].pid, rows[3].owner_source) == (20, OWNER_LISTENER)
-    assert rows[4].pid == 21  # the exact address wins over the wildcard
+    t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("0.0.0.0", 80), owner=(5, "web")))
+    before = t.version
+    for e in (
+        ev(E.CONNECT, 2, state=2, local=("10.0.0.1", 4000), remote=("10.0.0.2", 80), owner=(1, "c")),
+        ev(E.ACCEPT, 3, state=1, local=("10.0.0.1", 80), remote=("10.0.0.2", 5000)),
+        ev(E.STATE, 3, state=TcpState.CLOSE_WAIT, old=TcpState.ESTABLISHED),
+        ev(E.RELEASE, 3, state=TcpState.CLOSE_WAIT, old=TcpState.CLOSE_WAIT, flags=E.F_PRESTART),
+    ):
+        assert t.apply(e) is None
+    assert [r.cookie for r in t.snapshot()] == [1] and t.version == before
+    # a listener's end is the table's
+    assert t.apply(ev(E.STATE, 1, state=TcpState.CLOSE, old=TcpState.LISTEN)) == ("remove", 1)
 
 
-def test_active_open_waits_for_a_kernel_read_of_its_state():
+# (rows before, what the kernel has now) -> the rows after, as (cookie, state, pid, comm, source)
+LISTENER = ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("0.0.0.0", 80), owner=(5, "web"))
+SYNC_CASES = {
+    "connect()ed: the owner stored with the socket": (
+        [],
+        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 123))],
+        [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (10, TcpState.ESTABLISHED, 6, "curl", OWNER_HOOK)],
+    ),
+    "accepted: its listener's owner": (
+        [],
+        [diag(11, TcpState.ESTABLISHED, ("10.0.0.1", 80), ("10.0.0.2", 5000), 78)],
+        [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (11, TcpState.ESTABLISHED, 5, "web", OWNER_LISTENER)],
+    ),
+    "no storage and no listener: no owner until /proc is asked": (
+        [],
+        [diag(12, TcpState.ESTABLISHED, ("10.0.0.1", 81), ("10.0.0.2", 5000), 79)],
+        [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (12, TcpState.ESTABLISHED, None, None, None)],
+    ),
+    "closed from FIN-WAIT-2: TIME-WAIT, no file and so no owner": (
+        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 1))],
+        [diag(10, TcpState.TIME_WAIT, ("10.0.0.1", 4000), ("10.0.0.2", 443), 0, expires_ms=59000)],
+        [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (10, TcpState.TIME_WAIT, None, None, None)],
+    ),
+    "gone from the kernel: gone from the table, the listener kept": (
+        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 1))],
+        [],
+        [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SYNC_CASES, ids=list(SYNC_CASES))
+def test_connections_become_the_kernels(case):
+    before, now, want = SYNC_CASES[case]
     t = tracker()
-    t.apply(ev(E.CONNECT, 5, state=2, local=("10.0.0.1", 4000), remote=("10.0.0.2", 80), owner=(1, "c")))
-    assert t.rows[5].state_name == "SYN-SENT" and NEED_STATE in t.pending[5]
+    t.apply(LISTENER)
+    t.apply_connections([(d, Ns) for d in before], 1000)
+    t.apply_connections([(d, Ns) for d in now], 2000)
+    got = sorted((r.cookie, r.state, r.pid, r.comm, r.owner_source) for r in t.rows.values())
+    assert got == want
+    for r in t.rows.values():
+        if r.cookie == 10 and r.state == TcpState.ESTABLISHED:
+            assert r.born_ns == 123 and r.flags & R_ACTIVE  # from connect()
+        elif r.cookie in (11, 12):
+            assert r.born_ns == 2000 and not r.flags & R_ACTIVE  # first seen by this read
 
 
-def test_close_after_fin_wait2_is_time_wait_until_the_kernel_confirms():
+def test_an_unchanged_read_changes_nothing_and_time_wait_ends_are_counted():
     t = tracker()
-    t.apply(ev(E.CONNECT, 5, state=2, local=("10.0.0.1", 4000), remote=("10.0.0.2", 80), owner=(1, "c")))
-    t.rows[5].inode = 99
-    t.apply(ev(E.STATE, 5, state=TcpState.FIN_WAIT1, old=TcpState.ESTABLISHED))
-    t.apply(ev(E.STATE, 5, state=TcpState.FIN_WAIT2, old=TcpState.FIN_WAIT1))
-    t.apply(ev(E.STATE, 5, state=TcpState.CLOSE, old=TcpState.FIN_WAIT2))
-    (r,) = t.snapshot()
-    assert (r.state_name, r.inode, r.pid) == ("TIME-WAIT", 0, None)  # no file, so no owner (as ss -p)
-    assert t.pending[5] == {NEED_TIMEWAIT}
+    d = diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 1))
+    assert t.apply_connections([(d, Ns)], 1) == 1
+    v = t.version
+    assert t.apply_connections([(d, Ns)], 2) == 0 and t.version == v
+    tw = diag(10, TcpState.TIME_WAIT, ("10.0.0.1", 4000), ("10.0.0.2", 443), 0, expires_ms=59000)
+    t.apply_connections([(tw, Ns)], 3)
+    t.apply_connections([], 4)
+    assert t.rows == {} and t.stats.expired == 1
 
 
-def test_reset_connection_leaves_at_once():
+def test_connections_are_read_again_only_when_the_hooks_counted_a_change_or_a_time_wait_is_due():
     t = tracker()
-    t.apply(ev(E.ACCEPT, 6, state=1, local=("10.0.0.1", 4001), remote=("10.0.0.2", 80)))
-    assert t.apply(ev(E.STATE, 6, state=TcpState.CLOSE, old=TcpState.ESTABLISHED)) == ("remove", 6)
-    assert t.snapshot() == []
+    assert t.connections_stale(None)  # never read, or the count is not known
+    t._synced_generation = 7
+    tw = diag(10, TcpState.TIME_WAIT, ("10.0.0.1", 4000), ("10.0.0.2", 443), 0, expires_ms=30_000)
+    t.apply_connections([(tw, Ns)], 1)
+    now = t._timewait_next - 30
+    assert not t.connections_stale(7, now)
+    assert t.connections_stale(8, now)
+    assert t.connections_stale(7, now + 30.01)  # the kernel let the TIME-WAIT go by now
 
 
-@pytest.mark.parametrize("through_ring", [False, True], ids=["events", "ring-records"])
-def test_a_socket_born_and_gone_within_one_batch_is_never_tabled(through_ring):
+def test_a_listener_from_before_start_leaves_when_released():
     t = tracker()
-    t.apply(ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("127.0.0.1", 80), owner=(5, "web")))
-    batch = []
-    for c in range(100, 200, 2):
-        batch += [
-            ev(E.CONNECT, c, state=2, local=("127.0.0.1", c), remote=("127.0.0.1", 80), owner=(6, "ab")),
-            ev(E.ACCEPT, c + 1, state=1, local=("127.0.0.1", 80), remote=("127.0.0.1", c)),
-            ev(E.STATE, c, state=TcpState.CLOSE, old=TcpState.ESTABLISHED),
-            ev(E.STATE, c + 1, state=TcpState.CLOSE, old=TcpState.ESTABLISHED),
-        ]
-    survivor = ev(E.ACCEPT, 999, state=1, local=("127.0.0.1", 80), remote=("127.0.0.1", 999))
-    evs = [*batch, survivor]
-    changes = t.apply_batch(abi.decode_batch(abi.records(evs))[0] if through_ring else evs)
-    assert changes == [("add", 999)]
-    assert t.stats.coalesced == len(batch) and t.stats.events.total() == len(batch) + 2
-    assert [r.cookie for r in t.snapshot()] == [1, 999]
-    # a known socket's end is always applied, even in the batch that would coalesce it
-    assert t.apply_batch([ev(E.STATE, 999, state=TcpState.CLOSE, old=TcpState.ESTABLISHED)]) == [("remove", 999)]
-
-
-def test_released_connection_without_state_callbacks_is_checked_with_the_kernel():
-    t = tracker()
-    t.apply(ev(E.ACCEPT, 7, state=1, local=("10.0.0.1", 4002), remote=("10.0.0.2", 80)))
+    t.apply(ev(E.LISTEN, 7, state=TcpState.LISTEN, local=("10.0.0.1", 4002)))
     t.rows[7].flags |= R_NO_CALLBACKS  # as bootstrap marks sockets from before start
-    t.apply(ev(E.RELEASE, 7, state=1, old=TcpState.ESTABLISHED, flags=E.F_PRESTART))
-    assert NEED_ORPHAN in t.pending[7]
-    assert t.snapshot()  # an orphan still holds its 4-tuple
-
-
-def test_a_prestart_release_of_a_socket_a_hook_saw_born_is_not_an_end():
-    """The hook's prestart bound is a cookie, and cookies come in per-CPU batches: a
-    socket made after start can carry the flag. Its state callbacks tell its end."""
-    t = tracker()
-    t.apply(ev(E.ACCEPT, 7, state=1, local=("10.0.0.1", 4002), remote=("10.0.0.2", 80)))
-    t.apply(ev(E.RELEASE, 7, state=1, old=TcpState.ESTABLISHED, flags=E.F_PRESTART))
-    assert NEED_ORPHAN not in t.pending.get(7, set())
+    assert t.apply(ev(E.RELEASE, 7, state=TcpState.LISTEN, old=TcpState.LISTEN, flags=E.F_PRESTART)) == ("remove", 7)
+    assert 7 not in t.pending
 
 
 def test_udp_connect_waits_for_the_kernels_choice_of_local_side():
@@ -188,12 +217,11 @@ def test_binds_count_by_the_port_asked_and_cap_their_keys(monkeypatch):
     ("bound_by", "then", "owner_after"),
     [
         ((10, "web"), E.LISTEN, (10, "web")),  # sockops without owners (before 6.2): the binder's
-        ((10, "web"), E.CONNECT, (10, "web")),
         (None, E.LISTEN, (None, None)),  # listen() without bind(): no hook saw the task
         ((10, "web"), None, None),  # bound, then released: nothing kept
     ],
 )
-def test_a_tcp_listen_or_connect_without_an_owner_takes_its_binders(bound_by, then, owner_after):
+def test_a_tcp_listen_without_an_owner_takes_its_binders(bound_by, then, owner_after):
     t = tracker()
     t.owners_from_binds = True  # the agent's, where sockops cannot read the task
     if bound_by:
@@ -202,17 +230,14 @@ def test_a_tcp_listen_or_connect_without_an_owner_takes_its_binders(bound_by, th
         t.apply(ev(E.RELEASE, 1))
         assert not t._bound_owner
         return
-    state = TcpState.LISTEN if then == E.LISTEN else TcpState.SYN_SENT
-    remote = ("127.0.0.1", 80) if then == E.CONNECT else None
-    t.apply(ev(then, 1, state=state, local=("127.0.0.1", 8080), remote=remote))
+    t.apply(ev(then, 1, state=TcpState.LISTEN, local=("127.0.0.1", 8080)))
     (r,) = t.snapshot()
     assert (r.pid, r.comm) == owner_after and not t._bound_owner
     if owner_after[0] is not None:
         assert r.owner_source == OWNER_HOOK
         # an accepted connection then inherits it from its listener, as with owners
-        if then == E.LISTEN:
-            t.apply(ev(E.ACCEPT, 2, state=TcpState.ESTABLISHED, local=("127.0.0.1", 8080), remote=("127.0.0.1", 5555)))
-            assert t.rows[2].pid == 10 and t.rows[2].owner_source == OWNER_LISTENER
+        t.apply_connections([(diag(2, TcpState.ESTABLISHED, ("127.0.0.1", 8080), ("127.0.0.1", 5555)), Ns)], 1)
+        assert t.rows[2].pid == 10 and t.rows[2].owner_source == OWNER_LISTENER
 
 
 def test_a_listen_with_its_own_owner_keeps_it():

@@ -1,0 +1,195 @@
+"""What sockwatch costs real TCP traffic, paired (bench/paired.py): nginx serving a new
+connection per request (closed by FIN: TIME-WAIT piles up to the kernel's limit) and
+keep-alive, and the C connect/accept/close loop closing by FIN and by RST, each
+measured with the agent's hooks and with the kernel's floor (a bare sockops program
+that only asks for state callbacks), in alternating 1 s slices of a hooked and a plain
+cgroup. Then the agent's own CPU with nginx at full speed on new connections, and idle.
+
+  sudo .venv/bin/python bench/bench_traffic.py --pairs 15
+
+Everything runs in a network namespace of its own; nginx (one worker) on CPU 0, the load
+on CPU 1. Needs Debian's nginx-light and wrk (scripts/bench.sh installs them). Results:
+bench/results/traffic.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from common import host, parse_as_root, write_result
+from paired import BareSockops, Cgroups, HookedAgent, in_cgroup, proc_cpu_seconds, run_pairs, summary
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PORTS = {"hooked": 8081, "plain": 8082}
+WORKLOADS = ("nginx_close", "nginx_keepalive", "crr_fin", "crr_rst")
+TARGETS = {"nginx_close": 0.05, "nginx_keepalive": 0.01}  # the C loops: <= 1.5x the floor
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {tmp}/nginx-{side}.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096 reuseport;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+class Traffic:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ns = f"sw-traffic-{uuid.uuid4().hex[:8]}"
+        self.tmp = tempfile.mkdtemp(prefix="sw-traffic-")
+        self.loadgen = os.path.join(self.tmp, "loadgen")
+        self.cg = Cgroups.make()
+        self.nginx: dict[str, subprocess.Popen] = {}
+
+    def netns(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *cmd]
+
+    def setup(self) -> None:
+        for tool in ("nginx", "wrk"):
+            if shutil.which(tool) is None:
+                raise SystemExit(f"bench: {tool} is missing (scripts/bench.sh traffic installs it)")
+        subprocess.run(["gcc", "-O2", "-o", self.loadgen, os.path.join(HERE, "loadgen.c")], check=True)
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        subprocess.run(["ip", "-n", self.ns, "link", "set", "lo", "up"], check=True)
+
+    def start_nginx(self) -> None:
+        """One nginx per side, started in that side's cgroup (its sockets, and the
+        connections they accept, belong to it)."""
+        for side, port in PORTS.items():
+            conf = os.path.join(self.tmp, f"nginx-{side}.conf")
+            with open(conf, "w") as f:
+                f.write(NGINX_CONF.format(tmp=self.tmp, side=side, port=port))
+            cmd = ["taskset", "-c", "0", "nginx", "-e", os.path.join(self.tmp, f"error-{side}.log"), "-c", conf]
+            self.nginx[side] = subprocess.Popen(in_cgroup(self.cg.side(side), self.netns(cmd)))
+        for side, port in PORTS.items():
+            for _ in range(100):
+                if subprocess.run(self.netns(["sh", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"]),
+                                  capture_output=True).returncode == 0:  # fmt: skip
+                    break
+                time.sleep(0.1)
+            else:
+                raise SystemExit(f"bench: nginx ({side}) did not start")
+
+    def wrk(self, side: str, close: bool, seconds: float) -> float:
+        cmd = ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds:g}s"]
+        if close:
+            cmd += ["-H", "Connection: close"]
+        cmd.append(f"http://127.0.0.1:{PORTS[side]}/")
+        r = subprocess.run(in_cgroup(self.cg.side(side), self.netns(cmd)), capture_output=True, text=True, check=True)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
+        if m is None:
+            raise SystemExit(f"bench: wrk said {r.stdout!r}")
+        return float(m.group(1))
+
+    def crr(self, side: str, mode: str) -> float:
+        import json
+
+        cmd = ["taskset", "-c", "0", self.loadgen, mode, "127.0.0.1", str(9100 + (side == "plain")), f"{self.seconds}"]
+        r = subprocess.run(in_cgroup(self.cg.side(side), self.netns(cmd)), capture_output=True, text=True, check=True)
+        return float(json.loads(r.stdout)["rate"])
+
+    def measure(self, workload: str) -> object:
+        if workload == "nginx_close":
+            return lambda side: self.wrk(side, True, self.seconds)
+        if workload == "nginx_keepalive":
+            return lambda side: self.wrk(side, False, self.seconds)
+        mode = "tcp_crr_fin" if workload == "crr_fin" else "tcp_crr"
+        return lambda side: self.crr(side, mode)
+
+    def timewait(self) -> int:
+        r = subprocess.run(self.netns(["ss", "-Htan", "state", "time-wait"]), capture_output=True, text=True)
+        return len(r.stdout.splitlines())
+
+    def cleanup(self) -> None:
+        for p in self.nginx.values():
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.cg.remove()
+        subprocess.run(["ip", "netns", "del", self.ns], check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=15, help="pairs of slices per workload and configuration (>= 15)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="one slice")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--agent-seconds", type=float, default=10.0, help="nginx at full speed for the agent's CPU")
+    ap.add_argument("--json-out", default=os.path.join(HERE, "results", "traffic.json"))
+    args = parse_as_root(ap)
+    workloads = [w for w in args.workloads.split(",") if w]
+    if any(w not in WORKLOADS for w in workloads) or not 6 <= args.pairs <= 200 or not 0.5 <= args.seconds <= 30:
+        print(f"bench: --workloads from {','.join(WORKLOADS)}; --pairs 6..200; --seconds 0.5..30", file=sys.stderr)
+        return 2
+    t = Traffic(args.seconds)
+    result: dict = {"host": host("bench/bench_traffic.py"), "seconds_per_slice": args.seconds, "configs": {}}
+    with open("/sys/devices/system/cpu/vulnerabilities/spectre_v2") as f:
+        result["host"]["spectre_v2"] = f.read().strip()
+    try:
+        t.setup()
+        t.start_nginx()
+        for config in ("floor", "sockwatch"):
+            hooks = BareSockops(t.cg) if config == "floor" else HookedAgent(t.cg)
+            try:
+                out = result["configs"][config] = {}
+                for w in workloads:
+                    out[w] = summary(run_pairs(t.measure(w), args.pairs, f"{config} {w}"))  # type: ignore[arg-type]
+                    print(f"{config:<10} {w:<16} cost {out[w]['cost_median']:+.1%} "
+                          f"(IQR {out[w]['cost_iqr'][0]:+.1%}..{out[w]['cost_iqr'][1]:+.1%})", file=sys.stderr)  # fmt: skip
+                if isinstance(hooks, HookedAgent):
+                    cpu0, t0 = proc_cpu_seconds(hooks.pid), time.monotonic()
+                    rate = t.wrk("hooked", True, args.agent_seconds)
+                    busy = (proc_cpu_seconds(hooks.pid) - cpu0) / (time.monotonic() - t0)
+                    tw = t.timewait()
+                    st = hooks.status()
+                    time.sleep(2)
+                    cpu1, t1 = proc_cpu_seconds(hooks.pid), time.monotonic()
+                    time.sleep(10)
+                    idle = (proc_cpu_seconds(hooks.pid) - cpu1) / (time.monotonic() - t1)
+                    result["agent"] = {
+                        "nginx_close_requests_per_second": round(rate),
+                        "cpu_percent_at_full_speed": round(100 * busy, 2),
+                        "cpu_percent_idle_after": round(100 * idle, 2),
+                        "timewait_after": tw,
+                        "events_crossed": st["bpf"]["events"],
+                        "tcp_opened_in_kernel": st["bpf"].get("tcp_opened"),
+                    }
+                    print(f"agent: {result['agent']}", file=sys.stderr)
+            finally:
+                hooks.stop()
+        verdicts = {}
+        for w in workloads:
+            cost = result["configs"]["sockwatch"][w]["cost_median"]
+            floor = result["configs"]["floor"][w]["cost_median"]
+            if w in TARGETS:
+                verdicts[w] = {"target": f"<= {TARGETS[w]:.0%}", "met": cost <= TARGETS[w]}
+            else:
+                verdicts[w] = {"target": "<= 1.5x the floor", "met": cost <= max(1.5 * floor, floor + 0.01)}
+        result["verdicts"] = verdicts
+    finally:
+        t.cleanup()
+    write_result(args.json_out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
