@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 
 from common import host, parse_as_root, write_result
 from paired import BareSockops, Cgroups, HookedAgent, in_cgroup, proc_cpu_seconds, run_pairs, summary
@@ -77,8 +78,8 @@ class Traffic:
             self.nginx[side] = subprocess.Popen(in_cgroup(self.cg.side(side), self.netns(cmd)))
         for side, port in PORTS.items():
             for _ in range(100):
-                if subprocess.run(self.netns(["sh", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"]),
-                                  capture_output=True).returncode == 0:  # fmt: skip
+                if subprocess.run(self.netns(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"]),
+                                  check=False, capture_output=True).returncode == 0:  # fmt: skip
                     break
                 time.sleep(0.1)
             else:
@@ -102,7 +103,7 @@ class Traffic:
         r = subprocess.run(in_cgroup(self.cg.side(side), self.netns(cmd)), capture_output=True, text=True, check=True)
         return float(json.loads(r.stdout)["rate"])
 
-    def measure(self, workload: str) -> object:
+    def measure(self, workload: str) -> Callable[[str], float]:
         if workload == "nginx_close":
             return lambda side: self.wrk(side, True, self.seconds)
         if workload == "nginx_keepalive":
@@ -111,7 +112,8 @@ class Traffic:
         return lambda side: self.crr(side, mode)
 
     def timewait(self) -> int:
-        r = subprocess.run(self.netns(["ss", "-Htan", "state", "time-wait"]), capture_output=True, text=True)
+        r = subprocess.run(self.netns(["ss", "-Htan", "state", "time-wait"]), check=False, capture_output=True,
+                           text=True)  # fmt: skip
         return len(r.stdout.splitlines())
 
     def cleanup(self) -> None:
@@ -152,9 +154,11 @@ def main() -> int:
             try:
                 out = result["configs"][config] = {}
                 for w in workloads:
-                    out[w] = summary(run_pairs(t.measure(w), args.pairs, f"{config} {w}"))  # type: ignore[arg-type]
-                    print(f"{config:<10} {w:<16} cost {out[w]['cost_median']:+.1%} "
-                          f"(IQR {out[w]['cost_iqr'][0]:+.1%}..{out[w]['cost_iqr'][1]:+.1%})", file=sys.stderr)  # fmt: skip
+                    measure = t.measure(w)
+                    out[w] = summary(run_pairs(measure, args.pairs, f"{config} {w}"))
+                    lo, hi = out[w]["cost_iqr"]
+                    print(f"{config:<10} {w:<16} cost {out[w]['cost_median']:+.1%} (IQR {lo:+.1%}..{hi:+.1%})",
+                          file=sys.stderr)  # fmt: skip
                 if isinstance(hooks, HookedAgent):
                     cpu0, t0 = proc_cpu_seconds(hooks.pid), time.monotonic()
                     rate = t.wrk("hooked", True, args.agent_seconds)
@@ -170,7 +174,7 @@ def main() -> int:
                         "cpu_percent_at_full_speed": round(100 * busy, 2),
                         "cpu_percent_idle_after": round(100 * idle, 2),
                         "timewait_after": tw,
-                        "events_crossed": st["bpf"]["events"],
+                        "records_to_the_agent": st["tracker"]["events"],
                         "tcp_opened_in_kernel": st["bpf"].get("tcp_opened"),
                     }
                     print(f"agent: {result['agent']}", file=sys.stderr)

@@ -122,7 +122,7 @@ class HookedAgent:
         mnt = os.path.join(self.tmp, "cgroup")
         os.mkdir(mnt)
         serve = [sys.executable, "-m", "sockwatch", "serve", "--socket", self.sock, "--listen", "off", *extra]
-        inner = f'mount -t cgroup2 cgroup2 "$0" && SOCKWATCH_CGROUP_ROOT="$0" exec "$@"'
+        inner = 'mount -t cgroup2 cgroup2 "$0" && SOCKWATCH_CGROUP_ROOT="$0" exec "$@"'
         cmd = in_cgroup(cgroups.hooked, ["unshare", "--cgroup", "--mount", "--propagation", "private",
                                          "sh", "-c", inner, mnt, *serve])  # fmt: skip
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=os.path.dirname(HERE))
@@ -134,7 +134,7 @@ class HookedAgent:
         end = time.monotonic() + timeout
         while True:
             r = subprocess.run([sys.executable, "-m", "sockwatch", "status", "--json", "--socket", self.sock],
-                               capture_output=True, cwd=os.path.dirname(HERE))  # fmt: skip
+                               check=False, capture_output=True, cwd=os.path.dirname(HERE))  # fmt: skip
             if r.returncode == 0:
                 return json.loads(r.stdout)
             if self.proc.poll() is not None or time.monotonic() > end:
@@ -161,9 +161,12 @@ class BareSockops:
     """The kernel's floor for seeing TCP at all: a sockops program that only sets the
     state-callback flag, on `cgroups.hooked`, attached by a link."""
 
-    SRC = ("int so(struct bpf_sock_ops *o) {"
-           " if (o->op == BPF_SOCK_OPS_TCP_CONNECT_CB || o->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)"
-           " bpf_sock_ops_cb_flags_set(o, o->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG); return 1; }")  # fmt: skip
+    SRC = (
+        "int so(struct bpf_sock_ops *o) {"
+        " if (o->op == BPF_SOCK_OPS_TCP_CONNECT_CB || o->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)"
+        " bpf_sock_ops_cb_flags_set(o, o->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);"
+        " return 1; }"
+    )
 
     def __init__(self, cgroups: Cgroups) -> None:
         from bcc import BPF  # type: ignore[import-not-found]

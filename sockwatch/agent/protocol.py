@@ -20,7 +20,8 @@ VIEWS = ("all", "listeners", "connections", "processes", "peers")
 SORTS = ("local", "remote", "state", "protocol", "pid", "comm", "age", "netns")
 EVENT_KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close", "miss")
 MAX_LIMIT = 10_000
-FIELDS = ("op", "filters", "reconcile", "kinds", "view", "sort", "reverse", "offset", "limit")
+FIELDS = ("op", "filters", "reconcile", "kinds", "view", "sort", "reverse", "offset", "limit", "bpf_stats")
+MAX_BPF_STATS_SECONDS = 300
 
 
 class ProtocolError(ValueError):
@@ -38,6 +39,7 @@ class Request:
     reverse: bool = False
     offset: int = 0
     limit: int = 100
+    bpf_stats: int = 0  # status: keep the kernel's BPF stats on this many seconds more
 
 
 def encode_request(op: str, **args: object) -> bytes:
@@ -87,6 +89,7 @@ def parse_request(line: bytes) -> Request:
         _flag(d, "reverse"),
         _count(d, "offset", 0, 2**31),
         _count(d, "limit", 100, MAX_LIMIT),
+        _count(d, "bpf_stats", 0, MAX_BPF_STATS_SECONDS),
     )
 
 

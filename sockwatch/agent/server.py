@@ -36,7 +36,7 @@ from sockwatch import events as ev
 from sockwatch import filters as flt
 from sockwatch.agent import sockpath, webconfig
 from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, Request, encode_header, parse_request
-from sockwatch.kernel import abi, bpfload, prereq
+from sockwatch.kernel import abi, bpfload, bpfstats, prereq
 from sockwatch.kernel.ringbuf import RingReader
 from sockwatch.model import IPPROTO_UDP, SockRow, render_json
 from sockwatch.tracker import Tracker
@@ -206,6 +206,7 @@ class Agent:
         self._stream_skipped = 0  # records skipped in this second for the budget
         self.stream_skipped_total = 0
         self._streaming = False  # SW_CFG_STREAM as last set
+        self.bpf_stats = bpfstats.StatsWindow()  # the kernel's run counts, on only while asked
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -306,6 +307,7 @@ class Agent:
         self._stop = True
 
     def close(self) -> None:
+        self.bpf_stats.close()
         for c in list(self.clients.values()):
             self._drop(c)
         if self.http_listener is not None:
@@ -357,6 +359,7 @@ class Agent:
                 self.drain()
                 next_drain = now + self.settings.drain_interval
             if now >= next_second:
+                self.bpf_stats.close_if_over(now)
                 self._check_losses()
                 self.tracker.forget_dead_namespaces()
                 self._follow_namespaces()
@@ -893,6 +896,11 @@ class Agent:
 
     def _on_status(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
         self.drain()
+        if req.bpf_stats:
+            try:
+                self.bpf_stats.open(time.monotonic() + req.bpf_stats)
+            except OSError as e:
+                return [encode_header(False, error=f"the kernel would not count BPF runs: {e.strerror}")]
         if req.reconcile:
             self.prepare_answer()
             self.tracker.reconcile(drain=self.drain)
@@ -1020,6 +1028,8 @@ class Agent:
     def status(self) -> dict:
         assert self.loaded is not None
         t = self.tracker
+        counters = self.loaded.counters()
+        t.sync_connections(counters["tcp_changes"])
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "pid": os.getpid(),
@@ -1030,7 +1040,10 @@ class Agent:
             "rows": len(t.rows),
             "pending": len(t.pending),
             "namespaces": len(t.registry.by_cookie),
-            "bpf": self.loaded.counters(),
+            "bpf": counters,
+            "bpf_programs": {what: {"runs": r.runs, "run_ns": r.run_ns}
+                             for what, r in sorted(bpfstats.by_hook(self.loaded.links).items())},
+            "bpf_stats_counting": self.bpf_stats.active or bpfstats.kernel_counting(),
             "tracker": t.stats.as_dict(),
             "rss_bytes": _rss_bytes(),
             "rss_parts_bytes": _rss_parts(),

@@ -1,0 +1,152 @@
+"""TCP connections cost the agent nothing per connection while nobody streams: their
+records do not reach it at all (the hooks count them in the kernel), yet the table a
+view reads equals ss's, TIME-WAIT rows included, with owners; while a subscriber streams,
+every connection's records reach it, and they stop again when it leaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from tests.conftest import PACE, sockwatch_cmd
+from tests.kernel.conftest import AgentProc, Netns, compare_with_ss
+from tests.kernel.test_events import Stream
+
+# Closed by FIN, the server first, as a web server closing a request does: the server's
+# end stays in TIME-WAIT. The listener stays open until stdin closes.
+CHURN = """
+import socket, sys
+n, port = int(sys.argv[1]), int(sys.argv[2])
+l = socket.socket()
+l.bind(("127.0.0.1", port))
+l.listen(512)
+for _ in range(n):
+    c = socket.create_connection(("127.0.0.1", port))
+    s, _ = l.accept()
+    s.close()
+    c.close()
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+class Churn:
+    def __init__(self, ns: Netns, n: int, port: int) -> None:
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", CHURN, str(n), str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "done"
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def counters(agent: AgentProc) -> tuple[int, int]:
+    """(records that reached the agent, TCP connections the hooks saw opened)."""
+    bpf = agent.status()["bpf"]
+    return bpf["events"], bpf["tcp_opened"]
+
+
+def wait_for(agent: AgentProc, opened_at_least: int) -> tuple[int, int]:
+    deadline = time.monotonic() + 10 * PACE
+    while (got := counters(agent))[1] < opened_at_least:
+        assert time.monotonic() < deadline, f"the hooks saw {got[1]} connections opened, not {opened_at_least}"
+        time.sleep(0.1)
+    return got
+
+
+def test_connections_reach_the_agent_only_while_streamed_and_the_table_is_still_the_kernels(
+    netns: Netns, agent: AgentProc
+) -> None:
+    n = 1000
+    records0, opened0 = counters(agent)
+    churn = Churn(netns, n, 7300)
+    try:
+        records1, _ = wait_for(agent, opened0 + 2 * n)  # both ends of each connection
+        # the listener's bind and listen, and the test's own status queries: nothing per connection
+        assert records1 - records0 < 20, f"{records1 - records0} records reached the agent for {n} connections"
+        rows = compare_with_ss(netns, agent.socket)
+        states = [r["state"] for r in rows]
+        assert states.count("TIME-WAIT") == n and states.count("LISTEN") == 1, sorted(set(states))
+        (lst,) = [r for r in rows if r["state"] == "LISTEN"]
+        assert lst["owner_source"] == "hook"
+
+        # a subscriber that streams connections: now every record crosses
+        s = Stream(agent.socket, "--netns", str(netns.inode), "--kind", "connect", "--kind", "accept")
+        try:
+            churn2 = Churn(netns, 50, 7301)
+            churn2.stop()
+            seen = s.until(lambda seen: len([e for e in seen if e["kind"] in ("connect", "accept")]) >= 100)
+            connects = [e for e in seen if e["kind"] == "connect"]
+            assert len(connects) == 50 and all(e["comm"] == "python" or e["pid"] for e in connects)
+        finally:
+            s.stop()
+        records2, opened2 = counters(agent)
+        assert records2 - records1 >= 50 * 6  # connect, accept and the state changes of both ends
+
+        # and it stops when the subscriber leaves
+        deadline = time.monotonic() + 5 * PACE
+        while agent.status()["subscribers"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        records2, opened2 = counters(agent)
+        churn3 = Churn(netns, 300, 7302)
+        churn3.stop()
+        records3, _ = wait_for(agent, opened2 + 600)
+        assert records3 - records2 < 20, f"{records3 - records2} records for 300 connections after the stream ended"
+    finally:
+        churn.stop()
+
+
+def test_a_connect_names_its_owner_from_the_socket_itself(netns: Netns, agent: AgentProc, child_factory) -> None:
+    """The owner of a connect()ed socket comes with the socket from sock_diag (what
+    connect4/6 stored), an accepted one's from its listener: both before any /proc look."""
+    c = child_factory(netns.name)
+    lst = c.do(op="tcp_listen", addr="127.0.0.1", port=7400)
+    conn = c.do(op="tcp_connect", addr="127.0.0.1", port=7400, accept_on=lst["id"])
+    rows = {r["cookie"]: r for r in compare_with_ss(netns, agent.socket, expect_pid=c.pid)}
+    assert rows[conn["cookie"]]["owner_source"] == "hook"
+    assert rows[conn["accepted"]["cookie"]]["owner_source"] == "listener"
+
+
+def stats_fds(pid: int) -> int:
+    """The agent's BPF_ENABLE_STATS descriptors (anon_inode:bpf-stats)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-stats"
+        except OSError:
+            pass
+    return n
+
+
+def test_bpf_stats_count_the_hooks_runs_only_for_the_window_asked(netns: Netns, agent: AgentProc) -> None:
+    assert stats_fds(agent.proc.pid) == 0
+    out: dict = {}
+
+    def ask() -> None:
+        r = subprocess.run(sockwatch_cmd("status", "--json", "--bpf-stats", "2", "--socket", agent.socket),
+                           capture_output=True, text=True, check=True)  # fmt: skip
+        out.update(json.loads(r.stdout))
+
+    t = threading.Thread(target=ask)
+    t.start()
+    time.sleep(0.5 * PACE)
+    Churn(netns, 200, 7500).stop()  # while the window is open
+    t.join(30 * PACE)
+    window = out["bpf_programs_window"]
+    sockops = next(w for what, w in window.items() if what.startswith("sockops"))
+    assert sockops["runs_per_second"] * 2 >= 200 * 2, window  # at least the two opens of each connection
+    assert sockops["ns_per_run"] and 0 < sockops["ns_per_run"] < 1_000_000
+    deadline = time.monotonic() + 10 * PACE
+    while stats_fds(agent.proc.pid):  # the window closes on the agent's next tick after it ends
+        assert time.monotonic() < deadline, "the agent kept the kernel's BPF stats on"
+        time.sleep(0.2)
+    r = subprocess.run(sockwatch_cmd("status", "--bpf-stats", "999", "--socket", agent.socket), capture_output=True,
+                       text=True, check=False)  # fmt: skip
+    assert r.returncode != 0 and "1 to 300" in r.stderr and "Traceback" not in r.stderr
