@@ -76,11 +76,11 @@ int sw_sock_release(struct bpf_sock *sk)
 		/* announced, or not in the map (from before sockwatch, or the map was full) */
 		goto tell;
 	}
-	if (sk->protocol != IPPROTO_TCP || state == SW_TCP_CLOSE || state == SW_TCP_SYN_SENT)
+	/* TCP: only a listener's end matters here (connections are read from the kernel when
+	 * a view asks); one from before sockwatch has no state callbacks to tell it */
+	if (sk->protocol != IPPROTO_TCP || state != SW_TCP_LISTEN)
 		return 1;
 	cookie = bpf_get_socket_cookie(sk);
-	if (cookie > config_get(SW_CFG_PRESTART_COOKIE))
-		return 1;
 	flags = SW_F_PRESTART;
 tell:;
 	struct sw_event *e = event_new(cookie, SW_EV_RELEASE, bpf_get_netns_cookie(sk), sk->family,

@@ -7,8 +7,9 @@
  * struct is ever dereferenced.
  *
  * Every hook here runs on someone's production traffic. What keeps them cheap: a TCP
- * connection costs one per-CPU increment per callback and, if connect() opened it, one
- * socket-local storage write; its records reach the ring only while someone streams
+ * connection costs one per-CPU increment per callback and, if connect() opened it, a
+ * few stores into this CPU's owner_log (no map update: a hash or socket-local storage
+ * update costs 0.5-1 us here); its records reach the ring only while someone streams
  * (SW_CFG_STREAM). A record wakes no one (user space drains on a short timer; every
  * SW_WAKE_EVERY-th record per CPU wakes it so that a burst cannot fill the ring between
  * two timer ticks).
@@ -53,12 +54,15 @@ struct sw_connect_owner {
 	char comm[SW_COMM_LEN];
 };
 BPF_PERCPU_ARRAY(connect_owner, struct sw_connect_owner, 1);
-/* Who connect()ed each TCP socket, stored with the socket (tcp.bpf.c). */
-BPF_SK_STORAGE(tcp_owners, struct sw_owner);
+#ifndef SW_NCPUS
+#define SW_NCPUS 64 /* possible CPUs (the loader says) */
+#endif
+/* Who connect()ed each TCP socket lately, one ring per CPU (udp.bpf.c). */
+BPF_ARRAY(owner_log, struct sw_owner_log, SW_NCPUS);
 /* Never written: give user space the compiled sizes of the shared structs. */
 BPF_ARRAY(abi_event, struct sw_event, 1);
 BPF_ARRAY(abi_bind, struct sw_bind, 1);
-BPF_ARRAY(abi_owner, struct sw_owner, 1);
+BPF_ARRAY(abi_owner_slot, struct sw_owner_slot, 1);
 
 static __always_inline u64 count(u32 idx)
 {

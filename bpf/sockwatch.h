@@ -5,9 +5,9 @@
  * context structs mix both orders.
  *
  * TCP connections cost user space nothing until a view asks: their rows are read then
- * from the kernel's own table (sock_diag), which also returns each socket's sw_owner
- * (socket-local storage written by connect(), tcp.bpf.c), and their records reach the
- * ring only while someone streams events. Listens, binds and UDP changes always do. UDP
+ * from the kernel's own table (sock_diag) and joined with the owners connect() left in
+ * owner_log (udp.bpf.c), and their records reach the ring only while someone streams
+ * events. Listens, binds and UDP changes always do. UDP
  * sockets get a small map entry, because an unconnected sendto() autobinds with no hook
  * that is cheap to watch (see udp.bpf.c).
  */
@@ -18,7 +18,7 @@
 
 /* sw_event.flags */
 #define SW_F_OWNER   0x01 /* pid/uid/comm: the hook ran in the owner's syscall */
-#define SW_F_PRESTART 0x02 /* RELEASE of a TCP socket sockwatch has no state callbacks for */
+#define SW_F_PRESTART 0x02 /* RELEASE of a TCP listener (one from before start has no state callbacks) */
 #define SW_F_LIFETIME 0x04 /* STATE to CLOSE: `life` holds the connection's totals, pid its
 			    * retransmits and uid its smoothed RTT in microseconds */
 #define SW_F_PORT_ASKED 0x08 /* BIND, BIND_FAIL: bind() named a port (else the kernel chose) */
@@ -52,10 +52,7 @@
 #define SW_C_TCP_OPENED    10 /* TCP connections opened (connect, accept) */
 #define SW_C_MAX           11
 
-/* Index of the config array, written by user space. */
-#define SW_CFG_PRESTART_COOKIE 0 /* TCP sockets with cookie <= this may lack state callbacks. A filter
-				  * only: cookies come from per-CPU batches, so newer sockets can
-				  * fall under it too; user space decides from its own rows. */
+/* Index of the config array, written by user space (0 is unused). */
 #define SW_CFG_CONNECT_OWNER   1 /* 1: sockops cannot read the task (before 6.2): cgroup connect4/6
 				  * leave a TCP connect()'s owner for it (tcp.bpf.c) */
 #define SW_CFG_STREAM          2 /* 1 while someone streams events: connection records reach the ring */
@@ -90,14 +87,25 @@ struct sw_event {
 	};
 };
 
-/* The owner of a TCP socket that connect()ed: socket-local storage (tcp_owners), freed
- * with the socket, read with the socket through sock_diag (INET_DIAG_SK_BPF_STORAGES).
- * Accepted sockets have none: they belong to their listener's owner (user space). */
-struct sw_owner {
-	__u64 born_ns;        /* CLOCK_MONOTONIC_COARSE at connect(), host order */
+/* The owner of a TCP socket that connect()ed, as the hook saw it: one slot of a CPU's
+ * owner_log. `cookie` is written first and `cookie_end` last: a slot user space reads
+ * while it is being overwritten has them differ, and is skipped. */
+struct sw_owner_slot {
+	__u64 cookie;         /* host order; 0: never written */
 	__u32 pid;            /* tgid, host order */
 	__u32 uid;            /* host order */
-	char  comm[SW_COMM_LEN];
+	__u64 cookie_end;     /* host order, = cookie once the slot is whole */
+};
+
+#define SW_OWNER_SLOTS 8192 /* per CPU; a power of two */
+
+/* One CPU's connect()s, newest at head - 1: a ring that overwrites its oldest slot (no
+ * allocation, no lock, no delete: a connect costs a few stores). User space reads it
+ * when a view asks, and keeps what it found with its rows; an owner overwritten before
+ * anyone asked is read from /proc instead. */
+struct sw_owner_log {
+	__u64 head;           /* slots written so far, host order */
+	struct sw_owner_slot slots[SW_OWNER_SLOTS];
 };
 
 /* A bind() in progress, from the cgroup bind hook to the syscall's exit (keyed by the

@@ -18,19 +18,21 @@ static __always_inline void udp_announce(u64 cookie)
 }
 
 /* A TCP connect(), in the task that makes it (on every kernel, where sockops may not
- * read the task): its owner, kept with the socket for sock_diag to return. */
-static __always_inline void keep_tcp_owner(struct bpf_sock_addr *ctx)
+ * read the task): its owner, into this CPU's owner_log. Another connect() on this CPU
+ * may preempt this one between two stores; the slot's two cookies then differ (or the
+ * later writer's whole slot wins), and user space skips a torn slot. */
+static __always_inline void log_tcp_owner(struct bpf_sock_addr *ctx)
 {
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
+	u32 cpu = bpf_get_smp_processor_id();
+	struct sw_owner_log *l = owner_log.lookup(&cpu);
+	if (!l)
 		return;
-	struct sw_owner *o = tcp_owners.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!o)
-		return; /* no memory: the row's owner then comes from /proc when a view asks */
-	o->born_ns = bpf_ktime_get_coarse_ns();
-	o->pid = bpf_get_current_pid_tgid() >> 32;
-	o->uid = (u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(o->comm, sizeof(o->comm));
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sw_owner_slot *slot = &l->slots[l->head++ & (SW_OWNER_SLOTS - 1)];
+	slot->cookie = cookie;
+	slot->pid = bpf_get_current_pid_tgid() >> 32;
+	slot->uid = (u32)bpf_get_current_uid_gid();
+	slot->cookie_end = cookie;
 }
 
 /* A TCP connect(): cgroup connect4/6 run in it just before sockops' TCP_CONNECT_CB, on
@@ -53,7 +55,7 @@ static __always_inline void leave_connect_owner(struct bpf_sock_addr *ctx)
 static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6)
 {
 	if (ctx->protocol == IPPROTO_TCP) {
-		keep_tcp_owner(ctx);
+		log_tcp_owner(ctx);
 		leave_connect_owner(ctx);
 	}
 	if (ctx->protocol != IPPROTO_UDP)

@@ -38,7 +38,7 @@ KIND_NAMES = {
 
 # flags (SW_F_*)
 F_OWNER = 0x01  # pid/uid/comm came from the owner's own syscall
-F_PRESTART = 0x02  # RELEASE of a TCP socket with no state callbacks (from before start)
+F_PRESTART = 0x02  # RELEASE of a TCP listener (one from before start has no state callbacks)
 F_LIFETIME = 0x04  # STATE to CLOSE: comm holds bytes acked/received, pid retransmits, uid srtt (µs)
 F_PORT_ASKED = 0x08  # BIND, BIND_FAIL: bind() named the port (else the kernel chose it)
 

@@ -5,10 +5,11 @@ Two kinds of rows, kept two ways:
 - what receives packets by (IP, port) — TCP listeners, UDP sockets — from hook events as
   they happen (they are few, and a bind or a listen is news);
 - TCP connections (every TCP state but LISTEN, TIME-WAIT included) from the kernel's own
-  table when a view asks (`sync_connections`): one sock_diag dump that also returns the
-  owner connect() stored with each socket (bpf/udp.bpf.c), and only when the hooks'
-  generation counter moved or a TIME-WAIT row is due. A connection costs no Python work
-  at all until then; its records reach the agent only while someone streams them.
+  table when a view asks (`sync_connections`): one sock_diag dump per namespace, joined
+  with the owners connect() left in the hooks' owner logs (bpf/udp.bpf.c), and only when
+  the hooks' generation counter moved or a TIME-WAIT row is due. A connection costs no
+  Python work at all until then; its records reach the agent only while someone
+  streams them.
 
 What hooks cannot see is read from the kernel when a view asks, not per event: a
 socket's inode, the local side the kernel chose for a connected or autobound UDP
@@ -88,14 +89,6 @@ def is_connection_event(e: Event, old: SockRow | None) -> bool:
     if e.kind == ev.RELEASE:
         return old is None or old.state != TcpState.LISTEN
     return True  # connect, accept
-
-
-def owner_of_storage(raw: bytes | None) -> tuple[int, int, str, int] | None:
-    """(pid, uid, comm, born_ns) from a socket's sw_owner as sock_diag returns it."""
-    if raw is None or len(raw) < abi.OWNER.size:
-        return None
-    born_ns, pid, uid, comm = abi.OWNER.unpack_from(raw)
-    return pid, uid, ev.comm_text(comm), born_ns
 
 
 @dataclass
@@ -194,7 +187,6 @@ class Tracker:
         self.pending_tries: Counter = Counter()
         self.stats = Stats()
         self.version = 0  # bumped on every change: views cache what they built from it
-        self.max_bootstrap_cookie = 0  # TCP sockets up to this cookie may lack state callbacks
         self._gen = 0  # bumped per applied batch; a row remembers the batch that last set it
         self._removed_during: set[int] | None = None  # cookies removed while a reconcile runs
         self._sorted: tuple[int, list[SockRow]] = (-1, [])
@@ -211,7 +203,8 @@ class Tracker:
         # first TIME-WAIT row ends (no hook sees a TIME-WAIT end: the clock does)
         self._synced_generation: int | None = None
         self._timewait_next = math.inf
-        self.owner_map_fd = -1  # tcp_owners, for sock_diag to return owners with sockets
+        # cookie -> (pid, uid) of recent TCP connect()s (the hooks' owner logs), read per sync
+        self.recent_owners: Callable[[], dict[int, tuple[int, int]]] = dict
         self._port_ranges: dict[int, tuple[float, ports.PortRange]] = {}  # netns cookie -> (read at, range)
         self._tally: Tally | None = None  # whole-table aggregates, once something has asked for them
         self._changed: set[int] = set()  # cookies changed since the tally last looked
@@ -257,7 +250,6 @@ class Tracker:
                 row = row_from_diag(d, ns)
                 if row.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS
-                    self.max_bootstrap_cookie = max(self.max_bootstrap_cookie, row.cookie)
                 self.rows[row.cookie] = row
         self._listeners = None
         self._tally = None
@@ -763,10 +755,10 @@ class Tracker:
 
     def sync_connections(self, generation: int | None) -> int:
         """Every TCP connection (all states but LISTEN, TIME-WAIT included) as the kernel
-        has it now, read with one sock_diag dump per namespace that also returns the
-        owner connect() stored with each socket. Skipped when `generation` (the hooks'
-        count of connection changes) has not moved and no TIME-WAIT row is due.
-        Accepted connections take their listener's owner. Returns how many rows changed."""
+        has it now, read with one sock_diag dump per namespace and joined with the owners
+        of recent connect()s. Skipped when `generation` (the hooks' count of connection
+        changes) has not moved and no TIME-WAIT row is due. Accepted connections take
+        their listener's owner. Returns how many rows changed."""
         now = time.monotonic()
         if not self.connections_stale(generation, now):
             return 0
@@ -775,28 +767,33 @@ class Tracker:
         with self.registry.reading():
             for ns in list(self.registry.by_cookie.values()):
                 try:
-                    diags = sockdiag.dump_all(self.registry.diag(ns), (IPPROTO_TCP,), CONNECTION_STATES,
-                                              storage_fd=self.owner_map_fd)  # fmt: skip
+                    diags = sockdiag.dump_all(self.registry.diag(ns), (IPPROTO_TCP,), CONNECTION_STATES)
                 except NamespaceGone:
                     continue
                 except OSError as e:
                     log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
                     return 0  # keep what we have; the next view asks again
                 kernel.extend((d, ns) for d in diags)
-        changed = self.apply_connections(kernel, time.monotonic_ns())
+        changed = self.apply_connections(kernel, time.monotonic_ns(), self.recent_owners())
         self._synced_generation = generation
         self.stats.connection_syncs += 1
         self.stats.connection_sync_s = time.monotonic() - t0
         return changed
 
-    def apply_connections(self, kernel: Sequence[tuple[sockdiag.DiagSock, Namespace]], now_ns: int) -> int:
+    def apply_connections(
+        self,
+        kernel: Sequence[tuple[sockdiag.DiagSock, Namespace]],
+        now_ns: int,
+        owners: dict[int, tuple[int, int]],
+    ) -> int:
         """Make the connection rows the kernel's (`kernel`: every connection of every
-        namespace, as read just now). A new row's owner is the one connect() stored with
-        it, else its listener's (accepted), else none until a view's /proc look; its age
-        starts at connect(), or at this read for an accepted one."""
+        namespace, as read just now). A new row's owner is who connect()ed it (`owners`,
+        by cookie), else its listener's (accepted), else none until a view's /proc look;
+        its age starts at this read (a connection is first seen by a view)."""
         rows = self.rows
         seen: set[int] = set()
         added: list[SockRow] = []
+        names: dict[int, str | None] = {}  # pid -> its process name, read once per pid
         changed = 0
         tw_next = math.inf
         for d, ns in kernel:
@@ -807,13 +804,15 @@ class Tracker:
             row = rows.get(cookie)
             if row is None:
                 row = row_from_diag(d, ns)
-                owner = owner_of_storage(d.storage)
-                if owner is not None:
-                    row.pid, row.uid, row.comm, row.born_ns = owner
+                row.born_ns = now_ns
+                owner = owners.get(cookie)
+                if owner is not None and d.state != TcpState.TIME_WAIT:
+                    row.pid, row.uid = owner
                     row.owner_source = OWNER_HOOK
                     row.flags |= R_ACTIVE
-                else:
-                    row.born_ns = now_ns
+                    if owner[0] not in names:
+                        names[owner[0]] = procscan.process_name(owner[0])
+                    row.comm = names[owner[0]]  # None: exited; fix_owners looks for who holds it now
                 rows[cookie] = row
                 added.append(row)
             elif (row.state, row.inode, row.local_port, row.remote_port) == (d.state, d.inode, d.local_port,

@@ -36,9 +36,9 @@ from sockwatch import events as ev
 from sockwatch import filters as flt
 from sockwatch.agent import sockpath, webconfig
 from sockwatch.agent.protocol import MAX_REQUEST, ProtocolError, Request, encode_header, parse_request
-from sockwatch.kernel import abi, bpfload, bpfstats, prereq
+from sockwatch.kernel import bpfload, bpfstats, prereq
 from sockwatch.kernel.ringbuf import RingReader
-from sockwatch.model import IPPROTO_UDP, SockRow, render_json
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, render_json
 from sockwatch.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -229,17 +229,14 @@ class Agent:
         for note in self.loaded.lesser:
             log.warning("%s", note)
         self.tracker.owners_from_binds = not self.loaded.tcp_owners
-        self.tracker.owner_map_fd = self.loaded.owner_map_fd
+        self.tracker.recent_owners = self.loaded.recent_owners
         self.loaded.set_stream(False)
         if self.loaded.missing:
             log.warning("%s", self.loaded.degraded())
         self.load_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         # Hooks are live from here: the dump sees everything older, events everything newer.
-        # Until the dump says which TCP sockets predate us, every TCP release is reported.
-        self.loaded.set_config(abi.SW_CFG_PRESTART_COOKIE, 2**64 - 1)
         self.tracker.bootstrap()
-        self.loaded.set_config(abi.SW_CFG_PRESTART_COOKIE, self.tracker.max_bootstrap_cookie)
         self.drain()
         self.tracker.fill_owners()
         self._follow_namespaces()
@@ -621,6 +618,12 @@ class Agent:
             self.tracker.reconcile(drain=self.drain)
         return c
 
+    def _tcp_generation(self, counters: dict[str, int]) -> int | None:
+        """The hooks' count of connection changes; None (read every time) where a TCP
+        hook is missing and the count cannot be trusted."""
+        assert self.loaded is not None
+        return None if IPPROTO_TCP in self.loaded.unwatched else counters.get("tcp_changes")
+
     def prepare_answer(self, owners: bool = True) -> None:
         """Before answering: every event so far applied, and what hooks cannot see read.
         owners=False leaves the owner rule to the caller (a view applies it to the rows
@@ -632,7 +635,7 @@ class Agent:
         if self.loaded.unwatched:  # degraded: no hook keeps these rows, so the kernel is asked now
             self.tracker.reconcile(drain=self.drain, protocols=self.loaded.unwatched, repair=False)
         self.tracker.resolve_pending()
-        self.tracker.sync_connections(self._last_counters.get("tcp_changes"))
+        self.tracker.sync_connections(self._tcp_generation(self._last_counters))
         if owners:
             self.tracker.fix_owners()
         self._find_autobound()
@@ -1029,7 +1032,7 @@ class Agent:
         assert self.loaded is not None
         t = self.tracker
         counters = self.loaded.counters()
-        t.sync_connections(counters["tcp_changes"])
+        t.sync_connections(self._tcp_generation(counters))
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "pid": os.getpid(),

@@ -35,7 +35,6 @@ SW_C_MAX = 11
 COUNTER_NAMES = ("ringbuf_full", "map_full", "events", "udp_created", "udp_announced", "udp_silent_gone",
                  "lookup_full", "miss_unmatched", "peers_new", "tcp_changes", "tcp_opened")  # fmt: skip
 
-SW_CFG_PRESTART_COOKIE = 0
 SW_CFG_CONNECT_OWNER = 1
 SW_CFG_STREAM = 2
 SW_CFG_MAX = 3
@@ -65,19 +64,32 @@ class SwUdp(ctypes.Structure):
     ]
 
 
-class SwOwner(ctypes.Structure):
-    """struct sw_owner: who connect()ed a TCP socket (its socket-local storage)."""
+class SwOwnerSlot(ctypes.Structure):
+    """struct sw_owner_slot: who connect()ed a TCP socket, one slot of owner_log."""
 
     _fields_ = [
-        ("born_ns", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32),
-        ("comm", ctypes.c_char * SW_COMM_LEN),
+        ("cookie_end", ctypes.c_uint64),
     ]
 
 
-OWNER = struct.Struct("<QII16s")  # the same, for decoding sock_diag's copy of it
-assert OWNER.size == ctypes.sizeof(SwOwner)
+SW_OWNER_SLOTS = 8192
+OWNER_SLOT = struct.Struct("<QIIQ")  # the same, for decoding a whole log at once
+OWNER_LOG_SIZE = 8 + SW_OWNER_SLOTS * OWNER_SLOT.size  # struct sw_owner_log: head, slots
+assert OWNER_SLOT.size == ctypes.sizeof(SwOwnerSlot)
+
+
+def owners_of_log(raw: bytes) -> Iterator[tuple[int, int, int]]:
+    """(cookie, pid, uid) of every whole slot of one CPU's owner_log, oldest first
+    (a slot torn by a concurrent overwrite, or never written, is skipped)."""
+    head = int.from_bytes(raw[:8], "little")
+    start = head % SW_OWNER_SLOTS if head >= SW_OWNER_SLOTS else 0
+    slots = list(OWNER_SLOT.iter_unpack(raw[8:OWNER_LOG_SIZE]))
+    for cookie, pid, uid, end in slots[start:] + slots[:start]:
+        if cookie and cookie == end:
+            yield cookie, pid, uid
 
 
 class SwBind(ctypes.Structure):
@@ -145,7 +157,7 @@ class SwPeerCached(ctypes.Structure):
 
 MIRRORS = {
     "sw_udp": SwUdp,
-    "sw_owner": SwOwner,
+    "sw_owner_slot": SwOwnerSlot,
     "sw_bind": SwBind,
     "sw_lookup_key": SwLookupKey,
     "sw_lookup_count": SwLookupCount,

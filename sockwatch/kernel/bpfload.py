@@ -77,7 +77,7 @@ class Hook:
 # never be removed, so create is attached only if release is.
 HOOKS = (
     Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release",
-         (IPPROTO_UDP, IPPROTO_TCP)),  # TCP: sockets from before sockwatch
+         (IPPROTO_UDP, IPPROTO_TCP)),  # TCP: listeners from before sockwatch
     Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (UDP owner)",
          (IPPROTO_UDP,)),
     Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (binds)", (IPPROTO_UDP,)),
@@ -87,8 +87,10 @@ HOOKS = (
          fallback_note="sockops cannot read the current task on this kernel (before 6.2): a TCP socket's owner "
                        "comes from its bind() or connect(), a listen() without bind() has its owner from /proc "
                        "when a view asks"),
-    Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP)", (IPPROTO_UDP,)),
-    Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP)", (IPPROTO_UDP,)),
+    Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP, TCP owners)",
+         (IPPROTO_UDP,)),
+    Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP, TCP owners)",
+         (IPPROTO_UDP,)),
     Hook("sw_bind4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_BIND, "cgroup bind4 (what bind() asked)", ()),
     Hook("sw_bind6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_BIND, "cgroup bind6 (what bind() asked)", ()),
     Hook("sw_bind_exit", "TRACEPOINT", BPF_PERF_EVENT, "tracepoint sys_exit_bind (bind errno)", (),
@@ -128,6 +130,8 @@ def libbpf() -> ctypes.CDLL:
     lib.bpf_link_create.restype = ctypes.c_int
     lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     lib.bpf_map_update_elem.restype = ctypes.c_int
+    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.bpf_map_lookup_elem.restype = ctypes.c_int
     lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
@@ -181,13 +185,19 @@ class Loaded:
         table = self.bpf["counters"]
         return {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(abi.COUNTER_NAMES)}
 
-    @property
-    def owner_map_fd(self) -> int:
-        """tcp_owners (socket-local storage: bcc has no Table for it), for sock_diag to
-        return each TCP socket's owner with the socket."""
-        from bcc.libbcc import lib  # type: ignore[import-not-found]
-
-        return int(lib.bpf_table_fd(self.bpf.module, b"tcp_owners"))
+    def recent_owners(self) -> dict[int, tuple[int, int]]:
+        """cookie -> (pid, uid) of the TCP connect()s still in the CPUs' owner_logs."""
+        table = self.bpf["owner_log"]
+        lib = libbpf()
+        out: dict[int, tuple[int, int]] = {}
+        buf = ctypes.create_string_buffer(abi.OWNER_LOG_SIZE)
+        for cpu in range(len(table)):
+            key = ctypes.c_uint32(cpu)
+            if lib.bpf_map_lookup_elem(table.map_fd, ctypes.byref(key), buf) != 0:
+                continue
+            for cookie, pid, uid in abi.owners_of_log(buf.raw):
+                out[cookie] = (pid, uid)
+        return out
 
     def set_stream(self, on: bool) -> None:
         """Connection records reach the ring only while someone streams them."""
@@ -267,6 +277,16 @@ class Sizes:
     max_udp_peers: int = 16384
 
 
+def possible_cpus() -> int:
+    """How many CPU numbers this kernel may use (bpf_get_smp_processor_id is below it)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+        return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
 def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defines: tuple[str, ...] = ()) -> Any:
     """Compile with bcc and check struct sizes; raises LoadError with a remedy.
     `no_socket`: the NO_SOCKET drop reason's number here (no_socket_reason());
@@ -280,6 +300,7 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
         f"-DSW_RINGBUF_PAGES={sizes.ringbuf_pages}",
         f"-DSW_MAX_LOOKUP_KEYS={sizes.max_lookup_keys}",
         f"-DSW_MAX_UDP_PEERS={max(1, sizes.max_udp_peers)}",
+        f"-DSW_NCPUS={possible_cpus()}",
         "-w",
         *(f"-D{d}" for d in defines),
     ]
@@ -300,7 +321,7 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
             "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
             "sw_udp": ctypes.sizeof(b["udp_socks"].Leaf),
             "sw_bind": ctypes.sizeof(b["abi_bind"].Leaf),
-            "sw_owner": ctypes.sizeof(b["abi_owner"].Leaf),
+            "sw_owner_slot": ctypes.sizeof(b["abi_owner_slot"].Leaf),
             "sw_lookup_key": ctypes.sizeof(b["abi_lookup_key"].Leaf),
             "sw_lookup_count": ctypes.sizeof(b["lookup_counts"].sLeaf),
             "sw_peer_key": ctypes.sizeof(b["abi_peer_key"].Leaf),

@@ -27,12 +27,6 @@ ALL_STATES = 0xFFF
 LISTEN_ONLY = 1 << 10  # the kernel then walks the listener hash only
 INET_DIAG_NOCOOKIE = 0xFFFFFFFFFFFFFFFF
 INET_DIAG_SKV6ONLY = 11  # an rtattr after inet_diag_msg, on every AF_INET6 socket
-INET_DIAG_SK_BPF_STORAGES = 20  # nested: the asked-for maps' socket-local storage
-INET_DIAG_REQ_SK_BPF_STORAGES = 2  # request attribute: nested map fds
-SK_DIAG_BPF_STORAGE_REQ_MAP_FD = 1
-SK_DIAG_BPF_STORAGE_MAP_VALUE = 3
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
 _RTA = struct.Struct("=HH")
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -63,7 +57,6 @@ class DiagSock:
     expires_ms: int = 0  # a TIME-WAIT socket: milliseconds until the kernel drops it
     bound_dev: int = 0  # SO_BINDTODEVICE's ifindex (idiag_if); 0: any
     v6only: bool = False  # IPV6_V6ONLY (INET_DIAG_SKV6ONLY), read only when asked for (attrs=True)
-    storage: bytes | None = None  # the asked-for map's socket-local storage (storage_fd), if the socket has one
 
 
 def _swap16(p: int) -> int:
@@ -102,17 +95,11 @@ def dump(
     states: int = ALL_STATES,
     cache: AddrCache | None = None,
     attrs: bool = False,
-    storage_fd: int = -1,
 ) -> Iterator[DiagSock]:
     """Every socket of (protocol, family) in the namespace of `sock`. attrs: also read
-    the attributes after each message (IPV6_V6ONLY), which a table dump does without.
-    storage_fd: a socket-local storage map whose value the kernel returns with each
-    socket that has one (DiagSock.storage)."""
+    the attributes after each message (IPV6_V6ONLY), which a table dump does without."""
     cache = cache or AddrCache()
     req = _REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
-    if storage_fd >= 0:
-        fd_attr = struct.pack("=HHI", 8, SK_DIAG_BPF_STORAGE_REQ_MAP_FD, storage_fd)
-        req += _RTA.pack(_RTA.size + len(fd_attr), INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED) + fd_attr
     seq = 1
     sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
     msg_unpack = _MSG.unpack_from
@@ -146,12 +133,8 @@ def dump(
                     data, off + hdr_size
                 )
                 v6only = False
-                stored = None
-                if length > hdr_size + _MSG.size:
-                    if attrs:
-                        v6only = _v6only(data, off + hdr_size + _MSG.size, off + min(length, end - off))
-                    if storage_fd >= 0:
-                        stored = _storage(data, off + hdr_size + _MSG.size, off + min(length, end - off))
+                if attrs:
+                    v6only = _v6only(data, off + hdr_size + _MSG.size, off + min(length, end - off))
                 yield DiagSock(
                     protocol,
                     fam,
@@ -166,7 +149,6 @@ def dump(
                     expires,
                     dev,
                     v6only,
-                    stored,
                 )
             if length < hdr_size:
                 raise SockDiagError(errno.EPROTO, "malformed netlink message")
@@ -184,34 +166,6 @@ def _v6only(data: bytes, off: int, end: int) -> bool:
             return data[off + _RTA.size] != 0
         off += (length + 3) & ~3
     return False
-
-
-def _storage(data: bytes, off: int, end: int) -> bytes | None:
-    """The first map value in INET_DIAG_SK_BPF_STORAGES among the rtattrs in
-    data[off:end] (one map is asked for), bounds checked like _v6only."""
-    while off + _RTA.size <= end:
-        length, kind = _RTA.unpack_from(data, off)
-        if length < _RTA.size or off + length > end:
-            return None
-        if kind & NLA_TYPE_MASK == INET_DIAG_SK_BPF_STORAGES:
-            # nested: SK_DIAG_BPF_STORAGE (nested: map id, value)
-            inner, inner_end = off + _RTA.size, off + length
-            while inner + _RTA.size <= inner_end:
-                ilen, _ikind = _RTA.unpack_from(data, inner)
-                if ilen < _RTA.size or inner + ilen > inner_end:
-                    return None
-                a, a_end = inner + _RTA.size, inner + ilen
-                while a + _RTA.size <= a_end:
-                    alen, akind = _RTA.unpack_from(data, a)
-                    if alen < _RTA.size or a + alen > a_end:
-                        return None
-                    if akind & NLA_TYPE_MASK == SK_DIAG_BPF_STORAGE_MAP_VALUE:
-                        return bytes(data[a + _RTA.size : a + alen])
-                    a += (alen + 3) & ~3
-                inner += (ilen + 3) & ~3
-            return None
-        off += (length + 3) & ~3
-    return None
 
 
 def _sockid(local: bytes, lport: int, remote: bytes, rport: int, cookie: int) -> bytes:
@@ -262,12 +216,11 @@ def dump_all(
     protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP),
     states: int = ALL_STATES,
     attrs: bool = False,
-    storage_fd: int = -1,
 ) -> list[DiagSock]:
     """TCP and UDP, IPv4 and IPv6, in the namespace of `sock`."""
     cache = AddrCache()
     out: list[DiagSock] = []
     for proto in protocols:
         for family in (socket.AF_INET, socket.AF_INET6):
-            out.extend(dump(sock, proto, family, states, cache=cache, attrs=attrs, storage_fd=storage_fd))
+            out.extend(dump(sock, proto, family, states, cache=cache, attrs=attrs))
     return out

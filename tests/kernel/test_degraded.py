@@ -138,11 +138,11 @@ def test_doctor_names_a_refused_hook_and_what_runs_without_it():
     with hook_slots_full("sw_connect4"):
         r = run_cli("doctor")
     assert r.returncode == 3, r
-    line = next(x for x in r.stdout.splitlines() if "cgroup connect4 (UDP)" in x)
+    line = next(x for x in r.stdout.splitlines() if "cgroup connect4 (UDP, TCP owners)" in x)
     assert line.lstrip().startswith("!!") and "Argument list too long" in line, line
     assert "sockwatch runs without it: UDP rows are read from the kernel at each query" in line
     assert "Traceback" not in r.stdout + r.stderr
-    other = next(x for x in r.stdout.splitlines() if "cgroup connect6 (UDP)" in x)
+    other = next(x for x in r.stdout.splitlines() if "cgroup connect6 (UDP, TCP owners)" in x)
     assert other.lstrip().startswith("ok"), other
 
 

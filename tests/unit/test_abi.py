@@ -33,7 +33,7 @@ def compiled_layout() -> dict[str, int]:
         "sw_event": list(Event._fields),
         "sw_udp": [f for f, *_ in abi.SwUdp._fields_],
         "sw_bind": [f for f, *_ in abi.SwBind._fields_],
-        "sw_owner": [f for f, *_ in abi.SwOwner._fields_],
+        "sw_owner_slot": [f for f, *_ in abi.SwOwnerSlot._fields_],
     }
     lines = []
     for cname, names in fields.items():
@@ -58,7 +58,7 @@ def test_every_field_and_size_matches_the_header():
     assert abi.EVENT.size == layout["sw_event"]
     for name, off in event_offsets().items():
         assert off == layout[f"sw_event.{name}"], name
-    for cname, mirror in (("sw_udp", abi.SwUdp), ("sw_bind", abi.SwBind), ("sw_owner", abi.SwOwner)):
+    for cname, mirror in (("sw_udp", abi.SwUdp), ("sw_bind", abi.SwBind), ("sw_owner_slot", abi.SwOwnerSlot)):
         assert ctypes.sizeof(mirror) == layout[cname]
         for fname, *_ in mirror._fields_:
             assert getattr(mirror, fname).offset == layout[f"{cname}.{fname}"], fname
@@ -78,6 +78,9 @@ def test_header_and_python_agree_on_every_number():
     seen = 0
     for line in text.splitlines():
         parts = line.split()
+        if len(parts) >= 3 and parts[:2] == ["#define", "SW_OWNER_SLOTS"]:
+            assert int(parts[2]) == abi.SW_OWNER_SLOTS
+            continue
         if len(parts) < 3 or parts[0] != "#define":
             continue
         for prefix, (module, py_prefix) in homes.items():
@@ -159,3 +162,23 @@ def test_batch_columns_agree_with_the_events_they_come_from(specs):
 )
 def test_a_task_name_ends_at_its_first_nul(raw, text):
     assert events.comm_text(raw) == text
+
+
+def log_of(head: int, slots: dict[int, tuple[int, int, int, int]]) -> bytes:
+    raw = bytearray(abi.OWNER_LOG_SIZE)
+    raw[:8] = head.to_bytes(8, "little")
+    for i, slot in slots.items():
+        abi.OWNER_SLOT.pack_into(raw, 8 + i * abi.OWNER_SLOT.size, *slot)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(("head", "slots", "want"), [
+    (0, {}, []),  # nothing connected yet
+    (2, {0: (11, 100, 0, 11), 1: (12, 101, 1000, 12)}, [(11, 100, 0), (12, 101, 1000)]),
+    (3, {0: (11, 100, 0, 11), 1: (12, 101, 0, 99), 2: (13, 102, 0, 13)}, [(11, 100, 0), (13, 102, 0)]),  # torn
+    # wrapped: the oldest slot is the one head will write next
+    (abi.SW_OWNER_SLOTS + 1, {0: (21, 1, 0, 21), 1: (5, 2, 0, 5), abi.SW_OWNER_SLOTS - 1: (9, 3, 0, 9)},
+     [(5, 2, 0), (9, 3, 0), (21, 1, 0)]),
+], ids=["empty", "in order", "a torn slot", "wrapped"])  # fmt: skip
+def test_owner_log_slots_oldest_first_without_torn_ones(head, slots, want):
+    assert list(abi.owners_of_log(log_of(head, slots))) == want

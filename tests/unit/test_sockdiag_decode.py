@@ -98,35 +98,3 @@ def test_v6only_and_bound_device_when_asked(v6only, tail, want):
     assert (got.v6only, got.bound_dev) == (want, 3)
     (plain,) = sockdiag.dump(Peer(m, done()), 17, socket.AF_INET6)  # type: ignore[arg-type]
     assert plain.v6only is False  # not read unless asked
-
-
-def storages(value: bytes, map_id: int = 7) -> bytes:
-    """INET_DIAG_SK_BPF_STORAGES as the kernel nests it: STORAGE { MAP_ID, MAP_VALUE }."""
-    mid = struct.pack("=HHI", 8, 2, map_id)
-    val = struct.pack("=HH", 4 + len(value), sockdiag.SK_DIAG_BPF_STORAGE_MAP_VALUE) + value
-    val += b"\0" * ((-len(val)) % 4)
-    one = struct.pack("=HH", 4 + len(mid) + len(val), 1 | sockdiag.NLA_F_NESTED) + mid + val
-    return struct.pack("=HH", 4 + len(one), sockdiag.INET_DIAG_SK_BPF_STORAGES | sockdiag.NLA_F_NESTED) + one
-
-
-OWNER = struct.pack("<QII16s", 123, 4321, 1000, b"curl")
-
-
-@pytest.mark.parametrize(("tail", "want"), [
-    (storages(OWNER), OWNER),
-    (b"", None),  # a socket without storage (accepted, or TIME-WAIT)
-    (storages(OWNER)[:-8], None),  # cut short: the nest claims more than the message has
-    (struct.pack("=HH", 2, sockdiag.INET_DIAG_SK_BPF_STORAGES), None),  # shorter than its own header
-], ids=["stored", "none", "cut short", "short header"])  # fmt: skip
-def test_the_stored_owner_comes_with_the_socket_when_asked(tail, want):
-    m = diag_msg(socket.AF_INET, 1, 5000, 80, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 1, 0, 9, tail=tail)
-    peer = Peer(m, done())
-    (got,) = sockdiag.dump(peer, 6, socket.AF_INET, storage_fd=42)  # type: ignore[arg-type]
-    assert got.storage == want
-    # the request names the map: INET_DIAG_REQ_SK_BPF_STORAGES { MAP_FD 42 }
-    nest = peer.sent[0][16 + 56 :]
-    length, kind, fd_len, fd_kind, fd = struct.unpack("=HHHHI", nest)
-    assert (length, kind & 0x7FFF, fd_len, fd_kind, fd) == (12, sockdiag.INET_DIAG_REQ_SK_BPF_STORAGES, 8,
-                                                            sockdiag.SK_DIAG_BPF_STORAGE_REQ_MAP_FD, 42)  # fmt: skip
-    (plain,) = sockdiag.dump(Peer(m, done()), 6, socket.AF_INET)  # type: ignore[arg-type]
-    assert plain.storage is None  # not read unless asked

@@ -4,13 +4,14 @@ the tracker, driven with plain Event and DiagSock values (no root, no kernel).""
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 
 import pytest
 
 from sockwatch import events as E
 from sockwatch.events import Event
-from sockwatch.kernel import abi
+from sockwatch.kernel import procscan
 from sockwatch.kernel.sockdiag import DiagSock
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, OWNER_HOOK, OWNER_LISTENER, R_ACTIVE, TcpState
 from sockwatch.tracker import NEED_INODE, NEED_TUPLE, R_NO_CALLBACKS, Tracker
@@ -80,13 +81,13 @@ def test_bind_then_release_of_udp():
     assert t.snapshot() == [] and 1 not in t.pending
 
 
-def diag(cookie, state, local, remote, inode=0, owner=None, expires_ms=0):
+def diag(cookie, state, local, remote, inode=0, expires_ms=0):
     la, ra = ipaddress.ip_address(local[0]), ipaddress.ip_address(remote[0])
-    stored = None
-    if owner is not None:
-        stored = abi.OWNER.pack(owner[2], owner[0], 0, owner[1].encode().ljust(16, b"\0"))
-    return DiagSock(IPPROTO_TCP, la.version, state, la, local[1], ra, remote[1], cookie, 0, inode,
-                    expires_ms, storage=stored)  # fmt: skip
+    return DiagSock(IPPROTO_TCP, la.version, state, la, local[1], ra, remote[1], cookie, 0, inode, expires_ms)
+
+
+ME = os.getpid()  # a process that surely runs, so that its name can be read
+MY_NAME = procscan.process_name(ME)
 
 
 def test_connection_records_are_the_streams_not_the_tables():
@@ -105,13 +106,15 @@ def test_connection_records_are_the_streams_not_the_tables():
     assert t.apply(ev(E.STATE, 1, state=TcpState.CLOSE, old=TcpState.LISTEN)) == ("remove", 1)
 
 
-# (rows before, what the kernel has now) -> the rows after, as (cookie, state, pid, comm, source)
+# (rows before, what the kernel has now) -> the rows after, as (cookie, state, pid, comm, source);
+# cookie 10 was connect()ed by this test's process (the hooks' owner log says so)
 LISTENER = ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("0.0.0.0", 80), owner=(5, "web"))
+OWNERS = {10: (ME, 0)}
 SYNC_CASES = {
-    "connect()ed: the owner stored with the socket": (
+    "connect()ed: the owner the hook logged": (
         [],
-        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 123))],
-        [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (10, TcpState.ESTABLISHED, 6, "curl", OWNER_HOOK)],
+        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77)],
+        [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (10, TcpState.ESTABLISHED, ME, MY_NAME, OWNER_HOOK)],
     ),
     "accepted: its listener's owner": (
         [],
@@ -124,12 +127,12 @@ SYNC_CASES = {
         [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (12, TcpState.ESTABLISHED, None, None, None)],
     ),
     "closed from FIN-WAIT-2: TIME-WAIT, no file and so no owner": (
-        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 1))],
+        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77)],
         [diag(10, TcpState.TIME_WAIT, ("10.0.0.1", 4000), ("10.0.0.2", 443), 0, expires_ms=59000)],
         [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK), (10, TcpState.TIME_WAIT, None, None, None)],
     ),
     "gone from the kernel: gone from the table, the listener kept": (
-        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 1))],
+        [diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77)],
         [],
         [(1, TcpState.LISTEN, 5, "web", OWNER_HOOK)],
     ),
@@ -141,26 +144,25 @@ def test_connections_become_the_kernels(case):
     before, now, want = SYNC_CASES[case]
     t = tracker()
     t.apply(LISTENER)
-    t.apply_connections([(d, Ns) for d in before], 1000)
-    t.apply_connections([(d, Ns) for d in now], 2000)
+    t.apply_connections([(d, Ns) for d in before], 1000, OWNERS)
+    t.apply_connections([(d, Ns) for d in now], 2000, OWNERS)
     got = sorted((r.cookie, r.state, r.pid, r.comm, r.owner_source) for r in t.rows.values())
     assert got == want
     for r in t.rows.values():
-        if r.cookie == 10 and r.state == TcpState.ESTABLISHED:
-            assert r.born_ns == 123 and r.flags & R_ACTIVE  # from connect()
-        elif r.cookie in (11, 12):
-            assert r.born_ns == 2000 and not r.flags & R_ACTIVE  # first seen by this read
+        if r.cookie != 1:  # the connections' age starts when a read first saw them
+            assert r.born_ns == (1000 if before else 2000)
+            assert bool(r.flags & R_ACTIVE) == (r.cookie == 10)  # opened by connect()
 
 
 def test_an_unchanged_read_changes_nothing_and_time_wait_ends_are_counted():
     t = tracker()
-    d = diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77, owner=(6, "curl", 1))
-    assert t.apply_connections([(d, Ns)], 1) == 1
+    d = diag(10, TcpState.ESTABLISHED, ("10.0.0.1", 4000), ("10.0.0.2", 443), 77)
+    assert t.apply_connections([(d, Ns)], 1, OWNERS) == 1
     v = t.version
-    assert t.apply_connections([(d, Ns)], 2) == 0 and t.version == v
+    assert t.apply_connections([(d, Ns)], 2, OWNERS) == 0 and t.version == v
     tw = diag(10, TcpState.TIME_WAIT, ("10.0.0.1", 4000), ("10.0.0.2", 443), 0, expires_ms=59000)
-    t.apply_connections([(tw, Ns)], 3)
-    t.apply_connections([], 4)
+    t.apply_connections([(tw, Ns)], 3, OWNERS)
+    t.apply_connections([], 4, OWNERS)
     assert t.rows == {} and t.stats.expired == 1
 
 
@@ -169,7 +171,7 @@ def test_connections_are_read_again_only_when_the_hooks_counted_a_change_or_a_ti
     assert t.connections_stale(None)  # never read, or the count is not known
     t._synced_generation = 7
     tw = diag(10, TcpState.TIME_WAIT, ("10.0.0.1", 4000), ("10.0.0.2", 443), 0, expires_ms=30_000)
-    t.apply_connections([(tw, Ns)], 1)
+    t.apply_connections([(tw, Ns)], 1, {})
     now = t._timewait_next - 30
     assert not t.connections_stale(7, now)
     assert t.connections_stale(8, now)
@@ -236,7 +238,7 @@ def test_a_tcp_listen_without_an_owner_takes_its_binders(bound_by, then, owner_a
     if owner_after[0] is not None:
         assert r.owner_source == OWNER_HOOK
         # an accepted connection then inherits it from its listener, as with owners
-        t.apply_connections([(diag(2, TcpState.ESTABLISHED, ("127.0.0.1", 8080), ("127.0.0.1", 5555)), Ns)], 1)
+        t.apply_connections([(diag(2, TcpState.ESTABLISHED, ("127.0.0.1", 8080), ("127.0.0.1", 5555)), Ns)], 1, {})
         assert t.rows[2].pid == 10 and t.rows[2].owner_source == OWNER_LISTENER
 
 
