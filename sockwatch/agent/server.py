@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sockwatch import __version__, containers, lookups, metrics, stream, tally, views
+from sockwatch import __version__, containers, lookups, metric_limits, metrics, stream, tally, views
 from sockwatch import events as ev
 from sockwatch import filters as flt
 from sockwatch.agent import sockpath, webconfig
@@ -87,8 +87,8 @@ class Settings:
     max_udp_peers: int = 16384
     lookups: bool = True  # the sk_lookup hook in every namespace (serve --lookups)
     stream_cpu: float = 0.25  # seconds of CPU per second the event stream may take; past it, it skips and says so
-    listen: tuple[str, int] | None = ("127.0.0.1", metrics.DEFAULT_PORT)  # /metrics and /healthz; None: off
-    metrics_limits: metrics.Limits = field(default_factory=metrics.Limits)
+    listen: tuple[str, int] | None = ("127.0.0.1", metric_limits.DEFAULT_PORT)  # /metrics and /healthz; None: off
+    metrics_limits: metric_limits.Limits = field(default_factory=metric_limits.Limits)
     kubelet_log_dir: str = "/var/log"  # pods/ and containers/ name Kubernetes pods and containers
     web: webconfig.WebConfig | None = None  # TLS and basic auth for the metrics port
 

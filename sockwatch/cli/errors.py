@@ -11,7 +11,6 @@ import typer
 from sockwatch.agent.client import AgentError
 from sockwatch.filters import FilterError
 from sockwatch.kernel.abi import AbiMismatch
-from sockwatch.kernel.bpfload import LoadError
 from sockwatch.kernel.prereq import PrereqError
 from sockwatch.kernel.sockdiag import SockDiagError
 
@@ -33,7 +32,7 @@ def friendly() -> Iterator[None]:
         yield
     except FilterError as e:
         raise fail(str(e), "see --help for the filter syntax", EXIT_USAGE) from None
-    except (PrereqError, LoadError) as e:
+    except PrereqError as e:
         raise fail(e.what, e.fix, EXIT_ENV) from None
     except AbiMismatch as e:
         raise fail(str(e), code=EXIT_ENV) from None
@@ -48,3 +47,10 @@ def friendly() -> Iterator[None]:
         raise typer.Exit(0) from None
     except PermissionError as e:
         raise fail(f"permission denied: {e.filename or e}", "run sockwatch as root (sudo)", EXIT_ENV) from None
+    except Exception as e:
+        # the loader is imported only by the commands that load BPF: if it is not loaded,
+        # nothing raised its LoadError (and a command that only asks the agent starts faster)
+        bpfload = sys.modules.get("sockwatch.kernel.bpfload")
+        if bpfload is not None and isinstance(e, bpfload.LoadError):
+            raise fail(e.what, e.fix, EXIT_ENV) from None
+        raise

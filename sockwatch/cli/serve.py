@@ -15,8 +15,8 @@ from sockwatch.cli import args
 from sockwatch.cli import config as cfg
 from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
 from sockwatch.kernel import prereq
-from sockwatch.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
-from sockwatch.metrics import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, MAX_LOOKUPS, Limits
+from sockwatch.metric_limits import DEFAULT_PORT as DEFAULT_METRICS_PORT
+from sockwatch.metric_limits import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, MAX_LOOKUPS, Limits
 
 
 def _param(key: str) -> str:
