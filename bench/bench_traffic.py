@@ -135,10 +135,15 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=15, help="pairs of slices per workload and configuration (>= 15)")
     ap.add_argument("--seconds", type=float, default=1.0, help="one slice")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--configs", default="floor,sockwatch", help="floor (a bare sockops program), sockwatch")
     ap.add_argument("--agent-seconds", type=float, default=10.0, help="nginx at full speed for the agent's CPU")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "traffic.json"))
     args = parse_as_root(ap)
     workloads = [w for w in args.workloads.split(",") if w]
+    configs = [c for c in args.configs.split(",") if c]
+    if not configs or any(c not in ("floor", "sockwatch") for c in configs):
+        print("bench: --configs from floor,sockwatch", file=sys.stderr)
+        return 2
     if any(w not in WORKLOADS for w in workloads) or not 6 <= args.pairs <= 200 or not 0.5 <= args.seconds <= 30:
         print(f"bench: --workloads from {','.join(WORKLOADS)}; --pairs 6..200; --seconds 0.5..30", file=sys.stderr)
         return 2
@@ -149,7 +154,7 @@ def main() -> int:
     try:
         t.setup()
         t.start_nginx()
-        for config in ("floor", "sockwatch"):
+        for config in configs:
             hooks = BareSockops(t.cg) if config == "floor" else HookedAgent(t.cg)
             try:
                 out = result["configs"][config] = {}
@@ -181,7 +186,7 @@ def main() -> int:
             finally:
                 hooks.stop()
         verdicts = {}
-        for w in workloads:
+        for w in workloads if len(configs) == 2 else ():
             cost = result["configs"]["sockwatch"][w]["cost_median"]
             floor = result["configs"]["floor"][w]["cost_median"]
             if w in TARGETS:
