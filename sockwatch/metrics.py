@@ -43,6 +43,8 @@ class Health:
     cpu_seconds: float = 0.0
     events: int = 0
     version: str = "0"
+    tcp_opened: int = 0  # TCP connections the hooks saw opened (counted in the kernel, never sent)
+    bpf_programs: dict[str, tuple[int, int]] = field(default_factory=dict)  # hook -> (runs, run ns), while counted
 
 
 @dataclass
@@ -299,6 +301,20 @@ class SockwatchCollector(Collector):
         events = CounterMetricFamily("sockwatch_events", "Hook records read from the ring")
         events.add_metric([], h.events)
         yield events
+        opened = CounterMetricFamily("sockwatch_tcp_connections_opened",
+                                     "TCP connections the hooks saw opened (connect and accept)")  # fmt: skip
+        opened.add_metric([], h.tcp_opened)
+        yield opened
+        counted = "counted by the kernel only while BPF stats are on (kernel.bpf_stats_enabled, or status --bpf-stats)"
+        runs = CounterMetricFamily("sockwatch_bpf_program_runs", f"Runs of each hook's BPF programs, {counted}",
+                                   labels=["hook"])  # fmt: skip
+        run_s = CounterMetricFamily("sockwatch_bpf_program_run_seconds", f"Time in each hook's BPF programs, {counted}",
+                                    labels=["hook"])  # fmt: skip
+        for hook, (n, ns) in sorted(h.bpf_programs.items()):
+            runs.add_metric([hook], n)
+            run_s.add_metric([hook], ns / 1e9)
+        yield runs
+        yield run_s
         build = GaugeMetricFamily("sockwatch_build_info", "sockwatch's version", labels=["version"])
         build.add_metric([h.version], 1)
         yield build

@@ -298,6 +298,8 @@ class Agent:
             cpu_seconds=_cpu_seconds(),
             events=t.events.total(),
             version=__version__,
+            tcp_opened=c.get("tcp_opened", 0),
+            bpf_programs={what: (r.runs, r.run_ns) for what, r in bpfstats.by_hook(self.loaded.links).items()},
         )
 
     def stop(self, *_: object) -> None:

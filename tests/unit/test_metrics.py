@@ -67,6 +67,8 @@ def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
                 cpu_seconds=1.5,
                 events=1000,
                 version="0.1.0",
+                tcp_opened=40000,
+                bpf_programs={"sockops": (120, 6000), "cgroup connect4": (0, 0)},
             ),
             limits=limits,
             lookups=lambda: metrics.LookupSample(
@@ -117,6 +119,10 @@ def test_bind_counters_ports_and_health():
     assert v("sockwatch_udp_owner_map_fill_ratio") == 0.5
     assert v("sockwatch_programs_attached") == 10
     assert v("sockwatch_build_info", {"version": "0.1.0"}) == 1
+    assert v("sockwatch_tcp_connections_opened_total") == 40000
+    assert v("sockwatch_bpf_program_runs_total", {"hook": "sockops"}) == 120
+    assert v("sockwatch_bpf_program_run_seconds_total", {"hook": "sockops"}) == 6e-6
+    assert v("sockwatch_bpf_program_runs_total", {"hook": "cgroup connect4"}) == 0
     dest = {"netns": str(NS), "protocol": "tcp", "local_address": "10.0.0.1", "remote_address": "10.0.0.7",
             "remote_port": "5432"}  # fmt: skip
     # port 40010 is reserved: not ephemeral, so that connection uses none of the range
