@@ -143,7 +143,7 @@ def main() -> int:
                         })  # fmt: skip
                         r = per[name][w][-1]
                         print(f"round {rnd + 1} {name:<10} {w:<12} {rate:>8.0f}/s  "
-                              f"tool {r['tool_cpu_us_per_conn']:.2f} + BPF {r['bpf_us_per_conn']:.2f} us per connection",
+                              f"tool {r['tool_cpu_us_per_conn']:.2f} + BPF {r['bpf_us_per_conn']:.2f} us a connection",
                               file=sys.stderr)  # fmt: skip
                 finally:
                     tool.stop()
