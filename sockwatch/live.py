@@ -332,7 +332,7 @@ class Live(App[None]):
             else:
                 rows.append((r, "closed"))
         for r, note in rows[: self.rows_wanted()]:
-            born = r.get("born_ns") or 0  # the hook's CLOCK_MONOTONIC, this host's too; 0 if found by a dump
+            born = r.get("born_ns") or 0  # CLOCK_MONOTONIC (this host's); 0 if there at start-up
             fresh = bool(born) and now - born / 1e9 < HIGHLIGHT_SECONDS
             style = "bold red strike" if note else ("bold green" if fresh else "")
             fam = r["family"]

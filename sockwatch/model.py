@@ -87,7 +87,7 @@ class SockRow:
     netns_cookie: int = 0
     flags: int = 0  # the tracker's bookkeeping bits
     gen: int = 0  # the tracker's batch that last set it from an event
-    born_ns: int = 0  # CLOCK_MONOTONIC of the hook that first reported it; 0 if found by a dump
+    born_ns: int = 0  # CLOCK_MONOTONIC when a hook, or for a connection a kernel read, first saw it; 0: at start
     container: Container | None = None  # the owner's cgroup, container and pod, set with the owner
     _json: bytes | None = field(default=None, repr=False, compare=False)
     _sort: tuple | None = field(default=None, repr=False, compare=False)
