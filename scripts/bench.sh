@@ -9,6 +9,7 @@
 #   scripts/bench.sh traffic    # paired: nginx (new connection per request, keep-alive) and the C loop
 #                               # closing by FIN and RST, sockwatch vs the bare-sockops floor (~12 minutes)
 #   scripts/bench.sh peers      # host CPU per connection: sockwatch vs bcc's tcplife and tcpstates (~5 minutes)
+#   scripts/bench.sh dns        # paired: unbound under dnsperf, the sk_lookup hook vs its floor (~5 minutes)
 # Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,9 +19,9 @@ which=${1:-cost}
 [ $# -gt 0 ] && shift
 case "$which" in
   cost|snapshot|churn|live|scrape|lookup) ;;
-  traffic|peers)  # real servers from Debian as the workloads (and the peers' tools)
+  traffic|peers|dns)  # real servers from Debian as the workloads (and the peers' tools)
     missing=()
-    for p in nginx-light wrk bpfcc-tools; do
+    for p in nginx-light wrk bpfcc-tools unbound dnsperf; do
       dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -28,6 +29,6 @@ case "$which" in
       DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
     fi ;;
-  *) echo "bench: say cost, snapshot, churn, live, scrape, lookup, traffic or peers" >&2; exit 2 ;;
+  *) echo "bench: say cost, snapshot, churn, live, scrape, lookup, traffic, peers or dns" >&2; exit 2 ;;
 esac
 exec "${SOCKWATCH_VENV:-$here/.venv}/bin/python" "$here/bench/bench_$which.py" "$@"

@@ -1,0 +1,176 @@
+"""What the socket-lookup hook costs a real DNS server, paired (bench/paired.py's method):
+unbound answering dnsperf on loopback, one instance in each of two network namespaces
+of the benchmark's own, the hook on one of them only (sk_lookup is per namespace, not
+per cgroup), in alternating 2 s slices. Configurations, each measured the same way:
+
+  floor      an sk_lookup program that returns at once (the kernel's own dispatch)
+  sockwatch  sockwatch's sw_lookup (lookups per destination, UDP peers), compiled and
+             attached by the code `serve` uses, with its kfree_skb miss program
+
+Every datagram, the query to unbound and the answer to dnsperf, is looked up. The
+agent's user-space part costs nothing per packet (counts are read when a view asks),
+so no agent runs: the host's other namespaces are untouched. unbound (one thread) runs
+on CPU 0, dnsperf on CPU 1. Needs Debian's unbound and dnsperf (scripts/bench.sh dns
+installs them). Results: bench/results/dns.json.
+
+  sudo .venv/bin/python bench/bench_dns.py --pairs 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from common import host, parse_as_root, write_result
+from paired import SIDES, run_pairs, summary
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+PORT = 5353
+TARGET = 0.03
+
+UNBOUND_CONF = """server:
+    interface: 127.0.0.1
+    port: {port}
+    do-daemonize: no
+    chroot: ""
+    username: ""
+    directory: "{tmp}"
+    pidfile: "{tmp}/unbound-{side}.pid"
+    use-syslog: no
+    logfile: ""
+    verbosity: 0
+    num-threads: 1
+    do-ip6: no
+    module-config: "iterator"
+    access-control: 127.0.0.0/8 allow
+    local-zone: "bench.test." static
+{records}
+remote-control:
+    control-enable: no
+"""
+NAMES = 64
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--seconds", type=float, default=2.0, help="one slice")
+    ap.add_argument("--json-out", default=os.path.join(HERE, "results", "dns.json"))
+    args = parse_as_root(ap)
+    if not 6 <= args.pairs <= 200 or not 1 <= args.seconds <= 30:
+        print("bench: --pairs 6..200; --seconds 1..30", file=sys.stderr)
+        return 2
+    for tool in ("unbound", "dnsperf"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing (scripts/bench.sh dns installs it)", file=sys.stderr)
+            return 3
+
+    from bcc import BPF  # type: ignore[import-not-found]
+
+    from sockwatch.kernel import bpfload, lookup, prereq
+    from sockwatch.kernel.links import Links
+    from sockwatch.kernel.netns import in_netns, netns_cookie_of
+
+    prereq.require()
+    tag = uuid.uuid4().hex[:8]
+    names = {side: f"sw-dns-{side}-{tag}" for side in SIDES}
+    tmp = tempfile.mkdtemp(prefix="sw-dns-")
+    servers: list[subprocess.Popen] = []
+    nsfd = -1
+    b = empty = None
+    result: dict = {"host": host("bench/bench_dns.py"), "seconds_per_slice": args.seconds, "configs": {}}
+    try:
+        queries = os.path.join(tmp, "queries")
+        with open(queries, "w") as f:
+            f.writelines(f"n{i}.bench.test A\n" for i in range(NAMES))
+        records = "".join(f'    local-data: "n{i}.bench.test. 3600 IN A 10.9.{i // 256}.{i % 256}"\n'
+                          for i in range(NAMES))  # fmt: skip
+        for side, ns in names.items():
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+            conf = os.path.join(tmp, f"unbound-{side}.conf")
+            with open(conf, "w") as f:
+                f.write(UNBOUND_CONF.format(port=PORT, tmp=tmp, side=side, records=records))
+            servers.append(subprocess.Popen(["ip", "netns", "exec", ns, "taskset", "-c", "0", "unbound", "-d", "-c",
+                                             conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+        for side, ns in names.items():
+            for _ in range(100):
+                r = subprocess.run(["ip", "netns", "exec", ns, "dnsperf", "-s", "127.0.0.1", "-p", str(PORT), "-d",
+                                    queries, "-n", "1"], check=False, capture_output=True, text=True)  # fmt: skip
+                if "Queries completed:    64" in r.stdout:
+                    break
+                time.sleep(0.2)
+            else:
+                raise SystemExit(f"bench: unbound ({side}) does not answer: {r.stdout[-500:]}")
+
+        def measure(side: str) -> float:
+            r = subprocess.run(["ip", "netns", "exec", names[side], "taskset", "-c", "1", "dnsperf", "-s", "127.0.0.1",
+                                "-p", str(PORT), "-d", queries, "-l", f"{args.seconds:g}", "-c", "16", "-T", "1",
+                                "-q", "200"], check=True, capture_output=True, text=True)  # fmt: skip
+            m = re.search(r"Queries per second:\s+([\d.]+)", r.stdout)
+            if m is None:
+                raise SystemExit(f"bench: dnsperf said {r.stdout[-500:]!r}")
+            return float(m.group(1))
+
+        nsfd = os.open(f"/run/netns/{names['hooked']}", os.O_RDONLY | os.O_CLOEXEC)
+
+        def cookie() -> int:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                return netns_cookie_of(s)
+
+        ns_cookie = in_netns(nsfd, cookie)
+        b = bpfload.compile_programs(bpfload.Sizes(), bpfload.no_socket_reason())
+        hook = lookup.LookupHook(b, Links())
+        table = b["drop_sites"]
+        for i, (start, end) in enumerate(lookup.drop_sites(open("/proc/kallsyms").read())):
+            table[table.Key(i)] = table.Leaf(start, end)
+        miss = next(h for h in bpfload.HOOKS if h.func == "sw_lookup_miss")
+        empty = BPF(text="int sw_empty(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
+        empty_fn = empty.load_func("sw_empty", lookup.BPF_PROG_TYPE_SK_LOOKUP, attach_type=lookup.BPF_SK_LOOKUP)
+        for config in ("floor", "sockwatch"):
+            if config == "floor":
+                fds = [bpfload.link_create(empty_fn.fd, nsfd, lookup.BPF_SK_LOOKUP)]
+            else:
+                fds = [hook.link(ns_cookie, nsfd), bpfload.attach_one(b, miss, -1)]
+            try:
+                out = result["configs"][config] = summary(run_pairs(measure, args.pairs, f"{config} unbound"))
+                lo, hi = out["cost_iqr"]
+                print(f"{config:<10} unbound cost {out['cost_median']:+.1%} (IQR {lo:+.1%}..{hi:+.1%})",
+                      file=sys.stderr)  # fmt: skip
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        cost = result["configs"]["sockwatch"]["cost_median"]
+        result["verdict"] = {"target": f"<= {TARGET:.0%}", "met": cost <= TARGET}
+    finally:
+        for p in servers:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        if nsfd >= 0:
+            os.close(nsfd)
+        for obj in (b, empty):
+            if obj is not None:
+                obj.cleanup()
+        for ns in names.values():
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_result(args.json_out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
