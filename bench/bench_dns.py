@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 
-from common import host, parse_as_root, write_result
+from common import host, parse_as_root, stop, write_result
 from paired import SIDES, run_pairs, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -153,13 +153,7 @@ def main() -> int:
         result["verdict"] = {"target": f"<= {TARGET:.0%}", "met": cost <= TARGET}
     finally:
         for p in servers:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop(p)
         if nsfd >= 0:
             os.close(nsfd)
         for obj in (b, empty):

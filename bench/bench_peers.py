@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench_traffic import Traffic  # noqa: E402
-from common import host, parse_as_root, write_result  # noqa: E402
+from common import host, parse_as_root, stop, write_result  # noqa: E402
 from paired import proc_cpu_seconds  # noqa: E402
 
 from sockwatch.kernel import bpfload, bpfstats  # noqa: E402
@@ -94,13 +95,7 @@ class Tool:
         return proc_cpu_seconds(self.proc.pid), bpf_ns(self.progs)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)  # as a person stops it
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 20, signal.SIGINT)  # as a person stops it
 
 
 def main() -> int:

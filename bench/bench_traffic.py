@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from common import host, parse_as_root, write_result
+from common import host, parse_as_root, stop, write_result
 from paired import BareSockops, Cgroups, HookedAgent, in_cgroup, proc_cpu_seconds, run_pairs, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,13 +118,7 @@ class Traffic:
 
     def cleanup(self) -> None:
         for p in self.nginx.values():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop(p)
         self.cg.remove()
         subprocess.run(["ip", "netns", "del", self.ns], check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)

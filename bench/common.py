@@ -47,6 +47,17 @@ class HeldSockets:
                 w.wait()
 
 
+def stop(p: subprocess.Popen, seconds: float = 10, sig: int = signal.SIGTERM) -> None:
+    """Ask a process of the benchmark's own to end, then make it."""
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            p.wait(seconds)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def parse_as_root(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """The benchmark's arguments; a benchmark loads BPF and makes namespaces: root only."""
     args = ap.parse_args()

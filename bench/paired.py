@@ -30,6 +30,8 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import common  # noqa: E402
+
 from sockwatch.kernel import prereq  # noqa: E402
 
 SIDES = ("hooked", "plain")
@@ -147,13 +149,7 @@ class HookedAgent:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        common.stop(self.proc, 20)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
