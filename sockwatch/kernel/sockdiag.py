@@ -25,7 +25,6 @@ NLMSG_DONE = 3
 # TCP states 0..11 as ss -a asks (request sockets are reported as SYN-RECV).
 ALL_STATES = 0xFFF
 LISTEN_ONLY = 1 << 10  # the kernel then walks the listener hash only
-INET_DIAG_NOCOOKIE = 0xFFFFFFFFFFFFFFFF
 INET_DIAG_SKV6ONLY = 11  # an rtattr after inet_diag_msg, on every AF_INET6 socket
 _RTA = struct.Struct("=HH")
 
@@ -166,49 +165,6 @@ def _v6only(data: bytes, off: int, end: int) -> bool:
             return data[off + _RTA.size] != 0
         off += (length + 3) & ~3
     return False
-
-
-def _sockid(local: bytes, lport: int, remote: bytes, rport: int, cookie: int) -> bytes:
-    return (
-        struct.pack(">HH", lport, rport)
-        + local.ljust(16, b"\0")
-        + remote.ljust(16, b"\0")
-        + struct.pack("=IQ", 0, cookie)
-    )
-
-
-def lookup_one(
-    sock: socket.socket,
-    protocol: int,
-    family: int,
-    local: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    lport: int,
-    remote: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    rport: int,
-) -> DiagSock | None:
-    """The one socket with this 4-tuple (the kernel's own exact lookup: O(1), where a
-    dump walks every socket). None if there is none."""
-    af = socket.AF_INET6 if family == 6 else socket.AF_INET
-    sockid = _sockid(local.packed, lport, remote.packed, rport, INET_DIAG_NOCOOKIE)
-    req = _REQ.pack(af, protocol, 0, 0, ALL_STATES, sockid)
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 2, 0) + req)
-    data = sock.recv(65536)
-    length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
-    if mtype == NLMSG_ERROR:
-        (err,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
-        if -err in (errno.ENOENT, errno.ESTALE, 0):
-            return None
-        raise SockDiagError(-err, f"sock_diag lookup failed: {errno.errorcode.get(-err, -err)}")
-    if mtype != SOCK_DIAG_BY_FAMILY or length < _NLMSGHDR.size + _MSG.size:
-        return None
-    (_f, state, _t, _r, sp, dp, src, dst, _if, cookie, expires, _rq, _wq, uid, inode) = _MSG.unpack_from(
-        data, _NLMSGHDR.size
-    )
-    n = 4 if family == 4 else 16
-    got_local, got_remote = ipaddress.ip_address(src[:n]), ipaddress.ip_address(dst[:n])
-    return DiagSock(
-        protocol, family, state, got_local, _swap16(sp), got_remote, _swap16(dp), cookie, uid, inode, expires
-    )
 
 
 def dump_all(
