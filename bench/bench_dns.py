@@ -22,7 +22,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -78,7 +77,7 @@ def main() -> int:
 
     from sockwatch.kernel import bpfload, lookup, prereq
     from sockwatch.kernel.links import Links
-    from sockwatch.kernel.netns import in_netns, netns_cookie_of
+    from sockwatch.kernel.netns import cookie_of_netns
 
     prereq.require()
     tag = uuid.uuid4().hex[:8]
@@ -122,17 +121,10 @@ def main() -> int:
             return float(m.group(1))
 
         nsfd = os.open(f"/run/netns/{names['hooked']}", os.O_RDONLY | os.O_CLOEXEC)
-
-        def cookie() -> int:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                return netns_cookie_of(s)
-
-        ns_cookie = in_netns(nsfd, cookie)
+        ns_cookie = cookie_of_netns(nsfd)
         b = bpfload.compile_programs(bpfload.Sizes(), bpfload.no_socket_reason())
         hook = lookup.LookupHook(b, Links())
-        table = b["drop_sites"]
-        for i, (start, end) in enumerate(lookup.drop_sites(open("/proc/kallsyms").read())):
-            table[table.Key(i)] = table.Leaf(start, end)
+        bpfload.load_drop_sites(b)
         miss = next(h for h in bpfload.HOOKS if h.func == "sw_lookup_miss")
         empty = BPF(text="int sw_empty(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
         empty_fn = empty.load_func("sw_empty", lookup.BPF_PROG_TYPE_SK_LOOKUP, attach_type=lookup.BPF_SK_LOOKUP)

@@ -64,7 +64,7 @@ def main() -> int:
 
     from sockwatch.kernel import bpfload, lookup
     from sockwatch.kernel.links import Links
-    from sockwatch.kernel.netns import netns_cookie_of
+    from sockwatch.kernel.netns import cookie_of_netns
 
     ns = f"sw-lookup-{uuid.uuid4().hex[:8]}"
     tmp = tempfile.mkdtemp(prefix="sw-lookup-")
@@ -78,24 +78,13 @@ def main() -> int:
         subprocess.run(["ip", "netns", "add", ns], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         nsfd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-        from sockwatch.kernel.netns import in_netns
-
-        def cookie() -> int:
-            import socket
-
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                return netns_cookie_of(s)
-
-        ns_cookie = in_netns(nsfd, cookie)
+        ns_cookie = cookie_of_netns(nsfd)
         b = bpfload.compile_programs(bpfload.Sizes(), bpfload.no_socket_reason())
         hook = lookup.LookupHook(b, Links())
         b_np = bpfload.compile_programs(bpfload.Sizes(max_udp_peers=0), bpfload.no_socket_reason())
         hook_np = lookup.LookupHook(b_np, Links())
-        sites = lookup.drop_sites(open("/proc/kallsyms").read())
         for obj in (b, b_np):
-            table = obj["drop_sites"]
-            for i, (start, end) in enumerate(sites):
-                table[table.Key(i)] = table.Leaf(start, end)
+            bpfload.load_drop_sites(obj)
         miss = next(h for h in bpfload.HOOKS if h.func == "sw_lookup_miss")
         empty = BPF(text="int sw_empty(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
         empty_fn = empty.load_func("sw_empty", lookup.BPF_PROG_TYPE_SK_LOOKUP, attach_type=lookup.BPF_SK_LOOKUP)

@@ -481,16 +481,22 @@ def attach_one(b: Any, h: Hook, cgroup_fd: int, lesser: list[str] | None = None)
             os.close(target)  # the link holds the perf event
 
 
+def load_drop_sites(b: Any) -> bool:
+    """Tell the miss program where the kernel drops a packet for no socket (from
+    /proc/kallsyms); where addresses are hidden, any site counts. True if checked."""
+    sites = lookup.drop_sites(_read("/proc/kallsyms"))
+    table = b["drop_sites"]
+    for i, (start, end) in enumerate(sites or [(0, 2**64 - 1)]):  # hidden addresses: any site
+        table[table.Key(i)] = table.Leaf(start, end)
+    return bool(sites)
+
+
 def attach_lookup(loaded: Loaded, registry: NamespaceRegistry) -> None:
     """The sk_lookup hook, attached to sockwatch's own namespace (the agent's tick
     follows every other one). Where the kernel refuses it, it is listed in .missing."""
     try:
         loaded.lookup = lookup.LookupHook(loaded.bpf, loaded.links)
-        sites = lookup.drop_sites(_read("/proc/kallsyms"))
-        table = loaded.bpf["drop_sites"]
-        for i, (start, end) in enumerate(sites or [(0, 2**64 - 1)]):  # hidden addresses: any site
-            table[table.Key(i)] = table.Leaf(start, end)
-        loaded.lookup.drop_sites_checked = bool(sites)
+        loaded.lookup.drop_sites_checked = load_drop_sites(loaded.bpf)
         own = registry.own()
         if own is None:
             raise OSError(errno.ENOENT, "sockwatch's own network namespace could not be read")

@@ -64,6 +64,11 @@ def _cookie_here() -> int:
         return netns_cookie_of(s)
 
 
+def cookie_of_netns(ns_fd: int) -> int:
+    """The cookie of the namespace `ns_fd` refers to."""
+    return in_netns(ns_fd, _cookie_here)
+
+
 class NamespaceGone(OSError):
     """The namespace a read wanted no longer exists."""
 
@@ -174,7 +179,7 @@ class NamespaceRegistry:
                 continue
             try:
                 try:
-                    if os.fstat(fd).st_ino != ns.inode or in_netns(fd, _cookie_here) != ns.cookie:
+                    if os.fstat(fd).st_ino != ns.inode or cookie_of_netns(fd) != ns.cookie:
                         continue
                 except OSError:
                     continue
