@@ -43,7 +43,6 @@ TOOLS = ("sockwatch", "tcplife", "tcpstates")
 
 def prog_ids() -> set[int]:
     lib = bpfload.libbpf()
-    lib.bpf_prog_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     out, cur, nxt = set(), ctypes.c_uint32(0), ctypes.c_uint32(0)
     while lib.bpf_prog_get_next_id(cur, ctypes.byref(nxt)) == 0:
         cur.value = nxt.value

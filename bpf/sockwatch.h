@@ -92,8 +92,8 @@ struct sw_event {
  * while it is being overwritten has them differ, and is skipped. */
 struct sw_owner_slot {
 	__u64 cookie;         /* host order; 0: never written */
-	__u32 pid;            /* tgid, host order */
-	__u32 uid;            /* host order */
+	__u32 pid;            /* tgid, host order (the uid is the socket's: sock_diag has it) */
+	__u32 pad;
 	__u64 cookie_end;     /* host order, = cookie once the slot is whole */
 };
 

@@ -18,7 +18,7 @@ static __always_inline void udp_announce(u64 cookie)
 }
 
 /* A TCP connect(), in the task that makes it (on every kernel, where sockops may not
- * read the task): its owner, into this CPU's owner_log. Another connect() on this CPU
+ * read the task): its owner's pid, into this CPU's owner_log. Another connect() on this CPU
  * may preempt this one between two stores; the slot's two cookies then differ (or the
  * later writer's whole slot wins), and user space skips a torn slot. */
 static __always_inline void log_tcp_owner(struct bpf_sock_addr *ctx)
@@ -31,7 +31,6 @@ static __always_inline void log_tcp_owner(struct bpf_sock_addr *ctx)
 	struct sw_owner_slot *slot = &l->slots[l->head++ & (SW_OWNER_SLOTS - 1)];
 	slot->cookie = cookie;
 	slot->pid = bpf_get_current_pid_tgid() >> 32;
-	slot->uid = (u32)bpf_get_current_uid_gid();
 	slot->cookie_end = cookie;
 }
 

@@ -301,14 +301,17 @@ class Describer:
         return out
 
     def remember_conn(self, sock: Sock) -> None:
-        if len(self.conns) >= MAX_BOUND and sock.cookie not in self.conns:
-            del self.conns[next(iter(self.conns))]  # the oldest: its close was missed (a loss, or opened before)
-        self.conns[sock.cookie] = sock
+        _bounded_put(self.conns, sock.cookie, sock)  # the oldest goes: its close was missed (a loss)
 
     def _remember(self, cookie: int, port: int) -> None:
-        if len(self.bound) >= MAX_BOUND:
-            del self.bound[next(iter(self.bound))]  # the oldest: bound long ago and never used
-        self.bound[cookie] = port
+        _bounded_put(self.bound, cookie, port)  # the oldest goes: bound long ago and never used
+
+
+def _bounded_put(d: dict, key: int, value: object) -> None:
+    """d[key] = value, dropping the oldest entry past MAX_BOUND."""
+    if len(d) >= MAX_BOUND and key not in d:
+        del d[next(iter(d))]
+    d[key] = value
 
 
 def holds(said: StreamEvent) -> bool:

@@ -203,8 +203,8 @@ class Tracker:
         # first TIME-WAIT row ends (no hook sees a TIME-WAIT end: the clock does)
         self._synced_generation: int | None = None
         self._timewait_next = math.inf
-        # cookie -> (pid, uid) of recent TCP connect()s (the hooks' owner logs), read per sync
-        self.recent_owners: Callable[[], dict[int, tuple[int, int]]] = dict
+        # cookie -> pid of recent TCP connect()s (the hooks' owner logs), read by a sync that finds new rows
+        self.recent_owners: Callable[[], dict[int, int]] = dict
         self._port_ranges: dict[int, tuple[float, ports.PortRange]] = {}  # netns cookie -> (read at, range)
         self._tally: Tally | None = None  # whole-table aggregates, once something has asked for them
         self._changed: set[int] = set()  # cookies changed since the tally last looked
@@ -473,19 +473,17 @@ class Tracker:
                 for c in cookies:
                     self._remove(c)
                 continue
-            found: dict[int, sockdiag.DiagSock | None] = {}
-            rest = cookies  # listeners and UDP sockets: connections are synced whole
-            if rest:
-                only_listeners = proto == IPPROTO_TCP and all(self.rows[c].state == TcpState.LISTEN for c in rest)
-                states = sockdiag.LISTEN_ONLY if only_listeners else sockdiag.ALL_STATES
-                kernel = {d.cookie: d for d in self._dump(ns, (proto,), states)}
-                found.update((c, kernel.get(c)) for c in rest)
+            # listeners and UDP sockets (connections are synced whole)
+            only_listeners = proto == IPPROTO_TCP and all(self.rows[c].state == TcpState.LISTEN for c in cookies)
+            states = sockdiag.LISTEN_ONLY if only_listeners else sockdiag.ALL_STATES
+            kernel = {d.cookie: d for d in self._dump(ns, (proto,), states)}
             self.stats.resolves += 1
-            for c, d in found.items():
+            for c in cookies:
+                d = kernel.get(c)
                 row = self.rows[c]
                 reasons = self.pending.get(c, set())
-                if d is None or d.cookie != c:
-                    if reasons & {NEED_ORPHAN}:
+                if d is None:
+                    if NEED_ORPHAN in reasons:
                         self._remove(c)  # it is gone from the kernel too
                         fixed += 1
                         continue
@@ -774,7 +772,9 @@ class Tracker:
                     log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
                     return 0  # keep what we have; the next view asks again
                 kernel.extend((d, ns) for d in diags)
-        changed = self.apply_connections(kernel, time.monotonic_ns(), self.recent_owners())
+        rows = self.rows
+        owners = self.recent_owners() if any(d.cookie not in rows for d, _ in kernel) else {}
+        changed = self.apply_connections(kernel, time.monotonic_ns(), owners)
         self._synced_generation = generation
         self.stats.connection_syncs += 1
         self.stats.connection_sync_s = time.monotonic() - t0
@@ -784,12 +784,14 @@ class Tracker:
         self,
         kernel: Sequence[tuple[sockdiag.DiagSock, Namespace]],
         now_ns: int,
-        owners: dict[int, tuple[int, int]],
+        owners: dict[int, int],
     ) -> int:
         """Make the connection rows the kernel's (`kernel`: every connection of every
-        namespace, as read just now). A new row's owner is who connect()ed it (`owners`,
-        by cookie), else its listener's (accepted), else none until a view's /proc look;
-        its age starts at this read (a connection is first seen by a view)."""
+        namespace, as read just now). A new row's owner is who connect()ed it (`owners`:
+        cookie -> pid), named now as the hooks' rows are (views group and sort by the name
+        before the owner rule checks a screenful), else its listener's (accepted), else
+        none until a view's /proc look. Its age starts at this read (a connection is first
+        seen by a view)."""
         rows = self.rows
         seen: set[int] = set()
         added: list[SockRow] = []
@@ -805,14 +807,13 @@ class Tracker:
             if row is None:
                 row = row_from_diag(d, ns)
                 row.born_ns = now_ns
-                owner = owners.get(cookie)
-                if owner is not None and d.state != TcpState.TIME_WAIT:
-                    row.pid, row.uid = owner
-                    row.owner_source = OWNER_HOOK
+                pid = owners.get(cookie)
+                if pid is not None and d.state != TcpState.TIME_WAIT:
+                    row.pid, row.owner_source = pid, OWNER_HOOK
                     row.flags |= R_ACTIVE
-                    if owner[0] not in names:
-                        names[owner[0]] = procscan.process_name(owner[0])
-                    row.comm = names[owner[0]]  # None: exited; fix_owners looks for who holds it now
+                    if pid not in names:
+                        names[pid] = procscan.process_name(pid)
+                    row.comm = names[pid]  # None: exited; fix_owners looks for who holds it now
                 rows[cookie] = row
                 added.append(row)
             elif (row.state, row.inode, row.local_port, row.remote_port) == (d.state, d.inode, d.local_port,

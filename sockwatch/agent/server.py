@@ -207,6 +207,8 @@ class Agent:
         self.stream_skipped_total = 0
         self._streaming = False  # SW_CFG_STREAM as last set
         self.bpf_stats = bpfstats.StatsWindow()  # the kernel's run counts, on only while asked
+        self._bpf_runs: dict[str, bpfstats.Runs] | None = None  # each hook's counts, as last read
+        self._bpf_runs_counting = False  # the kernel was counting at that read
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -299,7 +301,7 @@ class Agent:
             events=t.events.total(),
             version=__version__,
             tcp_opened=c.get("tcp_opened", 0),
-            bpf_programs={what: (r.runs, r.run_ns) for what, r in bpfstats.by_hook(self.loaded.links).items()},
+            bpf_programs={what: (r.runs, r.run_ns) for what, r in self._bpf_programs().items()},
         )
 
     def stop(self, *_: object) -> None:
@@ -619,6 +621,17 @@ class Agent:
             self.tracker.stats.resyncs += 1
             self.tracker.reconcile(drain=self.drain)
         return c
+
+    def _bpf_programs(self) -> dict[str, bpfstats.Runs]:
+        """Each hook's runs and run time. The kernel's counts move only while it counts:
+        read them (three syscalls a program, one program per hooked namespace for
+        sk_lookup) then, and once after, not at every status and scrape."""
+        assert self.loaded is not None
+        counting = self.bpf_stats.active or bpfstats.kernel_counting()
+        if self._bpf_runs is None or counting or self._bpf_runs_counting:
+            self._bpf_runs = bpfstats.by_hook(self.loaded.links)
+        self._bpf_runs_counting = counting
+        return self._bpf_runs
 
     def _tcp_generation(self, counters: dict[str, int]) -> int | None:
         """The hooks' count of connection changes; None (read every time) where a TCP
@@ -1047,8 +1060,8 @@ class Agent:
             "namespaces": len(t.registry.by_cookie),
             "bpf": counters,
             "bpf_programs": {what: {"runs": r.runs, "run_ns": r.run_ns}
-                             for what, r in sorted(bpfstats.by_hook(self.loaded.links).items())},
-            "bpf_stats_counting": self.bpf_stats.active or bpfstats.kernel_counting(),
+                             for what, r in sorted(self._bpf_programs().items())},
+            "bpf_stats_counting": self._bpf_runs_counting,
             "tracker": t.stats.as_dict(),
             "rss_bytes": _rss_bytes(),
             "rss_parts_bytes": _rss_parts(),

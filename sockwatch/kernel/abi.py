@@ -70,7 +70,7 @@ class SwOwnerSlot(ctypes.Structure):
     _fields_ = [
         ("cookie", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
-        ("uid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
         ("cookie_end", ctypes.c_uint64),
     ]
 
@@ -81,15 +81,15 @@ OWNER_LOG_SIZE = 8 + SW_OWNER_SLOTS * OWNER_SLOT.size  # struct sw_owner_log: he
 assert OWNER_SLOT.size == ctypes.sizeof(SwOwnerSlot)
 
 
-def owners_of_log(raw: bytes) -> Iterator[tuple[int, int, int]]:
-    """(cookie, pid, uid) of every whole slot of one CPU's owner_log, oldest first
-    (a slot torn by a concurrent overwrite, or never written, is skipped)."""
+def owners_of_log(raw: bytes) -> Iterator[tuple[int, int]]:
+    """(cookie, pid) of every whole slot of one CPU's owner_log, oldest first (a slot
+    torn by a concurrent overwrite, or never written, is skipped)."""
     head = int.from_bytes(raw[:8], "little")
     start = head % SW_OWNER_SLOTS if head >= SW_OWNER_SLOTS else 0
     slots = list(OWNER_SLOT.iter_unpack(raw[8:OWNER_LOG_SIZE]))
-    for cookie, pid, uid, end in slots[start:] + slots[:start]:
+    for cookie, pid, _pad, end in slots[start:] + slots[:start]:
         if cookie and cookie == end:
-            yield cookie, pid, uid
+            yield cookie, pid
 
 
 class SwBind(ctypes.Structure):

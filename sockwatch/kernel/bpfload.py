@@ -133,6 +133,8 @@ def libbpf() -> ctypes.CDLL:
     lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.bpf_map_lookup_elem.restype = ctypes.c_int
     lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_prog_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_enable_stats.argtypes = [ctypes.c_int]
     lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
@@ -185,18 +187,16 @@ class Loaded:
         table = self.bpf["counters"]
         return {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(abi.COUNTER_NAMES)}
 
-    def recent_owners(self) -> dict[int, tuple[int, int]]:
-        """cookie -> (pid, uid) of the TCP connect()s still in the CPUs' owner_logs."""
+    def recent_owners(self) -> dict[int, int]:
+        """cookie -> pid of the TCP connect()s still in the CPUs' owner_logs."""
         table = self.bpf["owner_log"]
         lib = libbpf()
-        out: dict[int, tuple[int, int]] = {}
+        out: dict[int, int] = {}
         buf = ctypes.create_string_buffer(abi.OWNER_LOG_SIZE)
         for cpu in range(len(table)):
             key = ctypes.c_uint32(cpu)
-            if lib.bpf_map_lookup_elem(table.map_fd, ctypes.byref(key), buf) != 0:
-                continue
-            for cookie, pid, uid in abi.owners_of_log(buf.raw):
-                out[cookie] = (pid, uid)
+            if lib.bpf_map_lookup_elem(table.map_fd, ctypes.byref(key), buf) == 0:
+                out.update(abi.owners_of_log(buf.raw))
         return out
 
     def set_stream(self, on: bool) -> None:

@@ -91,9 +91,7 @@ class StatsWindow:
     def open(self, until: float) -> None:
         """Enable (or extend). OSError if the kernel refuses (before 5.8, or no CAP_SYS_ADMIN)."""
         if self.fd < 0:
-            lib = libbpf()
-            lib.bpf_enable_stats.argtypes = [ctypes.c_int]
-            fd = lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
+            fd = libbpf().bpf_enable_stats(BPF_STATS_RUN_TIME)
             if fd < 0:
                 err = ctypes.get_errno() or -fd
                 raise OSError(err, os.strerror(err))

@@ -109,7 +109,7 @@ def test_connection_records_are_the_streams_not_the_tables():
 # (rows before, what the kernel has now) -> the rows after, as (cookie, state, pid, comm, source);
 # cookie 10 was connect()ed by this test's process (the hooks' owner log says so)
 LISTENER = ev(E.LISTEN, 1, state=TcpState.LISTEN, local=("0.0.0.0", 80), owner=(5, "web"))
-OWNERS = {10: (ME, 0)}
+OWNERS = {10: ME}
 SYNC_CASES = {
     "connect()ed: the owner the hook logged": (
         [],
