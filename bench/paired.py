@@ -15,6 +15,7 @@ mounted on the host; every cgroup, process and namespace made here is removed by
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -35,6 +36,9 @@ import common  # noqa: E402
 from sockwatch.kernel import prereq  # noqa: E402
 
 SIDES = ("hooked", "plain")
+# With the floor measured in the same slices: sockwatch's hooks, a bare sockops program
+# and nothing, side by side, so that "how far above the floor" is itself paired.
+TRIPLE = ("hooked", "floor", "plain")
 
 
 def in_cgroup(cgroup: str, cmd: list[str]) -> list[str]:
@@ -71,11 +75,9 @@ def summary(ratios: list[float]) -> dict:
 
 @dataclass
 class Cgroups:
-    """hooked/ and plain/ under a sub-tree of the host's cgroup2 hierarchy."""
+    """hooked/, floor/ and plain/ under a sub-tree of the host's cgroup2 hierarchy."""
 
     base: str
-    hooked: str
-    plain: str
 
     @classmethod
     def make(cls) -> Cgroups:
@@ -84,16 +86,26 @@ class Cgroups:
             raise SystemExit("bench: no cgroup v2 mount")
         base = os.path.join(root, f"sockwatch-bench-{uuid.uuid4().hex[:8]}")
         os.mkdir(base)
-        for side in SIDES:
+        for side in TRIPLE:
             os.mkdir(os.path.join(base, side))
-        return cls(base, os.path.join(base, "hooked"), os.path.join(base, "plain"))
+        return cls(base)
+
+    @property
+    def hooked(self) -> str:
+        return self.side("hooked")
+
+    @property
+    def floor(self) -> str:
+        return self.side("floor")
 
     def side(self, name: str) -> str:
-        return self.hooked if name == "hooked" else self.plain
+        if name not in TRIPLE:
+            raise ValueError(name)
+        return os.path.join(self.base, name)
 
     def remove(self) -> None:
         """Every process left in them is killed first (a cgroup with members cannot go)."""
-        for d in (self.hooked, self.plain, self.base):
+        for d in (*(self.side(s) for s in TRIPLE), self.base):
             procs = os.path.join(d, "cgroup.procs")
             for _ in range(50):
                 try:
@@ -155,7 +167,7 @@ class HookedAgent:
 
 class BareSockops:
     """The kernel's floor for seeing TCP at all: a sockops program that only sets the
-    state-callback flag, on `cgroups.hooked`, attached by a link."""
+    state-callback flag, on one of `cgroups` (the floor side), attached by a link."""
 
     SRC = (
         "int so(struct bpf_sock_ops *o) {"
@@ -164,14 +176,14 @@ class BareSockops:
         " return 1; }"
     )
 
-    def __init__(self, cgroups: Cgroups) -> None:
+    def __init__(self, cgroups: Cgroups, side: str = "floor") -> None:
         from bcc import BPF  # type: ignore[import-not-found]
 
         from sockwatch.kernel import bpfload
 
         self.bpf = BPF(text=self.SRC, cflags=["-w"])
         fn = self.bpf.load_func("so", BPF.SOCK_OPS)
-        cg = os.open(cgroups.hooked, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        cg = os.open(cgroups.side(side), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self.link = bpfload.link_create(fn.fd, cg, 3)  # BPF_CGROUP_SOCK_OPS
         finally:
@@ -200,3 +212,22 @@ def run_pairs(measure: Callable[[str], float], pairs: int, progress: str = "") -
             print(f"{progress}: pair {i + 1}/{pairs}: {got['hooked']:.0f} vs {got['plain']:.0f} "
                   f"({1 - ratios[-1]:+.1%})", file=sys.stderr)  # fmt: skip
     return [r for r in ratios if not math.isnan(r)]
+
+
+def run_triples(measure: Callable[[str], float], triples: int, progress: str = "") -> dict[str, list[float]]:
+    """Ratios per triple of adjacent slices (hooked, floor, plain; the order rotates
+    through all six): "sockwatch" hooked/plain, "floor" floor/plain, "over_floor"
+    hooked/floor."""
+    orders = list(itertools.permutations(TRIPLE))
+    out: dict[str, list[float]] = {"sockwatch": [], "floor": [], "over_floor": []}
+    for i in range(triples):
+        got = {side: measure(side) for side in orders[i % len(orders)]}
+        if min(got.values()) <= 0:
+            continue
+        out["sockwatch"].append(got["hooked"] / got["plain"])
+        out["floor"].append(got["floor"] / got["plain"])
+        out["over_floor"].append(got["hooked"] / got["floor"])
+        if progress:
+            print(f"{progress}: {i + 1}/{triples}: sockwatch {1 - out['sockwatch'][-1]:+.1%} "
+                  f"floor {1 - out['floor'][-1]:+.1%}", file=sys.stderr)  # fmt: skip
+    return out
