@@ -64,7 +64,15 @@ def parse_as_root(ap: argparse.ArgumentParser) -> argparse.Namespace:
     if os.geteuid() != 0:
         print("bench: run as root (sudo)", file=sys.stderr)
         raise SystemExit(3)
+    # Stopped by a signal, a benchmark still removes what it made (its finally blocks
+    # run); SIGINT too, which a shell ignores in a background job.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     return args
+
+
+def _interrupted(sig: int, _frame: object) -> None:
+    raise SystemExit(f"bench: stopped by signal {sig}; cleaning up")
 
 
 def host(command: str) -> dict:

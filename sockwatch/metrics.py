@@ -28,6 +28,7 @@ from sockwatch.tally import Tally
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Health:
     """The agent's own state at scrape time."""

@@ -17,7 +17,7 @@ from sockwatch.agent.protocol import DEFAULT_SOCKET
 
 class InProcessAgent:
     def __init__(self) -> None:
-        from sockwatch.agent.server import Agent, Settings
+        from sockwatch.agent.loop import Agent, Settings
 
         self.dir = tempfile.mkdtemp(prefix="sockwatch-", dir="/run" if os.path.isdir("/run") else None)
         self.socket = os.path.join(self.dir, "agent.sock")

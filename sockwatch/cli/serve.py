@@ -144,7 +144,7 @@ def serve(
 
         sudo sockwatch serve --config /etc/sockwatch/sockwatch.toml
     """
-    from sockwatch.agent.server import Agent, Settings
+    from sockwatch.agent.loop import Agent, Settings
 
     given = {
         "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -183,7 +184,9 @@ def test_every_command_explains_itself_at_80_columns(command):
 
 def test_shell_completion_completes_commands_and_options():
     exe = os.path.join(os.path.dirname(sys.executable), "sockwatch")  # the installed command, as a shell sees it
-    r = subprocess.run([exe, "--show-completion", "bash"], capture_output=True, text=True, check=False)
+    # typer names the shell it runs under (a bash that stays the parent: "; true"), not an argument
+    r = subprocess.run(["bash", "-c", f"{shlex.quote(exe)} --show-completion; true"], capture_output=True, text=True,
+                       check=False)  # fmt: skip
     assert r.returncode == 0 and "_SOCKWATCH_COMPLETE=complete_bash" in r.stdout, r
     env = {**os.environ, "_SOCKWATCH_COMPLETE": "complete_bash", "COMP_WORDS": "sockwatch sn", "COMP_CWORD": "1"}
     r = subprocess.run([exe], capture_output=True, text=True, check=False, env=env)

@@ -1,0 +1,82 @@
+"""The metrics port: GET /metrics (built when scraped, from the table as it is) and GET
+/healthz, nothing else. A request head is read, not trusted: only its first line and,
+with basic auth configured, its Authorization header matter."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from sockwatch.agent import webconfig
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 8192  # bytes of request head
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def answer(
+    status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", head: bool = False, extra: bytes = b""
+) -> list[bytes]:
+    top = (f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+           "Connection: close\r\n").encode() + extra + b"\r\n"  # fmt: skip
+    return [top] if head else [top, body]
+
+
+class MetricsEndpoint:
+    """Answers one scraper's request head. `prepare` brings the table up to date before
+    a scrape; `healthy` says whether any hook is attached; `dropped` counts refusals."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        web: webconfig.WebConfig | None,
+        prepare: Callable[[], None],
+        healthy: Callable[[], bool],
+        dropped: Counter[str],
+    ) -> None:
+        self.registry = registry
+        self.web = web
+        self.prepare = prepare
+        self.healthy = healthy
+        self.dropped = dropped
+
+    def __call__(self, head: bytes) -> list[bytes]:
+        web = self.web
+        extra = web.headers if web is not None else b""  # the web config's headers, on every answer
+        try:
+            method, target, _version = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
+        except (ValueError, UnicodeDecodeError):
+            return answer(400, b"bad request\n", extra=extra)
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return answer(405, b"only GET\n", extra=extra)
+        if path == "/metrics" and web is not None and not web.allows(webconfig.header(head, b"Authorization")):
+            self.dropped["unauthorized"] += 1
+            return answer(401, b"unauthorized\n", extra=extra + b'WWW-Authenticate: Basic realm="sockwatch"\r\n')
+        try:
+            if path == "/metrics":
+                self.prepare()
+                body = generate_latest(self.registry)
+                return answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD",
+                              extra=extra)  # fmt: skip
+            if path in ("/healthz", "/readyz"):
+                ok = self.healthy()
+                return answer(200 if ok else 503, b"ok\n" if ok else b"no hook attached\n", extra=extra)
+        except Exception:
+            log.exception("answering %s failed", path)
+            self.dropped["internal_error"] += 1
+            return answer(500, b"internal error in the agent (logged)\n", extra=extra)
+        return answer(404, b"try /metrics or /healthz\n", extra=extra)

@@ -1,0 +1,234 @@
+"""The answers to local requests: one handler per request type, each bringing the table
+up to date first (`Agent.prepare_answer`), and the lookup hook's counts as views read
+them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from sockwatch import filters as flt
+from sockwatch import lookups, metrics, tally, views
+from sockwatch.agent import report
+from sockwatch.agent.clients import Client
+from sockwatch.agent.protocol import ProtocolError, Request, encode_header, parse_request
+from sockwatch.kernel import bpfload
+from sockwatch.model import render_json
+
+if TYPE_CHECKING:
+    from sockwatch.agent.loop import Agent
+
+log = logging.getLogger(__name__)
+
+JSON_CACHE_SECONDS = 10.0  # the whole table as JSON is kept this long after it was last asked for
+
+
+def to_json(d: dict) -> bytes:
+    return json.dumps(d, separators=(",", ":")).encode() + b"\n"
+
+
+class Queries:
+    def __init__(self, agent: Agent) -> None:
+        self.a = agent
+        self._json_cache: tuple[int, bytes] = (-1, b"")
+        self._json_cache_used = 0.0
+
+    def __call__(self, line: bytes, c: Client | None = None) -> list[bytes]:
+        """One request's answer; never raises for anything a client can send."""
+        try:
+            req = parse_request(line)
+            f = flt.from_wire(req.filters)
+            handler = {
+                "snapshot": self._snapshot,
+                "events": self._subscribe,
+                "view": self._view,
+                "ports": self._ports,
+                "status": self._status,
+                "lookups": self._lookups,
+                "peers": self._peers,
+            }[req.op]
+            return handler(req, f, c)
+        except (ProtocolError, flt.FilterError) as e:
+            return [encode_header(False, error=str(e))]
+        except Exception:
+            # a bug in answering must not take the host's agent down with it
+            log.exception("answering a request failed")
+            self.a.clients.dropped["internal_error"] += 1
+            return [encode_header(False, error="internal error in the agent (logged)")]
+
+    def forget_cache(self, now: float) -> None:
+        """The whole table as JSON is worth keeping only while someone asks for it."""
+        if self._json_cache[0] >= 0 and now - self._json_cache_used > JSON_CACHE_SECONDS:
+            self._json_cache = (-1, b"")
+
+    # One handler per request type: (request, its filters, the client) -> the answer's chunks.
+
+    def _snapshot(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.a.prepare_answer()
+        if f.empty:
+            return [encode_header(True, partial=report.partial(self.a)), self._full_json()]
+        rows = self.a.tracker.snapshot(f)
+        return [encode_header(True, rows=len(rows), partial=report.partial(self.a)), render_json(rows)]
+
+    def _view(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.a.prepare_answer(owners=False)  # a screenful's owners are checked, not the table's
+        return [encode_header(True, partial=report.partial(self.a)), to_json(self.view(req, f))]
+
+    def _ports(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.a.prepare_answer()
+        return [encode_header(True, partial=report.partial(self.a)), to_json(self.ports(f))]
+
+    def _lookups(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        why = self.lookup_missing()
+        if why:
+            return [encode_header(False, error=why)]
+        self.a.prepare_answer()
+        dests = lookups.destinations(self.destinations(), self.a.tracker.visible(), f)
+        body = {"destinations": dests[: req.limit], "matched": len(dests),
+                "closed_ports": lookups.closed_ports(dests)[: req.limit], "totals": self.lookup_totals()}  # fmt: skip
+        return [encode_header(True, partial=report.partial(self.a)), to_json(body)]
+
+    def _peers(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        why = self.lookup_missing()
+        if why:
+            return [encode_header(False, error=why)]
+        self.a.prepare_answer()
+        found, present = self.peers()
+        shown = lookups.peers(found, self.a.tracker.visible(), f)
+        body = {"peers": shown[: req.limit], "matched": len(shown), "totals": self.lookup_totals(present)}
+        return [encode_header(True, partial=report.partial(self.a)), to_json(body)]
+
+    def _status(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.a.drain()
+        if req.bpf_stats:
+            try:
+                self.a.hook_runs.window.open(time.monotonic() + req.bpf_stats)
+            except OSError as e:
+                return [encode_header(False, error=f"the kernel would not count BPF runs: {e.strerror}")]
+        if req.reconcile:
+            self.a.prepare_answer()
+            self.a.tracker.reconcile(drain=self.a.drain)
+        return [encode_header(True), to_json(report.status(self.a))]
+
+    def _subscribe(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        if c is None:
+            raise ProtocolError("'events' needs a connection to stream on")
+        self.a.drain()  # what happened before the subscription is not streamed
+        self.a.publisher.subscribe(c, f, req.kinds)
+        return [encode_header(True, stream=True, partial=report.partial(self.a))]
+
+    # ---- the bodies -------------------------------------------------------------------
+
+    def view(self, req: Request, f: flt.Filters) -> dict:
+        a = self.a
+        by: Counter[tuple[int, int]] = Counter()
+        for (_netns, proto, _family, state), n in a.tracker.tally().counts.items():
+            by[(proto, state)] += n
+        peers = req.view == "peers"
+        answer = views.view(a.tracker.visible(), f, "listeners" if peers else req.view, req.sort, req.reverse,
+                            0 if peers else req.offset, 0 if peers else req.limit, fix_owners=a.tracker.fix_owners,
+                            whole=by)  # fmt: skip
+        assert a.loaded is not None
+        if peers:  # the live peers view: a window of the peers, most packets first
+            found = lookups.peers(self.peers()[0], a.tracker.visible(), f) if a.loaded.lookup is not None else []
+            answer["selected"] = len(found)
+            answer["peers"] = found[req.offset : req.offset + req.limit]
+            answer["peers_note"] = self.lookup_missing()
+        c = a.last_counters or a.loaded.counters()
+        answer["agent"] = {
+            "pid": os.getpid(),
+            "last_minute": a.cost.last_minute(a.tracker.stats.events.total(), report.cpu_seconds()),
+            "lost": {"ring": c.get("ringbuf_full", 0), "udp_owners": c.get("map_full", 0)},
+            "subscribers": len(a.publisher.subscribers),
+            "metrics": a.metrics_url(),
+            "degraded": a.loaded.degraded(),
+        }
+        answer["ports"] = a.tracker.tally().namespace_summary(a.tracker.port_ranges())  # kept as ports change
+        return answer
+
+    def ports(self, f: flt.Filters) -> dict:
+        ranges = self.a.tracker.port_ranges()
+        if f.empty:
+            t = self.a.tracker.tally()
+            return {"namespaces": t.namespace_summary(ranges), "pressure": t.pressure(ranges)}
+        return tally.ports_report(self.a.tracker.snapshot(f), ranges)
+
+    def _full_json(self) -> bytes:
+        """The whole table as JSON, built once per table version."""
+        self._json_cache_used = time.monotonic()
+        version, body = self._json_cache
+        if version != self.a.tracker.version:
+            body = render_json(self.a.tracker.snapshot())
+            self._json_cache = (self.a.tracker.version, body)
+        return body
+
+    # ---- the lookup hook's counts -----------------------------------------------------
+
+    def lookup_missing(self) -> str:
+        """Why there are no lookup counts, or ''."""
+        loaded = self.a.loaded
+        assert loaded is not None
+        if loaded.lookup is not None:
+            return ""
+        if loaded.lookups_off:
+            return "this agent runs with --lookups off: lookups, misses and UDP peers are not counted"
+        why = next((m.why for m in loaded.missing if m.hook is bpfload.LOOKUP_HOOK), "not attached")
+        return f"this agent has no sk_lookup hook ({why}): lookups, misses and UDP peers are not counted"
+
+    def inode_of(self, cookie: int) -> int | None:
+        ns = self.a.tracker.registry.by_cookie.get(cookie)
+        return ns.inode if ns is not None else None
+
+    def destinations(self) -> list[lookups.Destination]:
+        """What the sk_lookup hook counted, by namespace inode (read now)."""
+        assert self.a.loaded is not None and self.a.loaded.lookup is not None
+        return [replace(d, netns=inode) for inode, d in lookups.resolve(self.a.loaded.lookup.counts(), self.inode_of)]
+
+    def peers(self) -> tuple[list[lookups.Peer], int]:
+        """The peers kept, by namespace inode and wall time, and how many entries the
+        map holds (those of namespaces not yet forgotten included: not evicted)."""
+        assert self.a.loaded is not None and self.a.loaded.lookup is not None
+        read, in_map = self.a.loaded.lookup.peers()
+        wall = self.a.publisher.wall_offset
+        kept = [replace(p, netns=inode, last_seen=wall + p.last_seen)
+                for inode, p in lookups.resolve(read, self.inode_of)]  # fmt: skip
+        return kept, in_map
+
+    def lookup_sample(self) -> metrics.LookupSample | None:
+        if self.a.loaded is None or self.a.loaded.lookup is None:
+            return None
+        found, present = self.peers()
+        by: dict[tuple[int, str, str], int] = {}
+        for p in found:
+            k = (p.netns, str(p.local_address), str(p.local_port))
+            by[k] = by.get(k, 0) + 1
+        t = self.lookup_totals(present)
+        return metrics.LookupSample(self.destinations(), by, t["namespaces_hooked"], t["lookups_uncounted"],
+                                    t["misses_unattributed"], t["udp_peers_evicted"])  # fmt: skip
+
+    def lookup_totals(self, peers_present: int | None = None) -> dict:
+        """The hook's reach and losses. `peers_present`: entries in the peer map, if read."""
+        a = self.a
+        assert a.loaded is not None
+        hook = a.loaded.lookup
+        c = a.loaded.counters()
+        out = {
+            "namespaces_hooked": hook.hooked() if hook else 0,
+            "namespaces_known": len(a.tracker.registry.by_cookie),
+            "namespaces_refused": len(hook.refused) if hook else 0,
+            "lookups_uncounted": c.get("lookup_full", 0),
+            "misses_unattributed": c.get("miss_unmatched", 0),
+            "lookup_keys_capacity": a.settings.max_lookup_keys,
+            "udp_peers_capacity": a.settings.max_udp_peers,
+            "udp_peers_seen": c.get("peers_new", 0),
+            "drop_sites_checked": hook.drop_sites_checked if hook else False,
+        }
+        if peers_present is not None:
+            forgotten = hook.peers_forgotten if hook else 0
+            out["udp_peers_evicted"] = max(0, c.get("peers_new", 0) - forgotten - peers_present)
+        return out
