@@ -10,7 +10,10 @@
  * connection costs one per-CPU increment per callback and, if connect() opened it, a
  * few stores into this CPU's owner_log (no map update: a hash or socket-local storage
  * update costs 0.5-1 us here); its records reach the ring only while someone streams
- * (SW_CFG_STREAM). A record wakes no one (user space drains on a short timer; every
+ * (SW_CFG_STREAM). No program runs at every socket's creation or release: a cgroup
+ * hook's dispatch alone costs every socket ~50 ns here, so sock_release is attached only
+ * while someone streams (user space reads UDP sockets and listeners from the kernel when
+ * a view asks), and sock_create not at all. A record wakes no one (user space drains on a short timer; every
  * SW_WAKE_EVERY-th record per CPU wakes it so that a burst cannot fill the ring between
  * two timer ticks).
  */
@@ -19,9 +22,6 @@
 #include <linux/socket.h>
 #include "sockwatch.h"
 
-#ifndef SW_MAX_UDP
-#define SW_MAX_UDP 65536
-#endif
 #ifndef SW_RINGBUF_PAGES
 #define SW_RINGBUF_PAGES 4096 /* 16 MiB: ~160k events of burst before a loss */
 #endif
@@ -41,8 +41,6 @@ BPF_RINGBUF_OUTPUT(events, SW_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(counters, u64, SW_C_MAX);
 /* Written by user space only. */
 BPF_ARRAY(config, u64, SW_CFG_MAX);
-/* UDP sockets created while we run, until released (see udp.bpf.c). */
-BPF_HASH(udp_socks, u64, struct sw_udp, SW_MAX_UDP);
 /* bind() calls between the cgroup bind hook and the syscall's exit (see bind.bpf.c). */
 BPF_TABLE("lru_hash", u64, struct sw_bind, binding, 1024);
 /* The owner of the TCP connect() in progress on this CPU, for sockops on kernels where it

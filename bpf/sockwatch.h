@@ -7,9 +7,9 @@
  * TCP connections cost user space nothing until a view asks: their rows are read then
  * from the kernel's own table (sock_diag) and joined with the owners connect() left in
  * owner_log (udp.bpf.c), and their records reach the ring only while someone streams
- * events. Listens, binds and UDP changes always do. UDP
- * sockets get a small map entry, because an unconnected sendto() autobinds with no hook
- * that is cheap to watch (see udp.bpf.c).
+ * events. UDP sockets and listeners are read then too (a close has no hook that is
+ * cheap on every socket's path: udp.bpf.c); listens, binds and UDP connects always
+ * reach the ring, closes while someone streams.
  */
 #ifndef SOCKWATCH_H
 #define SOCKWATCH_H
@@ -34,23 +34,16 @@
 #define SW_EV_RELEASE     8 /* close of the last file reference */
 #define SW_EV_BIND_FAIL   9 /* bind() failed: err = errno, local = the address asked for */
 
-/* sw_udp.flags */
-#define SW_U_ANNOUNCED 0x01 /* an event for it went to user space */
-
 /* Index of the per-CPU counters array: every loss is counted where it happens. */
 #define SW_C_RINGBUF_FULL   0 /* an event could not be reserved: user space resyncs */
-#define SW_C_MAP_FULL       1 /* a UDP socket could not be added to udp_socks */
-#define SW_C_EVENTS         2 /* events submitted */
-#define SW_C_UDP_CREATED    3 /* UDP sockets created (entries made in udp_socks) */
-#define SW_C_UDP_ANNOUNCED  4 /* of those, announced by a bind/connect event */
-#define SW_C_UDP_SILENT_GONE 5 /* of those, released without ever being announced */
-#define SW_C_LOOKUP_FULL    6 /* lookups whose key did not fit in lookup_counts: not counted */
-#define SW_C_MISS_UNMATCHED 7 /* a TCP/UDP drop for no socket that no lookup of ours preceded
+#define SW_C_EVENTS         1 /* events submitted */
+#define SW_C_LOOKUP_FULL    2 /* lookups whose key did not fit in lookup_counts: not counted */
+#define SW_C_MISS_UNMATCHED 3 /* a TCP/UDP drop for no socket that no lookup of ours preceded
 			       * (a namespace not hooked yet): not attributed to a port */
-#define SW_C_PEERS_NEW      8 /* peers added to udp_peers (less those present = evicted) */
-#define SW_C_TCP_CHANGES    9 /* TCP connections opened, or changing state: the table's generation */
-#define SW_C_TCP_OPENED    10 /* TCP connections opened (connect, accept) */
-#define SW_C_MAX           11
+#define SW_C_PEERS_NEW      4 /* peers added to udp_peers (less those present = evicted) */
+#define SW_C_TCP_CHANGES    5 /* TCP connections opened, or changing state: the table's generation */
+#define SW_C_TCP_OPENED     6 /* TCP connections opened (connect, accept) */
+#define SW_C_MAX            7
 
 /* Index of the config array, written by user space (0 is unused). */
 #define SW_CFG_CONNECT_OWNER   1 /* 1: sockops cannot read the task (before 6.2): cgroup connect4/6
@@ -119,16 +112,6 @@ struct sw_bind {
 	__u8  protocol;
 	__u8  posted;         /* post_bind ran: it reported the bind */
 	__u8  pad[3];
-};
-
-/* One UDP socket created while sockwatch runs: its owner, for when it autobinds. */
-struct sw_udp {
-	__u64 netns_cookie;   /* host order */
-	__u32 pid;            /* creator's tgid, host order */
-	__u32 uid;            /* host order */
-	char  comm[SW_COMM_LEN];
-	__u8  flags;          /* SW_U_* */
-	__u8  pad[7];
 };
 
 /* A destination the kernel looked up a socket for (sk_lookup): what lookup_counts is

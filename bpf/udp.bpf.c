@@ -1,21 +1,13 @@
-/* udp.bpf.c — what bind() does not show for UDP. Included by sockwatch.bpf.c.
+/* udp.bpf.c — connect(): UDP's, and TCP connect()s' owners. Included by sockwatch.bpf.c.
  *
  * connect() is watched by cgroup connect4/6 (it runs inside connect(), before the
  * kernel picks the local side; user space reads that side from the kernel when a view
  * asks). An unconnected sendto() autobinds silently: watching it would take the cgroup
  * sendmsg hooks, which make the kernel lock the socket on every unconnected send (the
- * DNS, QUIC and syslog servers this tool exists for). Instead sock_create keeps each
- * UDP socket's owner in udp_socks; user space finds autobound ones in the kernel's UDP
- * table when a view asks, and takes their owner from here. */
-
-static __always_inline void udp_announce(u64 cookie)
-{
-	struct sw_udp *u = udp_socks.lookup(&cookie);
-	if (u && !(u->flags & SW_U_ANNOUNCED)) {
-		u->flags |= SW_U_ANNOUNCED;
-		count(SW_C_UDP_ANNOUNCED);
-	}
-}
+ * DNS, QUIC and syslog servers this tool exists for), and a UDP socket's close takes
+ * sock_release, which runs for every socket. So user space reads the kernel's UDP table
+ * when a view asks (as ss does, its owners from /proc where no bind or connect named
+ * them), and these hooks add what that read cannot know: who bound or connected. */
 
 /* A TCP connect(), in the task that makes it (on every kernel, where sockops may not
  * read the task): its owner's pid, into this CPU's owner_log. Another connect() on this CPU
@@ -60,7 +52,6 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6)
 	if (ctx->protocol != IPPROTO_UDP)
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(ctx);
-	udp_announce(cookie);
 	struct sw_event *e = event_new(cookie, SW_EV_UDP_CONNECT, bpf_get_netns_cookie(ctx), ctx->family, IPPROTO_UDP,
 				       SW_TCP_ESTABLISHED, 0);
 	if (!e)

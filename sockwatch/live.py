@@ -275,8 +275,8 @@ class Live(App[None]):
         lm = agent.get("last_minute", {})
         lost = agent.get("lost", {})
         t.append(f"events/s {lm.get('events_per_second', 0)}  agent cpu {lm.get('cpu_percent', 0)}%  ")
-        ring, owners = lost.get("ring", 0), lost.get("udp_owners", 0)
-        t.append(f"lost {ring} events, {owners} UDP owners", style="bold red" if ring or owners else "")
+        ring = lost.get("ring", 0)
+        t.append(f"lost {ring} events", style="bold red" if ring else "")
         for p in d.get("ports", [])[:3]:
             pct = 100.0 * p["in_use"] / p["available"] if p["available"] else 0.0
             t.append(f"\nephemeral ports netns {p['netns']}: {p['in_use']}/{p['available']} in use ({pct:.1f}%), "

@@ -34,8 +34,7 @@ class Health:
     """The agent's own state at scrape time."""
 
     events_lost: dict[str, int] = field(default_factory=dict)  # reason -> total
-    udp_map_entries: int = 0
-    udp_map_capacity: int = 1
+    kernel_reads: int = 0  # UDP and listener tables read for a query or scrape
     repairs: dict[str, int] = field(default_factory=dict)
     reconciles: int = 0
     last_reconcile_age: float = 0.0
@@ -281,8 +280,10 @@ class SockwatchCollector(Collector):
         for reason, n in sorted(h.events_lost.items()):
             lost.add_metric([reason], n)
         yield lost
-        yield _gauge("sockwatch_udp_owner_map_fill_ratio", "UDP owner map entries over its capacity",
-                     h.udp_map_entries / max(1, h.udp_map_capacity))  # fmt: skip
+        reads = CounterMetricFamily("sockwatch_kernel_reads", "UDP and listener tables read from the kernel for a "
+                                    "query or scrape (no hook runs at every socket's close)")  # fmt: skip
+        reads.add_metric([], h.kernel_reads)
+        yield reads
         repairs = CounterMetricFamily(
             "sockwatch_reconcile_repairs", "Rows a reconcile repaired, by kind", labels=["kind"]
         )

@@ -32,6 +32,7 @@ from sockwatch.events import Event
 from sockwatch.model import (
     FAMILY_VERSION,
     IPPROTO_TCP,
+    IPPROTO_UDP,
     PROTO_NAMES,
     R_ACTIVE,
     STATE_NAMES,
@@ -181,13 +182,12 @@ def _holder(h: tuple[Sock, int]) -> dict:
     }
 
 
-def lost_line(events: int, owners: int, wall_time: float, reason: str) -> bytes:
+def lost_line(events: int, wall_time: float, reason: str) -> bytes:
     """Said to subscribers when records were lost to them: the stream has a gap there.
     reason "ring": the hooks found the ring full (the table itself is resynced);
     "stream": the agent's stream work hit its CPU budget and skipped them (the table
     has them)."""
-    return (f'{{"time":{wall_time:.6f},"kind":"lost","events":{events},"udp_owners":{owners},'
-            f'"reason":"{reason}"}}\n').encode()  # fmt: skip
+    return f'{{"time":{wall_time:.6f},"kind":"lost","events":{events},"reason":"{reason}"}}\n'.encode()
 
 
 def miss_line(wall_time: float, netns: int, protocol: int, port: int, misses: int, addresses: list[str]) -> bytes:
@@ -245,6 +245,8 @@ class Describer:
         """`before`: the socket as its earlier records or its table row left it;
         `netns(e)`: the record's namespace inode, or None if it is gone unseen."""
         kind = e.kind
+        if kind == ev.RELEASE and e.protocol == IPPROTO_UDP and before is None:
+            return None  # a UDP socket nothing saw with a port (the hook cannot read it): in no table
         if kind == ev.RELEASE and e.protocol == IPPROTO_TCP and before is not None and before.born_ns:
             # a TCP socket a hook saw born has state callbacks: its end comes with them (the
             # hook's prestart cookie bound is not exact: cookies are handed out per CPU)

@@ -106,8 +106,8 @@ class Stats:
     unknown_netns: int = 0  # events dropped: their namespace was gone before we could name it
     owners_moved: int = 0  # sockets whose owner no longer held them (fork, SCM_RIGHTS), found by reconcile
     namespaces_gone: int = 0  # namespaces that died while we ran (their rows went with them)
-    autobound_udp: int = 0  # UDP sockets found bound by a send, not a bind
-    kernel_reads: int = 0  # tables read whole at a query because a hook for them is missing
+    autobound_udp: int = 0  # UDP sockets a read found with no event: bound by a send (or an event lost)
+    kernel_reads: int = 0  # UDP and listener tables read at a query (read_unhooked)
     binds: Counter = field(default_factory=Counter)  # (protocol, port asked, 0: any) -> successful bind() calls
     bind_failures: Counter = field(default_factory=Counter)  # (protocol, port, errno name) -> failed bind() calls
     last_reconcile_s: float = 0.0
@@ -609,48 +609,72 @@ class Tracker:
         self.stats.namespaces_gone += len(gone)
         return len(dead)
 
-    def find_autobound_udp(
-        self, entries: Sequence[tuple[int, abi.SwUdp]], announce: Callable[..., bool]
-    ) -> list[SockRow]:
-        """UDP sockets created while we run that no event announced may have been bound by
-        an unconnected sendto(): find them in their namespace's UDP table, with the owner
-        sock_create recorded, and tell the BPF side (`announce`) so that their release
-        is reported. Returns the rows found."""
-        silent = [(c, u) for c, u in entries if not (u.flags & abi.SW_U_ANNOUNCED) and c not in self.rows]
-        if not silent:
-            return []
-        by_ns: dict[int, list[tuple[int, abi.SwUdp]]] = {}
-        for c, u in silent:
-            by_ns.setdefault(u.netns_cookie, []).append((c, u))
-        with self.registry.reading():
-            found = self._adopt_autobound(by_ns, announce)
-        if found:
-            self.stats.autobound_udp += len(found)
+    def read_unhooked(self, drain: Callable[[], object] = lambda: None) -> list[SockRow]:
+        """UDP sockets and TCP listeners as the kernel has them now, read when a view asks
+        (one sock_diag dump of each per namespace: the hook that would see them close runs
+        for every socket, so it is attached only while someone streams). Bind and connect
+        events keep their owners and the stream; this read is the table's truth for what
+        they cannot see: a sendto() that bound a port, a close, a disconnect. Rows it adds
+        have no owner until fix_owners looks in /proc (as ss -p does). `drain` applies
+        the events that arrived during the dump first (see reconcile). Returns the rows
+        added."""
+        gen0 = self._gen
+        self._removed_during = set()
+        kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
+        unread: set[int] = set()  # namespaces whose table could not be read: their rows stay
+        try:
+            with self.registry.reading():
+                for ns in list(self.registry.by_cookie.values()):
+                    try:
+                        diag = self.registry.diag(ns)
+                        dumps = (sockdiag.dump_all(diag, (IPPROTO_UDP,), sockdiag.ALL_STATES),
+                                 sockdiag.dump_all(diag, (IPPROTO_TCP,), sockdiag.LISTEN_ONLY))  # fmt: skip
+                    except NamespaceGone:
+                        continue  # forget_dead_namespaces takes its rows
+                    except OSError as e:
+                        log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
+                        unread.add(ns.cookie)
+                        continue
+                    for dump in dumps:
+                        for d in dump:
+                            kernel[d.cookie] = (d, ns)
+            drain()
+            removed_meanwhile = self._removed_during
+        finally:
+            self._removed_during = None
+        rows = self.rows
+        added: list[SockRow] = []
+        changed = 0
+        for cookie, (d, ns) in kernel.items():
+            row = rows.get(cookie)
+            if row is None:
+                if cookie in removed_meanwhile:
+                    continue  # closed while we were dumping
+                row = rows[cookie] = row_from_diag(d, ns)
+                if d.protocol == IPPROTO_TCP:
+                    row.flags |= R_NO_CALLBACKS  # a listen() no hook saw: its end comes from a read too
+                self._changed.add(cookie)
+                added.append(row)
+            elif row.gen <= gen0:
+                self.pending.pop(cookie, None)
+                if self._take_kernel_fields(row, d):
+                    changed += 1
+            elif not row.inode:
+                row.inode = d.inode
+                row.touch()
+        gone = [
+            c for c, r in rows.items()
+            if c not in kernel and r.visible and r.gen <= gen0 and r.netns_cookie not in unread
+            and (r.protocol == IPPROTO_UDP or r.state == TcpState.LISTEN)
+        ]  # fmt: skip
+        for c in gone:
+            self._remove(c)
+        self.stats.kernel_reads += 1
+        self.stats.autobound_udp += sum(1 for r in added if r.protocol == IPPROTO_UDP and not r.is_connection)
+        if added or changed or gone:
+            self._listeners = None
             self.version += 1
-        return found
-
-    def _adopt_autobound(
-        self, by_ns: dict[int, list[tuple[int, abi.SwUdp]]], announce: Callable[..., bool]
-    ) -> list[SockRow]:
-        found = []
-        for ns_cookie, items in by_ns.items():
-            ns = self.registry.resolve_cookie(ns_cookie, items[0][1].pid)
-            if ns is None:
-                continue
-            kernel = {d.cookie: d for d in self._dump(ns, (IPPROTO_UDP,))}
-            for c, u in items:
-                d = kernel.get(c)
-                if d is None or not announce(c, u):
-                    continue  # not bound (yet), or released meanwhile
-                row = row_from_diag(d, ns)
-                row.pid, row.uid = u.pid, u.uid
-                row.comm = ev.comm_text(u.comm)
-                row.owner_source = OWNER_HOOK
-                row.gen = self._gen
-                self.rows[c] = row
-                self._changed.add(c)
-                found.append(row)
-        return found
+        return added
 
     def reconcile(
         self,

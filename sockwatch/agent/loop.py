@@ -46,7 +46,6 @@ class Settings:
     reconcile_interval: float = 30.0
     drain_interval: float = 0.1
     drop_check_interval: float = 1.0
-    max_udp: int = 65536
     ringbuf_pages: int = 4096
     max_lookup_keys: int = 16384
     max_udp_peers: int = 16384
@@ -90,9 +89,8 @@ class Agent:
         self.load_seconds = 0.0
         self.bootstrap_seconds = 0.0
         self.last_counters: dict[str, int] = {}
-        self.recent_losses: deque[tuple[float, int, int]] = deque(maxlen=64)  # (when, ring, map)
-        self._last_losses = (0, 0)
-        self._udp_announced_by_us = 0
+        self.recent_losses: deque[tuple[float, int]] = deque(maxlen=64)  # (when, records the ring lost)
+        self._last_lost = 0
         self._stop = False
 
     # ---- start and stop ---------------------------------------------------------------
@@ -106,7 +104,7 @@ class Agent:
         t0 = time.monotonic()
         st = self.settings
         self.loaded = bpfload.load_and_attach(
-            bpfload.Sizes(st.max_udp, st.ringbuf_pages, st.max_lookup_keys, st.max_udp_peers),
+            bpfload.Sizes(st.ringbuf_pages, st.max_lookup_keys, st.max_udp_peers),
             self.tracker.registry,
             st.lookups,
         )
@@ -119,6 +117,7 @@ class Agent:
         self.tracker.recent_owners = self.loaded.recent_owners
         self.loaded.set_stream(False)
         self.publisher.set_gate = self.loaded.set_stream
+        self.publisher.set_closes = self._stream_closes
         if self.loaded.missing:
             log.warning("%s", self.loaded.degraded())
         self.load_seconds = time.monotonic() - t0
@@ -131,8 +130,7 @@ class Agent:
         self.bootstrap_seconds = time.monotonic() - t0
         report.give_back_memory()
         bpfload.release_compiler_pages()
-        c = self.loaded.counters()
-        self._last_losses = (c["ringbuf_full"], c["map_full"])
+        self._last_lost = self.loaded.counters()["ringbuf_full"]
         log.info("attached; %d sockets in %d namespaces", len(self.tracker.rows), len(self.tracker.registry.by_cookie))
 
     def _listen_http(self, where: tuple[str, int]) -> socket.socket:
@@ -228,6 +226,7 @@ class Agent:
                     next_trim = now + TRIM_SECONDS
                 next_second = now + self.settings.drop_check_interval
             if now >= next_reconcile:
+                self._read_unhooked()  # what reads adopt is not a repair
                 self.tracker.reconcile(drain=self.drain)
                 # a full comparison is O(sockets): keep it under 0.5% of one CPU however large the table
                 spent = self.tracker.stats.last_reconcile_s
@@ -245,7 +244,7 @@ class Agent:
         self._follow_namespaces()
         streaming = bool(self.publisher.subscribers)
         if streaming:
-            self._find_autobound()  # subscribers hear of sendto() binds within a second
+            self._read_unhooked()  # subscribers hear of sendto() binds within a second
         self.publisher.second()
         if streaming and self.loaded.lookup is not None:
             self.publisher.misses(self.loaded.lookup.counts(), self.queries.inode_of)
@@ -276,30 +275,30 @@ class Agent:
                 changes += self.tracker.apply_batch(batch)
         return changes
 
-    def _find_autobound(self) -> None:
-        """UDP sockets bound by an unconnected sendto() (no hook sees that): found in
-        the kernel's UDP table when the owner map says some are unannounced."""
+    def _read_unhooked(self) -> None:
+        """UDP sockets and listeners read from the kernel; sendto() binds it found told
+        to subscribers, with their owners (from /proc: no hook saw them bind)."""
+        added = self.tracker.read_unhooked(drain=self.drain)
+        if added and self.publisher.subscribers:
+            self.tracker.fix_owners(added)
+            self.publisher.autobound(added)
+
+    def _stream_closes(self, on: bool) -> None:
         assert self.loaded is not None
-        c = self.last_counters or self.loaded.counters()
-        silent = c["udp_created"] - c["udp_announced"] - c["udp_silent_gone"] - self._udp_announced_by_us
-        if silent <= 0:
-            return
-        found = self.tracker.find_autobound_udp(self.loaded.udp_entries(), self.loaded.udp_mark_announced)
-        self._udp_announced_by_us += len(found)
-        self.publisher.autobound(found)
+        why = self.loaded.stream_closes(on)
+        if why:
+            log.warning("the event stream runs without closes: %s", why)
 
     def _check_losses(self) -> dict[str, int]:
-        """Events lost to a full ring, or UDP owners to a full map: resync from the kernel.
-        Returns the counters it read."""
+        """Events lost to a full ring: resync from the kernel. Returns the counters it read."""
         assert self.loaded is not None
         c = self.last_counters = self.loaded.counters()
-        losses = (c["ringbuf_full"], c["map_full"])
-        if losses != self._last_losses:
-            ring, owners = losses[0] - self._last_losses[0], losses[1] - self._last_losses[1]
-            log.warning("lost %d events (ring buffer full) and %d UDP owners (map full): resyncing", ring, owners)
-            self.recent_losses.append((time.monotonic(), ring, owners))
-            self.publisher.lost(ring, owners)
-            self._last_losses = losses
+        if c["ringbuf_full"] != self._last_lost:
+            lost = c["ringbuf_full"] - self._last_lost
+            log.warning("lost %d events (ring buffer full): resyncing", lost)
+            self.recent_losses.append((time.monotonic(), lost))
+            self.publisher.lost(lost)
+            self._last_lost = c["ringbuf_full"]
             self.tracker.stats.resyncs += 1
             self.tracker.reconcile(drain=self.drain)
         return c
@@ -318,10 +317,8 @@ class Agent:
         self.drain()
         self._check_losses()
         self.tracker.forget_dead_namespaces()
-        if self.loaded.unwatched:  # degraded: no hook keeps these rows, so the kernel is asked now
-            self.tracker.reconcile(drain=self.drain, protocols=self.loaded.unwatched, repair=False)
+        self._read_unhooked()  # UDP sockets and listeners: read, as no hook on every close keeps them
         self.tracker.resolve_pending()
         self.tracker.sync_connections(self.tcp_generation(self.last_counters))
         if owners:
             self.tracker.fix_owners()
-        self._find_autobound()

@@ -2,7 +2,9 @@
 stream's own budget.
 
 Connection records cost the host and the agent for every connection, so the hooks send
-them only while some subscriber wants a kind they make (the gate, SW_CFG_STREAM). The
+them only while some subscriber wants a kind they make (the gate, SW_CFG_STREAM); the
+hook that sees closes runs for every socket, so it is attached only while anyone
+subscribes. The
 stream may take `cpu_budget` seconds of CPU a second; past it, it skips records and says
 so (the table never skips).
 """
@@ -34,10 +36,12 @@ class Publisher:
         self.describer = stream.Describer()
         self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
         self.set_gate: Callable[[bool], None] = lambda _on: None  # SW_CFG_STREAM, once the hooks are loaded
+        self.set_closes: Callable[[bool], None] = lambda _on: None  # the close hook attached, or not
         self.skipped_total = 0  # records skipped for the budget, before this second
         self._skipped = 0  # in this second
         self._cpu = 0.0  # spent in this second
         self._gate = False  # as last set
+        self._closes = False
         self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
         self._misses_seen: dict[tuple[int, int, int], int] | None = None  # for the miss lines
         clients.on_drop = self.forget
@@ -67,12 +71,15 @@ class Publisher:
         if want != self._gate:
             self.set_gate(want)
             self._gate = want
+        if bool(self.subscribers) != self._closes:
+            self._closes = bool(self.subscribers)
+            self.set_closes(self._closes)
 
     def second(self) -> None:
         """Once a second: a new CPU budget for the stream, and what it skipped told."""
         self._cpu = 0.0
         if self._skipped:
-            self._to_all(stream.lost_line(self._skipped, 0, time.time(), "stream"))
+            self._to_all(stream.lost_line(self._skipped, time.time(), "stream"))
             self.skipped_total += self._skipped
             self._skipped = 0
 
@@ -187,7 +194,9 @@ class Publisher:
                 self.clients.queue(c, [b"".join(chunks)])  # one send for the batch, not one per line
 
     def autobound(self, found: list[SockRow]) -> None:
-        """UDP sockets a sendto() bound, found in the kernel's table: told as binds."""
+        """UDP sockets a read found bound with no bind() (a sendto() bound them): told as
+        binds."""
+        found = [r for r in found if r.protocol == IPPROTO_UDP and not r.is_connection]
         if found and self.subscribers:
             now = time.monotonic_ns()
             self.publish(
@@ -223,9 +232,9 @@ class Publisher:
                 if sub.filters.empty or sub.filters.match(row):
                     self.clients.queue(c, [line])
 
-    def lost(self, events: int, owners: int) -> None:
-        """Records the ring could not hold (and UDP owners the map could not): told."""
-        self._to_all(stream.lost_line(events, owners, time.time(), "ring"))
+    def lost(self, events: int) -> None:
+        """Records the ring could not hold: told."""
+        self._to_all(stream.lost_line(events, time.time(), "ring"))
 
     def _to_all(self, line: bytes) -> None:
         for c in list(self.subscribers):

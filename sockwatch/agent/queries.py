@@ -143,7 +143,7 @@ class Queries:
         answer["agent"] = {
             "pid": os.getpid(),
             "last_minute": a.cost.last_minute(a.tracker.stats.events.total(), report.cpu_seconds()),
-            "lost": {"ring": c.get("ringbuf_full", 0), "udp_owners": c.get("map_full", 0)},
+            "lost": {"ring": c.get("ringbuf_full", 0)},
             "subscribers": len(a.publisher.subscribers),
             "metrics": a.metrics_url(),
             "degraded": a.loaded.degraded(),

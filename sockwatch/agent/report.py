@@ -99,11 +99,9 @@ def health(a: Agent) -> metrics.Health:
     return metrics.Health(
         events_lost={
             "ring": c.get("ringbuf_full", 0),
-            "udp_owner_map": c.get("map_full", 0),
             "stream": a.publisher.skipped_total,
         },
-        udp_map_entries=c.get("udp_created", 0) - c.get("udp_silent_gone", 0),
-        udp_map_capacity=a.settings.max_udp,
+        kernel_reads=t.kernel_reads,
         repairs=dict(t.repairs),
         reconciles=t.reconciles,
         last_reconcile_age=time.monotonic() - t.last_reconcile_at,
@@ -125,14 +123,10 @@ def partial(a: Agent) -> list[str]:
     why = []
     if a.loaded is not None and a.loaded.missing:
         why.append(a.loaded.degraded())
-    ring = sum(r for t, r, _ in a.recent_losses if now - t < LOSS_MEMORY_SECONDS)
-    owners = sum(m for t, _, m in a.recent_losses if now - t < LOSS_MEMORY_SECONDS)
+    ring = sum(r for t, r in a.recent_losses if now - t < LOSS_MEMORY_SECONDS)
     if ring:
         why.append(f"{ring} events did not fit the ring in the last minute: resynced from the kernel "
                    "(raise --ringbuf-pages)")  # fmt: skip
-    if owners:
-        why.append(f"{owners} UDP sockets found the owner map full (--max-udp {a.settings.max_udp}) in the "
-                   "last minute: resynced, owners read from /proc (raise --max-udp)")  # fmt: skip
     if a.tracker.stats.unknown_netns:
         why.append(f"{a.tracker.stats.unknown_netns} events came from namespaces gone before they were read")
     c = a.last_counters
@@ -179,7 +173,7 @@ def status(a: Agent) -> dict:
         "lookup": a.queries.lookup_totals() if a.loaded.lookup is not None else None,
         "hooks_missing": [{"hook": m.hook.what, "why": m.why} for m in a.loaded.missing],
         "hooks_lesser": list(a.loaded.lesser),
-        "udp_map_entries": len(a.loaded.udp_entries()),
+        "closes_hooked": a.loaded.closes is not None,
         "clients": len(a.clients),
         "subscribers": len(a.publisher.subscribers),
         "metrics": a.metrics_url(),

@@ -18,7 +18,7 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
 
     out: list[tuple[str, bool, str]] = []
     try:
-        b = bpfload.compile_programs(bpfload.Sizes(1024, 16, 1024, 1024), bpfload.no_socket_reason())
+        b = bpfload.compile_programs(bpfload.Sizes(16, 1024, 1024), bpfload.no_socket_reason())
     except bpfload.LoadError as e:
         return [("compile", False, f"{e.what}; {e.fix}")]
     except Exception as e:

@@ -91,9 +91,9 @@ def describe(e: dict) -> str:
 def _describe(e: dict) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{int(e['time'] * 1000) % 1000:03d}"
     if e["kind"] == "lost":
-        return (
-            f"{t} LOST      {e['events']} events and {e['udp_owners']} UDP owners did not fit the ring (table resynced)"
-        )
+        if e.get("reason") == "stream":
+            return f"{t} LOST      {e['events']} events skipped: the stream reached its CPU budget (the table has them)"
+        return f"{t} LOST      {e['events']} events did not fit the ring (table resynced)"
     if e["kind"] == "miss":
         answer = "RST" if e["protocol"] == "tcp" else "ICMP port unreachable"
         return (f"{t} MISS      {e['protocol']:<3} port {e['local_port']}: {e['misses']} packets found no socket "

@@ -24,9 +24,10 @@ def _param(key: str) -> str:
     return "socket_path" if key == "socket" else key.replace("-", "_")
 
 
-def _opt(default: object, flag: str, help: str) -> Any:
+def _opt(default: object, flag: str, help: str, hidden: bool = False) -> Any:
     """A serve flag, also read from SOCKWATCH_<FLAG> and from the config file."""
-    return typer.Option(default, flag, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"))
+    return typer.Option(default, flag, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"),
+                        hidden=hidden)  # fmt: skip
 
 
 def serve(
@@ -46,7 +47,9 @@ def serve(
     max_udp: str = _opt(
         "65536",
         "--max-udp",
-        "UDP sockets whose owner the BPF side keeps until they close, 1024 to 16777216 (TCP needs no BPF table).",
+        "No longer used (UDP sockets are read from the kernel when asked: no BPF table to size); accepted, checked "
+        "and ignored, so that older configurations still start.",
+        hidden=True,
     ),
     ringbuf_pages: str = _opt(
         "4096", "--ringbuf-pages", "Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
@@ -140,7 +143,7 @@ def serve(
 
         sudo sockwatch serve
 
-        sudo sockwatch serve --socket /run/sockwatch/agent.sock --max-udp 262144
+        sudo sockwatch serve --socket /run/sockwatch/agent.sock --ringbuf-pages 16384
 
         sudo sockwatch serve --config /etc/sockwatch/sockwatch.toml
     """
@@ -166,7 +169,7 @@ def serve(
         g = {k: v for k, v in given.items() if isinstance(v, str)}
         socket_path = sockpath.validate(g["socket"])
         interval = args.seconds(g["reconcile-interval"], "--reconcile-interval", 1, 86400)
-        udp = args.integer(g["max-udp"], "--max-udp", 1024, 16_777_216)
+        args.integer(g["max-udp"], "--max-udp", 1024, 16_777_216)  # ignored, but still not any text
         pages = args.integer(g["ringbuf-pages"], "--ringbuf-pages", 16, 65536)
         lookup_keys = args.integer(g["max-lookup-keys"], "--max-lookup-keys", 1024, 1 << 20)
         udp_peers = args.integer(g["max-udp-peers"], "--max-udp-peers", 0, 1 << 20)
@@ -197,7 +200,7 @@ def serve(
         raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
     agent = Agent(
-        Settings(socket_path, interval, max_udp=udp, ringbuf_pages=pages, max_lookup_keys=lookup_keys,
+        Settings(socket_path, interval, ringbuf_pages=pages, max_lookup_keys=lookup_keys,
                  max_udp_peers=udp_peers, lookups=g["lookups"] == "on", stream_cpu=stream_share, listen=where,
                  metrics_limits=limits, kubelet_log_dir=logs, web=web)
     )  # fmt: skip

@@ -97,7 +97,8 @@ def _lines(st: dict) -> str:
         f"BPF: {bpf['events']} records to the agent; TCP connections opened {bpf.get('tcp_opened', 0)} "
         f"(read from the kernel when asked: {tr.get('connection_syncs', 0)} reads, the last "
         f"{tr.get('last_connection_sync_seconds', 0)}s); "
-        f"lost: ring buffer full {bpf['ringbuf_full']}, UDP owner map full {bpf['map_full']}",
+        f"lost: ring buffer full {bpf['ringbuf_full']}; UDP and listener tables read {tr.get('kernel_reads', 0)} "
+        "times",
         f"reconciles {tr['reconciles']} (last {tr['last_reconcile_seconds']}s), repairs {tr['repairs'] or 'none'}, "
         f"TIME-WAIT expired {tr['timewait_expired']}, resyncs {tr['resyncs']}, "
         f"events from vanished namespaces {tr['unknown_netns']}",

@@ -12,28 +12,20 @@ import ipaddress
 import re
 import struct
 from collections.abc import Iterator
-from typing import Any
 
 from sockwatch.events import Event, EventBatch
 
 SW_COMM_LEN = 16
 
-SW_U_ANNOUNCED = 0x01
-
 SW_C_RINGBUF_FULL = 0
-SW_C_MAP_FULL = 1
-SW_C_EVENTS = 2
-SW_C_UDP_CREATED = 3
-SW_C_UDP_ANNOUNCED = 4
-SW_C_UDP_SILENT_GONE = 5
-SW_C_LOOKUP_FULL = 6
-SW_C_MISS_UNMATCHED = 7
-SW_C_PEERS_NEW = 8
-SW_C_TCP_CHANGES = 9
-SW_C_TCP_OPENED = 10
-SW_C_MAX = 11
-COUNTER_NAMES = ("ringbuf_full", "map_full", "events", "udp_created", "udp_announced", "udp_silent_gone",
-                 "lookup_full", "miss_unmatched", "peers_new", "tcp_changes", "tcp_opened")  # fmt: skip
+SW_C_EVENTS = 1
+SW_C_LOOKUP_FULL = 2
+SW_C_MISS_UNMATCHED = 3
+SW_C_PEERS_NEW = 4
+SW_C_TCP_CHANGES = 5
+SW_C_TCP_OPENED = 6
+SW_C_MAX = 7
+COUNTER_NAMES = ("ringbuf_full", "events", "lookup_full", "miss_unmatched", "peers_new", "tcp_changes", "tcp_opened")
 
 SW_CFG_CONNECT_OWNER = 1
 SW_CFG_STREAM = 2
@@ -49,19 +41,6 @@ RINGBUF_BUSY = 1 << 31
 RINGBUF_DISCARD = 1 << 30
 # the high byte of a record's length word: BUSY or DISCARD set, or a length > 2^24
 _UNUSUAL_HIGH_BYTE = re.compile(rb"[\x01-\xff]")
-
-
-class SwUdp(ctypes.Structure):
-    """struct sw_udp: the owner of a UDP socket created while sockwatch runs."""
-
-    _fields_ = [
-        ("netns_cookie", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("uid", ctypes.c_uint32),
-        ("comm", ctypes.c_char * SW_COMM_LEN),
-        ("flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 7),
-    ]
 
 
 class SwOwnerSlot(ctypes.Structure):
@@ -156,7 +135,6 @@ class SwPeerCached(ctypes.Structure):
 
 
 MIRRORS = {
-    "sw_udp": SwUdp,
     "sw_owner_slot": SwOwnerSlot,
     "sw_bind": SwBind,
     "sw_lookup_key": SwLookupKey,
@@ -238,9 +216,3 @@ def records(events: list[Event]) -> bytes:
 def address(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Events repeat few addresses; bounded, since remote peers are unbounded over time."""
     return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
-
-
-def iter_udp_entries(items: Iterator[tuple[Any, Any]]) -> Iterator[tuple[int, SwUdp]]:
-    """(cookie, entry) from bcc's udp_socks items."""
-    for k, v in items:
-        yield int(getattr(k, "value", k)), SwUdp.from_buffer_copy(v)

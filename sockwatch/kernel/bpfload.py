@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sockwatch.kernel import abi, lookup, prereq
-from sockwatch.kernel.links import Links, Target
+from sockwatch.kernel.links import Link, Links, Target
 from sockwatch.kernel.netns import NamespaceGone, NamespaceRegistry
 from sockwatch.kernel.ringbuf import RingReader
 
@@ -36,7 +36,6 @@ if not BPF_DIR.is_dir():  # installed as a wheel: the C sources ride along as pa
     BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
 # enum bpf_attach_type (uapi/linux/bpf.h)
-BPF_CGROUP_INET_SOCK_CREATE = 2
 BPF_CGROUP_SOCK_OPS = 3
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
@@ -47,7 +46,6 @@ BPF_CGROUP_INET6_BIND = 9
 BPF_CGROUP_INET_SOCK_RELEASE = 34
 BPF_PERF_EVENT = 41
 BPF_TRACE_RAW_TP = 23
-BPF_EXIST = 2
 
 
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
@@ -73,13 +71,10 @@ class Hook:
         return self.without
 
 
-# sock_release before sock_create: without the release hook, create's map entries would
-# never be removed, so create is attached only if release is.
+# Attached for the agent's lifetime. No hook runs at every socket's creation or release
+# (UDP sockets and listeners are read from the kernel when a view asks); CLOSE_HOOK only
+# while someone streams.
 HOOKS = (
-    Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release",
-         (IPPROTO_UDP, IPPROTO_TCP)),  # TCP: listeners from before sockwatch
-    Hook("sw_sock_create", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_CREATE, "cgroup sock_create (UDP owner)",
-         (IPPROTO_UDP,)),
     Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (binds)", (IPPROTO_UDP,)),
     Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (binds)", (IPPROTO_UDP,)),
     Hook("sw_sockops", "SOCK_OPS", BPF_CGROUP_SOCK_OPS, "sockops (TCP listen/connect/accept/state)",
@@ -97,6 +92,11 @@ HOOKS = (
          "syscalls/sys_exit_bind"),
     Hook("sw_lookup_miss", "RAW_TRACEPOINT", BPF_TRACE_RAW_TP, "raw tracepoint kfree_skb (lookup misses)", (),
          "kfree_skb", "lookups that find no socket (closed ports) are not counted"),
+)  # fmt: skip
+# Attached only while someone streams events: what closes, for the stream.
+CLOSE_HOOK = Hook(
+    "sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release (closes, while streamed)",
+    (), without="UDP closes are not streamed",
 )  # fmt: skip
 # Attached to each network namespace, not to the cgroup (kernel/lookup.py).
 LOOKUP_HOOK = Hook("sw_lookup", "SK_LOOKUP", 36, lookup.WHAT, (), "", "lookups, misses and UDP peers are not counted")
@@ -165,10 +165,12 @@ class Loaded:
     lookup: lookup.LookupHook | None = None  # None: refused (see .missing) or turned off
     lookups_off: bool = False  # serve --lookups off
     cgroup_fd: int = -1
+    cgroup_path: str = ""
     ring: RingReader | None = None
     missing: list[Missing] = field(default_factory=list)
     lesser: list[str] = field(default_factory=list)  # hooks loaded as their fallback variant: what they lack
     tcp_owners: bool = True  # False: sockops cannot read the task (its variant without owners)
+    closes: Link | None = None  # CLOSE_HOOK's link, while someone streams
 
     @property
     def unwatched(self) -> tuple[int, ...]:
@@ -203,6 +205,22 @@ class Loaded:
         """Connection records reach the ring only while someone streams them."""
         self.set_config(abi.SW_CFG_STREAM, int(on))
 
+    def stream_closes(self, on: bool) -> str:
+        """Attach (or detach) the close hook, for a stream; why it could not, or ''."""
+        if not on:
+            if self.closes is not None:
+                self.links.remove(self.closes)
+                self.closes = None
+            return ""
+        if self.closes is not None or self.cgroup_fd < 0:
+            return ""
+        try:
+            fd = attach_one(self.bpf, CLOSE_HOOK, self.cgroup_fd)
+        except OSError as e:
+            return f"{CLOSE_HOOK.what}: {e.strerror or e}"
+        self.closes = self.links.add(fd, CLOSE_HOOK.what, Target("cgroup", self.cgroup_path))
+        return ""
+
     def set_config(self, index: int, value: int) -> None:
         table = self.bpf["config"]
         table[table.Key(index)] = table.Leaf(value)
@@ -210,25 +228,6 @@ class Loaded:
     def open_ring(self, pages: int) -> RingReader:
         self.ring = RingReader(self.bpf["events"].map_fd, pages * os.sysconf("SC_PAGE_SIZE"))
         return self.ring
-
-    def udp_entries(self) -> list[tuple[int, abi.SwUdp]]:
-        """Every UDP socket created while we run and not yet released, with its owner."""
-        table = self.bpf["udp_socks"]
-        try:
-            return list(abi.iter_udp_entries(iter(table.items_lookup_batch())))
-        except Exception:  # kernels without batch ops on hash maps
-            return list(abi.iter_udp_entries(iter(table.items())))
-
-    def udp_mark_announced(self, cookie: int, entry: abi.SwUdp) -> bool:
-        """Tell the release hook that user space knows this socket (so it reports the
-        release). False if the socket was released meanwhile."""
-        table = self.bpf["udp_socks"]
-        entry.flags |= abi.SW_U_ANNOUNCED
-        key = table.Key(cookie)
-        leaf = table.Leaf.from_buffer_copy(bytes(entry))
-        lib = libbpf()
-        rc = lib.bpf_map_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_EXIST)
-        return rc == 0
 
     def close(self) -> None:
         if self.ring is not None:
@@ -271,7 +270,6 @@ def release_compiler_pages() -> int:
 class Sizes:
     """What the maps are sized for (serve's flags)."""
 
-    max_udp: int = 65536
     ringbuf_pages: int = 4096
     max_lookup_keys: int = 16384
     max_udp_peers: int = 16384
@@ -296,7 +294,6 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
 
     cflags = [
         f"-I{BPF_DIR}",
-        f"-DSW_MAX_UDP={sizes.max_udp}",
         f"-DSW_RINGBUF_PAGES={sizes.ringbuf_pages}",
         f"-DSW_MAX_LOOKUP_KEYS={sizes.max_lookup_keys}",
         f"-DSW_MAX_UDP_PEERS={max(1, sizes.max_udp_peers)}",
@@ -319,7 +316,6 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
     abi.check_sizes(
         {
             "sw_event": ctypes.sizeof(b["abi_event"].Leaf),
-            "sw_udp": ctypes.sizeof(b["udp_socks"].Leaf),
             "sw_bind": ctypes.sizeof(b["abi_bind"].Leaf),
             "sw_owner_slot": ctypes.sizeof(b["abi_owner_slot"].Leaf),
             "sw_lookup_key": ctypes.sizeof(b["abi_lookup_key"].Leaf),
@@ -526,12 +522,9 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
     cg = prereq.cgroup2_path()
     assert cg is not None  # prereq.require checked it
     loaded.cgroup_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    loaded.cgroup_path = cg
     try:
         for h in HOOKS:
-            if h.func == "sw_sock_create" and any(m.hook.func == "sw_sock_release" for m in loaded.missing):
-                loaded.missing.append(Missing(h, "not attached without sock_release (nothing would remove "
-                                                 "its map entries)"))  # fmt: skip
-                continue
             if h.func == "sw_lookup_miss" and not lookups:
                 continue
             if h.func == "sw_lookup_miss" and no_socket is None:

@@ -48,6 +48,12 @@ class Links:
         """The namespaces a link is attached to."""
         return {link.target.cookie for link in self._links if link.target.kind == "netns"}
 
+    def remove(self, link: Link) -> None:
+        """Close one link (the kernel detaches its program)."""
+        if link in self._links:
+            self._links.remove(link)
+            os.close(link.fd)
+
     def release_netns(self, cookie: int) -> int:
         """Close the links of one namespace; how many there were."""
         mine = [link for link in self._links if link.target.kind == "netns" and link.target.cookie == cookie]

@@ -96,8 +96,8 @@ def _churn(c: Child, n: int) -> None:
 
 @pytest.mark.parametrize(
     ("func", "protocols"),
-    [("sw_sock_release", ("TCP", "UDP")), ("sw_sockops", ("TCP",)), ("sw_post_bind4", ("UDP",))],
-    ids=["sock_release", "sockops", "post_bind4"],
+    [("sw_connect4", ("UDP",)), ("sw_sockops", ("TCP",)), ("sw_post_bind4", ("UDP",))],
+    ids=["connect4", "sockops", "post_bind4"],
 )
 def test_a_refused_hook_degrades_and_the_table_still_equals_ss(func, protocols, netns, child_factory, tmp_path):
     path = str(tmp_path / "a.sock")
@@ -109,8 +109,6 @@ def test_a_refused_hook_degrades_and_the_table_still_equals_ss(func, protocols, 
             what = next(h.what for h in bpfload.HOOKS if h.func == func)
             missing = {m["hook"] for m in st["hooks_missing"]}
             assert what in missing, st["hooks_missing"]
-            if func == "sw_sock_release":  # its map entries would never be removed
-                assert "cgroup sock_create (UDP owner)" in missing
             assert st["links"] == expected_links(st, len(missing))
             note = next(p for p in st["partial"] if p.startswith("degraded:"))
             assert " and ".join(protocols) + " rows are read from the kernel at each query" in note
@@ -150,11 +148,10 @@ def test_every_hook_refused_is_one_sentence(tmp_path):
     """Short of no bpf() at all (its own prerequisite), every hook refused: the cgroup
     slots full, and by seccomp perf_event_open (the tracepoint's link needs a perf
     event), BPF_RAW_TRACEPOINT_OPEN and BPF_LINK_CREATE (the namespaces' sk_lookup
-    links). One sentence, exit 3, nothing left (sock_create is not attached without
-    sock_release)."""
+    links). One sentence, exit 3, nothing left."""
     nobpf = tmp_path / "nobpf"
     subprocess.run(["gcc", "-O2", "-o", str(nobpf), os.path.join(os.path.dirname(__file__), "nobpf.c")], check=True)
-    full = [h.func for h in bpfload.HOOKS if not h.tracepoint and h.func != "sw_sock_create"]
+    full = [h.func for h in bpfload.HOOKS if not h.tracepoint]
     with contextlib.ExitStack() as stack:
         for func in full:
             stack.enter_context(hook_slots_full(func))

@@ -31,7 +31,6 @@ def event_offsets() -> dict[str, int]:
 def compiled_layout() -> dict[str, int]:
     fields = {
         "sw_event": list(Event._fields),
-        "sw_udp": [f for f, *_ in abi.SwUdp._fields_],
         "sw_bind": [f for f, *_ in abi.SwBind._fields_],
         "sw_owner_slot": [f for f, *_ in abi.SwOwnerSlot._fields_],
     }
@@ -58,7 +57,7 @@ def test_every_field_and_size_matches_the_header():
     assert abi.EVENT.size == layout["sw_event"]
     for name, off in event_offsets().items():
         assert off == layout[f"sw_event.{name}"], name
-    for cname, mirror in (("sw_udp", abi.SwUdp), ("sw_bind", abi.SwBind), ("sw_owner_slot", abi.SwOwnerSlot)):
+    for cname, mirror in (("sw_bind", abi.SwBind), ("sw_owner_slot", abi.SwOwnerSlot)):
         assert ctypes.sizeof(mirror) == layout[cname]
         for fname, *_ in mirror._fields_:
             assert getattr(mirror, fname).offset == layout[f"{cname}.{fname}"], fname

@@ -58,9 +58,8 @@ def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
             bind_failures=lambda: {(IPPROTO_TCP, 443, "EADDRINUSE"): 3},
             binds=lambda: {(IPPROTO_TCP, 443): 7, (IPPROTO_TCP, 0): 3, (IPPROTO_UDP, 53): 4, (IPPROTO_UDP, -1): 2},
             health=lambda: metrics.Health(
-                events_lost={"ring": 5, "udp_owner_map": 0, "stream": 7},
-                udp_map_entries=512,
-                udp_map_capacity=1024,
+                events_lost={"ring": 5, "stream": 7},
+                kernel_reads=12,
                 repairs={"added": 2},
                 reconciles=9,
                 programs_attached=10,
@@ -116,7 +115,7 @@ def test_bind_counters_ports_and_health():
     assert v("sockwatch_bind_failures_total", {"protocol": "tcp", "port": "443", "errno": "EADDRINUSE"}) == 3
     assert v("sockwatch_events_lost_total", {"reason": "ring"}) == 5
     assert v("sockwatch_events_lost_total", {"reason": "stream"}) == 7
-    assert v("sockwatch_udp_owner_map_fill_ratio") == 0.5
+    assert v("sockwatch_kernel_reads_total") == 12
     assert v("sockwatch_programs_attached") == 10
     assert v("sockwatch_build_info", {"version": "0.1.0"}) == 1
     assert v("sockwatch_tcp_connections_opened_total") == 40000

@@ -187,7 +187,8 @@ def make(e: Event) -> int:
         ([ev(E.BIND_FAIL, local=("0.0.0.0", 80), flags=E.F_PORT_ASKED, err=98)], [("bind_fail", "asked")]),
         ([ev(E.STATE, state=4, old=1, remote=("10.0.0.2", 80))], [("state", None)]),
         ([ev(E.STATE, state=7, old=9, remote=("10.0.0.2", 80), flags=E.F_LIFETIME)], [("close", None)]),
-        ([ev(E.RELEASE, proto=IPPROTO_UDP, old=7)], [("close", None)]),
+        ([ev(E.BIND, proto=IPPROTO_UDP, local=("127.0.0.1", 53), flags=E.F_PORT_ASKED),
+          ev(E.RELEASE, proto=IPPROTO_UDP, old=7)], [("bind", "asked"), ("close", None)]),
     ],
 )  # fmt: skip
 def test_each_record_says_what_happened_and_how_the_port_was_set(records, want):
@@ -200,6 +201,12 @@ def test_each_record_says_what_happened_and_how_the_port_was_set(records, want):
         got.append((s.kind, s.bind))
         before = s.sock
     assert got == want
+
+
+def test_the_close_of_a_udp_socket_nothing_saw_with_a_port_is_not_streamed():
+    """The close hook may not read the port, so it tells every UDP socket's: one that
+    no bind, connect or read showed is in no table, and its close says nothing."""
+    assert stream.Describer().describe(ev(E.RELEASE, proto=IPPROTO_UDP, old=7), None, make) is None
 
 
 def life(acked, received, old, active, born=0, ts=3_000_000_000):
@@ -266,8 +273,8 @@ def test_a_line_is_the_json_a_reader_parses():
     assert got["kind"] == "bind_fail" and got["errno"] == "EADDRINUSE" and got["comm"] == 'a"b\x1b'
     assert got["state"] is None and got["holders"][0]["pid"] == 7 and got["holders"][0]["state"] == "LISTEN"
     assert got["time"] == 1000.0 and got["bind"] == "asked"
-    line = json.loads(stream.lost_line(5, 1, 12.5, "stream"))
-    assert line == {"time": 12.5, "kind": "lost", "events": 5, "udp_owners": 1, "reason": "stream"}
+    line = json.loads(stream.lost_line(5, 12.5, "stream"))
+    assert line == {"time": 12.5, "kind": "lost", "events": 5, "reason": "stream"}
 
 
 def test_a_tcp_release_of_a_socket_seen_born_is_not_a_second_close():
