@@ -10,10 +10,11 @@
  * connection costs one per-CPU increment per callback and, if connect() opened it, a
  * few stores into this CPU's owner_log (no map update: a hash or socket-local storage
  * update costs 0.5-1 us here); its records reach the ring only while someone streams
- * (SW_CFG_STREAM). No program runs at every socket's creation or release: a cgroup
- * hook's dispatch alone costs every socket ~50 ns here, so sock_release is attached only
- * while someone streams (user space reads UDP sockets and listeners from the kernel when
- * a view asks), and sock_create not at all. A record wakes no one (user space drains on a short timer; every
+ * (SW_CFG_STREAM). No program runs at every socket's creation, and while nobody streams
+ * none at its close or at a connect() but sockops: a cgroup hook's dispatch alone costs
+ * ~50 ns a run here, so sock_release and connect4/6 are attached only while someone
+ * streams (user space reads UDP sockets, listeners and connections from the kernel when
+ * a view asks; sockops logs connect()s' owners), and sock_create not at all. A record wakes no one (user space drains on a short timer; every
  * SW_WAKE_EVERY-th record per CPU wakes it so that a burst cannot fill the ring between
  * two timer ticks).
  */

@@ -33,7 +33,7 @@ static __always_inline void tuple_from_ops(struct sw_event *e, struct bpf_sock_o
 }
 
 /* Where sockops cannot read the task: the owner cgroup connect4/6 left for this socket
- * (udp.bpf.c), if it is this socket's. */
+ * (udp.bpf.c), if it is this socket's; they log it too. */
 static __always_inline void owner_left_by_connect(struct sw_event *e)
 {
 	u32 zero = 0;
@@ -60,6 +60,8 @@ static __always_inline int on_tcp(struct bpf_sock_ops *o, u8 kind, u8 state, int
 	if (kind != SW_EV_LISTEN) {
 		count(SW_C_TCP_CHANGES);
 		count(SW_C_TCP_OPENED);
+		if (owner && kind == SW_EV_CONNECT)
+			log_tcp_owner(bpf_get_socket_cookie(o)); /* in connect(): the task is the owner */
 		if (!streaming())
 			return 1;
 	}

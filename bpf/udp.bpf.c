@@ -1,4 +1,7 @@
 /* udp.bpf.c — connect(): UDP's, and TCP connect()s' owners. Included by sockwatch.bpf.c.
+ * cgroup connect4/6 run at every connect(), so they are attached only while someone
+ * streams (for UDP connects; a view reads connected UDP sockets from the kernel), except
+ * before 6.2, where sockops cannot read the task and they log TCP connect()s' owners.
  *
  * connect() is watched by cgroup connect4/6 (it runs inside connect(), before the
  * kernel picks the local side; user space reads that side from the kernel when a view
@@ -9,17 +12,16 @@
  * when a view asks (as ss does, its owners from /proc where no bind or connect named
  * them), and these hooks add what that read cannot know: who bound or connected. */
 
-/* A TCP connect(), in the task that makes it (on every kernel, where sockops may not
- * read the task): its owner's pid, into this CPU's owner_log. Another connect() on this CPU
- * may preempt this one between two stores; the slot's two cookies then differ (or the
- * later writer's whole slot wins), and user space skips a torn slot. */
-static __always_inline void log_tcp_owner(struct bpf_sock_addr *ctx)
+/* A TCP connect(), in the task that makes it: its owner's pid, into this CPU's owner_log
+ * (sockops' TCP_CONNECT_CB where it may read the task, 6.2 on; connect4/6 before). Another
+ * connect() on this CPU may preempt this one between two stores; the slot's two cookies
+ * then differ (or the later writer's whole slot wins), and user space skips a torn slot. */
+static __always_inline void log_tcp_owner(u64 cookie)
 {
 	u32 cpu = bpf_get_smp_processor_id();
 	struct sw_owner_log *l = owner_log.lookup(&cpu);
 	if (!l)
 		return;
-	u64 cookie = bpf_get_socket_cookie(ctx);
 	struct sw_owner_slot *slot = &l->slots[l->head++ & (SW_OWNER_SLOTS - 1)];
 	slot->cookie = cookie;
 	slot->pid = bpf_get_current_pid_tgid() >> 32;
@@ -29,15 +31,13 @@ static __always_inline void log_tcp_owner(struct bpf_sock_addr *ctx)
 /* A TCP connect(): cgroup connect4/6 run in it just before sockops' TCP_CONNECT_CB, on
  * this CPU unless the task migrates in between (then the cookie does not match, and the
  * connect has no owner, as without this). Only where sockops cannot read the task. */
-static __always_inline void leave_connect_owner(struct bpf_sock_addr *ctx)
+static __always_inline void leave_connect_owner(struct bpf_sock_addr *ctx, u64 cookie)
 {
-	if (!config_get(SW_CFG_CONNECT_OWNER))
-		return;
 	u32 zero = 0;
 	struct sw_connect_owner *o = connect_owner.lookup(&zero);
 	if (!o)
 		return;
-	o->cookie = bpf_get_socket_cookie(ctx);
+	o->cookie = cookie;
 	o->pid = bpf_get_current_pid_tgid() >> 32;
 	o->uid = (u32)bpf_get_current_uid_gid();
 	bpf_get_current_comm(o->comm, sizeof(o->comm));
@@ -46,8 +46,14 @@ static __always_inline void leave_connect_owner(struct bpf_sock_addr *ctx)
 static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6)
 {
 	if (ctx->protocol == IPPROTO_TCP) {
-		log_tcp_owner(ctx);
-		leave_connect_owner(ctx);
+		/* attached for TCP only where sockops cannot read the task (else only while
+		 * someone streams UDP connects: sockops logs the owner) */
+		if (config_get(SW_CFG_CONNECT_OWNER)) {
+			u64 cookie = bpf_get_socket_cookie(ctx);
+			log_tcp_owner(cookie);
+			leave_connect_owner(ctx, cookie);
+		}
+		return 1;
 	}
 	if (ctx->protocol != IPPROTO_UDP)
 		return 1;

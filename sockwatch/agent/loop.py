@@ -117,7 +117,7 @@ class Agent:
         self.tracker.recent_owners = self.loaded.recent_owners
         self.loaded.set_stream(False)
         self.publisher.set_gate = self.loaded.set_stream
-        self.publisher.set_closes = self._stream_closes
+        self.publisher.set_hooks = self._stream_hooks
         if self.loaded.missing:
             log.warning("%s", self.loaded.degraded())
         self.load_seconds = time.monotonic() - t0
@@ -283,11 +283,10 @@ class Agent:
             self.tracker.fix_owners(added)
             self.publisher.autobound(added)
 
-    def _stream_closes(self, on: bool) -> None:
+    def _stream_hooks(self, on: bool) -> None:
         assert self.loaded is not None
-        why = self.loaded.stream_closes(on)
-        if why:
-            log.warning("the event stream runs without closes: %s", why)
+        for why in self.loaded.stream_hooks(on):
+            log.warning("the event stream runs without %s", why)
 
     def _check_losses(self) -> dict[str, int]:
         """Events lost to a full ring: resync from the kernel. Returns the counters it read."""

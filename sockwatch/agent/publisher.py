@@ -3,8 +3,8 @@ stream's own budget.
 
 Connection records cost the host and the agent for every connection, so the hooks send
 them only while some subscriber wants a kind they make (the gate, SW_CFG_STREAM); the
-hook that sees closes runs for every socket, so it is attached only while anyone
-subscribes. The
+hooks that see closes and UDP connects run for every socket or connect(), so they are
+attached only while anyone subscribes. The
 stream may take `cpu_budget` seconds of CPU a second; past it, it skips records and says
 so (the table never skips).
 """
@@ -36,12 +36,12 @@ class Publisher:
         self.describer = stream.Describer()
         self.wall_offset = time.time() - time.monotonic()  # the hooks' clock is CLOCK_MONOTONIC
         self.set_gate: Callable[[bool], None] = lambda _on: None  # SW_CFG_STREAM, once the hooks are loaded
-        self.set_closes: Callable[[bool], None] = lambda _on: None  # the close hook attached, or not
+        self.set_hooks: Callable[[bool], None] = lambda _on: None  # the hooks only a stream needs, or not
         self.skipped_total = 0  # records skipped for the budget, before this second
         self._skipped = 0  # in this second
         self._cpu = 0.0  # spent in this second
         self._gate = False  # as last set
-        self._closes = False
+        self._hooks = False
         self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
         self._misses_seen: dict[tuple[int, int, int], int] | None = None  # for the miss lines
         clients.on_drop = self.forget
@@ -71,9 +71,9 @@ class Publisher:
         if want != self._gate:
             self.set_gate(want)
             self._gate = want
-        if bool(self.subscribers) != self._closes:
-            self._closes = bool(self.subscribers)
-            self.set_closes(self._closes)
+        if bool(self.subscribers) != self._hooks:
+            self._hooks = bool(self.subscribers)
+            self.set_hooks(self._hooks)
 
     def second(self) -> None:
         """Once a second: a new CPU budget for the stream, and what it skipped told."""

@@ -173,7 +173,7 @@ def status(a: Agent) -> dict:
         "lookup": a.queries.lookup_totals() if a.loaded.lookup is not None else None,
         "hooks_missing": [{"hook": m.hook.what, "why": m.why} for m in a.loaded.missing],
         "hooks_lesser": list(a.loaded.lesser),
-        "closes_hooked": a.loaded.closes is not None,
+        "stream_hooks": [link.what for link in a.loaded.streamed],
         "clients": len(a.clients),
         "subscribers": len(a.publisher.subscribers),
         "metrics": a.metrics_url(),

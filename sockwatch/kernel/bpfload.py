@@ -51,6 +51,13 @@ BPF_TRACE_RAW_TP = 23
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 
+# When a hook is attached. STREAMING: only while someone streams events (it runs for
+# every socket, or every connect(), and what it tells a view reads from the kernel
+# anyway); STREAMING_WITH_OWNERS: so where sockops names a connect()'s owner (6.2 and
+# later), always where it cannot (connect4/6 then log the owner for it).
+ALWAYS, STREAMING, STREAMING_WITH_OWNERS = "always", "streaming", "streaming with owners"
+
+
 @dataclass(frozen=True)
 class Hook:
     func: str
@@ -62,6 +69,7 @@ class Hook:
     without: str = "failed binds are not in the event stream"  # for hooks that feed no rows
     fallback: str = ""  # a lesser variant to load where the kernel refuses func
     fallback_note: str = ""  # what the variant lacks
+    when: str = ALWAYS  # ALWAYS, STREAMING, or STREAMING_WITH_OWNERS
 
     @property
     def effect(self) -> str:
@@ -71,9 +79,9 @@ class Hook:
         return self.without
 
 
-# Attached for the agent's lifetime. No hook runs at every socket's creation or release
-# (UDP sockets and listeners are read from the kernel when a view asks); CLOSE_HOOK only
-# while someone streams.
+# No hook runs at every socket's creation, nor, while nobody streams, at its close or at
+# a connect(): UDP sockets, listeners and connections are read from the kernel when a
+# view asks. sockops comes before connect4/6: whether it names owners decides theirs.
 HOOKS = (
     Hook("sw_post_bind4", "CGROUP_SOCK", BPF_CGROUP_INET4_POST_BIND, "cgroup post_bind4 (binds)", (IPPROTO_UDP,)),
     Hook("sw_post_bind6", "CGROUP_SOCK", BPF_CGROUP_INET6_POST_BIND, "cgroup post_bind6 (binds)", (IPPROTO_UDP,)),
@@ -82,10 +90,12 @@ HOOKS = (
          fallback_note="sockops cannot read the current task on this kernel (before 6.2): a TCP socket's owner "
                        "comes from its bind() or connect(), a listen() without bind() has its owner from /proc "
                        "when a view asks"),
-    Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP, TCP owners)",
-         (IPPROTO_UDP,)),
-    Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP, TCP owners)",
-         (IPPROTO_UDP,)),
+    Hook("sw_connect4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_CONNECT, "cgroup connect4 (UDP connects)", (),
+         without="UDP connects are not streamed", when=STREAMING_WITH_OWNERS),
+    Hook("sw_connect6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_CONNECT, "cgroup connect6 (UDP connects)", (),
+         without="UDP connects are not streamed", when=STREAMING_WITH_OWNERS),
+    Hook("sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release (closes)", (),
+         without="UDP closes are not streamed", when=STREAMING),
     Hook("sw_bind4", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET4_BIND, "cgroup bind4 (what bind() asked)", ()),
     Hook("sw_bind6", "CGROUP_SOCK_ADDR", BPF_CGROUP_INET6_BIND, "cgroup bind6 (what bind() asked)", ()),
     Hook("sw_bind_exit", "TRACEPOINT", BPF_PERF_EVENT, "tracepoint sys_exit_bind (bind errno)", (),
@@ -93,11 +103,13 @@ HOOKS = (
     Hook("sw_lookup_miss", "RAW_TRACEPOINT", BPF_TRACE_RAW_TP, "raw tracepoint kfree_skb (lookup misses)", (),
          "kfree_skb", "lookups that find no socket (closed ports) are not counted"),
 )  # fmt: skip
-# Attached only while someone streams events: what closes, for the stream.
-CLOSE_HOOK = Hook(
-    "sw_sock_release", "CGROUP_SOCK", BPF_CGROUP_INET_SOCK_RELEASE, "cgroup sock_release (closes, while streamed)",
-    (), without="UDP closes are not streamed",
-)  # fmt: skip
+
+
+def at_start(tcp_owners: bool = True) -> tuple[Hook, ...]:
+    """The hooks attached for the agent's lifetime (`tcp_owners`: sockops names owners)."""
+    return tuple(h for h in HOOKS if h.when == ALWAYS or (h.when == STREAMING_WITH_OWNERS and not tcp_owners))
+
+
 # Attached to each network namespace, not to the cgroup (kernel/lookup.py).
 LOOKUP_HOOK = Hook("sw_lookup", "SK_LOOKUP", 36, lookup.WHAT, (), "", "lookups, misses and UDP peers are not counted")
 
@@ -170,7 +182,7 @@ class Loaded:
     missing: list[Missing] = field(default_factory=list)
     lesser: list[str] = field(default_factory=list)  # hooks loaded as their fallback variant: what they lack
     tcp_owners: bool = True  # False: sockops cannot read the task (its variant without owners)
-    closes: Link | None = None  # CLOSE_HOOK's link, while someone streams
+    streamed: list[Link] = field(default_factory=list)  # the STREAMING hooks' links, while someone streams
 
     @property
     def unwatched(self) -> tuple[int, ...]:
@@ -205,21 +217,25 @@ class Loaded:
         """Connection records reach the ring only while someone streams them."""
         self.set_config(abi.SW_CFG_STREAM, int(on))
 
-    def stream_closes(self, on: bool) -> str:
-        """Attach (or detach) the close hook, for a stream; why it could not, or ''."""
+    def stream_hooks(self, on: bool) -> list[str]:
+        """Attach (or detach) the hooks only a stream needs; what the kernel refused."""
         if not on:
-            if self.closes is not None:
-                self.links.remove(self.closes)
-                self.closes = None
-            return ""
-        if self.closes is not None or self.cgroup_fd < 0:
-            return ""
-        try:
-            fd = attach_one(self.bpf, CLOSE_HOOK, self.cgroup_fd)
-        except OSError as e:
-            return f"{CLOSE_HOOK.what}: {e.strerror or e}"
-        self.closes = self.links.add(fd, CLOSE_HOOK.what, Target("cgroup", self.cgroup_path))
-        return ""
+            while self.streamed:
+                self.links.remove(self.streamed.pop())
+            return []
+        if self.streamed or self.cgroup_fd < 0:
+            return []
+        refused = []
+        for h in HOOKS:
+            if h in at_start(self.tcp_owners) or h.when == ALWAYS:
+                continue
+            try:
+                fd = attach_one(self.bpf, h, self.cgroup_fd)
+            except OSError as e:
+                refused.append(f"{h.what}: {e.strerror or e}")
+                continue
+            self.streamed.append(self.links.add(fd, h.what, Target("cgroup", self.cgroup_path)))
+        return refused
 
     def set_config(self, index: int, value: int) -> None:
         table = self.bpf["config"]
@@ -525,6 +541,8 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
     loaded.cgroup_path = cg
     try:
         for h in HOOKS:
+            if h not in at_start(loaded.tcp_owners):
+                continue  # attached while someone streams
             if h.func == "sw_lookup_miss" and not lookups:
                 continue
             if h.func == "sw_lookup_miss" and no_socket is None:
@@ -537,7 +555,7 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
                 loaded.missing.append(Missing(h, e.strerror or str(e)))
                 continue
             if h.func == "sw_sockops" and len(loaded.lesser) > lesser:
-                # before connect4/6 attach (HOOKS' order): they leave TCP connect()s' owners
+                # before connect4/6 (HOOKS' order): they attach now, and log TCP connect()s' owners
                 loaded.set_config(abi.SW_CFG_CONNECT_OWNER, 1)
                 loaded.tcp_owners = False
             target = Target(h.prog_type.lower(), h.tracepoint) if h.tracepoint else Target("cgroup", cg)

@@ -34,7 +34,8 @@ def hooks_name_owners(socket: str) -> set[str]:
 
 def check(netns, mode, child, agent_fixture=None, from_proc: frozenset[int] = frozenset()) -> list[dict]:
     """`from_proc`: sockets no hook sees bound (a sendto()'s port), whose owner is read
-    from /proc as ss -p reads it."""
+    from /proc as ss -p reads it; so is a connected UDP socket's that bind() did not
+    bind (connect4/6 run only while someone streams)."""
     rows = compare_with_ss(netns, mode, expect_pid=child.pid)
     assert rows, "the scenario opened no sockets?"
     if mode is not None:
@@ -42,6 +43,7 @@ def check(netns, mode, child, agent_fixture=None, from_proc: frozenset[int] = fr
         for r in rows:
             if r["state"] != "TIME-WAIT":
                 hooked = r["protocol"] in by_hooks and r["cookie"] not in from_proc
+                hooked &= not (r["protocol"] == "udp" and r["remote_port"])
                 allowed = ("hook", "listener") if hooked else ("hook", "listener", "proc")
                 assert r["owner_source"] in allowed, f"owner of {r} not from a hook"
     return rows
