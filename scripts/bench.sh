@@ -6,8 +6,8 @@
 #   scripts/bench.sh live       # live and events at 100,000 sockets under churn (~5 minutes)
 #   scripts/bench.sh scrape     # a Prometheus scrape at 100,000 sockets vs an empty table (~4 minutes)
 #   scripts/bench.sh lookup     # the sk_lookup hook under two UDP floods and TCP crr (~5 minutes)
-#   scripts/bench.sh traffic    # paired: nginx (new connection per request, keep-alive) and the C loop
-#                               # closing by FIN and RST, sockwatch vs the bare-sockops floor (~12 minutes)
+#   scripts/bench.sh traffic    # paired triples: nginx (new connection per request, keep-alive) and the C
+#                               # loop closing by FIN and RST, sockwatch vs the bare-sockops floor (~35 minutes)
 #   scripts/bench.sh peers      # host CPU per connection: sockwatch vs bcc's tcplife and tcpstates (~5 minutes)
 #   scripts/bench.sh dns        # paired: unbound under dnsperf, the sk_lookup hook vs its floor (~5 minutes)
 # Further arguments go to the benchmark (e.g. cost --repeat 9 --churn-seconds 600).
