@@ -44,8 +44,11 @@ def fake_agent(tmp_path) -> Iterator:
                 except OSError:
                     return
                 with conn:
-                    conn.recv(65536)
-                    conn.sendall(answer)
+                    try:
+                        conn.recv(65536)
+                        conn.sendall(answer)
+                    except OSError:
+                        pass  # the client gave up first (an answer too long for it): serve the next one
 
         threading.Thread(target=serve, daemon=True).start()
         return path
