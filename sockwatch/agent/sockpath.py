@@ -34,6 +34,15 @@ class AgentRunning(RuntimeError):
     pass
 
 
+class PathUnusable(RuntimeError):
+    """The filesystem refused what serving there needs (full, read-only): nothing of ours
+    is left behind."""
+
+
+def _unusable(what: str, e: OSError) -> PathUnusable:
+    return PathUnusable(f"cannot {what}: {e.strerror or e}")
+
+
 def _show(path: str) -> str:
     return repr(path) if len(path) <= 80 else repr(path[:80]) + "..."
 
@@ -71,12 +80,15 @@ def _make_dirs(d: str) -> list[str]:
         d = os.path.dirname(d)
     if not os.path.isdir(d):
         raise PathError(f"{_show(d)} is not a directory")
-    created = []
+    created: list[str] = []
     for m in reversed(missing):
         try:
             os.mkdir(m, 0o700)
         except FileExistsError:
             pass  # made meanwhile by someone else: not ours to remove
+        except OSError as e:  # no space, no inodes, read-only
+            _remove_dirs(created)
+            raise _unusable(f"create the directory {_show(m)}", e) from None
         else:
             created.append(m)
     for m in missing:
@@ -91,6 +103,8 @@ def _open_lock(lock_path: str) -> tuple[int, bool]:
         return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), True
     except FileExistsError:
         pass
+    except OSError as e:  # no space, no inodes, read-only
+        raise _unusable(f"create the lock file {_show(lock_path)}", e) from None
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
@@ -152,7 +166,8 @@ class Claim:
 
 
 def claim(path: str) -> Claim:
-    """Bind the agent's socket at path (validated), or raise PathError / AgentRunning."""
+    """Bind the agent's socket at path (validated), or raise PathError / AgentRunning /
+    PathUnusable, leaving nothing of ours behind."""
     path = validate(path)
     created = _make_dirs(os.path.dirname(path))
     lock_path = path + ".lock"
@@ -186,12 +201,18 @@ def claim(path: str) -> Claim:
                     "remove it if it is yours"
                 )
             os.unlink(path)  # left by an agent that died: its lock file is here and free
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # no space for one line
+            raise _unusable(f"write the lock file {_show(lock_path)}", e) from None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
             s.bind(path)
+        except OSError as e:  # no inode left, read-only
+            s.close()
+            raise _unusable(f"create the socket {_show(path)}", e) from None
         except BaseException:
             s.close()
             raise

@@ -213,6 +213,9 @@ def serve(
         except sockpath.PathError as e:
             agent.close()
             raise fail(str(e), "choose another --socket path", EXIT_USAGE) from None
+        except sockpath.PathUnusable as e:
+            agent.close()
+            raise fail(str(e), "free space there, or choose another --socket path", EXIT_RUNTIME) from None
         except BaseException:
             agent.close()
             raise

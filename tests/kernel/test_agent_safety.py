@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -278,3 +279,37 @@ def test_an_agent_not_run_by_root_is_not_believed():
         proc.kill()
         proc.wait()
         shutil.rmtree(top)
+
+
+# How each case fills a private tmpfs at $D before `serve` tries to make its socket there
+# (what refuses it: the lock file's open, its one-line write, the socket's bind, mkdir).
+NO_INODES = 'i=0; while touch "$D/f$i" 2>/dev/null; do i=$((i+1)); done'
+NO_BLOCKS = 'dd if=/dev/zero of="$D/fill" bs=4k 2>/dev/null; true'
+FULL_DIRS = {
+    "read-only": ("-o ro,size=1m", "", "agent.sock"),
+    "read-only, a directory to make": ("-o ro,size=1m", "", "sub/agent.sock"),
+    "no inodes": ("-o size=1m,nr_inodes=16", NO_INODES, "agent.sock"),
+    "no inodes, a directory to make": ("-o size=1m,nr_inodes=16", NO_INODES, "sub/agent.sock"),
+    "one inode left": ("-o size=1m,nr_inodes=16", NO_INODES + '; rm "$D/f0"', "agent.sock"),
+    "no blocks": ("-o size=64k", NO_BLOCKS, "agent.sock"),
+    "no blocks, a directory to make": ("-o size=64k", NO_BLOCKS, "sub/agent.sock"),
+}
+
+
+@pytest.mark.parametrize("case", FULL_DIRS, ids=list(FULL_DIRS))
+def test_a_full_or_read_only_socket_directory_is_one_sentence_and_leaves_nothing(tmp_path, case):
+    """serve on a filesystem that refuses what it needs: one sentence, exit 4, no
+    traceback, and the directory as it was (no lock file, no directory it made). The
+    tmpfs lives in a mount namespace of the test's own."""
+    opts, fill, rel = FULL_DIRS[case]
+    d = tmp_path / "full"
+    d.mkdir()
+    serve = " ".join(shlex.quote(a) for a in sockwatch_cmd("serve", "--socket", f"{d}/{rel}", "--listen", "off"))
+    script = (f'D={shlex.quote(str(d))}; mount -t tmpfs {opts} tmpfs "$D" && {{ {fill or "true"}; }} && '
+              f'before=$(ls -A "$D"); {serve}; rc=$?; after=$(ls -A "$D"); '
+              'echo "RC=$rc"; [ "$before" = "$after" ] && echo SAME')  # fmt: skip
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    assert "RC=4" in r.stdout, (r.stdout, r.stderr)
+    assert "SAME" in r.stdout, (r.stdout, r.stderr)  # nothing of ours left behind
+    assert "Traceback" not in r.stderr and r.stderr.startswith("sockwatch: cannot "), r.stderr
