@@ -137,9 +137,9 @@ class Clients:
             return
         c.inbuf += chunk
         if c.http:
-            head, end, _ = c.inbuf.partition(b"\r\n\r\n")
-            if end:
-                self.answer(c, self.http(bytes(head)))
+            end = http.head_end(c.inbuf)
+            if end >= 0:
+                self.answer(c, self.http(bytes(c.inbuf[:end])))
             elif len(c.inbuf) > http.MAX_REQUEST:
                 self.dropped["oversized"] += 1
                 self.answer(c, http.answer(431, b"request header too large\n"))

@@ -27,6 +27,13 @@ REASONS = {
 }
 
 
+def head_end(buf: bytes | bytearray) -> int:
+    """Where a request head ends (its blank line: CRLF CRLF, or bare LFs, which RFC 9112
+    lets a server take as line ends), or -1 while it has not come whole."""
+    ends = [i for i in (buf.find(b"\r\n\r\n"), buf.find(b"\n\n")) if i >= 0]
+    return min(ends) if ends else -1
+
+
 def answer(
     status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", head: bool = False, extra: bytes = b""
 ) -> list[bytes]:
@@ -57,7 +64,7 @@ class MetricsEndpoint:
         web = self.web
         extra = web.headers if web is not None else b""  # the web config's headers, on every answer
         try:
-            method, target, _version = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
+            method, target, _version = head.split(b"\n", 1)[0].removesuffix(b"\r").decode("ascii").split(" ")
         except (ValueError, UnicodeDecodeError):
             return answer(400, b"bad request\n", extra=extra)
         path = target.split("?", 1)[0]

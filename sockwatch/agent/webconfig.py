@@ -199,7 +199,8 @@ def _tls(section: object, base: str, path: str) -> ssl.SSLContext:
 def header(head: bytes, name: bytes) -> str | None:
     """One header's value from a request head (the first, case-insensitive)."""
     want = name.lower() + b":"
-    for line in head.split(b"\r\n")[1:]:
+    for raw in head.split(b"\n")[1:]:  # CRLF, or a bare LF (RFC 9112 lets a server take it)
+        line = raw.removesuffix(b"\r")
         if line[: len(want)].lower() == want:
             return line[len(want) :].strip().decode("latin-1")
     return None

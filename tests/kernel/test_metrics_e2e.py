@@ -153,6 +153,10 @@ def test_the_exposition_passes_promtool_and_health_answers(metrics_agent, netns,
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(b"\x00\xff garbage\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 400")
+    # bare LF line ends (RFC 9112 lets a server take them) are answered at once, not after the deadline
+    with socket.create_connection((host, int(port)), timeout=2) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\nHost: x\n\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 200"), "no answer to a request with bare LFs"
     assert get(base + "/healthz") == b"ok\n"
 
 
