@@ -226,8 +226,9 @@ class Loaded:
         if self.streamed or self.cgroup_fd < 0:
             return []
         refused = []
+        always = at_start(self.tcp_owners)
         for h in HOOKS:
-            if h in at_start(self.tcp_owners) or h.when == ALWAYS:
+            if h in always:
                 continue
             try:
                 fd = attach_one(self.bpf, h, self.cgroup_fd)
