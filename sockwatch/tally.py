@@ -4,15 +4,17 @@ connections per listening port; and the port use that ephemeral-port pressure is
 computed from. A scrape or a header reads these in O(what changed since the last
 look), not O(sockets).
 
-Each row is counted under its *shape* (the fields the aggregates key on), remembered
-per cookie, so a row is uncounted exactly as it was counted however it changed since.
+Each row is counted under its *shape* (the fields the aggregates key on). The tally
+keeps no shape per row: whoever changes a row hands over the shape it had when the tally
+last looked (the tracker keeps those for the rows changed since), so a row is uncounted
+exactly as it was counted however it changed in between.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from sockwatch import ports
@@ -62,7 +64,11 @@ def _bump(table: dict, key: object, sub: object, n: int) -> int:
 
 
 class Tally:
-    def __init__(self) -> None:
+    def __init__(self, source: Callable[[], Iterable[SockRow]]) -> None:
+        # the rows as they are now, for recounting a namespace whose range changed (the
+        # port use kept is only what the range held: most connections' local ports are
+        # not ephemeral, those accepted on a listener's port)
+        self._source = source
         self.counts: Counter[tuple[int, int, int, int]] = Counter()  # (netns, proto, family, state)
         self.listening: dict[int, SockRow] = {}  # cookie -> TCP listener or unconnected UDP socket
         self.listening_version = 0  # bumped when that set changes
@@ -71,11 +77,13 @@ class Tally:
         self.tcp_held: dict[int, Counter] = {}  # netns -> port -> TCP listeners on it
         # pressure keys, (netns, "tcp", local, remote, rport) or (netns, "udp", local, None, None):
         # (key, port) -> sockets, flat (one small dict per key would cost ~300 bytes a connection)
+        # (ports in the namespace's range only; the key tuple is shared by its ports)
         self.used: Counter[tuple[tuple, int]] = Counter()
         self.used_tw: Counter[tuple[tuple, int]] = Counter()  # TCP: TIME-WAIT only
         self._ports_of: Counter[tuple] = Counter()  # key -> distinct ports
+        self._key_objs: dict[tuple, tuple] = {}  # key -> the one tuple of it that used holds
         self._keys_in_ns: Counter[int] = Counter()  # netns -> keys
-        self._shapes: dict[int, Shape] = {}
+        self._n = 0  # rows counted
         # Per pressure key, counted as ports come and go under the namespace's range and
         # listeners as last seen (recounted when those change, which is rare): distinct
         # ephemeral ports in use (keys with none are left out) and TIME-WAIT connections on them.
@@ -86,28 +94,32 @@ class Tally:
         self._ns_in_range: dict[int, tuple[ports.PortRange, int]] = {}  # netns -> (range, distinct ports in it)
 
     @classmethod
-    def of(cls, rows: Iterable[SockRow]) -> Tally:
-        t = cls()
+    def of(cls, rows: Iterable[SockRow], source: Callable[[], Iterable[SockRow]] | None = None) -> Tally:
+        """The tally of `rows`; `source` gives the rows as they are later (default: these)."""
+        if source is None:
+            kept = list(rows)
+            rows, source = kept, lambda: kept
+        t = cls(source)
         for r in rows:
-            t.update(r.cookie, r)
+            t.update(r.cookie, None, r)
         return t
 
     def __len__(self) -> int:
-        return len(self._shapes)
+        return self._n
 
-    def update(self, cookie: int, row: SockRow | None) -> None:
-        """The row for `cookie` is now `row` (None: gone)."""
+    def update(self, cookie: int, old: Shape | None, row: SockRow | None) -> None:
+        """The row for `cookie`, counted under `old` (None: not counted), is now `row`
+        (None: gone)."""
         new = shape(row) if row is not None else None
-        old = self._shapes.get(cookie)
         if new == old:
             if new is not None and cookie in self.listening:
                 self.listening[cookie] = row  # type: ignore[assignment]  # the same socket, maybe a new object
             return
         if old is not None:
-            del self._shapes[cookie]
+            self._n -= 1
             self._count(cookie, old, -1, None)
         if new is not None:
-            self._shapes[cookie] = new
+            self._n += 1
             self._count(cookie, new, 1, row)
 
     def _count(self, cookie: int, s: Shape, n: int, row: SockRow | None) -> None:
@@ -129,9 +141,14 @@ class Tally:
             if s.state == TcpState.LISTEN:
                 if _bump(self.tcp_held, s.netns, s.local_port, n):
                     self._held_changed(s.netns, s.local_port, n > 0)
-            elif s.remote_address is not None:
-                if s.state != TcpState.TIME_WAIT:
-                    _bump(self.accepted, (s.netns, s.local_port), (s.family, s.local_address), n)
+            elif s.remote_address is not None and s.state != TcpState.TIME_WAIT:
+                _bump(self.accepted, (s.netns, s.local_port), (s.family, s.local_address), n)
+        self._use_of(s, n)
+
+    def _use_of(self, s: Shape, n: int) -> None:
+        """The port use of a TCP connection or a UDP socket."""
+        if s.protocol == IPPROTO_TCP:
+            if s.state != TcpState.LISTEN and s.remote_address is not None:
                 k = (s.netns, "tcp", s.local_address, s.remote_address, s.remote_port)
                 self._use(k, s.local_port, n, s.state == TcpState.TIME_WAIT)
         elif s.protocol == IPPROTO_UDP:
@@ -146,16 +163,24 @@ class Tally:
         return seen
 
     def _use(self, key: tuple, port: int, n: int, time_wait: bool) -> None:
+        seen = self._seen(key[0])
+        if not seen.range.contains(port):
+            return  # never ephemeral while the range holds (a new range recounts the namespace)
+        key = self._key_objs.get(key, key)
         kp = (key, port)
         appeared = _flat(self.used, kp, n)
         if time_wait:
             _flat(self.used_tw, kp, n)
-        if self._seen(key[0]).ephemeral(key, port):
+        if seen.ephemeral(key, port):
             if appeared:
                 _add(self._n_used, key, appeared)
             if time_wait:
                 _add(self._n_tw, key, n)
-        if appeared and _flat(self._ports_of, key, appeared):
+        if appeared and (keyed := _flat(self._ports_of, key, appeared)):
+            if keyed > 0:
+                self._key_objs[key] = key
+            else:
+                del self._key_objs[key]
             _flat(self._keys_in_ns, key[0], appeared)
 
     def _held_changed(self, netns: int, port: int, held: bool) -> None:
@@ -222,13 +247,11 @@ class Tally:
         namespace's keys are recounted only when its range or listeners changed."""
         default = ports.PortRange(*ports.DEFAULT_RANGE)
         self._ranges = ranges
-        for netns in self._keys_in_ns:
+        for netns in list(self._ns_seen):
             rng = ranges.get(netns, default)
-            if self._seen(netns).range != rng:  # a sysctl changed: recount the namespace
-                seen = self._ns_seen[netns] = PortsSeen(rng, frozenset(p for p in self.tcp_held.get(netns, ())
-                                                                       if rng.contains(p)))  # fmt: skip
-                self._recount(netns, seen)
-        for gone in self._ns_seen.keys() - self._keys_in_ns.keys():
+            if self._ns_seen[netns].range != rng:  # a sysctl changed: recount the namespace
+                self._recount(netns, rng)
+        for gone in self._ns_seen.keys() - self.ns_ports.keys():  # (no socket left there)
             del self._ns_seen[gone]
         entries = []
         for key, used in self._n_used.items():
@@ -239,16 +262,19 @@ class Tally:
             return heapq.nsmallest(top, entries, key=_worst_first)
         return sorted(entries, key=_worst_first)
 
-    def _recount(self, netns: int, seen: PortsSeen) -> None:
-        for table in (self._n_used, self._n_tw):
-            for key in [k for k in table if k[0] == netns]:
-                del table[key]
-        for key, p in self.used:
-            if key[0] == netns and seen.ephemeral(key, p):
-                _add(self._n_used, key, 1)
-                tw = self.used_tw.get((key, p))
-                if tw:
-                    _add(self._n_tw, key, tw)
+    def _recount(self, netns: int, rng: ports.PortRange) -> None:
+        """A namespace's port use under a new range, from its rows as they are now."""
+        for table in (self.used, self.used_tw):
+            for kp in [kp for kp in table if kp[0][0] == netns]:
+                del table[kp]
+        for keyed in (self._ports_of, self._key_objs, self._n_used, self._n_tw):
+            for key in [k for k in keyed if k[0] == netns]:
+                del keyed[key]
+        self._keys_in_ns.pop(netns, None)
+        self._ns_seen[netns] = PortsSeen(rng, frozenset(p for p in self.tcp_held.get(netns, ()) if rng.contains(p)))
+        for r in self._source():
+            if r.netns == netns and (s := shape(r)) is not None:
+                self._use_of(s, 1)
 
 
 class PortsSeen(NamedTuple):

@@ -46,7 +46,7 @@ from sockwatch.model import (
     TcpState,
     sort_key,
 )
-from sockwatch.tally import Tally
+from sockwatch.tally import Shape, Tally, shape
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,9 @@ class Tracker:
         self.recent_owners: Callable[[], dict[int, int]] = dict
         self._port_ranges: dict[int, tuple[float, ports.PortRange]] = {}  # netns cookie -> (read at, range)
         self._tally: Tally | None = None  # whole-table aggregates, once something has asked for them
-        self._changed: set[int] = set()  # cookies changed since the tally last looked
+        # cookies changed since the tally last looked -> the shape it counted them under
+        # (None: not counted); a row's shape is kept only while the tally has not seen its change
+        self._changed: dict[int, Shape | None] = {}
 
     # ---- reading the kernel's own tables -------------------------------------------------
 
@@ -237,7 +239,6 @@ class Tracker:
             if o is not None:
                 row.pid, row.comm, row.owner_source = o.pid, o.comm, OWNER_PROC
                 row.container = self.containers.of_pid(o.pid)
-                row.touch()
 
     def bootstrap(self) -> None:
         """The table as the kernel has it now. With hooks attached before, the events
@@ -279,7 +280,7 @@ class Tracker:
         self.pending_tries.pop(cookie, None)
         if row is None:
             return False
-        self._changed.add(cookie)
+        self._changed.setdefault(cookie, shape(row))
         if row.state == TcpState.LISTEN:
             self._listeners = None
         if self._removed_during is not None:
@@ -412,8 +413,8 @@ class Tracker:
                 row.local_address, row.local_port = old.local_address, old.local_port
         if kind == ev.UDP_CONNECT:
             self._need(cookie, NEED_TUPLE)
+        self._changed.setdefault(cookie, shape(old) if old is not None else None)
         self.rows[cookie] = row
-        self._changed.add(cookie)
         if row.visible and not row.inode:
             self._need(cookie, NEED_INODE)
         self.version += 1
@@ -446,7 +447,6 @@ class Tracker:
                 if lst is not None:
                     r.pid, r.uid, r.comm, r.owner_source = lst.pid, lst.uid, lst.comm, OWNER_LISTENER
                     r.container = lst.container
-                    r.touch()
 
     # ---- reading the kernel for what hooks cannot see ---------------------------------------
 
@@ -504,6 +504,7 @@ class Tracker:
 
     def _take_kernel_fields(self, row: SockRow, d: sockdiag.DiagSock) -> bool:
         """Copy state/addresses/inode from the kernel; True if anything but the inode differed."""
+        self._changed.setdefault(row.cookie, shape(row))  # before it changes
         connected = d.remote_port != 0
         remote = d.remote_address if connected else None
         changed = (
@@ -519,8 +520,6 @@ class Tracker:
         row.inode = d.inode
         if row.uid is None:
             row.uid = d.uid
-        row.touch()
-        self._changed.add(row.cookie)
         return changed
 
     def _rows_by_owner(self, rows: Iterable[SockRow] | None = None) -> dict[int, list[SockRow]]:
@@ -554,7 +553,6 @@ class Tracker:
                     continue
                 else:
                     r.comm, r.container = name, c
-                r.touch()
                 changed += 1
         self._owner_scan_due |= bool(lost)
         # rows no hook named (a kernel whose sockops cannot read the task): looked for at
@@ -591,7 +589,6 @@ class Tracker:
             lost += [r for r in rows if r.inode and (held is None or r.inode not in held)]
         for r in lost:
             r.pid = r.comm = r.owner_source = r.container = None
-            r.touch()
         if lost:
             self._fill_owners(lost)
             self._listeners = None
@@ -653,7 +650,7 @@ class Tracker:
                 row = rows[cookie] = row_from_diag(d, ns)
                 if d.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS  # a listen() no hook saw: its end comes from a read too
-                self._changed.add(cookie)
+                self._changed.setdefault(cookie, None)
                 added.append(row)
             elif row.gen <= gen0:
                 self.pending.pop(cookie, None)
@@ -661,7 +658,6 @@ class Tracker:
                     changed += 1
             elif not row.inode:
                 row.inode = d.inode
-                row.touch()
         gone = [
             c for c, r in rows.items()
             if c not in kernel and r.visible and r.gen <= gen0 and r.netns_cookie not in unread
@@ -726,7 +722,7 @@ class Tracker:
                     continue  # closed while we were dumping
                 row = row_from_diag(d, ns)
                 self.rows[cookie] = row
-                self._changed.add(cookie)
+                self._changed.setdefault(cookie, None)
                 added.append(row)
                 counts["added"] += 1
                 fixed.append(cookie)
@@ -738,7 +734,6 @@ class Tracker:
                     fixed.append(cookie)
             elif not row.inode:
                 row.inode = d.inode
-                row.touch()
         for cookie, row in list(self.rows.items()):
             if cookie in kernel or not row.visible or row.gen > gen0 or row.protocol not in protocols:
                 continue
@@ -849,7 +844,7 @@ class Tracker:
                 if d.state == TcpState.TIME_WAIT and row.state != TcpState.TIME_WAIT:
                     row.pid = row.comm = row.owner_source = row.container = None  # no file, so no owner (as ss -p)
                 self._take_kernel_fields(row, d)
-            self._changed.add(cookie)
+            self._changed.setdefault(cookie, None)  # (an update's shape is taken before it changes)
             changed += 1
         gone = [c for c, r in rows.items() if c not in seen and is_connection_row(r)]
         for c in gone:
@@ -903,11 +898,11 @@ class Tracker:
         last call (a recount after a bootstrap, or when nobody asked for a long time)."""
         if self._tally is None:
             self._changed.clear()
-            self._tally = Tally.of(self.rows.values())
+            self._tally = Tally.of(self.rows.values(), source=self.rows.values)
         elif self._changed:
             rows, update = self.rows, self._tally.update
-            for c in self._changed:
-                update(c, rows.get(c))
+            for c, was in self._changed.items():
+                update(c, was, rows.get(c))
             self._changed.clear()
         return self._tally
 

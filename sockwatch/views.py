@@ -10,17 +10,19 @@ from operator import attrgetter
 from typing import Any
 
 from sockwatch.filters import Filters
-from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, PROTO_NAMES, STATE_NAMES, SockRow, TcpState, sort_key
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, PROTO_NAMES, STATE_NAMES, SockRow, TcpState
 
-SORT_KEYS: dict[str, Callable[[SockRow], Any]] = {
-    "local": sort_key,
-    "remote": lambda r: (int(r.remote_address) if r.remote_address is not None else -1, r.remote_port, sort_key(r)),
-    "state": lambda r: (r.state_name, sort_key(r)),
-    "protocol": lambda r: (r.protocol, sort_key(r)),
-    "pid": lambda r: (r.pid if r.pid is not None else -1, sort_key(r)),
-    "comm": lambda r: (r.comm or "", sort_key(r)),
-    "age": lambda r: (-r.born_ns, sort_key(r)),  # newest first
-    "netns": lambda r: (r.netns, sort_key(r)),
+# What each sort orders by first; ties keep the table's order (sort_key: the kernel's
+# grouping), as the window sorts the tracker's sorted table stably. "local" is that order.
+SORT_KEYS: dict[str, Callable[[SockRow], Any] | None] = {
+    "local": None,
+    "remote": lambda r: (int(r.remote_address) if r.remote_address is not None else -1, r.remote_port),
+    "state": attrgetter("state_name"),
+    "protocol": attrgetter("protocol"),
+    "pid": lambda r: r.pid if r.pid is not None else -1,
+    "comm": lambda r: r.comm or "",
+    "age": lambda r: -r.born_ns,  # newest first
+    "netns": attrgetter("netns"),
 }
 
 
@@ -50,11 +52,15 @@ def counts_of(by: Mapping[tuple[int, int], int]) -> dict:
 
 
 def window(rows: list[SockRow], sort: str, reverse: bool, offset: int, limit: int) -> list[SockRow]:
-    """rows[offset:offset+limit] in sort order; a partial sort when the window is near
-    the top (what a screen shows), a full one otherwise."""
+    """rows[offset:offset+limit] in sort order, `rows` being in the table's order
+    (sort_key): reversed, the column runs backwards and ties keep the table's order. A
+    partial sort when the window is near the top (what a screen shows), a full one
+    otherwise; the table's own order is a slice."""
     key = SORT_KEYS[sort]
     want = offset + limit
-    if want * 8 < len(rows):
+    if key is None:
+        return (rows[::-1] if reverse else rows)[offset:want]
+    if want * 8 < len(rows):  # heapq's n-smallest and n-largest are stable, as sorted() is
         top = heapq.nlargest(want, rows, key=key) if reverse else heapq.nsmallest(want, rows, key=key)
         return top[offset:want]
     return sorted(rows, key=key, reverse=reverse)[offset:want]
@@ -105,7 +111,8 @@ def view(
     fix_owners: Callable[[list[SockRow]], object] = lambda rows: None,
     whole: Mapping[tuple[int, int], int] | None = None,
 ) -> dict:
-    """The answer to one `view` request: counts over the whole table, and the window
+    """The answer to one `view` request (`rows`: the table in sort_key order, as the
+    tracker's snapshot keeps it): counts over the whole table, and the window
     (whose owners `fix_owners` checks before they are shown). `whole`: the table's
     sockets by (protocol, state) when already counted (the tracker's tally)."""
     matched = rows if filters.empty else [r for r in rows if filters.match(r)]

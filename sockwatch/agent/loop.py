@@ -46,7 +46,7 @@ class Settings:
     reconcile_interval: float = 30.0
     drain_interval: float = 0.1
     drop_check_interval: float = 1.0
-    ringbuf_pages: int = 4096
+    ringbuf_pages: int = 1024  # 4 MiB: records cross only for binds, listens and while someone streams
     max_lookup_keys: int = 16384
     max_udp_peers: int = 16384
     lookups: bool = True  # the sk_lookup hook in every namespace (serve --lookups)

@@ -130,7 +130,7 @@ class Queries:
         for (_netns, proto, _family, state), n in a.tracker.tally().counts.items():
             by[(proto, state)] += n
         peers = req.view == "peers"
-        answer = views.view(a.tracker.visible(), f, "listeners" if peers else req.view, req.sort, req.reverse,
+        answer = views.view(a.tracker.snapshot(), f, "listeners" if peers else req.view, req.sort, req.reverse,
                             0 if peers else req.offset, 0 if peers else req.limit, fix_owners=a.tracker.fix_owners,
                             whole=by)  # fmt: skip
         assert a.loaded is not None

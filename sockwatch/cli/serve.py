@@ -52,7 +52,9 @@ def serve(
         hidden=True,
     ),
     ringbuf_pages: str = _opt(
-        "4096", "--ringbuf-pages", "Ring buffer size in 4 KiB pages: a power of two, 16 to 65536."
+        "1024",
+        "--ringbuf-pages",
+        "Ring buffer size in 4 KiB pages: a power of two, 16 to 65536 (mapped twice: RSS counts it double).",
     ),
     max_lookup_keys: str = _opt(
         "16384",

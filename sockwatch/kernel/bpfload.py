@@ -183,6 +183,7 @@ class Loaded:
     lesser: list[str] = field(default_factory=list)  # hooks loaded as their fallback variant: what they lack
     tcp_owners: bool = True  # False: sockops cannot read the task (its variant without owners)
     streamed: list[Link] = field(default_factory=list)  # the STREAMING hooks' links, while someone streams
+    map_fds: list[int] = field(default_factory=list)  # ours once bcc's module is released (release_module)
 
     @property
     def unwatched(self) -> tuple[int, ...]:
@@ -255,6 +256,57 @@ class Loaded:
             os.close(self.cgroup_fd)
             self.cgroup_fd = -1
         self.bpf.cleanup()
+        while self.map_fds:
+            os.close(self.map_fds.pop())
+
+    def release_module(self) -> bool:
+        """Free bcc's compiler state (its LLVM module and JIT: ~35 MiB the agent never
+        uses again) once everything it will need is made: each program a stream may
+        attach later is loaded now, each map's table object is made and its fd made ours
+        (the module closes its own). Afterwards bcc can make no new table or program
+        from this module: asking for one raises (KeyError, or a refusal stream_hooks
+        reports), never reaches the freed module. False where bcc lacks what it needs."""
+        from bcc import lib
+
+        b = self.bpf
+        if not b.module or not hasattr(lib, "bpf_num_tables"):
+            return False
+        always = at_start(self.tcp_owners)
+        for h in HOOKS:
+            if h not in always:
+                try:
+                    load_one(b, h)
+                except OSError:
+                    pass  # refused now, refused when a stream asks (the same kernel): said then
+        lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+        lib.bpf_num_tables.restype = ctypes.c_size_t
+        lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.bpf_table_name.restype = ctypes.c_char_p
+        names = [lib.bpf_table_name(b.module, i).decode() for i in range(lib.bpf_num_tables(b.module))]
+        fds = sorted({b[name].map_fd for name in names})
+        held = [os.dup(fd) for fd in fds]
+        lib.bpf_module_destroy(b.module)  # closes fds
+        b.module = None
+        for fd, dup in zip(fds, held, strict=True):
+            # the same numbers again: programs loaded later (sk_lookup's per-namespace
+            # copies) name maps by the fd numbers compiled into them (single-threaded here)
+            os.dup2(dup, fd)
+            os.close(dup)
+        self.map_fds = fds
+        loaded_funcs = b.funcs
+
+        def no_table(name: Any, *_args: Any, **_kw: Any) -> Any:
+            raise KeyError(f"no BPF map {name!r} (made after bcc's module was released)")
+
+        def only_loaded(name: Any, *_args: Any, **_kw: Any) -> Any:
+            key = name.encode() if isinstance(name, str) else name
+            if key in loaded_funcs:
+                return loaded_funcs[key]
+            raise Exception(f"{key.decode()} was not loaded before bcc's module was released")
+
+        b.get_table = no_table
+        b.load_func = only_loaded
+        return True
 
 
 MADV_PAGEOUT = 21  # Linux 5.4+
@@ -287,7 +339,7 @@ def release_compiler_pages() -> int:
 class Sizes:
     """What the maps are sized for (serve's flags)."""
 
-    ringbuf_pages: int = 4096
+    ringbuf_pages: int = 1024
     max_lookup_keys: int = 16384
     max_udp_peers: int = 16384
 
@@ -451,10 +503,9 @@ def forced_lesser() -> set[str]:
     return {f for f in os.environ.get("SOCKWATCH_LESSER", "").split(",") if f}
 
 
-def attach_one(b: Any, h: Hook, cgroup_fd: int, lesser: list[str] | None = None) -> int:
+def load_one(b: Any, h: Hook, lesser: list[str] | None = None) -> Any:
     """Load `h` (or, where the kernel refuses it, its fallback variant, said in
-    `lesser`) and attach it by link (to the cgroup, or to a perf event on its
-    tracepoint); the link's fd. Raises OSError with what the kernel said."""
+    `lesser`): bcc's loaded function. Raises OSError with what the kernel said."""
     from bcc import BPF
 
     def load(func: str) -> Any:
@@ -469,13 +520,20 @@ def attach_one(b: Any, h: Hook, cgroup_fd: int, lesser: list[str] | None = None)
     try:
         if h.func in forced_lesser() and h.fallback:
             raise OSError(0, "SOCKWATCH_LESSER asks for the lesser variant")
-        fn = load(h.func)
+        return load(h.func)
     except OSError:
         if not h.fallback:
             raise
         fn = load(h.fallback)
         if lesser is not None:
             lesser.append(f"{h.what}: {h.fallback_note}")
+        return fn
+
+
+def attach_one(b: Any, h: Hook, cgroup_fd: int, lesser: list[str] | None = None) -> int:
+    """Load `h` (load_one) and attach it by link (to the cgroup, or to a perf event on
+    its tracepoint); the link's fd. Raises OSError with what the kernel said."""
+    fn = load_one(b, h, lesser)
     if h.prog_type == "RAW_TRACEPOINT":
         fd = libbpf().bpf_raw_tracepoint_open(h.tracepoint.encode(), fn.fd)  # its fd is a link
         if fd < 0:
@@ -568,6 +626,7 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
                 f"the kernel refused every sockwatch hook ({loaded.missing[0].hook.what}: {loaded.missing[0].why})",
                 f"run 'sockwatch doctor'; {prereq.WITHOUT_BPF}",
             )
+        loaded.release_module()
     except BaseException:
         loaded.close()
         raise

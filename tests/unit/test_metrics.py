@@ -13,7 +13,7 @@ from sockwatch import metrics, ports
 from sockwatch.containers import Container
 from sockwatch.lookups import Destination
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
-from sockwatch.tally import Tally
+from sockwatch.tally import Tally, shape
 
 NS = 4026532000
 
@@ -164,10 +164,10 @@ def test_a_change_shows_at_the_next_scrape():
     labels = {"netns": str(NS), "protocol": "udp", "family": "ipv4", "state": "UNCONN"}
     assert reg.get_sample_value("sockwatch_sockets", labels) == 1
     extra = row(IPPROTO_UDP, TcpState.CLOSE, ("127.0.0.1", 9999), cookie=99)
-    t.update(99, extra)
+    t.update(99, None, extra)
     assert reg.get_sample_value("sockwatch_sockets", labels) == 2
-    t.update(5, None)
-    t.update(99, None)
+    t.update(5, shape(next(r for r in TABLE if r.cookie == 5)), None)
+    t.update(99, shape(extra), None)
     assert reg.get_sample_value("sockwatch_sockets", labels) is None
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, fmt_addr, render_json, sort_key
+from sockwatch.containers import Container
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, fmt_addr, render_json, row_json, sort_key
 
 
 def mk(protocol=IPPROTO_TCP, state=TcpState.LISTEN, local="0.0.0.0", lport=80, remote=None, rport=0, cookie=1):
@@ -37,7 +38,7 @@ def test_keys_follow_the_kernel():
 
 def test_json_has_the_documented_keys_and_ss_state_names():
     r = mk(protocol=IPPROTO_UDP, state=TcpState.CLOSE, local="::ffff:127.0.0.1", lport=53)
-    d = json.loads(r.json_bytes())
+    d = json.loads(row_json(r))
     assert set(d) >= {
         "protocol",
         "family",
@@ -68,18 +69,37 @@ def test_from_dict_inverts_as_dict():
         assert SockRow.from_dict(r.as_dict()).as_dict() == r.as_dict()
 
 
-def test_json_cache_is_dropped_on_change():
-    r = mk()
-    first = r.json_bytes()
-    r.state = TcpState.CLOSE_WAIT
-    r.touch()
-    assert json.loads(r.json_bytes())["state"] == "CLOSE-WAIT" != json.loads(first)["state"]
+def _dumps(r: SockRow) -> str:
+    return json.dumps(r.as_dict(), separators=(",", ":"))
+
+
+def test_row_json_is_json_dumps_byte_for_byte():
+    odd = mk(state=TcpState.ESTABLISHED, local="::ffff:10.0.0.1", lport=443, remote="::ffff:10.0.0.2", rport=5)
+    odd.pid, odd.uid, odd.inode, odd.comm, odd.owner_source = 1, 0, 0, 'a"b\\c\x01\u00e9\u2028', "proc"
+    odd.container = Container("/kubepods/x", "containerd", "ab" * 32, "web", "default", "web-1", "u-1")
+    rows = [
+        mk(),
+        odd,
+        mk(protocol=IPPROTO_UDP, state=TcpState.CLOSE, local="fe80::1", lport=546),
+        mk(state=TcpState.TIME_WAIT, local="2001:db8::1", lport=443, remote="2001:db8::2", rport=40000),
+        mk(state=TcpState.ESTABLISHED, remote="10.0.0.9", rport=0),  # no remote port: not a connection
+        mk(state=99),  # a state this version has no name for
+        mk(protocol=132),  # nor a protocol
+    ]
+    rows[0].container = Container("/system.slice/nginx.service", "systemd", "nginx.service")
+    for r in rows:
+        assert row_json(r) == _dumps(r)
+    r = rows[0]
+    r.state = TcpState.CLOSE_WAIT  # nothing cached per row: a change shows at once
+    assert row_json(r) == _dumps(r) and json.loads(row_json(r))["state"] == "CLOSE-WAIT"
 
 
 def test_render_json_is_one_array():
     rows = [mk(cookie=i, lport=1000 + i) for i in range(5)]
     assert [d["cookie"] for d in json.loads(render_json(rows))] == list(range(5))
     assert json.loads(render_json([])) == []
+    many = [mk(cookie=i, lport=i % 65536) for i in range(10_000)]  # more than one slice
+    assert render_json(many) == ("[" + ",\n".join(map(_dumps, many)) + "]\n").encode()
 
 
 def test_grouping_udp_then_listeners_then_connections():

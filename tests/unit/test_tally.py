@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sockwatch import ports
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, fmt_addr
-from sockwatch.tally import Tally
+from sockwatch.tally import Shape, Tally, shape
 
 NS = (4026531840, 4026532001)
 ADDRS = [ipaddress.ip_address(a) for a in ("0.0.0.0", "10.0.0.1", "10.0.0.2", "::", "::ffff:10.0.0.1", "fd00::1")]
@@ -117,29 +117,42 @@ def _ambiguous(rows: list[SockRow]) -> bool:
 def test_tally_equals_a_recount_after_every_change(seed: int) -> None:
     rnd = random.Random(seed)
     rows: dict[int, SockRow] = {}
-    t = Tally()
+    t = Tally(source=rows.values)
     ranges = {NS[0]: ports.PortRange(40000, 40005, frozenset({40004}))}
+    # as the tracker keeps them: the shape each changed row had when the tally last looked
+    was: dict[int, Shape | None] = {}
+
+    def before_change(c: int) -> None:
+        was.setdefault(c, shape(rows[c]) if c in rows else None)
+
+    def look() -> None:
+        for c, s in was.items():
+            t.update(c, s, rows.get(c))
+        was.clear()
+
     for step in range(80):
         op = rnd.random()
         if op < 0.45 or not rows:
             c = rnd.randrange(1, 40)
+            before_change(c)
             rows[c] = random_row(rnd, c)
-            t.update(c, rows[c])
         elif op < 0.75:  # a row changed in place, as the tracker changes them
             r = rows[rnd.choice(list(rows))]
+            before_change(r.cookie)
             r.state = rnd.choice(STATES) if r.protocol == IPPROTO_TCP else r.state
             r.local_port = rnd.choice(PORTS)
             if r.state in (TcpState.LISTEN, TcpState.CLOSE):
                 r.remote_address, r.remote_port = None, 0
-            t.update(r.cookie, r)
         elif op < 0.95:
             c = rnd.choice(list(rows))
+            before_change(c)
             del rows[c]
-            t.update(c, None)
         else:  # a namespace's range changed: every figure of it is recomputed
             ranges[NS[1]] = ports.PortRange(40001, 40003 + rnd.randrange(3))
         if step % 10 == 9 or rnd.random() < 0.2:
+            look()
             check(t, rows, ranges)
+    look()
     check(t, rows, ranges)
     assert len(Tally.of(r for r in rows.values())) == sum(r.visible for r in rows.values())
 
@@ -153,7 +166,7 @@ def test_update_with_the_same_shape_is_free_and_keeps_the_newest_object() -> Non
     v = t.listening_version
     r2 = SockRow(**{f: getattr(r, f) for f in ("cookie", "protocol", "family", "state", "local_address",
                                                  "local_port", "netns")}, comm="renamed")  # fmt: skip
-    t.update(1, r2)
+    t.update(1, shape(r), r2)
     assert t.listening[1] is r2 and t.listening_version == v
 
 
