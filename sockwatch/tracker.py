@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from sockwatch import containers, demux, ports
 from sockwatch import events as ev
+from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.filters import Filters
 from sockwatch.kernel import abi, procscan, sockdiag
@@ -183,6 +184,9 @@ class Tracker:
         self.registry = registry or NamespaceRegistry()
         self.containers = resolver or containers.Resolver()
         self.rows: dict[int, SockRow] = {}
+        # cookies of the rows keyed by (IP, port): UDP sockets and TCP listeners (few; the
+        # per-query kernel read compares these, not the connections)
+        self._by_ip_port: set[int] = set()
         self.pending: dict[int, set[str]] = {}  # cookie -> reasons
         self.pending_tries: Counter = Counter()
         self.stats = Stats()
@@ -199,6 +203,8 @@ class Tracker:
         self._last_owner_scan = -OWNER_SCAN_SECONDS
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
         self._owner_sought: set[int] = set()  # ownerless rows already looked for in /proc
+        # what the last whole-table owner pass left: (table version, pid -> name, container)
+        self._owners_checked: tuple[int, dict[int, tuple[str, Container | None]]] = (-1, {})
         # what sync_connections last read: the hooks' generation then, and the moment its
         # first TIME-WAIT row ends (no hook sees a TIME-WAIT end: the clock does)
         self._synced_generation: int | None = None
@@ -252,6 +258,7 @@ class Tracker:
                 if row.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS
                 self.rows[row.cookie] = row
+        self._by_ip_port = {c for c, r in self.rows.items() if not is_connection_row(r)}
         self._listeners = None
         self._tally = None
         self.version += 1
@@ -276,6 +283,7 @@ class Tracker:
 
     def _remove(self, cookie: int) -> bool:
         row = self.rows.pop(cookie, None)
+        self._by_ip_port.discard(cookie)
         self.pending.pop(cookie, None)
         self.pending_tries.pop(cookie, None)
         if row is None:
@@ -415,6 +423,7 @@ class Tracker:
             self._need(cookie, NEED_TUPLE)
         self._changed.setdefault(cookie, shape(old) if old is not None else None)
         self.rows[cookie] = row
+        self._by_ip_port.add(cookie)  # (events keep no connection rows)
         if row.visible and not row.inode:
             self._need(cookie, NEED_INODE)
         self.version += 1
@@ -541,9 +550,14 @@ class Tracker:
         changed = 0
         lost: list[SockRow] = []
         of_pid, now = self.containers.of_pid, time.monotonic()
+        if rows is None and self._owners_unchanged(now):
+            return 0
+        applied: dict[int, tuple[str, Container | None]] = {}
         for pid, owned in self._rows_by_owner(rows).items():
             name = procscan.process_name(pid)
             c = of_pid(pid, now) if name is not None else None  # the owner's container, read once per pid
+            if name is not None:
+                applied[pid] = (name, c)
             for r in owned:
                 if name is None or r.state == TcpState.TIME_WAIT:
                     r.pid = r.comm = r.owner_source = r.container = None
@@ -576,7 +590,25 @@ class Tracker:
             changed += sum(1 for r in ownerless if r.pid is not None)
         if changed:
             self.version += 1
+        if rows is None:
+            self._owners_checked = (self.version, applied)
         return changed
+
+    def _owners_unchanged(self, now: float) -> bool:
+        """Whether the whole table's owners are as the last whole pass left them: no row
+        changed since (the version), every owner still runs under the same name in the
+        same container, and no /proc scan is due. One read per owner, not per row."""
+        version, applied = self._owners_checked
+        if version != self.version or (self._owner_scan_due and now - self._last_owner_scan >= OWNER_SCAN_SECONDS):
+            return False
+        of_pid = self.containers.of_pid
+        for pid, (name, c) in applied.items():
+            if procscan.process_name(pid) != name:
+                return False
+            got = of_pid(pid, now)
+            if got is not c and got != c:
+                return False
+        return True
 
     def verify_holders(self) -> int:
         """Owners that still run but no longer hold the socket (they passed it with
@@ -648,6 +680,7 @@ class Tracker:
                 if cookie in removed_meanwhile:
                     continue  # closed while we were dumping
                 row = rows[cookie] = row_from_diag(d, ns)
+                self._by_ip_port.add(cookie)
                 if d.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS  # a listen() no hook saw: its end comes from a read too
                 self._changed.setdefault(cookie, None)
@@ -659,8 +692,8 @@ class Tracker:
             elif not row.inode:
                 row.inode = d.inode
         gone = [
-            c for c, r in rows.items()
-            if c not in kernel and r.visible and r.gen <= gen0 and r.netns_cookie not in unread
+            c for c in self._by_ip_port
+            if c not in kernel and (r := rows[c]).visible and r.gen <= gen0 and r.netns_cookie not in unread
             and (r.protocol == IPPROTO_UDP or r.state == TcpState.LISTEN)
         ]  # fmt: skip
         for c in gone:
@@ -722,6 +755,7 @@ class Tracker:
                     continue  # closed while we were dumping
                 row = row_from_diag(d, ns)
                 self.rows[cookie] = row
+                self._by_ip_port.add(cookie)  # (UDP sockets and listeners only)
                 self._changed.setdefault(cookie, None)
                 added.append(row)
                 counts["added"] += 1

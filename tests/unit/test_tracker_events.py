@@ -254,3 +254,37 @@ def test_where_sockops_names_owners_binds_are_not_remembered():
     t = tracker()  # owners_from_binds off: listen and connect carry their own owner
     t.apply(ev(E.BIND, 1, local=("127.0.0.1", 8080), owner=(10, "web")))
     assert not t._bound_owner
+
+
+def test_the_owner_rule_sees_renames_and_exits_with_the_table_unchanged():
+    """A whole-table owner pass with no row changed since reads each owner once, not each
+    row; a rename or an exit in between must still show at the next pass."""
+    import subprocess
+    import sys
+
+    rename = (
+        "import ctypes, sys; sys.stdin.readline(); ctypes.CDLL(None).prctl(15, b'sw-renamed', 0, 0, 0);"
+        " print('renamed', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", rename], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        t = tracker()
+        for c in (1, 2):
+            t.apply(ev(E.BIND, c, IPPROTO_UDP, local=("0.0.0.0", 5000 + c), owner=(child.pid, "spawned")))
+        t.fix_owners()
+        assert {r.comm for r in t.rows.values()} == {procscan.process_name(child.pid)}
+        v = t.version
+        assert t.fix_owners() == 0 and t.version == v  # nothing changed: nothing to do
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write("rename\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "renamed"
+        assert t.fix_owners() == 2
+        assert {r.comm for r in t.rows.values()} == {"sw-renamed"}
+        assert t.fix_owners() == 0
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        child.wait(10)
+    t.fix_owners()  # the owner exited (the rows' sockets would be someone else's, or gone)
+    assert {(r.pid, r.comm) for r in t.rows.values()} == {(None, None)}
