@@ -825,9 +825,7 @@ class Tracker:
                     log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
                     return 0  # keep what we have; the next view asks again
                 kernel.extend((d, ns) for d in diags)
-        rows = self.rows
-        owners = self.recent_owners() if any(d.cookie not in rows for d, _ in kernel) else {}
-        changed = self.apply_connections(kernel, time.monotonic_ns(), owners)
+        changed = self.apply_connections(kernel, time.monotonic_ns(), self.recent_owners)
         self._synced_generation = generation
         self.stats.connection_syncs += 1
         self.stats.connection_sync_s = time.monotonic() - t0
@@ -837,14 +835,14 @@ class Tracker:
         self,
         kernel: Sequence[tuple[sockdiag.DiagSock, Namespace]],
         now_ns: int,
-        owners: dict[int, int],
+        owners: dict[int, int] | Callable[[], dict[int, int]],
     ) -> int:
         """Make the connection rows the kernel's (`kernel`: every connection of every
         namespace, as read just now). A new row's owner is who connect()ed it (`owners`:
-        cookie -> pid), named now as the hooks' rows are (views group and sort by the name
-        before the owner rule checks a screenful), else its listener's (accepted), else
-        none until a view's /proc look. Its age starts at this read (a connection is first
-        seen by a view)."""
+        cookie -> pid, or what reads it: read only if a row is new), named now as the
+        hooks' rows are (views group and sort by the name before the owner rule checks a
+        screenful), else its listener's (accepted), else none until a view's /proc look.
+        Its age starts at this read (a connection is first seen by a view)."""
         rows = self.rows
         seen: set[int] = set()
         added: list[SockRow] = []
@@ -860,6 +858,8 @@ class Tracker:
             if row is None:
                 row = row_from_diag(d, ns)
                 row.born_ns = now_ns
+                if not isinstance(owners, dict):
+                    owners = owners()  # once, at the first new row
                 pid = owners.get(cookie)
                 if pid is not None and d.state != TcpState.TIME_WAIT:
                     row.pid, row.owner_source = pid, OWNER_HOOK

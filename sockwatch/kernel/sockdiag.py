@@ -58,22 +58,19 @@ class DiagSock:
     v6only: bool = False  # IPV6_V6ONLY (INET_DIAG_SKV6ONLY), read only when asked for (attrs=True)
 
 
-def _swap16(p: int) -> int:
-    return ((p & 0xFF) << 8) | (p >> 8)
-
-
 class AddrCache:
-    """Sockets share few addresses: build each ipaddress object once per dump."""
+    """Sockets share few addresses: build each ipaddress object once per dump (keyed by
+    the 16 bytes the kernel sends, one dict per family: this runs twice per socket)."""
 
     def __init__(self) -> None:
-        self._c: dict[tuple[int, bytes], ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        self.v4: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        self.v6: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
 
     def get(self, family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        key = (family, raw)
-        a = self._c.get(key)
+        c = self.v4 if family == 4 else self.v6
+        a = c.get(raw)
         if a is None:
-            a = ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
-            self._c[key] = a
+            a = c[raw] = ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
         return a
 
 
@@ -105,7 +102,9 @@ def dump(
     hdr_unpack = _NLMSGHDR.unpack_from
     hdr_size = _NLMSGHDR.size
     fam = _FAMILY[family]
-    get = cache.get
+    addrs = cache.v4 if fam == 4 else cache.v6
+    addr = addrs.get
+    make = cache.get
     while True:
         data = sock.recv(1 << 20)
         off = 0
@@ -138,10 +137,10 @@ def dump(
                     protocol,
                     fam,
                     state,
-                    get(fam, src),
-                    _swap16(sport),
-                    get(fam, dst),
-                    _swap16(dport),
+                    addr(src) or make(fam, src),
+                    ((sport & 0xFF) << 8) | (sport >> 8),  # network order (inline: twice per socket)
+                    addr(dst) or make(fam, dst),
+                    ((dport & 0xFF) << 8) | (dport >> 8),
                     cookie,
                     uid,
                     inode,
