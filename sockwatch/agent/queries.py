@@ -105,6 +105,7 @@ class Queries:
 
     def _status(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
         self.a.drain()
+        self.a.tracker.resolve_pending()  # what waits for a read is read when asked: status asks too
         if req.bpf_stats:
             try:
                 self.a.hook_runs.window.open(time.monotonic() + req.bpf_stats)
