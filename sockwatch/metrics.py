@@ -24,6 +24,7 @@ from sockwatch import ports
 from sockwatch.lookups import Destination
 from sockwatch.metric_limits import Limits
 from sockwatch.model import PROTO_NAMES, STATE_NAMES, SockRow, fmt_addr
+from sockwatch.render import printable_cell
 from sockwatch.tally import Tally
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class _Family:
         self.samples: dict[tuple[str, ...], float] = {}
 
     def add(self, values: list[str], v: float) -> None:
-        key = tuple(values[i] for i in self.keep)
+        key = tuple(printable_cell(values[i]) for i in self.keep)  # (process names: no escape sequences)
         self.samples[key] = self.samples.get(key, 0) + v
 
     def metric(self) -> Metric:

@@ -4,8 +4,15 @@ and subscribers streaming events.
 Clients never block the agent's loop: each is non-blocking in the loop's epoll, with a
 deadline to send its request and another to read its answer, and a bounded request
 buffer. An answer is a list of byte strings sent as the socket takes them (the full
-snapshot is the cached body itself, not a copy). Past a deadline, or beyond
-MAX_CLIENTS, a client is dropped and counted. What a request means is the caller's
+snapshot is the cached body itself, not a copy). Past a deadline a client is dropped
+and counted.
+
+Root's UNIX socket and the metrics port have a client count each: connections to the
+metrics port (any local user can open them) never take root's. The metrics port holds
+at most MAX_HTTP connections, MAX_HTTP_PER_SOURCE from one address; past either, a new
+connection takes the place of the one that has waited longest without sending a whole
+request (a slowloris is shed, a probe that asks at once is answered). Only when every
+connection there is being answered is a new one refused. What a request means is the caller's
 (`handle` for a local request line, `http` for a scraper's request head).
 """
 
@@ -31,7 +38,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_SECONDS = 5.0  # to send one request line
 ANSWER_SECONDS = 60.0  # to read one whole answer (a 100,000-row snapshot is ~30 MB)
-MAX_CLIENTS = 64
+MAX_CLIENTS = 64  # on the UNIX socket (root's)
+MAX_HTTP = 64  # on the metrics port
+MAX_HTTP_PER_SOURCE = 16  # from one address (loopback alone has 16 M of them: the cap above is the bound)
 STREAM_BUFFER = 8 * 2**20  # a subscriber that falls this far behind is dropped
 
 
@@ -53,6 +62,8 @@ class Client:
     poll: int = 0  # the epoll round that accepted it: events of that round were for an older fd
     sub: Subscription | None = None  # streaming events until it hangs up
     http: bool = False  # a scraper on the metrics port, not a local query
+    source: str = ""  # a scraper's address
+    accepted: float = 0.0
 
 
 Handler = Callable[[bytes, Client], list[bytes]]
@@ -82,7 +93,7 @@ class Clients:
         assert self.ep is not None
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: leave it queued, say so once per burst
@@ -90,7 +101,15 @@ class Clients:
                 self.dropped["accept_failed"] += 1
                 return
             conn.setblocking(False)
-            if len(self.by_fd) >= MAX_CLIENTS:
+            source = str(peer[0]) if is_http and isinstance(peer, tuple) else ""
+            if is_http and not self._room_for(source):
+                self.dropped["too_many"] += 1
+                if self.web is None or self.web.tls is None:  # (a TLS client would read no HTTP)
+                    with contextlib.suppress(OSError):
+                        conn.send(b"".join(http.answer(503, b"the metrics port is busy answering\n")))
+                conn.close()
+                continue
+            if not is_http and sum(1 for c in self.by_fd.values() if not c.http) >= MAX_CLIENTS:
                 self.dropped["too_many"] += 1
                 with contextlib.suppress(OSError):
                     conn.send(encode_header(False, error=f"the agent is serving {MAX_CLIENTS} clients already"))
@@ -99,7 +118,8 @@ class Clients:
             if is_http and self.web is not None and self.web.tls is not None:
                 # the handshake happens in the first reads, in the loop like any other I/O
                 conn = self.web.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-            c = Client(conn, time.monotonic() + REQUEST_SECONDS, poll=self.poll, http=is_http)
+            now = time.monotonic()
+            c = Client(conn, now + REQUEST_SECONDS, poll=self.poll, http=is_http, source=source, accepted=now)
             self.by_fd[conn.fileno()] = c
             self.ep.register(conn.fileno(), select.EPOLLIN)
             if is_http:
@@ -107,6 +127,24 @@ class Clients:
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
             if uid != 0:
                 self.answer(c, [encode_header(False, error="only root may query the sockwatch agent")])
+
+    def _room_for(self, source: str) -> bool:
+        """Whether the metrics port can take one more connection from `source`, making
+        room by dropping the connection there that has waited longest for its request."""
+        scrapers = [c for c in self.by_fd.values() if c.http]
+        same = [c for c in scrapers if c.source == source]
+        if len(same) >= MAX_HTTP_PER_SOURCE:
+            pool, why = same, "too_many_from_source"
+        elif len(scrapers) >= MAX_HTTP:
+            pool, why = scrapers, "evicted"
+        else:
+            return True
+        waiting = [c for c in pool if not c.out]  # no whole request yet
+        if not waiting:
+            return False
+        self.dropped[why] += 1
+        self.drop(min(waiting, key=lambda c: c.accepted))
+        return True
 
     def on_ready(self, c: Client, mask: int) -> None:
         if c.sub is not None:  # a subscriber only reads; anything it sends, or EOF, ends it

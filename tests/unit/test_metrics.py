@@ -146,13 +146,25 @@ def test_a_failing_source_leaves_the_others():
                                                       "state": "ESTAB"}) is None  # fmt: skip
 
 
-@pytest.mark.parametrize("comm", ['a"b', "x\\ny", "\x1b[31m", "ünï"])
-def test_the_exposition_parses_whatever_a_process_is_called(comm):
+@pytest.mark.parametrize(
+    ("comm", "label"),
+    [
+        ('a"b', 'a"b'),
+        ("x\\ny", "x\\ny"),
+        ("ünï", "ünï"),
+        # control characters are escaped as the table views escape them (\\xNN): a
+        # dashboard or a terminal showing the label runs no escape sequence
+        ("\x1b]2;PWN\x07\x1b[31m", "\\x1b]2;PWN\\x07\\x1b[31m"),
+        ("tab\there\n\x9b", "tab\\x09here\\x0a\\x9b"),
+    ],
+)
+def test_the_exposition_parses_whatever_a_process_is_called(comm, label):
     rows = [row(IPPROTO_TCP, TcpState.LISTEN, ("0.0.0.0", 80), pid=1, comm=comm, cookie=1)]
     text = generate_latest(registry(rows=rows)).decode()
+    assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     (sample,) = families["sockwatch_listener_info"].samples
-    assert sample.labels["comm"] == comm
+    assert sample.labels["comm"] == label
 
 
 def test_a_change_shows_at_the_next_scrape():
