@@ -29,6 +29,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 
+from sockwatch import rootfile
 from sockwatch.filters import shown
 
 MAX_BYTES = 64 * 1024
@@ -100,13 +101,7 @@ class WebConfig:
 def load(path: str) -> WebConfig:
     import yaml
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise WebConfigError(f"cannot read the web config {shown(path)}: {e.strerror}") from None
-    if len(raw) > MAX_BYTES:
-        raise WebConfigError(f"the web config {shown(path)} is over {MAX_BYTES // 1024} KiB")
+    raw = rootfile.read(path, "web config", MAX_BYTES, WebConfigError)  # as --config: root's own file
     try:
         doc = yaml.safe_load(raw) or {}
     except yaml.YAMLError as e:

@@ -10,10 +10,9 @@ can write, and is read whole only up to MAX_BYTES.
 
 from __future__ import annotations
 
-import os
-import stat
 import tomllib
 
+from sockwatch import rootfile
 from sockwatch.filters import shown
 
 MAX_BYTES = 64 * 1024
@@ -26,23 +25,7 @@ class ConfigError(ValueError):
 def load(path: str, scalars: set[str], lists: set[str]) -> dict[str, str | list[str]]:
     """The file's settings, as the strings a command line would have given.
     `scalars`: keys taking one value; `lists`: keys a flag may repeat."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        raise ConfigError(f"cannot read the config file {shown(path)}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"the config file {shown(path)} is not a regular file")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, os.geteuid()):
-            raise ConfigError(
-                f"the config file {shown(path)} can be written by others than root: chmod go-w, chown root"
-            )
-        raw = os.read(fd, MAX_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_BYTES:
-        raise ConfigError(f"the config file {shown(path)} is over {MAX_BYTES // 1024} KiB")
+    raw = rootfile.read(path, "config file", MAX_BYTES, ConfigError)
     try:
         doc = tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

@@ -52,12 +52,34 @@ def test_a_bad_config_file_is_one_sentence(tmp_path, text, mode, needle):
     assert needle in str(e.value)
 
 
-def test_a_config_file_must_be_a_regular_file(tmp_path):
-    with pytest.raises(config.ConfigError, match="not a regular file"):
-        config.load(str(tmp_path), SCALARS, LISTS)
-    os.symlink("/etc/passwd", tmp_path / "link.toml")
-    with pytest.raises(config.ConfigError, match="cannot read"):  # O_NOFOLLOW: a link is not followed
-        config.load(str(tmp_path / "link.toml"), SCALARS, LISTS)
+LOADERS = {
+    "--config": (lambda path: config.load(path, SCALARS, LISTS), config.ConfigError),
+    "--web-config": (webconfig.load, webconfig.WebConfigError),
+}
+
+
+@pytest.mark.parametrize("flag", list(LOADERS))
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (str, "not a regular file"),
+        (lambda d: (os.mkfifo(d / "fifo"), str(d / "fifo"))[1], "not a regular file"),  # no read that hangs
+        (lambda d: (os.symlink("/etc/passwd", d / "link"), str(d / "link"))[1], "is a symlink"),  # not followed
+        (lambda d: write(d, "{}\n", 0o646, "f"), "can be written by others than root"),
+        (lambda d: write(d, "{}\n", 0o660, "f"), "can be written by others than root"),
+        (
+            lambda d: (os.chown(write(d, "{}\n", 0o600, "f"), 65534, 65534), str(d / "f"))[1],
+            "can be written by others than root",
+        ),
+    ],
+    ids=["directory", "fifo", "symlink", "world-writable", "group-writable", "owned-by-nobody"],
+)
+def test_a_config_file_is_roots_own_regular_file(tmp_path, flag, make, needle):
+    """--config and --web-config are trusted alike: what root is told to read."""
+    load, error = LOADERS[flag]
+    path = make(tmp_path)
+    with pytest.raises(error, match=needle):
+        load(path)
 
 
 def test_serve_takes_flags_over_environment_over_the_file(tmp_path):
