@@ -35,8 +35,9 @@ sys.stdin.read()
 
 
 class Churn:
-    def __init__(self, ns: Netns, n: int, port: int) -> None:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", CHURN, str(n), str(port)],
+    def __init__(self, ns: Netns, n: int, port: int, client_first: bool = False) -> None:
+        code = CHURN.replace("    s.close()\n    c.close()", "    c.close()\n    s.close()") if client_first else CHURN
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", code, str(n), str(port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "done"
 
@@ -152,3 +153,62 @@ def test_bpf_stats_count_the_hooks_runs_only_for_the_window_asked(netns: Netns, 
     r = subprocess.run(sockwatch_cmd("status", "--bpf-stats", "999", "--socket", agent.socket), capture_output=True,
                        text=True, check=False)  # fmt: skip
     assert r.returncode != 0 and "1 to 300" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_time_wait_is_the_kernels_after_a_ring_overflow_and_after_a_restart(netns: Netns, tmp_path) -> None:
+    """A resync after lost records, or a start after kill -9, leaves the table equal to
+    the kernel's, TIME-WAIT included, and `ports` counts the kernel's TIME-WAIT on
+    ephemeral ports (the clients close first here: theirs are the TIME-WAIT ends)."""
+    import signal
+
+    from tests.conftest import sockwatch_cmd as cmd
+    from tests.kernel.conftest import snapshot
+
+    def time_waits(socket: str) -> int:
+        rows = snapshot("--netns", str(netns.inode), socket=socket)
+        return sum(1 for r in rows if r["state"] == "TIME-WAIT")
+
+    def ports_time_wait(socket: str) -> int:
+        r = subprocess.run(cmd("ports", "--json", "--netns", str(netns.inode), "--socket", socket),
+                           capture_output=True, text=True, check=True)  # fmt: skip
+        return sum(p["time_wait"] for p in json.loads(r.stdout)["pressure"])
+
+    def kernel_time_waits() -> int:
+        out = subprocess.run(["ip", "netns", "exec", netns.name, "ss", "-Htan", "state", "time-wait"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return out.count("\n")
+
+    a = AgentProc(socket=str(tmp_path / "a.sock"), extra=("--ringbuf-pages", "16"))
+    b: AgentProc | None = None
+    stream: Stream | None = None
+    churn: list[Churn] = []
+    try:
+        stream = Stream(a.socket, "--proto", "tcp")  # connections' records cross while someone streams
+        a.proc.send_signal(signal.SIGSTOP)  # the agent cannot read: a 16-page ring overflows
+        try:
+            churn.append(Churn(netns, 2000, 7411, client_first=True))
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert a.status()["bpf"]["ringbuf_full"] > 0, "nothing was lost: the test proves nothing"
+        compare_with_ss(netns, a.socket)
+        tw = kernel_time_waits()
+        assert tw >= 1900 and time_waits(a.socket) == tw and ports_time_wait(a.socket) == tw
+        stream.stop()
+        stream = None
+        # kill -9 under churn, then a new agent: no TIME-WAIT row of the old one's survives
+        killer = threading.Timer(0.3, a.kill)
+        killer.start()
+        churn.append(Churn(netns, 2000, 7412, client_first=True))
+        killer.join()
+        b = AgentProc(socket=str(tmp_path / "b.sock"))
+        compare_with_ss(netns, b.socket)
+        tw = kernel_time_waits()
+        assert tw >= 3800 and time_waits(b.socket) == tw and ports_time_wait(b.socket) == tw
+    finally:
+        if stream is not None:
+            stream.stop()
+        for c in churn:
+            c.stop()
+        a.stop()
+        if b is not None:
+            b.stop()
