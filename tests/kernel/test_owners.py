@@ -99,3 +99,50 @@ def test_owners_follow_the_file_and_the_process_name(netns, agent):
     while [r for r in snapshot("--netns", str(netns.inode), socket=agent.socket) if r["state"] == "LISTEN"]:
         assert time.monotonic() < deadline, "a listener outlived every process of the test"
         time.sleep(0.1)
+
+
+# The sender exits at once after passing its listener: the receiver is its only holder.
+PASS_AND_EXIT = """
+import array, os, socket, sys
+a, b = socket.socketpair()
+if os.fork() == 0:  # the receiver
+    a.close()
+    msg, anc, _, _ = b.recvmsg(1, socket.CMSG_LEN(4))
+    fds = array.array("i"); fds.frombytes(anc[0][2][:4])
+    kept = socket.socket(fileno=fds[0])
+    os.write(1, b"%d\\n" % os.getpid()); sys.stdin.read(); os._exit(0)
+s = socket.socket(); s.bind(("127.0.0.1", PORT)); s.listen()
+os.write(1, b"sender %d\\n" % os.getpid()); sys.stdin.readline()
+a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
+os._exit(0)
+"""
+
+
+def test_a_passed_socket_whose_sender_exits_shows_its_receiver_at_the_next_view(netns, agent):
+    """ss -p names the receiver as soon as the sender is gone; so does the next view, even
+    right after another view's /proc scan (no waiting for the reconcile)."""
+    procs = []
+    try:
+        for port in (7311, 7312):  # twice in a row: the second comes within any scan interval
+            p = run_in(netns, PASS_AND_EXIT.replace("PORT", str(port)))
+            procs.append(p)
+            assert p.stdin is not None and p.stdout is not None
+            sender = int(p.stdout.readline().split()[1])
+            rows = snapshot("--netns", str(netns.inode), socket=agent.socket)  # the sender owns it now
+            assert {r["local_port"]: r["pid"] for r in rows}.get(port) == sender
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            receiver = int(p.stdout.readline())
+            p.wait(10)  # the sender has exited
+            by_port = {r["local_port"]: r for r in compare_with_ss(netns, agent.socket)}
+            assert by_port[port]["pid"] == receiver, by_port[port]
+    finally:
+        for p in procs:
+            if p.stdin:
+                p.stdin.close()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
