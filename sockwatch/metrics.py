@@ -58,6 +58,7 @@ class LookupSample:
     uncounted: int = 0
     unattributed: int = 0
     peers_evicted: int = 0
+    over_cap: int = 0  # namespaces not hooked: --max-lookup-namespaces reached
 
 
 Family = GaugeMetricFamily | CounterMetricFamily
@@ -264,6 +265,9 @@ class SockwatchCollector(Collector):
                         lambda lb: [lb[0], "other", "other"])  # fmt: skip
         yield _gauge("sockwatch_lookup_namespaces_hooked", "Network namespaces with sockwatch's sk_lookup hook",
                      got.hooked)  # fmt: skip
+        yield _gauge("sockwatch_lookup_namespaces_over_cap",
+                     "Network namespaces without the sk_lookup hook because --max-lookup-namespaces was reached "
+                     "(their sockets are in the table; their lookups are not counted)", got.over_cap)  # fmt: skip
         for name, doc, v in (
             ("sockwatch_socket_lookups_uncounted", "Lookups not counted: the counter map was full", got.uncounted),
             ("sockwatch_socket_lookup_misses_unattributed",

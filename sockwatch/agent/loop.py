@@ -50,6 +50,7 @@ class Settings:
     max_lookup_keys: int = 16384
     max_udp_peers: int = 16384
     lookups: bool = True  # the sk_lookup hook in every namespace (serve --lookups)
+    max_lookup_namespaces: int = 512  # namespaces given it: a program each, and any user can make namespaces
     stream_cpu: float = 0.25  # seconds of CPU per second the event stream may take; past it, it skips and says so
     listen: tuple[str, int] | None = ("127.0.0.1", metric_limits.DEFAULT_PORT)  # /metrics and /healthz; None: off
     metrics_limits: metric_limits.Limits = field(default_factory=metric_limits.Limits)
@@ -259,7 +260,7 @@ class Agent:
         if self.loaded is None or self.loaded.lookup is None:
             return
         self.tracker.registry.refresh()
-        attached, released = self.loaded.lookup.follow(self.tracker.registry)
+        attached, released = self.loaded.lookup.follow(self.tracker.registry, self.settings.max_lookup_namespaces)
         if attached or released:
             log.info("sk_lookup: attached to %d namespaces, released %d", attached, released)
 

@@ -210,7 +210,8 @@ class Queries:
             by[k] = by.get(k, 0) + 1
         t = self.lookup_totals(present)
         return metrics.LookupSample(self.destinations(), by, t["namespaces_hooked"], t["lookups_uncounted"],
-                                    t["misses_unattributed"], t["udp_peers_evicted"])  # fmt: skip
+                                    t["misses_unattributed"], t["udp_peers_evicted"],
+                                    t["namespaces_over_cap"])  # fmt: skip
 
     def lookup_totals(self, peers_present: int | None = None) -> dict:
         """The hook's reach and losses. `peers_present`: entries in the peer map, if read."""
@@ -222,6 +223,8 @@ class Queries:
             "namespaces_hooked": hook.hooked() if hook else 0,
             "namespaces_known": len(a.tracker.registry.by_cookie),
             "namespaces_refused": len(hook.refused) if hook else 0,
+            "namespaces_over_cap": hook.over_cap if hook else 0,  # not hooked: --max-lookup-namespaces reached
+            "namespaces_cap": a.settings.max_lookup_namespaces,
             "lookups_uncounted": c.get("lookup_full", 0),
             "misses_unattributed": c.get("miss_unmatched", 0),
             "lookup_keys_capacity": a.settings.max_lookup_keys,

@@ -137,6 +137,9 @@ def partial(a: Agent) -> list[str]:
     if hook is not None and not hook.drop_sites_checked:
         why.append("kernel addresses are hidden from the agent (kernel.kptr_restrict; CAP_SYSLOG): a drop for no "
                    "socket outside TCP and UDP (an unanswered ping reply) may count as a lookup miss")  # fmt: skip
+    if hook is not None and hook.over_cap:
+        why.append(f"{hook.over_cap} namespaces have no sk_lookup hook: --max-lookup-namespaces {hook.cap} was "
+                   "reached (their sockets are in the table; their lookups are not counted)")  # fmt: skip
     if hook is not None and hook.refused:
         why.append(f"the kernel refused the sk_lookup hook in {len(hook.refused)} namespaces "
                    f"({next(iter(hook.refused.values()))}): their lookups are not counted")  # fmt: skip

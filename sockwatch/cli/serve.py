@@ -67,6 +67,12 @@ def serve(
         "Remote peers of unconnected UDP sockets kept (least recently seen go first), 1024 to 1048576; "
         "0 leaves the peer map out.",
     ),
+    max_lookup_namespaces: str = _opt(
+        "512",
+        "--max-lookup-namespaces",
+        "Network namespaces given the sk_lookup hook (one BPF program each, ~8 KiB of kernel memory; any user "
+        "can make namespaces), 1 to 65536; the rest are in the table, their lookups not counted.",
+    ),
     lookups: str = _opt(
         "on",
         "--lookups",
@@ -155,7 +161,7 @@ def serve(
     given = {
         "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,
         "ringbuf-pages": ringbuf_pages, "max-lookup-keys": max_lookup_keys, "max-udp-peers": max_udp_peers,
-        "lookups": lookups,
+        "lookups": lookups, "max-lookup-namespaces": max_lookup_namespaces,
         "listen": listen, "web-config": web_config,
         "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
         "metrics-max-lookups": metrics_max_lookups,
@@ -176,6 +182,7 @@ def serve(
         pages = args.integer(g["ringbuf-pages"], "--ringbuf-pages", 16, 65536)
         lookup_keys = args.integer(g["max-lookup-keys"], "--max-lookup-keys", 1024, 1 << 20)
         udp_peers = args.integer(g["max-udp-peers"], "--max-udp-peers", 0, 1 << 20)
+        lookup_namespaces = args.integer(g["max-lookup-namespaces"], "--max-lookup-namespaces", 1, 65536)
         if udp_peers and udp_peers < 1024:
             raise args.ArgError(f"--max-udp-peers {udp_peers} is out of range: 0 (off) or 1024 to 1048576")
         if g["lookups"] not in ("on", "off"):
@@ -204,7 +211,8 @@ def serve(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
     agent = Agent(
         Settings(socket_path, interval, ringbuf_pages=pages, max_lookup_keys=lookup_keys,
-                 max_udp_peers=udp_peers, lookups=g["lookups"] == "on", stream_cpu=stream_share, listen=where,
+                 max_udp_peers=udp_peers, lookups=g["lookups"] == "on", max_lookup_namespaces=lookup_namespaces,
+                 stream_cpu=stream_share, listen=where,
                  metrics_limits=limits, kubelet_log_dir=logs, web=web)
     )  # fmt: skip
     with friendly():

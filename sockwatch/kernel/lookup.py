@@ -164,6 +164,8 @@ class LookupHook:
         self.links = links
         self._code, self._at = template(bytes(bpf.dump_func("sw_lookup")))
         self.refused: dict[int, str] = {}  # namespace cookie -> why its attach failed (not retried)
+        self.over_cap = 0  # namespaces known but not hooked: --max-lookup-namespaces was reached
+        self.cap = 0  # that maximum, as last given
         self.drop_sites_checked = False  # kernel addresses readable: misses told from other drops
         self.peers_forgotten = 0  # peers deleted with their namespace (not evictions)
         self._reported: dict[bytes, tuple[int, int]] = {}  # destination key -> (lookups, misses) last returned
@@ -186,9 +188,11 @@ class LookupHook:
         finally:
             os.close(prog)  # the link holds the program
 
-    def follow(self, registry: NamespaceRegistry) -> tuple[int, int]:
-        """Attach to each namespace the registry knows and we have not, release the
-        links (and counts) of those it has forgotten: (attached, released)."""
+    def follow(self, registry: NamespaceRegistry, cap: int = 1 << 16) -> tuple[int, int]:
+        """Attach to each namespace the registry knows and we have not, up to `cap`
+        hooked in all (first found, first hooked; a slot freed by a namespace that died
+        goes to the next), release the links (and counts) of those it has forgotten:
+        (attached, released)."""
         hooked = self.links.netns_cookies()
         known = registry.by_cookie
         released = 0
@@ -198,12 +202,19 @@ class LookupHook:
         for cookie in [c for c in self.refused if c not in known]:
             del self.refused[cookie]
         attached = 0
+        self.cap = cap
+        room = cap - len(hooked & known.keys())
+        self.over_cap = 0
         for cookie, ns in list(known.items()):
             if cookie in hooked or cookie in self.refused:
+                continue
+            if room <= 0:
+                self.over_cap += 1  # in the table all the same; its lookups are not counted
                 continue
             try:
                 self.attach(ns, registry)
                 attached += 1
+                room -= 1
             except NamespaceGone:
                 continue  # check_alive will forget it
             except OSError as e:
