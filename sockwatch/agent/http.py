@@ -70,6 +70,11 @@ class MetricsEndpoint:
         path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return answer(405, b"only GET\n", extra=extra)
+        got = self._route(path, head, extra)
+        return got[:1] if method == "HEAD" else got  # HEAD: the same head, no body (RFC 9110 9.3.2)
+
+    def _route(self, path: str, head: bytes, extra: bytes) -> list[bytes]:
+        web = self.web
         if path == "/metrics" and web is not None and not web.allows(webconfig.header(head, b"Authorization")):
             self.dropped["unauthorized"] += 1
             return answer(401, b"unauthorized\n", extra=extra + b'WWW-Authenticate: Basic realm="sockwatch"\r\n')
@@ -77,8 +82,7 @@ class MetricsEndpoint:
             if path == "/metrics":
                 self.prepare()
                 body = generate_latest(self.registry)
-                return answer(200, body, "text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD",
-                              extra=extra)  # fmt: skip
+                return answer(200, body, "text/plain; version=0.0.4; charset=utf-8", extra=extra)
             if path in ("/healthz", "/readyz"):
                 ok = self.healthy()
                 return answer(200 if ok else 503, b"ok\n" if ok else b"no hook attached\n", extra=extra)

@@ -41,8 +41,11 @@ class InProcessAgent:
 
 def agent_running(path: str | None) -> bool:
     """True if an agent answers at `path` (or the default path)."""
-    if path is not None:
-        return True  # an explicit path must be an agent: the client says so if not
+    if path is not None:  # an explicit path must be an agent's: AgentError says what it is instead
+        s = client._connect(path)
+        if s is not None:
+            s.close()
+        return True
     with contextlib.suppress(client.AgentError):
         s = client._connect(None)
         if s is not None:

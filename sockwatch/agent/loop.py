@@ -143,7 +143,7 @@ class Agent:
             s.bind((host, port))
         except OSError as e:
             s.close()
-            raise sockpath.PathError(f"cannot listen for metrics on {host}:{port}: {e.strerror}") from None
+            raise sockpath.ListenError(f"cannot listen for metrics on {host}:{port}: {e.strerror}") from None
         s.listen(64)
         self.metrics_address = f"[{host}]:{s.getsockname()[1]}" if ":" in host else f"{host}:{s.getsockname()[1]}"
         self.collector = metrics.SockwatchCollector(

@@ -43,6 +43,7 @@ class Queries:
         try:
             req = parse_request(line)
             f = flt.from_wire(req.filters)
+            self._known_namespaces(f)
             handler = {
                 "snapshot": self._snapshot,
                 "events": self._subscribe,
@@ -60,6 +61,17 @@ class Queries:
             log.exception("answering a request failed")
             self.a.clients.dropped["internal_error"] += 1
             return [encode_header(False, error="internal error in the agent (logged)")]
+
+    def _known_namespaces(self, f: flt.Filters) -> None:
+        """A --netns inode no namespace has is an error, not an empty answer (a namespace
+        made since the last look is looked for first)."""
+        registry = self.a.tracker.registry
+        if f.netns and not f.netns <= registry.by_inode.keys():
+            registry.refresh()
+            unknown = sorted(f.netns - registry.by_inode.keys())
+            if unknown:
+                raise flt.FilterError(f"no network namespace has inode {unknown[0]} "
+                                      f"(sockwatch knows {len(registry.by_inode)}: see sockwatch status)")  # fmt: skip
 
     def forget_cache(self, now: float) -> None:
         """The whole table as JSON is worth keeping only while someone asks for it."""

@@ -30,6 +30,10 @@ class PathError(ValueError):
     """The socket path cannot be used; the message says why and leaves the path alone."""
 
 
+class ListenError(PathError):
+    """The metrics address cannot be listened on (in use, or not this host's)."""
+
+
 class AgentRunning(RuntimeError):
     pass
 

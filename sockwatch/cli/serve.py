@@ -221,6 +221,9 @@ def serve(
         except sockpath.AgentRunning as e:
             agent.close()
             raise fail(str(e), "query it (sockwatch snapshot), or stop it first", EXIT_RUNTIME) from None
+        except sockpath.ListenError as e:
+            agent.close()
+            raise fail(str(e), "choose another --listen address, or --listen off", EXIT_USAGE) from None
         except sockpath.PathError as e:
             agent.close()
             raise fail(str(e), "choose another --socket path", EXIT_USAGE) from None

@@ -46,7 +46,8 @@ def snapshot(
 
     UDP by (local IP, local port), TCP listeners by (local IP, local port), TCP
     connections by the 4-tuple. Each row has its state, owner (pid, command, uid),
-    network namespace, socket inode and cookie.
+    network namespace, socket inode and cookie. (UDP-Lite, SCTP and raw sockets are
+    not shown: ss -w and ss -S list them.)
 
     Asks a running `sockwatch serve` when there is one (owners from the hooks);
     otherwise reads the kernel directly (sock_diag and one /proc scan). Filters

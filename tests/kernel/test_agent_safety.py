@@ -313,3 +313,36 @@ def test_a_full_or_read_only_socket_directory_is_one_sentence_and_leaves_nothing
     assert "RC=4" in r.stdout, (r.stdout, r.stderr)
     assert "SAME" in r.stdout, (r.stdout, r.stderr)  # nothing of ours left behind
     assert "Traceback" not in r.stderr and r.stderr.startswith("sockwatch: cannot "), r.stderr
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["port-in-use", "address-not-here"])
+def test_a_metrics_address_it_cannot_listen_on_names_listen_and_leaves_nothing(scratch, taken):
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    where = f"127.0.0.1:{held.getsockname()[1]}" if taken else "192.0.2.1:9847"  # (TEST-NET-1: no host has it)
+    path = os.path.join(scratch, "sub", "agent.sock")
+    try:
+        r = subprocess.run(sockwatch_cmd("serve", "--socket", path, "--listen", where),
+                           check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        held.close()
+    assert r.returncode == 2, r.stderr
+    assert "cannot listen for metrics" in r.stderr and "--listen" in r.stderr and "--socket" not in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert os.listdir(scratch) == []  # not the directory it made for the socket, nor the lock
+
+
+def test_a_namespace_inode_nothing_has_is_said_not_an_empty_answer(agent, netns):
+    missing = 4026599999
+    assert not any(os.stat(f"/proc/{p}/ns/net").st_ino == missing for p in os.listdir("/proc") if p.isdigit()
+                   and os.path.exists(f"/proc/{p}/ns/net"))  # fmt: skip
+    for args in (("snapshot",), ("ports",), ("snapshot", "--lookups")):
+        r = subprocess.run(sockwatch_cmd(*args, "--netns", str(missing), "--socket", agent.socket),
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        assert r.returncode != 0 and f"no network namespace has inode {missing}" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    # a namespace made just now is found, not refused (the agent looks again first)
+    r = subprocess.run(sockwatch_cmd("snapshot", "--json", "--netns", str(netns.inode), "--socket", agent.socket),
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr

@@ -230,3 +230,12 @@ def test_with_no_agent_it_runs_one_in_process_and_leaves_nothing(netns, child_fa
     t.until(lambda s: "SOCKWATCH-EXITED rc=0" in s)
     assert _settled_links() == (before, observers_before)  # every link went with the process
     assert {d for d in os.listdir("/run") if d.startswith("sockwatch-")} == dirs
+
+
+def test_an_explicit_socket_with_no_agent_is_one_sentence_not_a_blank_screen(terminal, tmp_path):
+    """As every other command: an explicit --socket must be an agent's (no silent
+    in-process agent, no empty screen that exits 0 on q)."""
+    t = terminal("--socket", str(tmp_path / "missing.sock"))
+    screen = t.until(lambda s: "SOCKWATCH-EXITED" in s)
+    assert "there is no agent socket at" in screen and "rc=0" not in screen, screen
+    assert "Traceback" not in screen
