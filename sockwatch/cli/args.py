@@ -5,6 +5,7 @@ the input quoted short."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Sequence
 
@@ -39,17 +40,26 @@ def seconds(text: str, name: str, lo: float, hi: float) -> float:
     return _parse(text, name, lo, hi, _DECIMAL, "a number of seconds")
 
 
-def endpoint(text: str, name: str, lowest_port: int = 1) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    """ADDR:PORT or [V6ADDR]:PORT."""
+def endpoint(
+    text: str, name: str, lowest_port: int = 1, scoped: bool = False
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """ADDR:PORT or [V6ADDR]:PORT. An IPv6 address without brackets is refused (`::1:80`
+    could be an address alone); so is a scope (`%eth0`) unless `scoped`: the table does
+    not show the device a socket is bound to, so a scope could not be honoured."""
     host, sep, port = text.strip().rpartition(":")
     if not sep:
         raise ArgError(f"{name} {shown(text)} is not ADDR:PORT ([ADDR]:PORT for IPv6)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        raise ArgError(f"{name} {shown(text)}: write an IPv6 address in brackets, [ADDR]:PORT")
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
         raise ArgError(f"{name} {shown(text)}: {shown(host)} is not an IP address") from None
+    if not scoped and getattr(addr, "scope_id", None):
+        raise ArgError(f"{name} {shown(text)}: a scoped address (%{shown(addr.scope_id)[1:-1]}) is not supported: "  # type: ignore[union-attr]
+                       "sockwatch does not read the device a socket is bound to")  # fmt: skip
     return addr, integer(port, f"{name} port", lowest_port, 65535)
 
 
@@ -57,7 +67,7 @@ def listen_address(text: str, name: str) -> tuple[str, int] | None:
     """ADDR:PORT, [V6ADDR]:PORT (port 0: any free one), or 'off' (None)."""
     if text.strip().lower() == "off":
         return None
-    addr, port = endpoint(text, name, lowest_port=0)
+    addr, port = endpoint(text, name, lowest_port=0, scoped=True)  # (a link-local address needs its device)
     return str(addr), port
 
 
@@ -73,4 +83,6 @@ def directory(text: str, name: str) -> str:
     """An absolute path (it need not exist: a node without Kubernetes has no kubelet logs)."""
     if not text.startswith("/") or "\0" in text or len(text) > 4096:
         raise ArgError(f"{name} {shown(text)} is not an absolute path")
+    if os.path.lexists(text) and not os.path.isdir(text):
+        raise ArgError(f"{name} {shown(text)} is not a directory")
     return text

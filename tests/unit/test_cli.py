@@ -129,6 +129,14 @@ def test_status_without_agent(tmp_path):
         (["explain", "tcp", "10.0.0.1:0"], "destination port '0' is out of range: 1 to 65535"),
         (["explain", "udp", "dns:53"], "'dns' is not an IP address"),
         (["explain", "tcp", "10.0.0.1:80", "--from", "[::1]:99999"], "--from port '99999' is out of range"),
+        # IPv6 without brackets is ambiguous (an address alone, or address and port)
+        (["explain", "tcp", "::1:80"], "write an IPv6 address in brackets, [ADDR]:PORT"),
+        (["explain", "tcp", "fe80::1:80"], "write an IPv6 address in brackets, [ADDR]:PORT"),
+        # a scope names a device, which the table does not show: refused, not ignored
+        (["explain", "tcp", "[fe80::1%lo]:9103"], "a scoped address (%lo) is not supported"),
+        (["explain", "tcp", "10.0.0.1:80", "--from", "[fe80::2%vA0]:5"], "a scoped address (%vA0) is not supported"),
+        (["snapshot", "--standalone", "--addr", "fe80::1%vA0"], "a scoped address (%DEVICE) is not supported"),
+        (["snapshot", "--standalone", "--addr", "fe80::1%nonexistent"], "a scoped address (%DEVICE) is not supported"),
     ],
 )
 def test_options_are_strict_and_name_their_bounds(args, needle):

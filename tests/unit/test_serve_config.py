@@ -104,6 +104,7 @@ def test_serve_takes_flags_over_environment_over_the_file(tmp_path):
         (["--metrics-drop-label", "cookie"], "--metrics-drop-label 'cookie' is not one of"),
         (["--metrics-max-listeners", "-1"], "is not a whole number (0 to 100000)"),
         (["--kubelet-log-dir", "var/log"], "is not an absolute path"),
+        (["--kubelet-log-dir", "/etc/passwd"], "--kubelet-log-dir '/etc/passwd' is not a directory"),
         (["--web-config", "/nonexistent/web.yml"], "cannot read the web config"),
         (["--config", "/nonexistent/sw.toml"], "cannot read the config file"),
     ],
