@@ -76,6 +76,30 @@ def validate(path: str) -> str:
     return norm
 
 
+def _check_parents(path: str) -> None:
+    """The directories above `path` as the kernel will walk them: a symlink among them
+    must be root's (anyone else's could lead root anywhere: /var/run -> /run is root's),
+    and where they lead must not be the kernel's trees either. PathError if not."""
+    cur = "/"
+    for part in os.path.dirname(path).strip("/").split("/"):
+        if not part:
+            continue
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            break  # the rest is missing: made by us, as directories
+        except OSError as e:
+            raise PathError(f"{_show(cur)} cannot be read ({e.strerror})") from None
+        if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
+            raise PathError(f"{_show(cur)} is a symlink owned by uid {st.st_uid}, not root: it is not followed")
+    real = os.path.realpath(os.path.dirname(path))
+    for root in _FORBIDDEN:
+        if real == root or real.startswith(root + "/"):
+            raise PathError(f"the socket path {_show(path)} leads under {root} (through a symlink), "
+                            "which is the kernel's")  # fmt: skip
+
+
 def _make_dirs(d: str) -> list[str]:
     """Create what is missing of d (0700), deepest last; return what was created."""
     missing = []
@@ -173,7 +197,13 @@ def claim(path: str) -> Claim:
     """Bind the agent's socket at path (validated), or raise PathError / AgentRunning /
     PathUnusable, leaving nothing of ours behind."""
     path = validate(path)
+    _check_parents(path)
     created = _make_dirs(os.path.dirname(path))
+    try:
+        _check_parents(path)  # again: a directory someone made in our place meanwhile may be a link
+    except BaseException:
+        _remove_dirs(created)
+        raise
     lock_path = path + ".lock"
     try:
         lock_fd, created_lock = _open_lock(lock_path)

@@ -346,3 +346,38 @@ def test_a_namespace_inode_nothing_has_is_said_not_an_empty_answer(agent, netns)
     r = subprocess.run(sockwatch_cmd("snapshot", "--json", "--netns", str(netns.inode), "--socket", agent.socket),
                        capture_output=True, text=True, check=False)  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+
+
+def test_a_symlinked_parent_is_followed_only_if_roots_and_never_into_the_kernels_trees(scratch):
+    from sockwatch.agent import sockpath
+
+    victim = os.path.join(scratch, "victim")
+    os.mkdir(victim)
+    theirs = os.path.join(scratch, "link1")  # a link anyone could have made in /tmp
+    os.symlink(victim, theirs)
+    os.lchown(theirs, 65534, 65534)
+    dangling = os.path.join(scratch, "link2")  # to a directory that does not exist yet
+    os.symlink(os.path.join(scratch, "victim2"), dangling)
+    os.lchown(dangling, 65534, 65534)
+    for path in (f"{theirs}/agent.sock", f"{dangling}/sub/agent.sock"):
+        with pytest.raises(sockpath.PathError, match="symlink owned by uid 65534"):
+            sockpath.claim(path)
+    assert os.listdir(victim) == [] and not os.path.exists(os.path.join(scratch, "victim2"))
+    # root's link into the cgroup tree: no cgroup is made through it
+    cg = os.path.join(scratch, "cg")
+    os.symlink("/sys/fs/cgroup", cg)
+    with pytest.raises(sockpath.PathError, match="leads under /sys"):
+        sockpath.claim(f"{cg}/sw-made-here/agent.sock")
+    assert not os.path.exists("/sys/fs/cgroup/sw-made-here")
+    # root's own link to a directory (as /var/run -> /run) is followed
+    mine = os.path.join(scratch, "mine")
+    os.symlink(victim, mine)
+    c = sockpath.claim(f"{mine}/agent.sock")
+    try:
+        assert stat.S_ISSOCK(os.lstat(os.path.join(victim, "agent.sock")).st_mode)
+    finally:
+        c.release()
+    assert os.listdir(victim) == []
+    # and through serve: one sentence, exit 2
+    r = serve(f"{theirs}/agent.sock")
+    assert r.returncode == 2 and "not followed" in r.stderr and "Traceback" not in r.stderr, r.stderr
