@@ -157,6 +157,14 @@ def test_the_exposition_passes_promtool_and_health_answers(metrics_agent, netns,
     with socket.create_connection((host, int(port)), timeout=2) as s:
         s.sendall(b"GET /healthz HTTP/1.1\nHost: x\n\n")
         assert s.recv(100).startswith(b"HTTP/1.1 200"), "no answer to a request with bare LFs"
+    # pipelined requests: the first is answered with "Connection: close", then the
+    # connection ends (RFC 9112 9.3.2: the client sends the others again), at once
+    with socket.create_connection((host, int(port)), timeout=2) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        assert got.count(b"HTTP/1.1 ") == 1 and b"Connection: close\r\n" in got and got.endswith(b"ok\n"), got
     assert get(base + "/healthz") == b"ok\n"
 
 
