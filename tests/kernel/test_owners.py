@@ -18,7 +18,9 @@ if os.fork() == 0:
 os._exit(0)
 """
 
-PASS_AND_CLOSE = """
+# A socketpair (a, b) and a forked receiver that takes one fd over it, says its pid, and
+# holds it until stdin closes.
+RECEIVER = """
 import array, os, socket, sys, time
 a, b = socket.socketpair()
 if os.fork() == 0:  # the receiver
@@ -27,11 +29,17 @@ if os.fork() == 0:  # the receiver
     fds = array.array("i"); fds.frombytes(anc[0][2][:4])
     kept = socket.socket(fileno=fds[0])
     os.write(1, b"receiver %d\\n" % os.getpid()); sys.stdin.read(); os._exit(0)
+"""
+
+PASS_AND_CLOSE = (
+    RECEIVER
+    + """
 s = socket.socket(); s.bind(("127.0.0.1", 7302)); s.listen()
 a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
 s.close()
 os.write(1, b"sender %d\\n" % os.getpid()); sys.stdin.read()
 """
+)
 
 RENAMED = """
 import ctypes, os, socket, sys, threading
@@ -102,20 +110,15 @@ def test_owners_follow_the_file_and_the_process_name(netns, agent):
 
 
 # The sender exits at once after passing its listener: the receiver is its only holder.
-PASS_AND_EXIT = """
-import array, os, socket, sys
-a, b = socket.socketpair()
-if os.fork() == 0:  # the receiver
-    a.close()
-    msg, anc, _, _ = b.recvmsg(1, socket.CMSG_LEN(4))
-    fds = array.array("i"); fds.frombytes(anc[0][2][:4])
-    kept = socket.socket(fileno=fds[0])
-    os.write(1, b"%d\\n" % os.getpid()); sys.stdin.read(); os._exit(0)
+PASS_AND_EXIT = (
+    RECEIVER
+    + """
 s = socket.socket(); s.bind(("127.0.0.1", PORT)); s.listen()
 os.write(1, b"sender %d\\n" % os.getpid()); sys.stdin.readline()
 a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
 os._exit(0)
 """
+)
 
 
 def test_a_passed_socket_whose_sender_exits_shows_its_receiver_at_the_next_view(netns, agent):
@@ -132,7 +135,7 @@ def test_a_passed_socket_whose_sender_exits_shows_its_receiver_at_the_next_view(
             assert {r["local_port"]: r["pid"] for r in rows}.get(port) == sender
             p.stdin.write("go\n")
             p.stdin.flush()
-            receiver = int(p.stdout.readline())
+            receiver = int(p.stdout.readline().split()[1])
             p.wait(10)  # the sender has exited
             by_port = {r["local_port"]: r for r in compare_with_ss(netns, agent.socket)}
             assert by_port[port]["pid"] == receiver, by_port[port]
