@@ -23,6 +23,11 @@ UDP (__udp4_lib_lookup, udp.c):
   4. Nothing: ICMP port unreachable.
 Scores tie on sk_incoming_cpu (+1 where the socket last received): not knowable from
 outside, so ties are reported as "one of".
+
+A socket bound to a device (SO_BINDTODEVICE) only takes packets arriving on it. When
+the ingress device is not given and such sockets are candidates, the lookup is made for
+each device they are bound to and for any other device; if those differ, the verdict is
+"by-device" with each case.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _ANY6 = ipaddress.IPv6Address(0)
+OTHER_DEV = -1  # Packet.dev: a device none of the sockets is bound to
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class Packet:
     dport: int
     src: Address | None = None
     sport: int = 0
-    dev: int = 0  # the ingress interface; 0: unknown (a bound socket is then assumed to match)
+    dev: int = 0  # the ingress interface's ifindex; 0: unknown; OTHER_DEV: one no socket is bound to
 
 
 @dataclass
@@ -76,6 +82,7 @@ class Verdict:
     steps: list[str] = field(default_factory=list)  # each look the kernel takes, in order
     reuseport: bool = False  # the kernel picks one member of `sockets` per flow
     answer: str = ""  # with no socket: what the sender gets back
+    by_device: dict[int, Verdict] = field(default_factory=dict)  # "by-device": ifindex (OTHER_DEV) -> verdict
 
 
 def listener_order(family: int, local: Address) -> tuple[tuple[int, Address], tuple[int, Address]]:
@@ -125,10 +132,36 @@ def _show(s: Sock) -> str:
     return f"socket {s.cookie} ({'tcp' if s.protocol == IPPROTO_TCP else 'udp'}{s.family} {where})"
 
 
-def lookup(p: Packet, socks: Sequence[Sock], other_sk_lookup: bool = False) -> Verdict:
+def lookup(p: Packet, socks: Sequence[Sock], other_sk_lookup: bool = False,
+           dev_names: Mapping[int, str] | None = None) -> Verdict:  # fmt: skip
     """The socket(s) the kernel hands packet `p` to, among `socks` (one namespace).
     `other_sk_lookup`: a BPF sk_lookup program (not sockwatch's observer) is attached in
-    the namespace and may steer the packet elsewhere; the verdict says so."""
+    the namespace and may steer the packet elsewhere; the verdict says so. With the
+    ingress device unknown (p.dev 0) and sockets bound to devices among the candidates,
+    one lookup per device (`dev_names`: ifindex -> name, for the steps)."""
+    devs = sorted({s.bound_dev for s in socks if s.bound_dev and s.protocol == p.protocol and s.port == p.dport})
+    if p.dev or not devs:
+        return _lookup(p, socks, other_sk_lookup)
+    cases = {d: _lookup(replace(p, dev=d), socks, other_sk_lookup) for d in [*devs, OTHER_DEV]}
+    first = cases[devs[0]]
+    names = dev_names or {}
+
+    def dev(d: int) -> str:
+        return "any other device" if d == OTHER_DEV else f"{names.get(d, f'ifindex {d}')}"
+
+    if all(v.sockets == first.sockets and v.reason == first.reason for v in cases.values()):
+        first.steps.append(f"the same on every device ({', '.join(dev(d) for d in cases)})")
+        return first
+    steps = [f"sockets on this port are bound to devices (SO_BINDTODEVICE): {', '.join(dev(d) for d in devs)}; "
+             "which one takes the packet depends on the device it arrives on (--dev names it):"]  # fmt: skip
+    for d, v in cases.items():
+        took = ", ".join(_show(s) for s in v.sockets) if v.sockets else f"none (the sender gets {v.answer})"
+        steps.append(f"arriving on {dev(d)}: {'one of ' if len(v.sockets) > 1 else ''}{took}")
+    union = list({s.cookie: s for v in cases.values() for s in v.sockets}.values())
+    return Verdict(union, "by-device", steps, by_device=cases)
+
+
+def _lookup(p: Packet, socks: Sequence[Sock], other_sk_lookup: bool) -> Verdict:
     v4 = _v4(p.dst) is not None
     dst: Address = _v4(p.dst) if v4 else p.dst  # type: ignore[assignment]
     src = p.src if p.src is None or not v4 else (_v4(p.src) or p.src)

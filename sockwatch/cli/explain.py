@@ -37,6 +37,14 @@ def explain(
             "list, a pid or an inode (default: sockwatch's own).",
         ),
     ] = "",
+    dev: Annotated[
+        str,
+        typer.Option(
+            "--dev",
+            help="The device it arrives on (sockets bound with SO_BINDTODEVICE take only theirs); "
+            "without it, an answer that depends on the device gives each case.",
+        ),
+    ] = "",
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object: the verdict, its steps, the sockets.")
     ] = False,
@@ -53,6 +61,8 @@ def explain(
         sockwatch explain udp 127.0.0.53:53
 
         sockwatch explain tcp 10.0.0.1:443 --from 10.0.0.9:51000 --netns blue --json
+
+        sockwatch explain tcp '[fe80::1]:9103' --dev eth0
     """
     from sockwatch import demux
 
@@ -70,15 +80,15 @@ def explain(
         from sockwatch.kernel import prereq
 
         prereq.require_root()
-        diags = _read(inode, proto)
+        diags, names, ingress = _read(inode, proto, dev.strip())
         on_port = [d for d in diags if d.local_port == dport]
         owners, reuse = _owners(on_port)
         from sockwatch.kernel import bpflinks
 
         links = bpflinks.sk_lookup_links(inode)
         steering = [(link, prog) for link, prog, name in links if name != bpflinks.OBSERVER]
-        verdict = demux.lookup(demux.Packet(proto, dst, dport, src, sport), demux.from_kernel(diags, reuse),
-                               other_sk_lookup=bool(steering))  # fmt: skip
+        verdict = demux.lookup(demux.Packet(proto, dst, dport, src, sport, ingress), demux.from_kernel(diags, reuse),
+                               other_sk_lookup=bool(steering), dev_names=names)  # fmt: skip
         out = {
             "packet": {"protocol": protocol.strip().lower(), "destination": str(dst), "destination_port": dport,
                        "source": str(src) if src else None, "source_port": sport or None},
@@ -88,15 +98,24 @@ def explain(
             "reuseport": verdict.reuseport,
             "sk_lookup_programs": [prog for _link, prog in steering],
             "observed_by_sockwatch": len(steering) < len(links),
+            "device": dev.strip() or None,
             "steps": verdict.steps,
-            "sockets": [_sock(s, owners.get(s.cookie)) for s in verdict.sockets],
+            "sockets": [_sock(s, owners.get(s.cookie), names) for s in verdict.sockets],
+            "by_device": [{"device": "other" if d == demux.OTHER_DEV else names.get(d), "ifindex": max(d, 0),
+                           "reason": v.reason, "answer": v.answer or None,
+                           "sockets": [s.cookie for s in v.sockets]} for d, v in verdict.by_device.items()],
         }  # fmt: skip
         sys.stdout.write(json.dumps(out, indent=2) + "\n" if as_json else _text(out))
 
 
-def _read(inode: int, proto: int) -> list:
+def _read(inode: int, proto: int, dev: str) -> tuple[list, dict[int, str], int]:
+    """The namespace's sockets of `proto`, the names of the devices they are bound to,
+    and the ifindex of `dev` there (0: not given). Device numbers are per namespace:
+    both are read inside it."""
+    import socket
+
     from sockwatch.kernel import sockdiag
-    from sockwatch.kernel.netns import NamespaceRegistry
+    from sockwatch.kernel.netns import NamespaceRegistry, in_netns
 
     reg = NamespaceRegistry()
     reg.refresh()
@@ -105,7 +124,22 @@ def _read(inode: int, proto: int) -> list:
         raise fail(f"no network namespace {inode} is reachable (no ip-netns name or process holds it)",
                    code=EXIT_USAGE)  # fmt: skip
     with reg.reading():
-        return sockdiag.dump_all(reg.diag(ns), (proto,), attrs=True)
+        diags = sockdiag.dump_all(reg.diag(ns), (proto,), attrs=True)
+    bound = {d.bound_dev for d in diags if d.bound_dev}
+
+    def inside() -> tuple[dict[int, str], int]:
+        names = {}
+        for i in bound:
+            try:
+                names[i] = socket.if_indextoname(i)
+            except OSError:
+                pass  # gone since the dump: shown by number
+        try:
+            return names, socket.if_nametoindex(dev) if dev else 0
+        except OSError:
+            raise fail(f"--dev {shown(dev)}: no such device in netns {inode}", code=EXIT_USAGE) from None
+
+    return (diags, *reg.using_fd(ns, lambda fd: in_netns(fd, inside)))
 
 
 def _owners(diags: list) -> tuple[dict[int, dict], dict[int, bool]]:
@@ -129,7 +163,7 @@ def _owners(diags: list) -> tuple[dict[int, dict], dict[int, bool]]:
     return owners, reuse
 
 
-def _sock(s: demux.Sock, owner: dict | None) -> dict:
+def _sock(s: demux.Sock, owner: dict | None, names: dict[int, str]) -> dict:
     from sockwatch.model import PROTO_NAMES, fmt_addr
 
     return {
@@ -143,6 +177,7 @@ def _sock(s: demux.Sock, owner: dict | None) -> dict:
         "remote_port": s.remote_port,
         "v6only": s.v6only,
         "bound_dev": s.bound_dev,
+        "device": names.get(s.bound_dev, str(s.bound_dev)) if s.bound_dev else None,
         "reuseport": s.reuseport,
         **(owner or {"pid": None, "comm": None, "container": None}),
     }
@@ -159,12 +194,18 @@ def _text(out: dict) -> str:
         head += f" from {endpoint(p['source'], p['source_port'], 6 if ':' in p['source'] else 4)}"
     lines = [f"{head} in netns {out['netns']}"]
     lines += [f"  {i}. {step}" for i, step in enumerate(out["steps"], 1)]
-    if not out["sockets"]:
+    if out["by_device"]:
+        lines.append("=> depends on the device it arrives on (--dev):")
+    elif not out["sockets"]:
         lines.append(f"=> no socket: the sender gets {out['answer']}")
     for s in out["sockets"]:
         who = f"{s['pid']}/{printable_cell(s['comm'] or '')}" if s["pid"] is not None else "no owner found"
         label = printable_cell(Container.label_of(s.get("container")))
-        lines.append(f"=> {'one of: ' if len(out['sockets']) > 1 else ''}socket {s['cookie']} "
-                     f"{s['protocol']}{s['family']} {endpoint(s['local_address'], s['local_port'], s['family'])} "
-                     f"{s['state']}, {who}" + (f" [{label}]" if label else ""))  # fmt: skip
+        where = endpoint(s["local_address"], s["local_port"], s["family"])
+        if s.get("device"):  # as ss prints it: ADDR%DEV:PORT
+            host, port = where.rsplit(":", 1)
+            where = f"{host}%{printable_cell(s['device'])}:{port}"
+        lines.append(f"=> {'one of: ' if len(out['sockets']) > 1 and not out['by_device'] else ''}socket {s['cookie']} "
+                     f"{s['protocol']}{s['family']} {where} {s['state']}, {who}"
+                     + (f" [{label}]" if label else ""))  # fmt: skip
     return "\n".join(lines) + "\n"

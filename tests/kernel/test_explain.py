@@ -138,3 +138,98 @@ def test_another_sk_lookup_program_in_the_namespace_is_named(netns_factory):
             os.close(link)  # the link goes with its last descriptor
         b.cleanup()
     assert explain(ns.name, "tcp", "127.0.0.1", ("127.0.0.1", 6000))["sk_lookup_programs"] == []
+
+
+# Three listeners on 0.0.0.0:9101 in one namespace, each bound (SO_BINDTODEVICE) to its
+# own device, no SO_REUSEADDR; one more on [fe80::1]:9103 bound to vA0. Prints its
+# listeners' cookies, then which one accepted each connection.
+DEVICE_SERVER = """
+import socket, select, sys
+out = {}
+for dev, fam, addr, port in (("vA0", 4, "0.0.0.0", 9101), ("lo", 4, "0.0.0.0", 9101), ("vB0", 4, "0.0.0.0", 9101),
+                             ("vA0", 6, "fe80::1", 9103)):
+    s = socket.socket(socket.AF_INET6 if fam == 6 else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+    s.bind((addr, port, 0, socket.if_nametoindex(dev)) if fam == 6 else (addr, port))
+    s.listen(8)
+    s.setblocking(False)
+    out[s] = f"{dev}/{port}"
+print("up", flush=True)
+while True:
+    r, _, _ = select.select(list(out) + [sys.stdin], [], [])
+    if sys.stdin in r:
+        break
+    for s in r:
+        c, _ = s.accept()
+        print(out[s], flush=True)
+        c.close()
+"""
+
+
+def test_explain_answers_per_device_and_real_syns_agree(netns_factory):
+    """The probe's case: explain used to call these an SO_REUSEADDR tie and answer RST for
+    the link-local listener. Now it answers per device, and a real SYN arriving on each
+    device is accepted by the listener explain names for that device."""
+    srv, peer_a, peer_b = netns_factory(), netns_factory(), netns_factory()
+
+    def ip(ns: str, *a: str) -> None:
+        subprocess.run(["ip", "-n", ns, *a], check=True)
+
+    for name, peer, net in (("vA", peer_a, "10.77.0"), ("vB", peer_b, "10.78.0")):
+        subprocess.run(["ip", "link", "add", f"{name}0", "netns", srv.name, "type", "veth", "peer", "name",
+                        f"{name}1", "netns", peer.name], check=True)  # fmt: skip
+        ip(srv.name, "addr", "add", f"{net}.1/24", "dev", f"{name}0")
+        ip(peer.name, "addr", "add", f"{net}.2/24", "dev", f"{name}1")
+        for ns, dev in ((srv.name, f"{name}0"), (peer.name, f"{name}1")):
+            ip(ns, "link", "set", dev, "up")
+    ip(srv.name, "-6", "addr", "add", "fe80::1/64", "dev", "vA0", "nodad")
+    ip(peer_a.name, "-6", "addr", "add", "fe80::2/64", "dev", "vA1", "nodad")
+    server = subprocess.Popen(["ip", "netns", "exec", srv.name, "python3", "-c", DEVICE_SERVER],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "up"
+        r = subprocess.run(sockwatch_cmd("explain", "tcp", "10.77.0.1:9101", "--netns", srv.name, "--json"),
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got["reason"] == "by-device", got["steps"]
+        by = {c["device"]: c for c in got["by_device"]}
+        devices = {s["cookie"]: s["device"] for s in got["sockets"]}
+        assert {d: [devices[k] for k in c["sockets"]] for d, c in by.items()} == {
+            "vA0": ["vA0"],
+            "lo": ["lo"],
+            "vB0": ["vB0"],
+            "other": [],
+        }
+        assert by["other"]["answer"] == "RST" and not any("SO_REUSEADDR" in s for s in got["steps"])
+        # real SYNs: from peer A (arriving on vA0), from peer B (on vB0), from inside (on lo)
+        for ns, dst, expect in ((peer_a.name, "10.77.0.1", "vA0/9101"), (peer_b.name, "10.78.0.1", "vB0/9101"),
+                                (srv.name, "127.0.0.1", "lo/9101")):  # fmt: skip
+            subprocess.run(["ip", "netns", "exec", ns, "python3", "-c",
+                            f"import socket; socket.create_connection(('{dst}', 9101), timeout=5).close()"],
+                           check=True)  # fmt: skip
+            assert server.stdout.readline().strip() == expect, dst
+        # the link-local listener: explain with the device names it; a SYN from peer A reaches it
+        r = subprocess.run(sockwatch_cmd("explain", "tcp", "[fe80::1]:9103", "--dev", "vA0", "--netns", srv.name,
+                                         "--json"), capture_output=True, text=True, check=False)  # fmt: skip
+        got = json.loads(r.stdout)
+        assert got["reason"] == "listener" and [s["device"] for s in got["sockets"]] == ["vA0"], got
+        subprocess.run(["ip", "netns", "exec", peer_a.name, "python3", "-c",
+                        "import socket; socket.create_connection(('fe80::1%vA1', 9103), timeout=5).close()"],
+                       check=True)  # fmt: skip
+        assert server.stdout.readline().strip() == "vA0/9103"
+        # without --dev: that listener on vA0, nothing elsewhere (was: RST)
+        r = subprocess.run(sockwatch_cmd("explain", "tcp", "[fe80::1]:9103", "--netns", srv.name, "--json"),
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        got = json.loads(r.stdout)
+        assert got["reason"] == "by-device" and {c["device"]: c["answer"] for c in got["by_device"]} == {
+            "vA0": None,
+            "other": "RST",
+        }, got
+        r = subprocess.run(sockwatch_cmd("explain", "tcp", "10.77.0.1:9101", "--dev", "nosuch0", "--netns", srv.name),
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        assert r.returncode == 2 and "--dev 'nosuch0': no such device" in r.stderr, r.stderr
+    finally:
+        if server.stdin:
+            server.stdin.close()
+        server.wait(10)

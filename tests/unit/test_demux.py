@@ -8,7 +8,7 @@ import ipaddress
 
 import pytest
 
-from sockwatch.demux import Packet, Sock, lookup
+from sockwatch.demux import OTHER_DEV, Packet, Sock, lookup
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, TcpState
 
 A = ipaddress.ip_address
@@ -95,3 +95,49 @@ def test_connected_udp_sockets_sharing_a_4_tuple_are_one_of():
              udp(2, "::ffff:10.0.0.1", remote="::ffff:10.0.0.9", rport=40000, reuseport=True)]  # fmt: skip
     v = lookup(pkt(IPPROTO_UDP, "10.0.0.1", 53), socks)
     assert {s.cookie for s in v.sockets} == {1, 2} and v.reason == "connected" and not v.reuseport
+
+
+# Listeners bound to devices (SO_BINDTODEVICE) with the ingress device not given: the
+# answer depends on where the packet arrives, and each case is the kernel's lookup with
+# that device (a bound socket takes only its device's packets; +1 over an unbound one).
+BY_DEVICE = [
+    # (name, packet, sockets, {ifindex or OTHER_DEV: expected cookies})
+    ("three wildcard listeners, each on its own device (not a SO_REUSEADDR tie)",
+     pkt(IPPROTO_TCP, "10.77.0.1", 9101, dev=0),
+     [tcp(1, "0.0.0.0", 9101, bound_dev=5), tcp(2, "0.0.0.0", 9101, bound_dev=1), tcp(3, "0.0.0.0", 9101, bound_dev=7)],
+     {5: {1}, 1: {2}, 7: {3}, OTHER_DEV: set()}),
+    ("a bound listener over an unbound one on its device only",
+     pkt(IPPROTO_TCP, "10.0.0.1", 80), [tcp(1, "0.0.0.0", bound_dev=5), tcp(2, "0.0.0.0")],
+     {5: {1}, OTHER_DEV: {2}}),
+    ("an IPv6 link-local listener bound to its device (fe80::1%vA0)",
+     pkt(IPPROTO_TCP, "fe80::1", 9103, src="fe80::2"), [tcp(1, "fe80::1", 9103, bound_dev=5)],
+     {5: {1}, OTHER_DEV: set()}),
+    ("UDP: a bound socket takes its device's datagrams, +4",
+     pkt(IPPROTO_UDP, "10.0.0.1", 53), [udp(1, "10.0.0.1", bound_dev=5), udp(2, "0.0.0.0")],
+     {5: {1}, OTHER_DEV: {2}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "p", "socks", "want"), BY_DEVICE, ids=[c[0] for c in BY_DEVICE])
+def test_sockets_bound_to_devices_answer_per_device(name, p, socks, want):
+    v = lookup(p, socks, dev_names={5: "vA0", 1: "lo", 7: "vB0"})
+    assert v.reason == "by-device", v.steps
+    assert {d: {s.cookie for s in c.sockets} for d, c in v.by_device.items()} == want
+    assert not any("SO_REUSEADDR" in step for step in v.steps), v.steps
+    assert any("arriving on vA0" in step for step in v.steps), v.steps
+    # a given device is that one case
+    for d, cookies in want.items():
+        got = lookup(Packet(p.protocol, p.dst, p.dport, p.src, p.sport, d), socks)
+        assert {s.cookie for s in got.sockets} == cookies and got.reason != "by-device"
+
+
+def test_where_the_device_changes_nothing_it_is_one_answer():
+    # no socket on the port is bound to a device
+    socks = [tcp(1, "0.0.0.0", 80), tcp(2, "10.0.0.1", 80), tcp(3, "0.0.0.0", 81, bound_dev=5)]
+    v = lookup(pkt(IPPROTO_TCP, "10.0.0.1", 80), socks)
+    assert v.reason == "listener" and [s.cookie for s in v.sockets] == [2] and not v.by_device
+    # one is, but it cannot take this packet (another 4-tuple): every device gives the same
+    socks = [tcp(1, "10.0.0.1", 80), tcp(2, "10.0.0.1", 80, state=E, remote="10.0.0.7", rport=1, bound_dev=5)]
+    v = lookup(pkt(IPPROTO_TCP, "10.0.0.1", 80), socks, dev_names={5: "vA0"})
+    assert v.reason == "listener" and [s.cookie for s in v.sockets] == [1] and not v.by_device
+    assert "the same on every device (vA0, any other device)" in v.steps
