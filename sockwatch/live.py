@@ -336,7 +336,7 @@ class Live(App[None]):
             fresh = bool(born) and now - born / 1e9 < HIGHLIGHT_SECONDS
             style = "bold red strike" if note else ("bold green" if fresh else "")
             fam = r["family"]
-            local = endpoint(r["local_address"], r["local_port"], fam)
+            local = endpoint(r["local_address"], r["local_port"], fam, r.get("device"))
             remote = endpoint(r["remote_address"], r["remote_port"], fam) if r["remote_address"] else "*"
             cells = {
                 "PROTO": f"{r['protocol']}{fam}",

@@ -90,6 +90,8 @@ class SockRow:
     gen: int = 0  # the tracker's batch that last set it from an event
     born_ns: int = 0  # CLOCK_MONOTONIC when a hook, or for a connection a kernel read, first saw it; 0: at start
     container: Container | None = None  # the owner's cgroup, container and pod, set with the owner
+    bound_dev: int = 0  # SO_BINDTODEVICE's ifindex (in its namespace); 0: any device
+    device: str | None = None  # that device's name, once read; None: not bound (or not named yet)
 
     @property
     def proto_name(self) -> str:
@@ -145,7 +147,15 @@ class SockRow:
             "netns": self.netns,
             "owner_source": self.owner_source,
             "container": self.container.as_dict() if self.container is not None else None,
+            "device": self.device_label,
         }
+
+    @property
+    def device_label(self) -> str | None:
+        """The bound device as ss shows it (its name; its index until named); None: any."""
+        if not self.bound_dev:
+            return None
+        return self.device or f"if{self.bound_dev}"
 
     @classmethod
     def from_dict(cls, d: dict) -> SockRow:
@@ -167,6 +177,8 @@ class SockRow:
             uid=d["uid"],
             owner_source=d.get("owner_source"),
             container=Container.from_dict(d["container"]) if d.get("container") is not None else None,
+            bound_dev=1 if d.get("device") else 0,  # (a front end knows the name only)
+            device=d.get("device"),
         )
 
 
@@ -256,8 +268,14 @@ def row_json(r: SockRow) -> str:
         f'{head}{la},"local_port":{r.local_port},"remote_address":{ra},"remote_port":{rport},'
         f'"pid":{"null" if pid is None else int(pid)},"comm":{comm},"uid":{"null" if uid is None else int(uid)},'
         f'"inode":{"null" if inode is None else int(inode)},"cookie":{int(r.cookie)},"netns":{int(r.netns)},'
-        f'"owner_source":{source},"container":{c}}}'
+        f'"owner_source":{source},"container":{c},"device":{_device_json(r)}}}'
     )
+
+
+def _device_json(r: SockRow) -> str:
+    if not r.bound_dev:
+        return "null"
+    return json.dumps(r.device_label)
 
 
 def render_json(rows: Sequence[SockRow]) -> bytes:

@@ -38,9 +38,11 @@ def group_of(row: SockRow) -> str:
     return "listen" if row.state == TcpState.LISTEN else "conn"
 
 
-def endpoint(addr: object, port: int, family: int) -> str:
+def endpoint(addr: object, port: int, family: int, device: str | None = None) -> str:
+    """As ss prints it: 10.0.0.1:80, [::1]:80, and bound to a device 0.0.0.0%eth0:80."""
     a = fmt_addr(addr)  # type: ignore[arg-type]
-    return f"[{a}]:{port}" if family == 6 else f"{a}:{port}"
+    host = f"[{a}]" if family == 6 else a
+    return f"{host}%{printable_cell(device)}:{port}" if device else f"{host}:{port}"
 
 
 def cells(r: SockRow) -> tuple[str, ...]:
@@ -50,7 +52,7 @@ def cells(r: SockRow) -> tuple[str, ...]:
         str(r.netns),
         proto,
         r.state_name,
-        endpoint(r.local_address, r.local_port, r.family),
+        endpoint(r.local_address, r.local_port, r.family, r.device_label),
         remote,
         "" if r.pid is None else str(r.pid),
         printable_cell(r.comm or ""),

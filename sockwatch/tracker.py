@@ -18,9 +18,11 @@ socket, and sockets from before sockwatch started.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -34,7 +36,7 @@ from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.filters import Filters
 from sockwatch.kernel import abi, procscan, sockdiag
-from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry
+from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry, in_netns
 from sockwatch.model import (
     FAMILY_VERSION,
     IPPROTO_TCP,
@@ -137,7 +139,10 @@ class Stats:
         }
 
 
-def row_from_diag(d: sockdiag.DiagSock, ns: Namespace) -> SockRow:
+def row_from_diag(d: sockdiag.DiagSock, ns: Namespace, unnamed: set[int] | None = None) -> SockRow:
+    """A row as the kernel has the socket; `unnamed` collects it if it is bound to a device."""
+    if d.bound_dev and unnamed is not None:
+        unnamed.add(d.cookie)
     connected = d.remote_port != 0
     return SockRow(
         cookie=d.cookie,
@@ -152,6 +157,7 @@ def row_from_diag(d: sockdiag.DiagSock, ns: Namespace) -> SockRow:
         inode=d.inode,
         uid=d.uid,
         netns_cookie=ns.cookie,
+        bound_dev=d.bound_dev,
     )
 
 
@@ -187,6 +193,7 @@ class Tracker:
         # cookies of the rows keyed by (IP, port): UDP sockets and TCP listeners (few; the
         # per-query kernel read compares these, not the connections)
         self._by_ip_port: set[int] = set()
+        self._unnamed: set[int] | None = None  # rows that may be bound to a device not yet named (None: all)
         self.pending: dict[int, set[str]] = {}  # cookie -> reasons
         self.pending_tries: Counter = Counter()
         self.stats = Stats()
@@ -254,11 +261,12 @@ class Tracker:
             dumps = [(ns, self._dump(ns)) for ns in list(self.registry.by_cookie.values())]
         for ns, diags in dumps:
             for d in diags:
-                row = row_from_diag(d, ns)
+                row = row_from_diag(d, ns, self._unnamed)
                 if row.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS
                 self.rows[row.cookie] = row
         self._by_ip_port = {c for c, r in self.rows.items() if not is_connection_row(r)}
+        self._unnamed = None  # every row is looked at once
         self._listeners = None
         self._tally = None
         self.version += 1
@@ -522,7 +530,12 @@ class Tracker:
             or row.local_port != d.local_port
             or row.remote_address != remote
             or row.remote_port != d.remote_port
+            or row.bound_dev != d.bound_dev
         )
+        if row.bound_dev != d.bound_dev:
+            row.bound_dev, row.device = d.bound_dev, None  # named again (name_devices)
+            if self._unnamed is not None:
+                self._unnamed.add(row.cookie)
         row.state = d.state
         row.local_address, row.local_port = d.local_address, d.local_port
         row.remote_address, row.remote_port = remote, d.remote_port
@@ -679,7 +692,7 @@ class Tracker:
             if row is None:
                 if cookie in removed_meanwhile:
                     continue  # closed while we were dumping
-                row = rows[cookie] = row_from_diag(d, ns)
+                row = rows[cookie] = row_from_diag(d, ns, self._unnamed)
                 self._by_ip_port.add(cookie)
                 if d.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS  # a listen() no hook saw: its end comes from a read too
@@ -753,7 +766,7 @@ class Tracker:
             if row is None:
                 if cookie in removed_meanwhile:
                     continue  # closed while we were dumping
-                row = row_from_diag(d, ns)
+                row = row_from_diag(d, ns, self._unnamed)
                 self.rows[cookie] = row
                 self._by_ip_port.add(cookie)  # (UDP sockets and listeners only)
                 self._changed.setdefault(cookie, None)
@@ -856,7 +869,7 @@ class Tracker:
                 tw_next = min(tw_next, d.expires_ms)
             row = rows.get(cookie)
             if row is None:
-                row = row_from_diag(d, ns)
+                row = row_from_diag(d, ns, self._unnamed)
                 row.born_ns = now_ns
                 if not isinstance(owners, dict):
                     owners = owners()  # once, at the first new row
@@ -869,8 +882,8 @@ class Tracker:
                     row.comm = names[pid]  # None: exited; fix_owners looks for who holds it now
                 rows[cookie] = row
                 added.append(row)
-            elif (row.state, row.inode, row.local_port, row.remote_port) == (d.state, d.inode, d.local_port,
-                                                                             d.remote_port):  # fmt: skip
+            elif (row.state, row.inode, row.local_port, row.remote_port, row.bound_dev) == (
+                    d.state, d.inode, d.local_port, d.remote_port, d.bound_dev):  # fmt: skip
                 continue
             elif not is_connection_row(row):
                 continue  # a listener the events keep (the dump began before its listen)
@@ -891,6 +904,42 @@ class Tracker:
         if changed or gone:
             self.version += 1
         return changed + len(gone)
+
+    def name_devices(self) -> int:
+        """Names for the devices rows are bound to (SO_BINDTODEVICE): an ifindex is its
+        namespace's, so each is read inside it, once per namespace and read; rows bound
+        to no device (nearly all) cost nothing. Returns how many rows were named."""
+        want: dict[int, list[SockRow]] = {}
+        for r in self.rows.values() if self._unnamed is None else [self.rows[c] for c in self._unnamed
+                                                                    if c in self.rows]:  # fmt: skip
+            if r.bound_dev and r.device is None:
+                want.setdefault(r.netns_cookie, []).append(r)
+        self._unnamed = set()
+        named = 0
+        for cookie, rows in want.items():
+            ns = self.registry.by_cookie.get(cookie)
+            if ns is None:
+                continue
+            indexes = {r.bound_dev for r in rows}
+
+            def inside(indexes: set[int] = indexes) -> dict[int, str]:
+                out = {}
+                for i in indexes:
+                    with contextlib.suppress(OSError):  # gone meanwhile: shown by its index
+                        out[i] = socket.if_indextoname(i)
+                return out
+
+            try:
+                names = self.registry.using_fd(ns, lambda fd: in_netns(fd, inside))
+            except (NamespaceGone, OSError):
+                continue
+            for r in rows:
+                if r.bound_dev in names:
+                    r.device = names[r.bound_dev]
+                    named += 1
+        if named:
+            self.version += 1
+        return named
 
     def port_ranges(self) -> dict[int, ports.PortRange]:
         """Each namespace's ephemeral range and reserved ports, read from inside it (a

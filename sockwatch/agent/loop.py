@@ -320,5 +320,6 @@ class Agent:
         self._read_unhooked()  # UDP sockets and listeners: read, as no hook on every close keeps them
         self.tracker.resolve_pending()
         self.tracker.sync_connections(self.tcp_generation(self.last_counters))
+        self.tracker.name_devices()  # (only rows bound to a device not yet named)
         if owners:
             self.tracker.fix_owners()

@@ -90,6 +90,7 @@ def snapshot(
         tracker = Tracker()
         tracker.bootstrap()
         tracker.fill_owners()
+        tracker.name_devices()
         rows = tracker.snapshot(f)
         if as_json:
             from sockwatch.model import render_json

@@ -253,6 +253,7 @@ def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None
         row = mine[r.key]
         assert r.cookie is not None, f"ss -e printed no sk: for {r.key}: is the parser still right?"
         assert row["cookie"] == r.cookie, (r.key, row)
+        assert row["device"] == r.device, f"{r.key}: bound to {r.device} says ss, {row['device']} says sockwatch"
         if r.key.inode:  # it has a file, and only the test's child opens files here: ss must name it
             assert r.users, f"ss -p named no process for {r.key}: is the parser still right?"
         if r.users:

@@ -26,6 +26,7 @@ class SsRow:
     key: Key
     cookie: int | None
     users: list[tuple[str, int]]  # (comm, pid)
+    device: str | None = None  # the local side's %DEV: bound with SO_BINDTODEVICE
 
 
 def _endpoint(text: str, v6_hint: bool) -> tuple[Addr | None, int]:
@@ -58,7 +59,9 @@ def parse(text: str) -> list[SsRow]:
         cookie = int(m.group(1), 16) if (m := re.search(r"\bsk:([0-9a-f]+)", rest)) else None
         users = [(c, int(p)) for c, p in re.findall(r'\("([^"]*)",pid=(\d+)', rest)]
         assert la is not None
-        out.append(SsRow(Key(proto, la, lp, ra, rp, state, ino), cookie, users))
+        host = local.rpartition(":")[0]
+        device = host.split("%", 1)[1] if "%" in host else None
+        out.append(SsRow(Key(proto, la, lp, ra, rp, state, ino), cookie, users, device))
     return out
 
 

@@ -176,3 +176,40 @@ def test_second_namespace_is_reported_as_such(netns, mode, child_factory, finish
     rows = check(netns, mode, c)
     assert all(r["netns"] == netns.inode for r in rows)
     finish(rows)
+
+
+# Sockets bound to devices (SO_BINDTODEVICE): the device is part of the kernel's lookup
+# key, and ss prints it (0.0.0.0%d0:7331). Held until stdin closes.
+BOUND = """
+import socket, sys
+held = []
+for dev, kind, port in (("lo", socket.SOCK_STREAM, 7331), ("d0", socket.SOCK_STREAM, 7331),
+                        ("d0", socket.SOCK_DGRAM, 7332), ("lo", socket.SOCK_DGRAM, 7332)):
+    s = socket.socket(socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+    s.bind(("0.0.0.0", port))
+    if kind == socket.SOCK_STREAM:
+        s.listen()
+    held.append(s)
+print("up", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sockets_bound_to_devices_show_their_device(netns, mode):
+    subprocess.run(["ip", "-n", netns.name, "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
+    subprocess.run(["ip", "-n", netns.name, "link", "set", "d0", "up"], check=True)
+    p = subprocess.Popen(["ip", "netns", "exec", netns.name, "python3", "-c", BOUND],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "up"
+        rows = compare_with_ss(netns, mode)  # (it compares each row's device with ss's)
+        assert sorted((r["protocol"], r["local_port"], r["device"]) for r in rows) == [
+            ("tcp", 7331, "d0"), ("tcp", 7331, "lo"), ("udp", 7332, "d0"), ("udp", 7332, "lo")]  # fmt: skip
+        args = ("--netns", str(netns.inode)) + (("--socket", mode) if mode else ("--standalone",))
+        table = subprocess.run(sockwatch_cmd("snapshot", *args), capture_output=True, text=True, check=True).stdout
+        assert "0.0.0.0%d0:7331" in table and "0.0.0.0%lo:7332" in table, table
+    finally:
+        if p.stdin:
+            p.stdin.close()
+        p.wait(10)

@@ -87,8 +87,11 @@ def test_row_json_is_json_dumps_byte_for_byte():
         mk(protocol=132),  # nor a protocol
     ]
     rows[0].container = Container("/system.slice/nginx.service", "systemd", "nginx.service")
+    rows[2].bound_dev, rows[2].device = 5, "vA0"  # SO_BINDTODEVICE, named
+    rows[3].bound_dev = 7  # bound, its name not read yet: shown by index
     for r in rows:
         assert row_json(r) == _dumps(r)
+    assert [json.loads(row_json(r))["device"] for r in rows[:4]] == [None, None, "vA0", "if7"]
     r = rows[0]
     r.state = TcpState.CLOSE_WAIT  # nothing cached per row: a change shows at once
     assert row_json(r) == _dumps(r) and json.loads(row_json(r))["state"] == "CLOSE-WAIT"
