@@ -127,8 +127,8 @@ def parse_port(text: str) -> tuple[int, int]:
 
 def parse_network(text: str) -> Net:
     if "%" in text:
-        raise FilterError(f"address {shown(text)}: a scoped address (%DEVICE) is not supported: sockwatch does "
-                          "not read the device a socket is bound to (give the address alone)")  # fmt: skip
+        raise FilterError(f"address {shown(text)}: a scoped address (%DEVICE) is not supported in filters: give "
+                          "the address alone (the device is in each row)")  # fmt: skip
     try:
         if len(text) > MAX_TEXT:
             raise ValueError

@@ -44,8 +44,8 @@ def endpoint(
     text: str, name: str, lowest_port: int = 1, scoped: bool = False
 ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """ADDR:PORT or [V6ADDR]:PORT. An IPv6 address without brackets is refused (`::1:80`
-    could be an address alone); so is a scope (`%eth0`) unless `scoped`: the table does
-    not show the device a socket is bound to, so a scope could not be honoured."""
+    could be an address alone); so is a scope (`%eth0`) unless `scoped`: explain takes
+    the device apart (--dev), where it is the packet's, not the address's."""
     host, sep, port = text.strip().rpartition(":")
     if not sep:
         raise ArgError(f"{name} {shown(text)} is not ADDR:PORT ([ADDR]:PORT for IPv6)")
@@ -59,7 +59,7 @@ def endpoint(
         raise ArgError(f"{name} {shown(text)}: {shown(host)} is not an IP address") from None
     if not scoped and getattr(addr, "scope_id", None):
         raise ArgError(f"{name} {shown(text)}: a scoped address (%{shown(addr.scope_id)[1:-1]}) is not supported: "  # type: ignore[union-attr]
-                       "sockwatch does not read the device a socket is bound to")  # fmt: skip
+                       "give the address alone, and the device with --dev")  # fmt: skip
     return addr, integer(port, f"{name} port", lowest_port, 65535)
 
 
