@@ -21,6 +21,8 @@ def make(spec):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if fam == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.get("v6only", False)))
+    if spec.get("dev"):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, spec["dev"].encode())
     try:
         s.bind((spec["addr"], spec["port"]))
         if spec.get("peer"):

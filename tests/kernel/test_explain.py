@@ -1,6 +1,7 @@
 """`sockwatch explain` against real packets: random sets of real sockets (TCP and UDP,
-v4 and v6, wildcard and specific, v6only on and off, SO_REUSEPORT, connected UDP) in a
-fresh namespace, a real packet sent to each, and the socket that really received it
+v4 and v6, wildcard and specific, v6only on and off, SO_REUSEPORT, connected UDP, bound
+to lo, to another device or to none) in a fresh namespace, a real packet sent to each
+(over lo: explain is told so with --dev lo), and the socket that really received it
 must be the one explain named (for a reuseport group or a tie: one of those named)."""
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ sock_spec = st.fixed_dictionaries({
     "v6only": st.booleans(),
     "connected": st.booleans(),
     "addr_i": st.integers(0, 3),
+    "dev": st.sampled_from(["", "", "lo", "d0"]),  # SO_BINDTODEVICE: none, lo (where the packets arrive), a veth
 })  # fmt: skip
 
 
 def concrete(spec: dict) -> dict:
     addrs = V4 if spec["family"] == 4 else V6
     out = {"proto": spec["proto"], "family": spec["family"], "addr": addrs[spec["addr_i"] % len(addrs)],
-           "port": PORT, "reuseport": spec["reuseport"], "v6only": spec["v6only"]}  # fmt: skip
+           "port": PORT, "reuseport": spec["reuseport"], "v6only": spec["v6only"],
+           "dev": spec.get("dev", "")}  # fmt: skip
     if spec["proto"] == "udp" and spec["connected"] and not (spec["family"] == 6 and spec["v6only"]):
         out["peer"] = [PEER[0] if spec["family"] == 4 else "::ffff:" + PEER[0], PEER[1]]
     return out
@@ -44,7 +47,7 @@ def concrete(spec: dict) -> dict:
 def explain(ns: str, proto: str, dst: str, src: tuple[str, int]) -> dict:
     d = f"[{dst}]:{PORT}" if ":" in dst else f"{dst}:{PORT}"
     s = f"[{src[0]}]:{src[1]}" if ":" in src[0] else f"{src[0]}:{src[1]}"
-    r = subprocess.run(sockwatch_cmd("explain", proto, d, "--from", s, "--netns", ns, "--json"),
+    r = subprocess.run(sockwatch_cmd("explain", proto, d, "--from", s, "--netns", ns, "--dev", "lo", "--json"),
                        capture_output=True, text=True, check=False)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -82,6 +85,7 @@ def explain(ns: str, proto: str, dst: str, src: tuple[str, int]) -> dict:
 )  # fmt: skip
 def test_explain_names_the_socket_that_really_receives(netns_factory, specs, packets):
     ns = netns_factory()
+    subprocess.run(["ip", "-n", ns.name, "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
     child = Child(ns.name, script="demux_child.py")
     try:
         opened = child.attempt(op="open", socks=[concrete(s) for s in specs])
