@@ -919,7 +919,7 @@ class Tracker:
         for cookie, rows in want.items():
             ns = self.registry.by_cookie.get(cookie)
             if ns is None:
-                continue
+                continue  # gone: its rows go with it
             indexes = {r.bound_dev for r in rows}
 
             def inside(indexes: set[int] = indexes) -> dict[int, str]:
@@ -931,7 +931,10 @@ class Tracker:
 
             try:
                 names = self.registry.using_fd(ns, lambda fd: in_netns(fd, inside))
-            except (NamespaceGone, OSError):
+            except NamespaceGone:
+                continue
+            except OSError:
+                self._unnamed.update(r.cookie for r in rows)  # not readable now: the next view asks again
                 continue
             for r in rows:
                 if r.bound_dev in names:
