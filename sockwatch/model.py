@@ -153,9 +153,9 @@ class SockRow:
     @property
     def device_label(self) -> str | None:
         """The bound device as ss shows it (its name; its index until named); None: any."""
-        if not self.bound_dev:
-            return None
-        return self.device or f"if{self.bound_dev}"
+        if self.device is not None:
+            return self.device
+        return f"if{self.bound_dev}" if self.bound_dev else None
 
     @classmethod
     def from_dict(cls, d: dict) -> SockRow:
@@ -177,7 +177,6 @@ class SockRow:
             uid=d["uid"],
             owner_source=d.get("owner_source"),
             container=Container.from_dict(d["container"]) if d.get("container") is not None else None,
-            bound_dev=1 if d.get("device") else 0,  # (a front end knows the name only)
             device=d.get("device"),
         )
 
@@ -273,9 +272,8 @@ def row_json(r: SockRow) -> str:
 
 
 def _device_json(r: SockRow) -> str:
-    if not r.bound_dev:
-        return "null"
-    return json.dumps(r.device_label)
+    label = r.device_label
+    return "null" if label is None else json.dumps(label)
 
 
 def render_json(rows: Sequence[SockRow]) -> bytes:

@@ -18,11 +18,10 @@ socket, and sockets from before sockwatch started.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import functools
 import logging
 import math
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +35,7 @@ from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.filters import Filters
 from sockwatch.kernel import abi, procscan, sockdiag
-from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry, in_netns
+from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry, device_names, in_netns
 from sockwatch.model import (
     FAMILY_VERSION,
     IPPROTO_TCP,
@@ -183,6 +182,10 @@ def row_from_event(e: Event, netns: int) -> SockRow:
         flags=R_ACTIVE if e.kind == ev.CONNECT else 0,
         born_ns=e.ts_ns,
     )
+
+
+def _names_inside(indexes: set[int], ns_fd: int) -> dict[int, str]:
+    return in_netns(ns_fd, functools.partial(device_names, indexes))
 
 
 class Tracker:
@@ -921,16 +924,8 @@ class Tracker:
             if ns is None:
                 continue  # gone: its rows go with it
             indexes = {r.bound_dev for r in rows}
-
-            def inside(indexes: set[int] = indexes) -> dict[int, str]:
-                out = {}
-                for i in indexes:
-                    with contextlib.suppress(OSError):  # gone meanwhile: shown by its index
-                        out[i] = socket.if_indextoname(i)
-                return out
-
             try:
-                names = self.registry.using_fd(ns, lambda fd: in_netns(fd, inside))
+                names = self.registry.using_fd(ns, functools.partial(_names_inside, indexes))
             except NamespaceGone:
                 continue
             except OSError:

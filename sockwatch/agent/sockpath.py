@@ -47,6 +47,11 @@ def _unusable(what: str, e: OSError) -> PathUnusable:
     return PathUnusable(f"cannot {what}: {e.strerror or e}")
 
 
+def _kernels_tree(path: str) -> str | None:
+    """The kernel's tree (/proc, /sys, /dev) a normalised path is in, if any."""
+    return next((root for root in _FORBIDDEN if path == root or path.startswith(root + "/")), None)
+
+
 def _show(path: str) -> str:
     return repr(path) if len(path) <= 80 else repr(path[:80]) + "..."
 
@@ -64,9 +69,8 @@ def validate(path: str) -> str:
     norm = os.path.normpath(path)
     if norm.startswith("//"):
         norm = "/" + norm.lstrip("/")
-    for root in _FORBIDDEN:
-        if norm == root or norm.startswith(root + "/"):
-            raise PathError(f"the socket path {_show(path)} is under {root}, which is the kernel's")
+    if root := _kernels_tree(norm):
+        raise PathError(f"the socket path {_show(path)} is under {root}, which is the kernel's")
     try:
         size = len(os.fsencode(norm))
     except UnicodeEncodeError:
@@ -93,11 +97,9 @@ def _check_parents(path: str) -> None:
             raise PathError(f"{_show(cur)} cannot be read ({e.strerror})") from None
         if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
             raise PathError(f"{_show(cur)} is a symlink owned by uid {st.st_uid}, not root: it is not followed")
-    real = os.path.realpath(os.path.dirname(path))
-    for root in _FORBIDDEN:
-        if real == root or real.startswith(root + "/"):
-            raise PathError(f"the socket path {_show(path)} leads under {root} (through a symlink), "
-                            "which is the kernel's")  # fmt: skip
+    if root := _kernels_tree(os.path.realpath(os.path.dirname(path))):
+        raise PathError(f"the socket path {_show(path)} leads under {root} (through a symlink), "
+                        "which is the kernel's")  # fmt: skip
 
 
 def _make_dirs(d: str) -> list[str]:

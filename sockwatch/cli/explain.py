@@ -115,7 +115,7 @@ def _read(inode: int, proto: int, dev: str) -> tuple[list, dict[int, str], int]:
     import socket
 
     from sockwatch.kernel import sockdiag
-    from sockwatch.kernel.netns import NamespaceRegistry, in_netns
+    from sockwatch.kernel.netns import NamespaceRegistry, device_names, in_netns
 
     reg = NamespaceRegistry()
     reg.refresh()
@@ -128,14 +128,8 @@ def _read(inode: int, proto: int, dev: str) -> tuple[list, dict[int, str], int]:
     bound = {d.bound_dev for d in diags if d.bound_dev}
 
     def inside() -> tuple[dict[int, str], int]:
-        names = {}
-        for i in bound:
-            try:
-                names[i] = socket.if_indextoname(i)
-            except OSError:
-                pass  # gone since the dump: shown by number
         try:
-            return names, socket.if_nametoindex(dev) if dev else 0
+            return device_names(bound), socket.if_nametoindex(dev) if dev else 0
         except OSError:
             raise fail(f"--dev {shown(dev)}: no such device in netns {inode}", code=EXIT_USAGE) from None
 
@@ -201,10 +195,7 @@ def _text(out: dict) -> str:
     for s in out["sockets"]:
         who = f"{s['pid']}/{printable_cell(s['comm'] or '')}" if s["pid"] is not None else "no owner found"
         label = printable_cell(Container.label_of(s.get("container")))
-        where = endpoint(s["local_address"], s["local_port"], s["family"])
-        if s.get("device"):  # as ss prints it: ADDR%DEV:PORT
-            host, port = where.rsplit(":", 1)
-            where = f"{host}%{printable_cell(s['device'])}:{port}"
+        where = endpoint(s["local_address"], s["local_port"], s["family"], s.get("device"))
         lines.append(f"=> {'one of: ' if len(out['sockets']) > 1 and not out['by_device'] else ''}socket {s['cookie']} "
                      f"{s['protocol']}{s['family']} {where} {s['state']}, {who}"
                      + (f" [{label}]" if label else ""))  # fmt: skip

@@ -110,6 +110,12 @@ def at_start(tcp_owners: bool = True) -> tuple[Hook, ...]:
     return tuple(h for h in HOOKS if h.when == ALWAYS or (h.when == STREAMING_WITH_OWNERS and not tcp_owners))
 
 
+def later(tcp_owners: bool = True) -> tuple[Hook, ...]:
+    """The hooks attached only while someone streams (the rest of HOOKS)."""
+    start = at_start(tcp_owners)
+    return tuple(h for h in HOOKS if h not in start)
+
+
 # Attached to each network namespace, not to the cgroup (kernel/lookup.py).
 LOOKUP_HOOK = Hook("sw_lookup", "SK_LOOKUP", 36, lookup.WHAT, (), "", "lookups, misses and UDP peers are not counted")
 
@@ -227,10 +233,7 @@ class Loaded:
         if self.streamed or self.cgroup_fd < 0:
             return []
         refused = []
-        always = at_start(self.tcp_owners)
-        for h in HOOKS:
-            if h in always:
-                continue
+        for h in later(self.tcp_owners):
             try:
                 fd = attach_one(self.bpf, h, self.cgroup_fd)
             except OSError as e:
@@ -271,13 +274,11 @@ class Loaded:
         b = self.bpf
         if not b.module or not hasattr(lib, "bpf_num_tables"):
             return False
-        always = at_start(self.tcp_owners)
-        for h in HOOKS:
-            if h not in always:
-                try:
-                    load_one(b, h)
-                except OSError:
-                    pass  # refused now, refused when a stream asks (the same kernel): said then
+        for h in later(self.tcp_owners):
+            try:
+                load_one(b, h)
+            except OSError:
+                pass  # refused now, refused when a stream asks (the same kernel): said then
         lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
         lib.bpf_num_tables.restype = ctypes.c_size_t
         lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]

@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,6 +38,16 @@ def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+def device_names(indexes: Iterable[int]) -> dict[int, str]:
+    """ifindex -> device name in the calling thread's namespace (run it with in_netns: an
+    ifindex is its namespace's); an index gone meanwhile is left out."""
+    names = {}
+    for i in indexes:
+        with contextlib.suppress(OSError):
+            names[i] = socket.if_indextoname(i)
+    return names
 
 
 def in_netns(ns_fd: int, fn: Callable[[], T]) -> T:

@@ -58,6 +58,20 @@ os.write(1, b"%d\\n" % os.getpid()); sys.stdin.read()
 # may write a line in pieces (PYTHONUNBUFFERED), which then interleave.
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Close every helper's stdin (even an exited one's: its forked children read the same
+    pipe), then wait for each, killing what does not end."""
+    for p in procs:
+        if p.stdin:
+            p.stdin.close()
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_in(netns, code: str) -> subprocess.Popen:
     """A Python process of the test's in its namespace; it exits when its stdin closes."""
     return subprocess.Popen(
@@ -93,15 +107,7 @@ def test_owners_follow_the_file_and_the_process_name(netns, agent):
         assert by_port[7303]["pid"] == by_port[7304]["pid"] == named
         assert by_port[7303]["comm"] == by_port[7304]["comm"] == "sw-renamed"
     finally:
-        for p in procs:
-            if p.stdin:
-                p.stdin.close()  # even an exited one's: its forked children read the same pipe
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
     # the forked heir (not our child) exits when its stdin closes: then no listener is left
     deadline = time.monotonic() + 5
     while [r for r in snapshot("--netns", str(netns.inode), socket=agent.socket) if r["state"] == "LISTEN"]:
@@ -140,12 +146,4 @@ def test_a_passed_socket_whose_sender_exits_shows_its_receiver_at_the_next_view(
             by_port = {r["local_port"]: r for r in compare_with_ss(netns, agent.socket)}
             assert by_port[port]["pid"] == receiver, by_port[port]
     finally:
-        for p in procs:
-            if p.stdin:
-                p.stdin.close()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
