@@ -22,6 +22,7 @@ import errno
 import functools
 import logging
 import math
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,7 @@ from typing import NamedTuple
 
 from sockwatch import containers, demux, ports
 from sockwatch import events as ev
+from sockwatch.changelog import ChangeLog
 from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.filters import Filters
@@ -48,6 +50,7 @@ from sockwatch.model import (
     TcpState,
     sort_key,
 )
+from sockwatch.order import SortedRows
 from sockwatch.tally import Shape, Tally, shape
 
 log = logging.getLogger(__name__)
@@ -203,7 +206,10 @@ class Tracker:
         self.version = 0  # bumped on every change: views cache what they built from it
         self._gen = 0  # bumped per applied batch; a row remembers the batch that last set it
         self._removed_during: set[int] | None = None  # cookies removed while a reconcile runs
-        self._sorted: tuple[int, list[SockRow]] = (-1, [])
+        self._order = SortedRows()  # the visible rows in order, kept across changes
+        # rows changed or added, for the JSON blocks and the owner rule
+        self._log = ChangeLog(("json", "owners"), lambda: len(self.rows) + 4096)
+        self._connection_keys: set[bytes] | None = None  # what the last connection read saw (None: read whole)
         self._visible: tuple[int, list[SockRow]] = (-1, [])
         self._listeners: dict[tuple, SockRow] | None = None  # rebuilt lazily after a change
         # Set where sockops cannot read the task (before 6.2): TCP sockets bound but not
@@ -214,7 +220,8 @@ class Tracker:
         self._owner_scan_due = False  # an owner was found gone: its rows want a /proc scan
         self._owner_sought: set[int] = set()  # ownerless rows already looked for in /proc
         # what the last whole-table owner pass left: (table version, pid -> name, container)
-        self._owners_checked: tuple[int, dict[int, tuple[str, Container | None]]] = (-1, {})
+        self._owners_checked: dict[int, tuple[str, Container | None]] = {}
+        self._owners_at_whole_pass = 0  # how many owners the last whole pass named
         # what sync_connections last read: the hooks' generation then, and the moment its
         # first TIME-WAIT row ends (no hook sees a TIME-WAIT end: the clock does)
         self._synced_generation: int | None = None
@@ -255,6 +262,7 @@ class Tracker:
             if o is not None:
                 row.pid, row.comm, row.owner_source = o.pid, o.comm, OWNER_PROC
                 row.container = self.containers.of_pid(o.pid)
+                self._touch(row.cookie)
 
     def bootstrap(self) -> None:
         """The table as the kernel has it now. With hooks attached before, the events
@@ -272,6 +280,9 @@ class Tracker:
         self._unnamed = None  # every row is looked at once
         self._listeners = None
         self._tally = None
+        self._order.break_order()
+        self._log.everything()
+        self._connection_keys = None
         self.version += 1
 
     def fill_owners(self) -> None:
@@ -292,6 +303,15 @@ class Tracker:
     def _need(self, cookie: int, reason: str) -> None:
         self.pending.setdefault(cookie, set()).add(reason)
 
+    def _touch(self, cookie: int) -> None:
+        """A row added, or changed in what a view shows."""
+        self._log.mark(cookie)
+
+    def take_touched(self) -> set[int] | None:
+        """Cookies of the rows added or changed since the last call (None: any may have),
+        for a view that keeps what it rendered of each row."""
+        return self._log.take("json")
+
     def _remove(self, cookie: int) -> bool:
         row = self.rows.pop(cookie, None)
         self._by_ip_port.discard(cookie)
@@ -300,6 +320,7 @@ class Tracker:
         if row is None:
             return False
         self._changed.setdefault(cookie, shape(row))
+        self._order.remove(row)
         if row.state == TcpState.LISTEN:
             self._listeners = None
         if self._removed_during is not None:
@@ -433,7 +454,11 @@ class Tracker:
         if kind == ev.UDP_CONNECT:
             self._need(cookie, NEED_TUPLE)
         self._changed.setdefault(cookie, shape(old) if old is not None else None)
+        if old is not None:
+            self._order.remove(old)
         self.rows[cookie] = row
+        self._order.add(row)
+        self._touch(cookie)
         self._by_ip_port.add(cookie)  # (events keep no connection rows)
         if row.visible and not row.inode:
             self._need(cookie, NEED_INODE)
@@ -467,6 +492,7 @@ class Tracker:
                 if lst is not None:
                     r.pid, r.uid, r.comm, r.owner_source = lst.pid, lst.uid, lst.comm, OWNER_LISTENER
                     r.container = lst.container
+                    self._touch(r.cookie)
 
     # ---- reading the kernel for what hooks cannot see ---------------------------------------
 
@@ -525,6 +551,7 @@ class Tracker:
     def _take_kernel_fields(self, row: SockRow, d: sockdiag.DiagSock) -> bool:
         """Copy state/addresses/inode from the kernel; True if anything but the inode differed."""
         self._changed.setdefault(row.cookie, shape(row))  # before it changes
+        key, was_visible = sort_key(row), row.visible
         connected = d.remote_port != 0
         remote = d.remote_address if connected else None
         changed = (
@@ -545,6 +572,8 @@ class Tracker:
         row.inode = d.inode
         if row.uid is None:
             row.uid = d.uid
+        self._order.changed(row, key, was_visible)
+        self._touch(row.cookie)
         return changed
 
     def _rows_by_owner(self, rows: Iterable[SockRow] | None = None) -> dict[int, list[SockRow]]:
@@ -566,8 +595,16 @@ class Tracker:
         changed = 0
         lost: list[SockRow] = []
         of_pid, now = self.containers.of_pid, time.monotonic()
-        if rows is None and self._owners_unchanged(now):
-            return 0
+        whole = rows is None
+        since: set[int] | None = None
+        if whole:
+            since = self._log.take("owners")
+            if since is not None and self._owners_unchanged(now):
+                if not since:
+                    return 0
+                # every owner named before is as it was: only rows new or changed since need the rule
+                rows = [r for c in since if (r := self.rows.get(c)) is not None]
+                whole = False
         applied: dict[int, tuple[str, Container | None]] = {}
         for pid, owned in self._rows_by_owner(rows).items():
             name = procscan.process_name(pid)
@@ -583,6 +620,7 @@ class Tracker:
                     continue
                 else:
                     r.comm, r.container = name, c
+                self._touch(r.cookie)
                 changed += 1
         self._owner_scan_due |= bool(lost)
         # rows no hook named (a kernel whose sockops cannot read the task): looked for at
@@ -606,16 +644,22 @@ class Tracker:
             changed += sum(1 for r in ownerless if r.pid is not None)
         if changed:
             self.version += 1
-        if rows is None:
-            self._owners_checked = (self.version, applied)
+        if whole:
+            self._owners_checked, self._owners_at_whole_pass = applied, len(applied)
+        elif since is not None:
+            self._owners_checked.update(applied)
         return changed
 
     def _owners_unchanged(self, now: float) -> bool:
-        """Whether the whole table's owners are as the last whole pass left them: no row
-        changed since (the version), every owner still runs under the same name in the
-        same container, and no /proc scan is due. One read per owner, not per row."""
-        version, applied = self._owners_checked
-        if version != self.version or (self._owner_scan_due and now - self._last_owner_scan >= OWNER_SCAN_SECONDS):
+        """Whether every owner the rule named (since the last whole pass) still runs
+        under the same name in the same container, and no /proc scan is due: then only
+        rows new or changed since need the rule. One read per owner, not per row. An
+        owner list grown well past what the last whole pass named (owners come and go)
+        asks for a whole pass, which forgets the gone."""
+        applied = self._owners_checked
+        if self._owner_scan_due and now - self._last_owner_scan >= OWNER_SCAN_SECONDS:
+            return False
+        if len(applied) > 2 * self._owners_at_whole_pass + 64:
             return False
         of_pid = self.containers.of_pid
         for pid, (name, c) in applied.items():
@@ -637,6 +681,7 @@ class Tracker:
             lost += [r for r in rows if r.inode and (held is None or r.inode not in held)]
         for r in lost:
             r.pid = r.comm = r.owner_source = r.container = None
+            self._touch(r.cookie)
         if lost:
             self._fill_owners(lost)
             self._listeners = None
@@ -697,6 +742,8 @@ class Tracker:
                     continue  # closed while we were dumping
                 row = rows[cookie] = row_from_diag(d, ns, self._unnamed)
                 self._by_ip_port.add(cookie)
+                self._order.add(row)
+                self._touch(cookie)
                 if d.protocol == IPPROTO_TCP:
                     row.flags |= R_NO_CALLBACKS  # a listen() no hook saw: its end comes from a read too
                 self._changed.setdefault(cookie, None)
@@ -707,6 +754,7 @@ class Tracker:
                     changed += 1
             elif not row.inode:
                 row.inode = d.inode
+                self._touch(cookie)
         gone = [
             c for c in self._by_ip_port
             if c not in kernel and (r := rows[c]).visible and r.gen <= gen0 and r.netns_cookie not in unread
@@ -772,6 +820,8 @@ class Tracker:
                 row = row_from_diag(d, ns, self._unnamed)
                 self.rows[cookie] = row
                 self._by_ip_port.add(cookie)  # (UDP sockets and listeners only)
+                self._order.add(row)
+                self._touch(cookie)
                 self._changed.setdefault(cookie, None)
                 added.append(row)
                 counts["added"] += 1
@@ -784,6 +834,7 @@ class Tracker:
                     fixed.append(cookie)
             elif not row.inode:
                 row.inode = d.inode
+                self._touch(cookie)
         for cookie, row in list(self.rows.items()):
             if cookie in kernel or not row.visible or row.gen > gen0 or row.protocol not in protocols:
                 continue
@@ -830,18 +881,28 @@ class Tracker:
         if not self.connections_stale(generation, now):
             return 0
         t0 = now
+        # Keys of the last read: only sockets whose shown fields differ are decoded. The
+        # first read (and one after a reconcile, which also checks nothing drifted) is whole.
+        read = sockdiag.ChangedRead(self._connection_keys if self._connection_keys is not None else frozenset())
         kernel: list[tuple[sockdiag.DiagSock, Namespace]] = []
         with self.registry.reading():
             for ns in list(self.registry.by_cookie.values()):
+                at = len(read.changed)
                 try:
-                    diags = sockdiag.dump_all(self.registry.diag(ns), (IPPROTO_TCP,), CONNECTION_STATES)
+                    sock = self.registry.diag(ns)
+                    for family in (socket.AF_INET, socket.AF_INET6):
+                        sockdiag.dump_changed(sock, IPPROTO_TCP, family, CONNECTION_STATES, read)
                 except NamespaceGone:
+                    del read.changed[at:]
                     continue
                 except OSError as e:
                     log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
                     return 0  # keep what we have; the next view asks again
-                kernel.extend((d, ns) for d in diags)
-        changed = self.apply_connections(kernel, time.monotonic_ns(), self.recent_owners)
+                kernel.extend((d, ns) for d in read.changed[at:])
+        gone = read.gone() if self._connection_keys is not None else None
+        tw_next = read.timewait_ms / 1000 if read.timewait_ms >= 0 else math.inf
+        changed = self._apply_connection_changes(kernel, gone, time.monotonic_ns(), self.recent_owners, tw_next)
+        self._connection_keys = read.seen
         self._synced_generation = generation
         self.stats.connection_syncs += 1
         self.stats.connection_sync_s = time.monotonic() - t0
@@ -854,7 +915,22 @@ class Tracker:
         owners: dict[int, int] | Callable[[], dict[int, int]],
     ) -> int:
         """Make the connection rows the kernel's (`kernel`: every connection of every
-        namespace, as read just now). A new row's owner is who connect()ed it (`owners`:
+        namespace, as read just now). Returns how many rows changed."""
+        tw = [d.expires_ms for d, _ns in kernel if d.timewait]
+        return self._apply_connection_changes(kernel, None, now_ns, owners, min(tw) / 1000 if tw else math.inf)
+
+    def _apply_connection_changes(
+        self,
+        kernel: Sequence[tuple[sockdiag.DiagSock, Namespace]],
+        gone: set[int] | None,
+        now_ns: int,
+        owners: dict[int, int] | Callable[[], dict[int, int]],
+        timewait_s: float,
+    ) -> int:
+        """Take connections read from the kernel: `kernel` the new or changed ones (or
+        all), `gone` the cookies read before and not now (None: `kernel` is every
+        connection, and any connection row not in it is gone). `timewait_s`: when the
+        first TIME-WAIT row read ends. A new row's owner is who connect()ed it (`owners`:
         cookie -> pid, or what reads it: read only if a row is new), named now as the
         hooks' rows are (views group and sort by the name before the owner rule checks a
         screenful), else its listener's (accepted), else none until a view's /proc look.
@@ -864,12 +940,9 @@ class Tracker:
         added: list[SockRow] = []
         names: dict[int, str | None] = {}  # pid -> its process name, read once per pid
         changed = 0
-        tw_next = math.inf
         for d, ns in kernel:
             cookie = d.cookie
             seen.add(cookie)
-            if d.state == TcpState.TIME_WAIT:
-                tw_next = min(tw_next, d.expires_ms)
             row = rows.get(cookie)
             if row is None:
                 row = row_from_diag(d, ns, self._unnamed)
@@ -885,6 +958,8 @@ class Tracker:
                     row.comm = names[pid]  # None: exited; fix_owners looks for who holds it now
                 rows[cookie] = row
                 added.append(row)
+                self._order.add(row)
+                self._touch(cookie)
             elif (row.state, row.inode, row.local_port, row.remote_port, row.bound_dev) == (
                     d.state, d.inode, d.local_port, d.remote_port, d.bound_dev):  # fmt: skip
                 continue
@@ -896,17 +971,23 @@ class Tracker:
                 self._take_kernel_fields(row, d)
             self._changed.setdefault(cookie, None)  # (an update's shape is taken before it changes)
             changed += 1
-        gone = [c for c, r in rows.items() if c not in seen and is_connection_row(r)]
+        if gone is None:
+            gone = {c for c, r in rows.items() if c not in seen and is_connection_row(r)}
+        n_gone = 0
         for c in gone:
-            if rows[c].state == TcpState.TIME_WAIT:
+            r = rows.get(c)
+            if r is None or not is_connection_row(r):
+                continue  # (a listener now: the events keep it)
+            if r.state == TcpState.TIME_WAIT:
                 self.stats.expired += 1
             self._remove(c)
+            n_gone += 1
         if added:
             self._inherit_listener_owners(added)
-        self._timewait_next = time.monotonic() + tw_next / 1000 + 0.05
-        if changed or gone:
+        self._timewait_next = time.monotonic() + timewait_s + 0.05
+        if changed or n_gone:
             self.version += 1
-        return changed + len(gone)
+        return changed + n_gone
 
     def name_devices(self) -> int:
         """Names for the devices rows are bound to (SO_BINDTODEVICE): an ifindex is its
@@ -934,6 +1015,7 @@ class Tracker:
             for r in rows:
                 if r.bound_dev in names:
                     r.device = names[r.bound_dev]
+                    self._touch(r.cookie)
                     named += 1
         if named:
             self.version += 1
@@ -989,10 +1071,7 @@ class Tracker:
 
     def snapshot(self, filters: Filters | None = None) -> list[SockRow]:
         """Visible rows in the kernel's grouping; sorted once per table version."""
-        version, ordered = self._sorted
-        if version != self.version:
-            ordered = sorted(self.visible(), key=sort_key)
-            self._sorted = (self.version, ordered)
+        ordered = self._order.rows(self.visible)
         if filters is None or filters.empty:
             return list(ordered)
         return [r for r in ordered if filters.match(r)]

@@ -17,6 +17,7 @@ from sockwatch import lookups, metrics, tally, views
 from sockwatch.agent import report
 from sockwatch.agent.clients import Client
 from sockwatch.agent.protocol import ProtocolError, Request, encode_header, parse_request
+from sockwatch.agent.tablejson import TableJson
 from sockwatch.kernel import bpfload
 from sockwatch.model import render_json
 
@@ -35,8 +36,10 @@ def to_json(d: dict) -> bytes:
 class Queries:
     def __init__(self, agent: Agent) -> None:
         self.a = agent
-        self._json_cache: tuple[int, bytes] = (-1, b"")
-        self._json_cache_used = 0.0
+        self._json = TableJson()
+        self._json_version = -1
+        self._json_chunks: list[bytes] = []
+        self._json_used = 0.0
 
     def __call__(self, line: bytes, c: Client | None = None) -> list[bytes]:
         """One request's answer; never raises for anything a client can send."""
@@ -75,15 +78,16 @@ class Queries:
 
     def forget_cache(self, now: float) -> None:
         """The whole table as JSON is worth keeping only while someone asks for it."""
-        if self._json_cache[0] >= 0 and now - self._json_cache_used > JSON_CACHE_SECONDS:
-            self._json_cache = (-1, b"")
+        if self._json_version >= 0 and now - self._json_used > JSON_CACHE_SECONDS:
+            self._json.clear()
+            self._json_version, self._json_chunks = -1, []
 
     # One handler per request type: (request, its filters, the client) -> the answer's chunks.
 
     def _snapshot(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
         self.a.prepare_answer()
         if f.empty:
-            return [encode_header(True, partial=report.partial(self.a)), self._full_json()]
+            return [encode_header(True, partial=report.partial(self.a)), *self._full_json()]
         rows = self.a.tracker.snapshot(f)
         return [encode_header(True, rows=len(rows), partial=report.partial(self.a)), render_json(rows)]
 
@@ -171,14 +175,18 @@ class Queries:
             return {"namespaces": t.namespace_summary(ranges), "pressure": t.pressure(ranges)}
         return tally.ports_report(self.a.tracker.snapshot(f), ranges)
 
-    def _full_json(self) -> bytes:
-        """The whole table as JSON, built once per table version."""
-        self._json_cache_used = time.monotonic()
-        version, body = self._json_cache
-        if version != self.a.tracker.version:
-            body = render_json(self.a.tracker.snapshot())
-            self._json_cache = (self.a.tracker.version, body)
-        return body
+    def _full_json(self) -> list[bytes]:
+        """The whole table as JSON, in chunks; once per table version, and then only
+        the blocks of rows that changed."""
+        self._json_used = time.monotonic()
+        t = self.a.tracker
+        if self._json_version != t.version:
+            touched = t.take_touched()
+            if self._json_version < 0:
+                touched = None  # nothing kept to reuse
+            self._json_chunks = self._json.chunks(t.snapshot(), touched)
+            self._json_version = t.version
+        return self._json_chunks
 
     # ---- the lookup hook's counts -----------------------------------------------------
 

@@ -11,7 +11,6 @@ import functools
 import ipaddress
 import re
 import struct
-from collections.abc import Iterator
 
 from sockwatch.events import Event, EventBatch
 
@@ -60,15 +59,13 @@ OWNER_LOG_SIZE = 8 + SW_OWNER_SLOTS * OWNER_SLOT.size  # struct sw_owner_log: he
 assert OWNER_SLOT.size == ctypes.sizeof(SwOwnerSlot)
 
 
-def owners_of_log(raw: bytes) -> Iterator[tuple[int, int]]:
+def owners_of_log(raw: bytes) -> list[tuple[int, int]]:
     """(cookie, pid) of every whole slot of one CPU's owner_log, oldest first (a slot
     torn by a concurrent overwrite, or never written, is skipped)."""
     head = int.from_bytes(raw[:8], "little")
     start = head % SW_OWNER_SLOTS if head >= SW_OWNER_SLOTS else 0
     slots = list(OWNER_SLOT.iter_unpack(raw[8:OWNER_LOG_SIZE]))
-    for cookie, pid, _pad, end in slots[start:] + slots[:start]:
-        if cookie and cookie == end:
-            yield cookie, pid
+    return [(cookie, pid) for cookie, pid, _pad, end in slots[start:] + slots[:start] if cookie and cookie == end]
 
 
 class SwBind(ctypes.Structure):

@@ -11,8 +11,8 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP
 
@@ -27,6 +27,11 @@ ALL_STATES = 0xFFF
 LISTEN_ONLY = 1 << 10  # the kernel then walks the listener hash only
 INET_DIAG_SKV6ONLY = 11  # an rtattr after inet_diag_msg, on every AF_INET6 socket
 _RTA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_LEN_TYPE = struct.Struct("=IH")
+_KEY = struct.Struct("<BHH16s16sIQII")  # a ChangedRead key, as dump_changed cuts it
+_DONE_SIZE = 20
+_NO_ATTRS = 16 + 72  # nlmsghdr and inet_diag_msg: a message with no attributes (a TIME-WAIT socket's)
 
 _NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, sockid(48)
@@ -53,9 +58,12 @@ class DiagSock:
     cookie: int
     uid: int
     inode: int
-    expires_ms: int = 0  # a TIME-WAIT socket: milliseconds until the kernel drops it
+    expires_ms: int = 0  # the socket's timer: for a timewait one, milliseconds until the kernel drops it
     bound_dev: int = 0  # SO_BINDTODEVICE's ifindex (idiag_if); 0: any
     v6only: bool = False  # IPV6_V6ONLY (INET_DIAG_SKV6ONLY), read only when asked for (attrs=True)
+    # a timewait socket (TIME-WAIT, or a FIN-WAIT-2 orphan past its timeout): it goes when
+    # its timer ends, and no hook sees that
+    timewait: bool = False
 
 
 class AddrCache:
@@ -114,20 +122,10 @@ def dump(
             if mtype == NLMSG_DONE:
                 return
             if mtype == NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", data, off + hdr_size)
-                if err == 0:
-                    return
-                if -err == errno.ENOENT and family == socket.AF_INET6:  # no IPv6 here: no sockets
-                    return
-                if -err == errno.ENOENT:  # the kernel could not load its tcp_diag/udp_diag module
-                    raise SockDiagError(
-                        -err,
-                        f"sock_diag has no {_PROTO_NAME.get(protocol, protocol)} handler "
-                        f"(modprobe {_PROTO_NAME.get(protocol, protocol)}_diag)",
-                    )
-                raise SockDiagError(-err, f"sock_diag dump failed: {errno.errorcode.get(-err, -err)}")
+                _raise_error(data, off + hdr_size, protocol, family)
+                return
             if mtype == SOCK_DIAG_BY_FAMILY:
-                (_f, state, _t, _r, sport, dport, src, dst, dev, cookie, expires, _rq, _wq, uid, inode) = msg_unpack(
+                (_f, state, timer, _r, sport, dport, src, dst, dev, cookie, expires, _rq, _wq, uid, inode) = msg_unpack(
                     data, off + hdr_size
                 )
                 v6only = False
@@ -147,10 +145,166 @@ def dump(
                     expires,
                     dev,
                     v6only,
+                    timer == TIMER_TIMEWAIT,
                 )
             if length < hdr_size:
                 raise SockDiagError(errno.EPROTO, "malformed netlink message")
             off += (length + 3) & ~3
+
+
+# What a row shows of an inet_diag_msg, as one bytes object: state, ports, addresses, device,
+# cookie, uid, inode. Not the timers or queues, which move on every busy connection.
+# A connection read compares these to the last read's and decodes only the ones that differ.
+KEY_COOKIE = slice(41, 49)  # where the cookie is in such a key (little-endian u64)
+# idiag_timer of a timewait socket. Not the state: a FIN-WAIT-2 orphan past its timeout
+# lives on as a timewait socket in state FIN-WAIT-2, and goes as silently.
+TIMER_TIMEWAIT = 3
+
+
+def cookie_of_key(key: bytes) -> int:
+    return int.from_bytes(key[KEY_COOKIE], "little")
+
+
+@dataclass(slots=True)
+class ChangedRead:
+    """One connection read, against the keys of the last (`known`): what differs."""
+
+    known: set[bytes] | frozenset[bytes]
+    seen: set[bytes] = field(default_factory=set)  # every key read (the next read's `known`)
+    changed: list[DiagSock] = field(default_factory=list)  # new, or something shown differs
+    timewait_ms: int = -1  # the soonest end of a timewait socket read, in ms from now (-1: none)
+    cache: AddrCache = field(default_factory=AddrCache)
+
+    def gone(self) -> set[int]:
+        """Cookies read last time and not this time (a changed socket is not gone)."""
+        out = {cookie_of_key(k) for k in self.known - self.seen}
+        out.difference_update(d.cookie for d in self.changed)
+        return out
+
+
+def dump_changed(sock: socket.socket, protocol: int, family: int, states: int, read: ChangedRead) -> None:
+    """Like dump(), adding to `read` only the sockets whose key is not in read.known: a
+    read of 100,000 connections where a few changed decodes those few. A buffer of
+    messages of one length (the common case: sockets of one kind carry the same
+    attributes) is cut into keys by struct, in C; any other, message by message."""
+    req = _REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
+    fam = _FAMILY[family]
+    while True:
+        data = sock.recv(1 << 20)
+        end, last, length = _messages_end(data, protocol, family)
+        if end:
+            keys = _keys_of_run(data, end, length) if length else None
+            if keys is None:
+                keys, length = _keys_one_by_one(data, end), 0
+            for k in keys.difference(read.known):
+                read.changed.append(_from_key(k, protocol, fam, read.cache))
+            read.seen |= keys
+            if length:  # distinct (timer, expiry) pairs in C first: an idle connection's are all alike
+                pairs = set(_uniform(length)[2].iter_unpack(memoryview(data)[:end]))
+                read.timewait_ms = _soonest(read.timewait_ms, (e for t, e in pairs if t == TIMER_TIMEWAIT))
+            else:
+                read.timewait_ms = _soonest(read.timewait_ms, _timewait_one_by_one(data, end))
+        if last:
+            return
+
+
+def _messages_end(data: bytes, protocol: int, family: int) -> tuple[int, bool, int]:
+    """(where a buffer's socket messages end, whether the dump ends with them, the
+    length of every message when they look like one run of it else 0). An
+    NLMSG_ERROR that ends the dump is raised."""
+    hs = _NLMSGHDR.size
+    end = len(data)
+    if end >= hs:
+        length, mtype = _LEN_TYPE.unpack_from(data, 0)
+        if mtype == SOCK_DIAG_BY_FAMILY and length >= _NO_ATTRS and not length % 4:
+            # one length throughout is likely: the run's last message is checked here, all of them in _keys_of_run
+            if not end % length and _LEN_TYPE.unpack_from(data, end - length) == (length, SOCK_DIAG_BY_FAMILY):
+                return end, False, length
+            body = end - _DONE_SIZE
+            if body > 0 and not body % length and _LEN_TYPE.unpack_from(data, body)[1] == NLMSG_DONE:
+                return body, True, length
+    off = 0
+    while off + hs <= end:
+        length, mtype = _LEN_TYPE.unpack_from(data, off)
+        if mtype in (NLMSG_DONE, NLMSG_ERROR):
+            if mtype == NLMSG_ERROR:
+                _raise_error(data, off + hs, protocol, family)
+            return off, True, 0
+        if length < _NO_ATTRS or off + length > end or mtype != SOCK_DIAG_BY_FAMILY:
+            raise SockDiagError(errno.EPROTO, "malformed sock_diag message")
+        off += (length + 3) & ~3
+    return off, False, 0
+
+
+def _keys_of_run(data: bytes, end: int, length: int) -> set[bytes] | None:
+    """The keys of data[:end] if every message there is a socket's of `length` bytes."""
+    view = memoryview(data)[:end]
+    heads, keys, _tw = _uniform(length)
+    if set(heads.iter_unpack(view)) != {(length, SOCK_DIAG_BY_FAMILY)}:
+        return None
+    return set(map(b"".join, keys.iter_unpack(view)))
+
+
+def _keys_one_by_one(data: bytes, end: int) -> set[bytes]:
+    keys = set()
+    off = 0
+    while off < end:
+        (length,) = _U32.unpack_from(data, off)
+        m = off + _NLMSGHDR.size
+        keys.add(data[m + 1 : m + 2] + data[m + 4 : m + 52] + data[m + 64 : m + 72])
+        off += (length + 3) & ~3
+    return keys
+
+
+def _timewait_one_by_one(data: bytes, end: int) -> Iterator[int]:
+    off = 0
+    while off < end:
+        (length,) = _U32.unpack_from(data, off)
+        m = off + _NLMSGHDR.size
+        if data[m + 2] == TIMER_TIMEWAIT:
+            yield _U32.unpack_from(data, m + 52)[0]
+        off += (length + 3) & ~3
+
+
+def _soonest(now: int, ends: Iterable[int]) -> int:
+    soonest = min(ends, default=-1)
+    return soonest if now < 0 or (0 <= soonest < now) else now
+
+
+_runs: dict[int, tuple[struct.Struct, struct.Struct, struct.Struct]] = {}
+
+
+def _uniform(length: int) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
+    """For a run of `length`-byte messages: each one's (length, type), the three pieces
+    of its key, and its (timer, expiry)."""
+    got = _runs.get(length)
+    if got is None:
+        rest = length - _NO_ATTRS
+        got = _runs[length] = (
+            struct.Struct(f"=IH{length - 6}x"),
+            struct.Struct(f"=17x1s2x48s12x8s{rest}x"),
+            struct.Struct(f"=18xB49xI{rest + 16}x"),
+        )
+    return got
+
+
+def _from_key(k: bytes, protocol: int, fam: int, cache: AddrCache) -> DiagSock:
+    state, sport, dport, src, dst, dev, cookie, uid, inode = _KEY.unpack(k)
+    return DiagSock(protocol, fam, state, cache.get(fam, src), ((sport & 0xFF) << 8) | (sport >> 8),
+                    cache.get(fam, dst), ((dport & 0xFF) << 8) | (dport >> 8), cookie, uid, inode, 0, dev)  # fmt: skip
+
+
+def _raise_error(data: bytes, at: int, protocol: int, family: int) -> None:
+    """An NLMSG_ERROR ending a dump: nothing for 0 (done) or for ENOENT on AF_INET6
+    (no IPv6 here: no sockets); a SockDiagError for anything else."""
+    (err,) = struct.unpack_from("=i", data, at)
+    if err == 0 or (-err == errno.ENOENT and family == socket.AF_INET6):
+        return
+    name = _PROTO_NAME.get(protocol, protocol)
+    if -err == errno.ENOENT:  # the kernel could not load its tcp_diag/udp_diag module
+        raise SockDiagError(-err, f"sock_diag has no {name} handler (modprobe {name}_diag)")
+    raise SockDiagError(-err, f"sock_diag dump failed: {errno.errorcode.get(-err, -err)}")
 
 
 def _v6only(data: bytes, off: int, end: int) -> bool:

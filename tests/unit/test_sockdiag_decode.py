@@ -12,13 +12,17 @@ import pytest
 from sockwatch.kernel import sockdiag
 
 
-def diag_msg(family, state, sport, dport, src, dst, cookie, uid, inode, dev=0, v6only=None, tail=b"") -> bytes:
-    body = struct.pack("=BBBB", family, state, 0, 0)
+def diag_msg(family, state, sport, dport, src, dst, cookie, uid, inode, dev=0, v6only=None, tail=b"",
+             expires=0, queues=(0, 0), attrs=True, timer=None) -> bytes:  # fmt: skip
+    if timer is None:
+        timer = sockdiag.TIMER_TIMEWAIT if state == 6 else 0
+    body = struct.pack("=BBBB", family, state, timer, 0)
     body += struct.pack(">HH", sport, dport)
     body += src.ljust(16, b"\0") + dst.ljust(16, b"\0")
     body += struct.pack("=I", dev) + struct.pack("=II", cookie & 0xFFFFFFFF, cookie >> 32)
-    body += struct.pack("=IIIII", 0, 0, 0, uid, inode)
-    body += struct.pack("=HHB3x", 5, 8, 0)  # an attribute (INET_DIAG_SHUTDOWN), skipped
+    body += struct.pack("=IIIII", expires, *queues, uid, inode)
+    if attrs:
+        body += struct.pack("=HHB3x", 5, 8, 0)  # an attribute (INET_DIAG_SHUTDOWN), skipped
     if v6only is not None:
         body += struct.pack("=HHB3x", 5, sockdiag.INET_DIAG_SKV6ONLY, int(v6only))
     body += tail
@@ -98,3 +102,92 @@ def test_v6only_and_bound_device_when_asked(v6only, tail, want):
     assert (got.v6only, got.bound_dev) == (want, 3)
     (plain,) = sockdiag.dump(Peer(m, done()), 17, socket.AF_INET6)  # type: ignore[arg-type]
     assert plain.v6only is False  # not read unless asked
+
+
+def test_a_changed_read_decodes_only_what_a_row_shows_differently():
+    lo, peer = bytes([127, 0, 0, 1]), bytes([127, 0, 0, 2])
+
+    def conn(cookie, state=1, inode=10, expires=0, queues=(0, 0)):
+        return diag_msg(socket.AF_INET, state, 4000 + cookie, 443, lo, peer, cookie, 0, inode,
+                        expires=expires, queues=queues)  # fmt: skip
+
+    first = sockdiag.ChangedRead(frozenset())
+    sockdiag.dump_changed(Peer(conn(1) + conn(2), conn(3, state=6, inode=0, expires=900), done()),  # type: ignore[arg-type]
+                          6, socket.AF_INET, 0xFFF, first)  # fmt: skip
+    assert sorted(d.cookie for d in first.changed) == [1, 2, 3] and first.gone() == set()
+    assert first.timewait_ms == 900
+    one = next(d for d in first.changed if d.cookie == 1)
+    assert (one.local_port, one.remote_address, one.state, one.inode) == (
+        4001,
+        ipaddress.ip_address("127.0.0.2"),
+        1,
+        10,
+    )
+
+    # 1: queues and timers moved (not shown: not decoded); 2: gone; 3: its TIME-WAIT
+    # clock ran (not decoded, but still the soonest end); 4: new; 5 in the next buffer: its inode changed
+    second = sockdiag.ChangedRead(first.seen)
+    sockdiag.dump_changed(
+        Peer(conn(1, queues=(5, 9)) + conn(3, state=6, inode=0, expires=400) + conn(4), conn(5), done()),  # type: ignore[arg-type]
+        6,
+        socket.AF_INET,
+        0xFFF,
+        second,
+    )
+    assert sorted(d.cookie for d in second.changed) == [4, 5] and second.gone() == {2}
+    assert second.timewait_ms == 400
+    third = sockdiag.ChangedRead(second.seen)
+    sockdiag.dump_changed(Peer(conn(1), conn(5, inode=11), error(0)), 6, socket.AF_INET, 0xFFF, third)  # type: ignore[arg-type]
+    assert [d.cookie for d in third.changed] == [5] and third.gone() == {3, 4}  # 5 changed, not gone
+    assert third.timewait_ms == -1
+
+    with pytest.raises(sockdiag.SockDiagError):
+        sockdiag.dump_changed(Peer(error(errno.EPERM)), 6, socket.AF_INET, 0xFFF, sockdiag.ChangedRead(frozenset()))  # type: ignore[arg-type]
+    short = conn(1)[:40]
+    short = struct.pack("=I", 80) + short[4:]  # says 80 bytes, brings 40
+    with pytest.raises(sockdiag.SockDiagError):
+        sockdiag.dump_changed(Peer(short), 6, socket.AF_INET, 0xFFF, sockdiag.ChangedRead(frozenset()))  # type: ignore[arg-type]
+
+
+def _mixed(n: int) -> list[bytes]:
+    """n sockets as the kernel mixes them: TIME-WAIT without attributes, others with."""
+    out = []
+    for c in range(1, n + 1):
+        tw = c % 3 == 0
+        out.append(diag_msg(socket.AF_INET6, 6 if tw else 1, 1000 + c, 443, bytes(15) + b"\1", bytes(15) + b"\2",
+                            c << 20, 0 if tw else 1000, 0 if tw else 50 + c, expires=10_000 - c if tw else 0,
+                            attrs=not tw))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("layout", ["one run per buffer, done apart", "a run and its done", "mixed lengths",
+                                    "mixed, done in the buffer", "a short buffer"])  # fmt: skip
+def test_a_changed_read_agrees_with_a_whole_dump_however_the_kernel_cuts_its_buffers(layout):
+    msgs = _mixed(30)
+    if layout == "one run per buffer, done apart":
+        chunks = [
+            b"".join(m for m in msgs if len(m) == len(msgs[0])),
+            b"".join(m for m in msgs if len(m) != len(msgs[0])),
+            done(),
+        ]
+    elif layout == "a run and its done":
+        chunks = [b"".join(m for m in msgs if len(m) == len(msgs[0])) + done()]
+        msgs = [m for m in msgs if len(m) == len(msgs[0])]
+    elif layout == "mixed lengths":
+        chunks = [b"".join(msgs[:17]), b"".join(msgs[17:]), done()]
+    elif layout == "mixed, done in the buffer":
+        chunks = [b"".join(msgs) + done()]
+    else:
+        chunks = [msgs[0], done()]
+        msgs = msgs[:1]
+    whole = list(sockdiag.dump(Peer(*chunks), 6, socket.AF_INET6))  # type: ignore[arg-type]
+    read = sockdiag.ChangedRead(frozenset())
+    sockdiag.dump_changed(Peer(*chunks), 6, socket.AF_INET6, 0xFFF, read)  # type: ignore[arg-type]
+    fields = ("state", "local_address", "local_port", "remote_address", "remote_port", "cookie", "uid", "inode")
+    assert sorted(tuple(getattr(d, f) for f in fields) for d in read.changed) == sorted(
+        tuple(getattr(d, f) for f in fields) for d in whole)  # fmt: skip
+    tws = [d.expires_ms for d in whole if d.timewait]
+    assert read.timewait_ms == (min(tws) if tws else -1)
+    again = sockdiag.ChangedRead(read.seen)
+    sockdiag.dump_changed(Peer(*chunks), 6, socket.AF_INET6, 0xFFF, again)  # type: ignore[arg-type]
+    assert again.changed == [] and again.gone() == set() and again.seen == read.seen

@@ -83,7 +83,8 @@ def test_bind_then_release_of_udp():
 
 def diag(cookie, state, local, remote, inode=0, expires_ms=0):
     la, ra = ipaddress.ip_address(local[0]), ipaddress.ip_address(remote[0])
-    return DiagSock(IPPROTO_TCP, la.version, state, la, local[1], ra, remote[1], cookie, 0, inode, expires_ms)
+    return DiagSock(IPPROTO_TCP, la.version, state, la, local[1], ra, remote[1], cookie, 0, inode, expires_ms,
+                    timewait=state == TcpState.TIME_WAIT)  # fmt: skip
 
 
 ME = os.getpid()  # a process that surely runs, so that its name can be read
