@@ -10,6 +10,9 @@ here) in a network namespace of its own, then times, each --repeat times:
   ... after a change                     one connection opened and closed before each ask
                                          (untimed): the agent reads and renders anew
   sockwatch snapshot --json --standalone reading the kernel itself
+  the kernel's dump alone                one sock_diag dump of the namespace's TCP
+                                         connections, received and not decoded (timed
+                                         inside its process): the floor of any fresh read
 
 and prints min/median and the ratios the issues set (agent <= 1.0x ss -tan, as the
 median of ratios of runs taken in turn with it; standalone <= 1.5x ss -tanp), plus the
@@ -59,6 +62,36 @@ def timed_after_change(cmd: list[str], repeat: int, ns: str) -> list[float]:
     return out
 
 
+# One sock_diag dump of every TCP connection (the states a connection read asks for),
+# received whole and not decoded: what the kernel alone takes. Prints its seconds.
+KERNEL_DUMP = """
+import socket, struct, time
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)
+s.bind((0, 0))
+t0 = time.perf_counter()
+for fam in (socket.AF_INET, socket.AF_INET6):
+    req = struct.pack("=BBBBI48s", fam, 6, 0, 0, 0xFFF & ~(1 << 10), bytes(48))
+    s.send(struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req)
+    done = False
+    while not done:
+        d = s.recv(1 << 20)
+        off = 0
+        while off + 16 <= len(d):
+            length, kind = struct.unpack_from("=IH", d, off)
+            if kind in (2, 3):
+                done = True
+                break
+            off += (length + 3) & ~3
+print(time.perf_counter() - t0)
+"""
+
+
+def kernel_dump(ns: str) -> float:
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", KERNEL_DUMP],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return float(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sockets", type=int, default=100_000)
@@ -98,10 +131,14 @@ def main() -> int:
         ss_tan: list[float] = []
         sw_agent: list[float] = []
         sw_changed: list[float] = []
+        sync_s: list[float] = []  # the agent's own connection read, in each run after a change
+        dump_s: list[float] = []
         for _ in range(args.repeat):
             ss_tan += timed(["ss", "-N", ns, "-tan"], 1)
             sw_agent += timed([*SW, "snapshot", "--json", "--socket", sock], 1)
             sw_changed += timed_after_change([*SW, "snapshot", "--json", "--socket", sock], 1, ns)
+            sync_s.append(status()["tracker"]["last_connection_sync_seconds"])
+            dump_s.append(kernel_dump(ns))
         ss_tanp = timed(["ss", "-N", ns, "-tanp"], args.repeat)
         sw_alone = timed([*SW, "snapshot", "--json", "--standalone"], args.repeat)
 
@@ -125,6 +162,8 @@ def main() -> int:
         r_agent = statistics.median(a / b for a, b in zip(sw_agent, ss_tan, strict=True))
         r_changed = statistics.median(a / b for a, b in zip(sw_changed, ss_tan, strict=True))
         r_alone = statistics.median(sw_alone) / statistics.median(ss_tanp)
+        r_dump = statistics.median(a / b for a, b in zip(dump_s, ss_tan, strict=True))
+        r_sync = statistics.median(a / b for a, b in zip(sync_s, ss_tan, strict=True))
         report = {
             "sockets_held": held,
             "tcp_rows_sockwatch": mine,
@@ -136,8 +175,12 @@ def main() -> int:
             "sockwatch_agent": sw_round(sw_agent),
             "sockwatch_agent_after_a_change": sw_round(sw_changed),
             "sockwatch_standalone": sw_round(sw_alone),
+            "kernel_dump_alone": sw_round(dump_s),
+            "agent_connection_read_after_a_change": sw_round(sync_s),
             "ratio_agent_vs_ss_tan": round(r_agent, 3),
             "ratio_agent_after_a_change_vs_ss_tan": round(r_changed, 3),
+            "ratio_kernel_dump_alone_vs_ss_tan": round(r_dump, 3),
+            "ratio_agent_connection_read_vs_ss_tan": round(r_sync, 3),
             "ratio_standalone_vs_ss_tanp": round(r_alone, 3),
             "ratio_agent_vs_ss_tanp": round(statistics.median(sw_agent) / statistics.median(ss_tanp), 3),
             "agent_rss_mib": round(st["rss_bytes"] / 2**20, 1),
@@ -153,6 +196,8 @@ def main() -> int:
         print(f"ss -tanp                         {mm(ss_tanp)}")
         print(f"sockwatch snapshot --json (agent) {mm(sw_agent)}   x{r_agent:.2f} of ss -tan   (target <= 1.0)")
         print(f"  ... after a change              {mm(sw_changed)}   x{r_changed:.2f} of ss -tan")
+        print(f"      of which the agent's read   {mm(sync_s)}   x{r_sync:.2f} of ss -tan")
+        print(f"the kernel's dump alone           {mm(dump_s)}   x{r_dump:.2f} of ss -tan  (the floor of a fresh read)")
         print(f"sockwatch snapshot --json --standalone {mm(sw_alone)}   x{r_alone:.2f} of ss -tanp  (target <= 1.5)")
         rss, idle = report["agent_rss_mib"], report["agent_idle_cpu_percent"]
         print(f"agent: {rss} MiB RSS at {held} sockets; idle CPU {idle}% over {args.idle_seconds:.0f}s")

@@ -14,6 +14,10 @@ def _interrupt(e: BaseException) -> bool:
 
 def run() -> None:
     try:
+        from sockwatch.quick import snapshot_json
+
+        if snapshot_json(sys.argv[1:]):
+            return
         from sockwatch.cli import main
 
         main()

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable
+from itertools import compress
+from operator import attrgetter, not_
 
 from sockwatch.model import SockRow, sort_key
 
 REMOVALS_BY_BISECTION = 256  # past this, one pass by cookie beats a list deletion per row
-MOVES_PER_RESORT = 8  # more than 1/8 of the table moved: sorting whole is cheaper than placing each
+MOVES_PER_RESORT = 8
+_cookie = attrgetter("cookie")  # more than 1/8 of the table moved: sorting whole is cheaper than placing each
 
 
 class SortedRows:
     def __init__(self) -> None:
         self._rows: list[SockRow] = []
+        self._cookies: list[int] = []  # the rows' cookies, in the same order (views that key on them)
         self._added: dict[int, SockRow] = {}  # cookie -> row to place (the last row given for it)
         self._removed: dict[int, tuple] = {}  # cookie -> the key it had when the list was made
         self._rekeyed = False  # a row in the list has a new key: it is found by cookie, not by bisection
@@ -73,36 +77,52 @@ class SortedRows:
         visible row, for a whole sort."""
         if self.broken:
             self._rows = sorted(visible(), key=sort_key)
+            self._cookies = list(map(_cookie, self._rows))
             self.broken = False
         elif self._added or self._removed:
-            self._rows = place(self._rows, self._removed, list(self._added.values()), self._rekeyed)
+            self._rows, self._cookies = place(
+                self._rows, self._cookies, self._removed, list(self._added.values()), self._rekeyed
+            )
         self._clear()
         return self._rows
 
+    def cookies(self) -> list[int]:
+        """The cookies of the list rows() last returned, in its order (the caller's to read)."""
+        return self._cookies
+
 
 def place(
-    ordered: list[SockRow], removed: dict[int, tuple], added: list[SockRow], rekeyed: bool = False
-) -> list[SockRow]:
-    """`ordered` (sorted by sort_key; changed in place) without the rows of `removed`
-    (cookie -> the key it was sorted under; a cookie not in the list is skipped) and with
-    `added` in their places. rekeyed: some row in `ordered` has a new key, so the list
-    is not sorted by the keys its rows have now, and rows are found by cookie."""
+    ordered: list[SockRow],
+    cookies: list[int],
+    removed: dict[int, tuple],
+    added: list[SockRow],
+    rekeyed: bool = False,
+) -> tuple[list[SockRow], list[int]]:
+    """`ordered` (sorted by sort_key; changed in place) and its `cookies` without the rows
+    of `removed` (cookie -> the key it was sorted under; a cookie not in the list is
+    skipped) and with `added` in their places. rekeyed: some row in `ordered` has a new
+    key, so the list is not sorted by the keys its rows have now: rows are found by cookie."""
     if rekeyed or len(removed) > REMOVALS_BY_BISECTION:
-        ordered = [r for r in ordered if r.cookie not in removed]
+        keep = list(map(not_, map(removed.__contains__, cookies)))
+        ordered, cookies = list(compress(ordered, keep)), list(compress(cookies, keep))
     else:
         for cookie, key in removed.items():
             i = bisect_left(ordered, key, key=sort_key)
-            if i < len(ordered) and ordered[i].cookie == cookie:
-                del ordered[i]
+            if i < len(ordered) and cookies[i] == cookie:
+                del ordered[i], cookies[i]
     if not added:
-        return ordered
+        return ordered, cookies
     added.sort(key=sort_key)
     out: list[SockRow] = []
+    out_cookies: list[int] = []
     at = 0
     for r in added:
         i = bisect_left(ordered, sort_key(r), lo=at, key=sort_key)
         out += ordered[at:i]
+        out_cookies += cookies[at:i]
         out.append(r)
+        out_cookies.append(r.cookie)
         at = i
     out += ordered[at:]
-    return out
+    out_cookies += cookies[at:]
+    return out, out_cookies

@@ -1069,6 +1069,11 @@ class Tracker:
             self._changed.clear()
         return self._tally
 
+    def ordered(self) -> tuple[list[SockRow], list[int]]:
+        """The visible rows in order and their cookies, as kept (to read, not to change)."""
+        rows = self._order.rows(self.visible)
+        return rows, self._order.cookies()
+
     def snapshot(self, filters: Filters | None = None) -> list[SockRow]:
         """Visible rows in the kernel's grouping; sorted once per table version."""
         ordered = self._order.rows(self.visible)

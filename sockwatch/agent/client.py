@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import DEFAULT_SOCKET, MAX_HEADER, ProtocolError, encode_request, parse_header
@@ -131,16 +131,24 @@ def request(
 
 
 def stream(
-    op: str, out_fd: int, path: str | None = None, timeout: float | None = ANSWER_TIMEOUT, **args: object
+    op: str,
+    out_fd: int,
+    path: str | None = None,
+    timeout: float | None = ANSWER_TIMEOUT,
+    on_header: Callable[[dict], None] | None = None,
+    **args: object,
 ) -> dict | None:
     """Copy the agent's answer straight to out_fd (no parsing: the peer is a root agent,
     and its body is JSON with every string escaped) until the agent ends it: a snapshot,
     or an event subscription (timeout None: a quiet host may send nothing for long).
-    None: no agent at the default path."""
+    None: no agent at the default path. on_header: told when an answer has come and
+    before anything is written."""
     with _asking(op, path, args) as asked:
         if asked is None:
             return None
         s, header, body = asked
+        if on_header is not None:
+            on_header(header)
         s.settimeout(timeout)
         write_all(out_fd, body)
         buf = bytearray(1 << 20)

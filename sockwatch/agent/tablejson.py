@@ -27,12 +27,16 @@ class TableJson:
     def clear(self) -> None:
         self._blocks = {}
 
-    def chunks(self, rows: Sequence[SockRow], touched: set[int] | None) -> list[bytes]:
+    def chunks(
+        self, rows: Sequence[SockRow], touched: set[int] | None, cookies: list[int] | None = None
+    ) -> list[bytes]:
         """model.render_json(rows) as chunks to send in turn. `touched`: cookies of rows
-        changed since the last call (None: any may have)."""
+        changed since the last call (None: any may have). `cookies`: the rows' cookies
+        in order, if the caller keeps them (else each row is read for it)."""
         old = self._blocks if touched is not None else {}
         new: dict[tuple[int, ...], bytes] = {}
-        cookies = list(map(_cookie, rows))
+        if cookies is None:
+            cookies = list(map(_cookie, rows))
         # (in C: this walks every row of the table on each change)
         ends = list(compress(range(1, len(cookies) + 1), map(not_, map(BLOCK_END.__rmod__, cookies))))
         if not ends or ends[-1] != len(rows):

@@ -59,6 +59,41 @@ OWNER_LOG_SIZE = 8 + SW_OWNER_SLOTS * OWNER_SLOT.size  # struct sw_owner_log: he
 assert OWNER_SLOT.size == ctypes.sizeof(SwOwnerSlot)
 
 
+class OwnerLogs:
+    """The CPUs' owner_logs as last read, each read decoding only the slots written
+    since (a view after one new connection need not decode 8192 slots per CPU), and
+    the RECHECK before them, which a writer may have been filling at the last read."""
+
+    RECHECK = 64
+
+    def __init__(self) -> None:
+        self._cpus: dict[int, tuple[int, list[tuple[int, int] | None]]] = {}  # cpu -> (head, slots)
+
+    def update(self, cpu: int, raw: bytes) -> None:
+        head = int.from_bytes(raw[:8], "little")
+        prev = self._cpus.get(cpu)
+        if prev is None or head < prev[0] or head - prev[0] + self.RECHECK >= SW_OWNER_SLOTS:
+            slots = [
+                (c, p) if c and c == e else None for c, p, _pad, e in OWNER_SLOT.iter_unpack(raw[8:OWNER_LOG_SIZE])
+            ]
+        else:
+            slots = prev[1]
+            for i in range(max(prev[0] - self.RECHECK, 0), head):
+                j = i % SW_OWNER_SLOTS
+                c, p, _pad, e = OWNER_SLOT.unpack_from(raw, 8 + j * OWNER_SLOT.size)
+                slots[j] = (c, p) if c and c == e else None
+        self._cpus[cpu] = (head, slots)
+
+    def owners(self) -> dict[int, int]:
+        """cookie -> pid of every whole slot, the newest winning."""
+        out: dict[int, int] = {}
+        for head, slots in self._cpus.values():
+            start = head % SW_OWNER_SLOTS if head >= SW_OWNER_SLOTS else 0
+            out.update(filter(None, slots[start:]))
+            out.update(filter(None, slots[:start]))
+        return out
+
+
 def owners_of_log(raw: bytes) -> list[tuple[int, int]]:
     """(cookie, pid) of every whole slot of one CPU's owner_log, oldest first (a slot
     torn by a concurrent overwrite, or never written, is skipped)."""

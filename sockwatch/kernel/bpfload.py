@@ -190,6 +190,7 @@ class Loaded:
     tcp_owners: bool = True  # False: sockops cannot read the task (its variant without owners)
     streamed: list[Link] = field(default_factory=list)  # the STREAMING hooks' links, while someone streams
     map_fds: list[int] = field(default_factory=list)  # ours once bcc's module is released (release_module)
+    owner_logs: abi.OwnerLogs = field(default_factory=abi.OwnerLogs)  # the owner_logs as last read
 
     @property
     def unwatched(self) -> tuple[int, ...]:
@@ -212,13 +213,12 @@ class Loaded:
         """cookie -> pid of the TCP connect()s still in the CPUs' owner_logs."""
         table = self.bpf["owner_log"]
         lib = libbpf()
-        out: dict[int, int] = {}
         buf = ctypes.create_string_buffer(abi.OWNER_LOG_SIZE)
         for cpu in range(len(table)):
             key = ctypes.c_uint32(cpu)
             if lib.bpf_map_lookup_elem(table.map_fd, ctypes.byref(key), buf) == 0:
-                out.update(abi.owners_of_log(buf.raw))
-        return out
+                self.owner_logs.update(cpu, buf.raw)
+        return self.owner_logs.owners()
 
     def set_stream(self, on: bool) -> None:
         """Connection records reach the ring only while someone streams them."""

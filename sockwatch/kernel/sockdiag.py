@@ -173,10 +173,13 @@ class ChangedRead:
     seen: set[bytes] = field(default_factory=set)  # every key read (the next read's `known`)
     changed: list[DiagSock] = field(default_factory=list)  # new, or something shown differs
     timewait_ms: int = -1  # the soonest end of a timewait socket read, in ms from now (-1: none)
+    fresh: int = 0  # keys read that were not known
     cache: AddrCache = field(default_factory=AddrCache)
 
     def gone(self) -> set[int]:
         """Cookies read last time and not this time (a changed socket is not gone)."""
+        if len(self.known) - (len(self.seen) - self.fresh) == 0:
+            return set()  # every key known before was read again
         out = {cookie_of_key(k) for k in self.known - self.seen}
         out.difference_update(d.cookie for d in self.changed)
         return out
@@ -199,6 +202,7 @@ def dump_changed(sock: socket.socket, protocol: int, family: int, states: int, r
                 keys, length = _keys_one_by_one(data, end), 0
             for k in keys.difference(read.known):
                 read.changed.append(_from_key(k, protocol, fam, read.cache))
+                read.fresh += 1
             read.seen |= keys
             if length:  # distinct (timer, expiry) pairs in C first: an idle connection's are all alike
                 pairs = set(_uniform(length)[2].iter_unpack(memoryview(data)[:end]))

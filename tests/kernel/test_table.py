@@ -213,3 +213,25 @@ def test_sockets_bound_to_devices_show_their_device(netns, mode):
         if p.stdin:
             p.stdin.close()
         p.wait(10)
+
+
+def test_the_quick_snapshot_is_the_clis_byte_for_byte(agent, child_factory, netns):
+    """`snapshot --json` against an agent skips building the CLI (no typer is imported),
+    and answers exactly what the CLI does (three tries: the host's table may move between)."""
+    import sys
+
+    child = child_factory(netns.name)
+    child.do(op="tcp_listen", addr="127.0.0.1", port=7431)
+    quick = subprocess.run([sys.executable, "-X", "importtime", "-m", "sockwatch", "snapshot", "--json",
+                            "--socket", agent.socket], capture_output=True, check=True)  # fmt: skip
+    assert b"typer" not in quick.stderr and b"sockwatch.cli" not in quick.stderr
+    full_cli = ["-c", "import sys; from sockwatch.cli import main; sys.argv[0] = 'sockwatch'; main()"]
+    for _ in range(3):
+        quick_out = subprocess.run(sockwatch_cmd("snapshot", "--json", "--socket", agent.socket),
+                                   capture_output=True, check=True).stdout  # fmt: skip
+        full_out = subprocess.run([sys.executable, *full_cli, "snapshot", "--json", "--socket", agent.socket],
+                                  capture_output=True, check=True).stdout  # fmt: skip
+        if quick_out == full_out:
+            break
+    assert quick_out == full_out
+    assert any(r["local_port"] == 7431 for r in json.loads(quick_out))

@@ -181,3 +181,28 @@ def log_of(head: int, slots: dict[int, tuple[int, int, int, int]]) -> bytes:
 ], ids=["empty", "in order", "a torn slot", "wrapped"])  # fmt: skip
 def test_owner_log_slots_oldest_first_without_torn_ones(head, slots, want):
     assert list(abi.owners_of_log(log_of(head, slots))) == want
+
+
+def test_owner_logs_read_again_decode_only_what_was_written_since():
+    """Reading the logs again gives what decoding them whole gives, whatever was written
+    between two reads (a few slots, a slot torn then finished, a whole lap of the ring)."""
+    import random
+
+    rnd = random.Random(7)
+    logs = abi.OwnerLogs()
+    slots: dict[int, tuple[int, int, int, int]] = {}
+    head = 0
+    cookie = 1
+    for _ in range(80):
+        if rnd.random() < 0.5 and slots:  # the last slot, torn at the last read, finished since
+            i = (head - 1 - rnd.choice([0, 0, 3])) % abi.SW_OWNER_SLOTS
+            c, p, _pad, _e = slots[i]
+            slots[i] = (c, p, 0, c)
+        for _ in range(rnd.choice([0, 0, 1, 5, 70, abi.SW_OWNER_SLOTS + 3])):
+            end = cookie if rnd.random() > 0.3 else 0  # a writer caught between its stores
+            slots[head % abi.SW_OWNER_SLOTS] = (cookie, 1000 + cookie % 50, 0, end)
+            head += 1
+            cookie += 1
+        raw = log_of(head, slots)
+        logs.update(0, raw)
+        assert logs.owners() == dict(abi.owners_of_log(raw))

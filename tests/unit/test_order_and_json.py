@@ -62,8 +62,10 @@ def test_sorted_rows_are_the_tables_rows_sorted_after_any_changes(start, ops):
         if op == "look":
             assert order.rows(lambda: [r for r in table.values() if r.visible]) == sorted(
                 (r for r in table.values() if r.visible), key=sort_key)  # fmt: skip
+            assert order.cookies() == [r.cookie for r in order.rows(list)]
     assert order.rows(lambda: [r for r in table.values() if r.visible]) == sorted(
         (r for r in table.values() if r.visible), key=sort_key)  # fmt: skip
+    assert order.cookies() == [r.cookie for r in order.rows(list)]
 
 
 def test_placing_many_rows_sorts_whole_and_a_few_are_bisected():
@@ -79,7 +81,8 @@ def test_placing_many_rows_sorts_whole_and_a_few_are_bisected():
     left = rows[10 + len(rows) // MOVES_PER_RESORT + 64 :]
     assert order.rows(lambda: left) == left
     new = row(5000, 1000)
-    assert place(rows[:3], {rows[1].cookie: sort_key(rows[1])}, [new]) == sorted([rows[0], rows[2], new], key=sort_key)
+    got, cookies = place(rows[:3], [r.cookie for r in rows[:3]], {rows[1].cookie: sort_key(rows[1])}, [new])
+    assert got == sorted([rows[0], rows[2], new], key=sort_key) and cookies == [r.cookie for r in got]
 
 
 def test_table_json_is_render_json_and_renders_only_blocks_that_changed():
@@ -120,7 +123,9 @@ def test_the_trackers_snapshot_and_json_match_a_whole_sort_and_render(steps, lis
         want = sorted(t.visible(), key=sort_key)
         got = t.snapshot()
         assert got == want
-        assert b"".join(tj.chunks(got, t.take_touched())) == render_json(want)
+        rows, cookies = t.ordered()
+        assert rows == want and cookies == [r.cookie for r in want]
+        assert b"".join(tj.chunks(rows, t.take_touched(), cookies)) == render_json(want)
 
     check()
     kernel: dict[int, list] = {}  # cookie -> [port, state, inode]
