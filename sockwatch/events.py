@@ -8,6 +8,9 @@ first four); the tracker turns them into ipaddress objects only for rows it keep
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import socket
 import struct
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -69,7 +72,38 @@ class Event(NamedTuple):
 
     @property
     def has_owner(self) -> bool:
-        return bool(self.flags & F_OWNER)
+        """pid, uid and comm are the owner's (a lifetime record carries counts there)."""
+        return self.flags & (F_OWNER | F_LIFETIME) == F_OWNER
+
+
+class Decoded(NamedTuple):
+    """What a record says of its socket, decoded once for the table and the stream alike."""
+
+    family: int  # 4 or 6
+    local: ipaddress.IPv4Address | ipaddress.IPv6Address
+    remote: ipaddress.IPv4Address | ipaddress.IPv6Address | None  # None: not connected
+    owner: tuple[int, int, str] | None  # (pid, uid, comm) from the owner's own syscall
+
+
+def decode(e: Event) -> Decoded:
+    family = 6 if e.family == socket.AF_INET6 else 4
+    return Decoded(
+        family,
+        address(family, e.local_addr),
+        address(family, e.remote_addr) if e.remote_port else None,
+        (e.pid, e.uid, _comm(e.comm)) if e.has_owner else None,
+    )
+
+
+# Records repeat few addresses and names; bounded, since remote peers are unbounded over time.
+@functools.lru_cache(maxsize=65536)
+def address(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
+
+
+@functools.lru_cache(maxsize=4096)
+def _comm(raw: bytes) -> str:
+    return comm_text(raw)
 
 
 _LIFE = struct.Struct("<QQ")  # the union over comm in struct sw_event

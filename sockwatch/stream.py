@@ -30,7 +30,6 @@ from sockwatch import events as ev
 from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.model import (
-    FAMILY_VERSION,
     IPPROTO_TCP,
     IPPROTO_UDP,
     PROTO_NAMES,
@@ -63,15 +62,7 @@ class Sock(NamedTuple):
     active: bool  # opened by connect()
 
 
-@functools.lru_cache(maxsize=65536)
-def _addr(family: int, raw: bytes) -> str:
-    a = ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
-    return fmt_addr(a)
-
-
-@functools.lru_cache(maxsize=4096)
-def _comm(raw: bytes) -> str:
-    return ev.comm_text(raw)
+_text = functools.lru_cache(maxsize=65536)(fmt_addr)  # an address as the stream prints it
 
 
 @functools.lru_cache(maxsize=4096)
@@ -80,20 +71,20 @@ def _json_str(s: str | None) -> str:
 
 
 def sock_of_event(e: Event, netns: int) -> Sock:
-    family = FAMILY_VERSION.get(e.family, 4)  # type: ignore[call-overload]
-    owner = e.flags & ev.F_OWNER and not e.flags & ev.F_LIFETIME
+    d = ev.decode(e)
+    pid, uid, comm = d.owner or (None, None, None)
     return Sock(
         e.cookie,
         netns,
-        family,
+        d.family,
         e.protocol,
-        _addr(family, e.local_addr),
+        _text(d.local),
         e.local_port,
-        _addr(family, e.remote_addr) if e.remote_port else None,
+        _text(d.remote) if d.remote is not None else None,
         e.remote_port,
-        e.pid if owner else None,
-        e.uid if owner else None,
-        _comm(e.comm) if owner else None,
+        pid,
+        uid,
+        comm,
         e.ts_ns,
         e.kind == ev.CONNECT,
     )

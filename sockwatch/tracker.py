@@ -36,10 +36,9 @@ from sockwatch.changelog import ChangeLog
 from sockwatch.containers import Container
 from sockwatch.events import Event
 from sockwatch.filters import Filters
-from sockwatch.kernel import abi, procscan, sockdiag
+from sockwatch.kernel import procscan, sockdiag
 from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry, device_names, in_netns
 from sockwatch.model import (
-    FAMILY_VERSION,
     IPPROTO_TCP,
     IPPROTO_UDP,
     OWNER_HOOK,
@@ -164,23 +163,22 @@ def row_from_diag(d: sockdiag.DiagSock, ns: Namespace, unnamed: set[int] | None 
 
 
 def row_from_event(e: Event, netns: int) -> SockRow:
-    family = FAMILY_VERSION.get(e.family, 4)  # type: ignore[call-overload]
-    connected = e.remote_port != 0
-    owner = e.has_owner
+    d = ev.decode(e)
+    pid, uid, comm = d.owner or (None, None, None)
     return SockRow(
         cookie=e.cookie,
         protocol=e.protocol,
-        family=family,
+        family=d.family,
         state=e.state,
-        local_address=abi.address(family, e.local_addr),
+        local_address=d.local,
         local_port=e.local_port,
-        remote_address=abi.address(family, e.remote_addr) if connected else None,
+        remote_address=d.remote,
         remote_port=e.remote_port,
         netns=netns,
-        pid=e.pid if owner else None,
-        uid=e.uid if owner else None,
-        comm=ev.comm_text(e.comm) if owner else None,
-        owner_source=OWNER_HOOK if owner else None,
+        pid=pid,
+        uid=uid,
+        comm=comm,
+        owner_source=OWNER_HOOK if d.owner else None,
         netns_cookie=e.netns_cookie,
         flags=R_ACTIVE if e.kind == ev.CONNECT else 0,
         born_ns=e.ts_ns,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import ipaddress
 import re
 import struct
 
@@ -242,9 +241,3 @@ def records(events: list[Event]) -> bytes:
     """Ring contents for these events, as the kernel lays them out (tests decode them back)."""
     pad = b"\0" * (RECORD.size - RECORD_HEADER - EVENT.size)
     return b"".join(struct.pack("<II", EVENT.size, 0) + EVENT.pack(*e) + pad for e in events)
-
-
-@functools.lru_cache(maxsize=65536)
-def address(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Events repeat few addresses; bounded, since remote peers are unbounded over time."""
-    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)

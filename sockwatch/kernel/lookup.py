@@ -25,6 +25,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from sockwatch.events import address
 from sockwatch.kernel import abi
 from sockwatch.kernel.links import Links, Target
 from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry
@@ -135,7 +136,7 @@ def _version(family: int) -> int:
 
 
 def _addr(family: int, raw: ctypes.Array) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return abi.address(_version(family), bytes(raw))
+    return address(_version(family), bytes(raw))
 
 
 def add_up(in_map: Iterable[tuple[bytes, int, int]], cached: Iterable[tuple[bytes, int, int]],

@@ -289,3 +289,19 @@ def test_the_owner_rule_sees_renames_and_exits_with_the_table_unchanged():
         child.wait(10)
     t.fix_owners()  # the owner exited (the rows' sockets would be someone else's, or gone)
     assert {(r.pid, r.comm) for r in t.rows.values()} == {(None, None)}
+
+
+@pytest.mark.parametrize(("owner", "flags", "want"), [
+    ((9, "web"), 0, (9, 0, "web")),
+    ((9, "web"), E.F_LIFETIME, None),  # a lifetime record carries counts where an owner would be
+    (None, 0, None),
+], ids=["owner", "lifetime record", "no owner"])  # fmt: skip
+def test_the_table_and_the_stream_decode_a_record_alike(owner, flags, want):
+    from sockwatch.stream import sock_of_event
+    from sockwatch.tracker import row_from_event
+
+    e = ev(E.STATE, 5, local=("10.0.0.1", 80), remote=("10.0.0.2", 5000), owner=owner, flags=flags)
+    assert E.decode(e).owner == want
+    row, sock = row_from_event(e, NS_INODE), sock_of_event(e, NS_INODE)
+    assert (row.pid, row.uid, row.comm) == (sock.pid, sock.uid, sock.comm) == (want or (None, None, None))
+    assert (str(row.local_address), str(row.remote_address)) == (sock.local, sock.remote) == ("10.0.0.1", "10.0.0.2")
