@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_cost import Bench
 from common import parse_as_root
 
-from sockwatch.kernel import bpfload, prereq
+from sockwatch.kernel import prereq, syscalls
 
 BPF_CGROUP_SOCK_OPS = 3
 VARIANTS = {
@@ -63,7 +63,7 @@ def main() -> int:
                 link = -1
                 if name in progs:
                     fn = progs[name].load_func("so", BPF.SOCK_OPS)
-                    link = bpfload.link_create(fn.fd, cg, BPF_CGROUP_SOCK_OPS)
+                    link = syscalls.link_create(fn.fd, cg, BPF_CGROUP_SOCK_OPS)
                 try:
                     runs[name].append(b.run("tcp_crr"))
                 finally:

@@ -62,7 +62,7 @@ def main() -> int:
 
     from bcc import BPF
 
-    from sockwatch.kernel import bpfload, lookup
+    from sockwatch.kernel import bpfload, lookup, syscalls
     from sockwatch.kernel.links import Links
     from sockwatch.kernel.netns import cookie_of_netns
 
@@ -100,7 +100,7 @@ def main() -> int:
         def attach(config: str) -> list[int]:
             fds: list[int] = []
             if config == "empty sk_lookup":
-                fds.append(bpfload.link_create(empty_fn.fd, nsfd, lookup.BPF_SK_LOOKUP))
+                fds.append(syscalls.link_create(empty_fn.fd, nsfd, lookup.BPF_SK_LOOKUP))
             elif config == "kfree_skb alone":
                 fds.append(bpfload.attach_one(b, miss, -1))
             elif config == "sockwatch":

@@ -36,13 +36,13 @@ from bench_traffic import Traffic  # noqa: E402
 from common import host, parse_as_root, stop, write_result  # noqa: E402
 from paired import proc_cpu_seconds  # noqa: E402
 
-from sockwatch.kernel import bpfload, bpfstats  # noqa: E402
+from sockwatch.kernel import bpfstats, syscalls  # noqa: E402
 
 TOOLS = ("sockwatch", "tcplife", "tcpstates")
 
 
 def prog_ids() -> set[int]:
-    lib = bpfload.libbpf()
+    lib = syscalls.libbpf()
     out, cur, nxt = set(), ctypes.c_uint32(0), ctypes.c_uint32(0)
     while lib.bpf_prog_get_next_id(cur, ctypes.byref(nxt)) == 0:
         cur.value = nxt.value

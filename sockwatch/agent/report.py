@@ -3,7 +3,6 @@ answer may lack (`partial`), and its own cost (CPU, memory, the hooks' runs)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import time
@@ -11,7 +10,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from sockwatch import __version__, metrics
-from sockwatch.kernel import bpfstats
+from sockwatch.kernel import bpfstats, syscalls
 from sockwatch.kernel.links import Links
 
 if TYPE_CHECKING:
@@ -45,10 +44,7 @@ def rss_parts() -> dict[str, int]:
 def give_back_memory() -> None:
     """Return freed heap to the kernel (compiling with bcc/LLVM frees ~40 MiB that glibc
     would otherwise keep)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+    syscalls.malloc_trim()
 
 
 class CostWindow:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from sockwatch.kernel.bpfload import libbpf
+from sockwatch.kernel.syscalls import libbpf
 
 BPF_LINK_TYPE_NETNS = 5  # enum bpf_link_type
 BPF_SK_LOOKUP = 36  # enum bpf_attach_type

@@ -11,9 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import functools
 import os
-import platform
 import re
 import struct
 import subprocess
@@ -23,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockwatch.kernel import abi, lookup, prereq
+from sockwatch.kernel import abi, lookup, prereq, syscalls
 from sockwatch.kernel.links import Link, Links, Target
 from sockwatch.kernel.netns import NamespaceGone, NamespaceRegistry
 from sockwatch.kernel.ringbuf import RingReader
+from sockwatch.kernel.syscalls import libbpf, link_create
 
 if "/usr/lib/python3/dist-packages" not in sys.path:
     sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-bpfcc
@@ -138,35 +137,6 @@ class LoadError(RuntimeError):
         super().__init__(what)
         self.what = what
         self.fix = fix
-
-
-@functools.cache
-def libbpf() -> ctypes.CDLL:
-    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-    lib = ctypes.CDLL(name, use_errno=True)
-    lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.bpf_link_create.restype = ctypes.c_int
-    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
-    lib.bpf_map_update_elem.restype = ctypes.c_int
-    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    lib.bpf_map_lookup_elem.restype = ctypes.c_int
-    lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
-    lib.bpf_prog_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
-    lib.bpf_enable_stats.argtypes = [ctypes.c_int]
-    lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
-    lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.bpf_raw_tracepoint_open.restype = ctypes.c_int
-    return lib
-
-
-def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
-    fd = libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
-    if fd < 0:
-        err = -fd if fd < -1 else ctypes.get_errno()
-        raise OSError(err, f"BPF_LINK_CREATE: {os.strerror(err)}")
-    return fd
 
 
 def source_text() -> str:
@@ -318,8 +288,6 @@ def release_compiler_pages() -> int:
     run again: ask the kernel to reclaim their pages from this process (MADV_PAGEOUT,
     read-only file mappings only, so nothing is lost: a page used again faults back in
     from the library file). Returns how many mappings were advised; 0 where unsupported."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     done = 0
     try:
         with open("/proc/self/maps") as f:
@@ -331,7 +299,7 @@ def release_compiler_pages() -> int:
         if len(fields) < 6 or "w" in fields[1] or not re.search(r"/lib(LLVM|clang|bcc)[^/]*$", fields[5]):
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
-        if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
+        if syscalls.madvise(start, end - start, MADV_PAGEOUT):
             done += 1
     return done
 
@@ -459,7 +427,6 @@ def no_socket_reason() -> int | None:
     return lookup.no_socket_reason(got[fmt]) if fmt in got else None
 
 
-_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
 PERF_TYPE_TRACEPOINT = 2
 PERF_FLAG_FD_CLOEXEC = 8
 
@@ -467,19 +434,11 @@ PERF_FLAG_FD_CLOEXEC = 8
 def perf_tracepoint_fd(tp_id: int) -> int:
     """A perf event on the tracepoint (pid -1, CPU 0: a BPF program on a tracepoint runs
     on every CPU), for BPF_LINK_CREATE to attach to."""
-    libc = ctypes.CDLL(None, use_errno=True)
     attr = bytearray(112)  # PERF_ATTR_SIZE_VER5
     struct.pack_into("<IIQQ", attr, 0, PERF_TYPE_TRACEPOINT, len(attr), tp_id, 1)  # sample_period 1
     struct.pack_into("<I", attr, 48, 1)  # wakeup_events
     buf = ctypes.create_string_buffer(bytes(attr), len(attr))
-    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
-    if nr is None:
-        raise OSError(errno.ENOSYS, "perf_event_open: unknown architecture")
-    fd = libc.syscall(nr, buf, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"perf_event_open: {os.strerror(err)}")
-    return int(fd)
+    return syscalls.syscall("perf_event_open", buf, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
 
 
 @contextlib.contextmanager

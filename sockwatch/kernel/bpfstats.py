@@ -13,8 +13,8 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from sockwatch.kernel.bpfload import libbpf
 from sockwatch.kernel.links import Links
+from sockwatch.kernel.syscalls import libbpf
 
 BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
 PROG_INFO_SIZE = 256  # enough of struct bpf_prog_info for what is read here

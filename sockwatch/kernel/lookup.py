@@ -18,7 +18,6 @@ import ctypes
 import ipaddress
 import itertools
 import os
-import platform
 import re
 import socket
 import struct
@@ -26,7 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sockwatch.events import address
-from sockwatch.kernel import abi
+from sockwatch.kernel import abi, syscalls
 from sockwatch.kernel.links import Links, Target
 from sockwatch.kernel.netns import Namespace, NamespaceGone, NamespaceRegistry
 from sockwatch.lookups import Destination, Peer
@@ -35,7 +34,6 @@ BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SK_LOOKUP = 30
 BPF_SK_LOOKUP = 36  # enum bpf_attach_type
 MAGIC = 0x5357C00C1E5EED01  # SW_NETNS_MAGIC in bpf/lookup.bpf.c
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
 WHAT = "sk_lookup (lookups, misses, UDP peers)"
 
 # Where a TCP or UDP packet is dropped because no socket took it (the receive functions,
@@ -71,10 +69,6 @@ def patched(code: bytes, at: int, cookie: int) -> bytes:
 
 def prog_load(insns: bytes, name: bytes = b"sw_lookup") -> int:
     """BPF_PROG_LOAD of an SK_LOOKUP program; its fd. OSError with the verifier's last line."""
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(0, "bpf(): unknown architecture")
-    libc = ctypes.CDLL(None, use_errno=True)
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(b"GPL")
     log = ctypes.create_string_buffer(0)
@@ -87,13 +81,12 @@ def prog_load(insns: bytes, name: bytes = b"sw_lookup") -> int:
                          ctypes.addressof(log) if level else 0)  # fmt: skip
         ctypes.memmove(ctypes.addressof(attr) + 48, name[:15], len(name[:15]))  # prog_name
         struct.pack_into("<I", attr, 68, BPF_SK_LOOKUP)  # expected_attach_type
-        fd = libc.syscall(nr, BPF_PROG_LOAD, attr, 128)
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if level:
-            lines = [x for x in log.value.decode(errors="replace").splitlines() if x.strip()]
-            raise OSError(err, f"the kernel would not load it ({lines[-1] if lines else os.strerror(err)})")
+        try:
+            return syscalls.bpf(BPF_PROG_LOAD, attr)
+        except OSError as e:
+            if level:
+                lines = [x for x in log.value.decode(errors="replace").splitlines() if x.strip()]
+                raise OSError(e.errno, f"the kernel would not load it ({lines[-1] if lines else e.strerror})") from None
     raise AssertionError("unreachable")
 
 
@@ -181,11 +174,9 @@ class LookupHook:
     def link(self, cookie: int, nsfd: int) -> int:
         """A link of the namespace's own copy (`cookie`: the namespace's, `nsfd` open on
         it): its fd, not kept in .links. OSError from the kernel."""
-        from sockwatch.kernel.bpfload import link_create
-
         prog = prog_load(patched(self._code, self._at, cookie))
         try:
-            return link_create(prog, nsfd, BPF_SK_LOOKUP)
+            return syscalls.link_create(prog, nsfd, BPF_SK_LOOKUP)
         finally:
             os.close(prog)  # the link holds the program
 

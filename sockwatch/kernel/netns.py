@@ -15,7 +15,6 @@ and its sock_diag socket is closed when the read ends (`reading()`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import socket
@@ -25,19 +24,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sockwatch.kernel import sockdiag
+from sockwatch.kernel import sockdiag, syscalls
 
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71
-_libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.Lock()
 T = TypeVar("T")
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"setns: {os.strerror(e)}")
+    syscalls.setns(fd, CLONE_NEWNET)
 
 
 def device_names(indexes: Iterable[int]) -> dict[int, str]:

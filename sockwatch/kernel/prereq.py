@@ -5,10 +5,13 @@ the first one that fails."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
 from dataclasses import dataclass
+
+from sockwatch.kernel import syscalls
 
 TRACEFS = "/sys/kernel/tracing"
 INSTALL_HINT = "run scripts/install.sh (it installs and links everything sockwatch needs)"
@@ -64,7 +67,6 @@ def headers_dir() -> str | None:
     return None
 
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
 
 
@@ -72,15 +74,13 @@ def bpf_syscall_error() -> int:
     """0 if the kernel lets this process use bpf() (a one-entry array map is created and
     closed at once), else the errno (EPERM: no capability or a seccomp filter; ENOSYS:
     a kernel without BPF)."""
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
+    if syscalls.nr("bpf") is None:
         return 0  # unknown architecture: let bcc find out
-    libc = ctypes.CDLL(None, use_errno=True)
     attr = struct.pack("<IIII", BPF_MAP_TYPE_ARRAY, 4, 4, 1).ljust(128, b"\0")
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    fd = libc.syscall(nr, BPF_MAP_CREATE, buf, len(attr))
-    if fd < 0:
-        return ctypes.get_errno()
+    try:
+        fd = syscalls.bpf(BPF_MAP_CREATE, ctypes.create_string_buffer(attr, len(attr)))
+    except OSError as e:
+        return e.errno or errno.EPERM
     os.close(fd)
     return 0
 

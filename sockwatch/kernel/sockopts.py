@@ -5,10 +5,11 @@ never changed, and a socket whose inode is not the one asked for is not read."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 from dataclasses import dataclass
+
+from sockwatch.kernel import syscalls
 
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (asm-generic)
 
@@ -19,9 +20,6 @@ class Reuse:
     reuseaddr: bool
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def peek(pid: int, fd: int, inode: int) -> Reuse | None:
     """The reuse options of the socket `inode`, held by `pid` as `fd`; None if it cannot
     be read (the process or descriptor went, or no permission)."""
@@ -30,8 +28,9 @@ def peek(pid: int, fd: int, inode: int) -> Reuse | None:
     except OSError:
         return None
     try:
-        dup = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if dup < 0:
+        try:
+            dup = syscalls.syscall("pidfd_getfd", pidfd, fd, 0)
+        except OSError:
             return None
         try:
             if os.fstat(dup).st_ino != inode:

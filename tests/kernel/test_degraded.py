@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from sockwatch.kernel import bpfload, prereq
+from sockwatch.kernel import bpfload, prereq, syscalls
 from tests.conftest import sockwatch_cmd
 from tests.kernel.conftest import AgentProc, Child, compare_with_ss, expected_links
 
@@ -33,19 +32,13 @@ E2BIG = 7
 
 
 def _load_return_1(hook: bpfload.Hook) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
     insns = ctypes.create_string_buffer(RETURN_1, len(RETURN_1))
     license_ = ctypes.create_string_buffer(b"GPL")
     attr = bytearray(128)
     struct.pack_into("<IIQQ", attr, 0, PROG_TYPE[hook.prog_type], 2, ctypes.addressof(insns),
                      ctypes.addressof(license_))  # fmt: skip
     struct.pack_into("<I", attr, 68, hook.attach_type)  # expected_attach_type
-    buf = ctypes.create_string_buffer(bytes(attr), len(attr))
-    nr = {"x86_64": 321, "aarch64": 280}[platform.machine()]
-    fd = libc.syscall(nr, BPF_PROG_LOAD, buf, len(attr))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "BPF_PROG_LOAD")
-    return fd
+    return syscalls.bpf(BPF_PROG_LOAD, ctypes.create_string_buffer(bytes(attr), len(attr)))
 
 
 @contextmanager
@@ -61,7 +54,7 @@ def hook_slots_full(func: str) -> Iterator[int]:
     try:
         while True:
             try:
-                links.append(bpfload.link_create(prog_fd, cg_fd, hook.attach_type))
+                links.append(syscalls.link_create(prog_fd, cg_fd, hook.attach_type))
             except OSError as e:
                 assert e.errno == E2BIG, e
                 break
@@ -156,7 +149,7 @@ def test_every_hook_refused_is_one_sentence(tmp_path):
         for func in full:
             stack.enter_context(hook_slots_full(func))
         r = subprocess.run(
-            [str(nobpf), "--nr", str(bpfload._NR_PERF_EVENT_OPEN[platform.machine()]), "--bpf-cmd", "17",
+            [str(nobpf), "--nr", str(syscalls.nr("perf_event_open")), "--bpf-cmd", "17",
              "--bpf-cmd", "28",
              *sockwatch_cmd("serve", "--socket", str(tmp_path / "s" / "a.sock"))],
             capture_output=True, text=True, check=False, timeout=120,
