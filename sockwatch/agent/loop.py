@@ -33,7 +33,8 @@ from sockwatch.agent.queries import Queries
 from sockwatch.kernel import bpfload, prereq
 from sockwatch.kernel.ringbuf import RingReader
 from sockwatch.model import IPPROTO_TCP
-from sockwatch.tracker import Change, Tracker
+from sockwatch.table import Tracker
+from sockwatch.table.rules import Change
 
 log = logging.getLogger(__name__)
 

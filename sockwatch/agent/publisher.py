@@ -21,7 +21,8 @@ from sockwatch import filters as flt
 from sockwatch import lookups, stream
 from sockwatch.agent.clients import Client, Clients, Subscription
 from sockwatch.model import IPPROTO_UDP, SockRow
-from sockwatch.tracker import Change, Tracker
+from sockwatch.table import Tracker
+from sockwatch.table.rules import Change
 
 STREAM_CHECK_EVERY = 256  # records between looks at the stream's CPU budget
 CONNECTION_KINDS = frozenset({"connect", "accept", "state", "close"})  # what SW_CFG_STREAM sends

@@ -53,8 +53,8 @@ def ports(
                 raise client.AgentError("the agent's ports answer is malformed") from None
         else:
             from sockwatch.kernel import prereq
+            from sockwatch.table import Tracker
             from sockwatch.tally import ports_report
-            from sockwatch.tracker import Tracker
 
             prereq.require_root()
             t = Tracker()

@@ -84,7 +84,7 @@ def snapshot(
                     _say_if_partial(answer[0])
                     return
         from sockwatch.kernel import prereq
-        from sockwatch.tracker import Tracker
+        from sockwatch.table import Tracker
 
         prereq.require_root()
         tracker = Tracker()

@@ -14,7 +14,8 @@ from sockwatch.events import Event
 from sockwatch.kernel import procscan
 from sockwatch.kernel.sockdiag import DiagSock
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, OWNER_HOOK, OWNER_LISTENER, R_ACTIVE, TcpState
-from sockwatch.tracker import NEED_INODE, NEED_TUPLE, R_NO_CALLBACKS, Tracker
+from sockwatch.table import Tracker
+from sockwatch.table.rules import NEED_INODE, NEED_TUPLE, R_NO_CALLBACKS
 
 NS_COOKIE, NS_INODE = 4096, 4026532000
 
@@ -203,7 +204,7 @@ def test_events_from_an_unknown_namespace_are_counted_not_guessed():
 
 
 def test_binds_count_by_the_port_asked_and_cap_their_keys(monkeypatch):
-    import sockwatch.tracker as tr
+    import sockwatch.table.hook_events as tr
 
     monkeypatch.setattr(tr, "MAX_BIND_KEYS", 3)
     t = tracker()
@@ -298,7 +299,7 @@ def test_the_owner_rule_sees_renames_and_exits_with_the_table_unchanged():
 ], ids=["owner", "lifetime record", "no owner"])  # fmt: skip
 def test_the_table_and_the_stream_decode_a_record_alike(owner, flags, want):
     from sockwatch.stream import sock_of_event
-    from sockwatch.tracker import row_from_event
+    from sockwatch.table.rules import row_from_event
 
     e = ev(E.STATE, 5, local=("10.0.0.1", 80), remote=("10.0.0.2", 5000), owner=owner, flags=flags)
     assert E.decode(e).owner == want
