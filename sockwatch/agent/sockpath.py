@@ -3,6 +3,11 @@
 The agent runs as root, so a careless path could clobber someone else's file or socket,
 or loosen or tighten a shared directory. The rules:
 - the path must be absolute, fit AF_UNIX (107 bytes), and not be under /proc, /sys, /dev;
+- the directory is walked one component at a time (openat with O_NOFOLLOW), as root's
+  own lookup would: a symlink is followed only if root owns it, no directory on the way
+  may be another user's or writable by others without the sticky bit (its owner could
+  swap what is under it), and everything after the walk (lock, socket, removal) is done
+  relative to the directory it opened, so a component swapped meanwhile changes nothing;
 - missing directories are created 0700 and are the only ones removed again; an existing
   directory keeps its mode;
 - a lock file beside the socket (PATH.lock, ours: root-owned, a pid in it) says whether an
@@ -20,6 +25,7 @@ import re
 import socket
 import stat
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the NUL
 _FORBIDDEN = ("/proc", "/sys", "/dev")
@@ -80,65 +86,132 @@ def validate(path: str) -> str:
     return norm
 
 
-def _check_parents(path: str) -> None:
-    """The directories above `path` as the kernel will walk them: a symlink among them
-    must be root's (anyone else's could lead root anywhere: /var/run -> /run is root's),
-    and where they lead must not be the kernel's trees either. PathError if not."""
-    cur = "/"
-    for part in os.path.dirname(path).strip("/").split("/"):
-        if not part:
-            continue
-        cur = os.path.join(cur, part)
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            break  # the rest is missing: made by us, as directories
-        except OSError as e:
-            raise PathError(f"{_show(cur)} cannot be read ({e.strerror})") from None
-        if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
-            raise PathError(f"{_show(cur)} is a symlink owned by uid {st.st_uid}, not root: it is not followed")
-    if root := _kernels_tree(os.path.realpath(os.path.dirname(path))):
-        raise PathError(f"the socket path {_show(path)} leads under {root} (through a symlink), "
-                        "which is the kernel's")  # fmt: skip
+MAX_LINKS = 40  # as the kernel's own path walk
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _make_dirs(d: str) -> list[str]:
-    """Create what is missing of d (0700), deepest last; return what was created."""
-    missing = []
-    while not os.path.lexists(d):
-        missing.append(d)
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise PathError(f"{_show(d)} is not a directory")
-    created: list[str] = []
-    for m in reversed(missing):
-        try:
-            os.mkdir(m, 0o700)
-        except FileExistsError:
-            pass  # made meanwhile by someone else: not ours to remove
-        except OSError as e:  # no space, no inodes, read-only
-            _remove_dirs(created)
-            raise _unusable(f"create the directory {_show(m)}", e) from None
-        else:
-            created.append(m)
-    for m in missing:
-        if not os.path.isdir(m):
-            raise PathError(f"{_show(m)} is not a directory")
-    return created
+class Made(NamedTuple):
+    """A directory the walk created: removed again only if it is still that one."""
+
+    path: str
+    dev: int
+    ino: int
 
 
-def _open_lock(lock_path: str) -> tuple[int, bool]:
-    """(fd, created): our lock file, or PathError if something else has that name."""
+@dataclass
+class _Dir:
+    """The socket's directory, held open: everything after the walk is done relative to
+    this fd, so nothing can swap a component of the path in between."""
+
+    fd: int
+    real: str  # where it is, symlinks resolved
+    created: list[Made] = field(default_factory=list)  # what the walk made, outermost first
+
+
+def _open_dir(path: str) -> _Dir:
+    """Walk to the directory of `path` as the kernel would, one component at a time with
+    openat(O_NOFOLLOW), creating what is missing (0700). A symlink is followed only if
+    root owns it; no directory on the way may be another user's or writable by others
+    without the sticky bit (its owner could swap what is under it); the walk never
+    enters /proc, /sys or /dev. PathError or PathUnusable, with what it made removed."""
+    todo = [p for p in os.path.dirname(path).split("/") if p]
+    fd = os.open("/", _DIR_FLAGS)
+    real: list[str] = []
+    created: list[Made] = []
+    links = 0
     try:
-        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), True
+        while todo:
+            part = todo.pop(0)
+            if part == ".":
+                continue
+            if part == "..":  # (only from a symlink's target: validate() normalised the path)
+                real = real[:-1]
+                os.close(fd)
+                fd = _reopen(real)
+                continue
+            where = "/" + "/".join([*real, part])
+            try:
+                st = os.lstat(part, dir_fd=fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    todo.insert(0, part)  # made meanwhile by someone else: looked at again, not ours
+                    continue
+                except OSError as e:  # no space, no inodes, read-only
+                    raise _unusable(f"create the directory {_show(where)}", e) from None
+                st = os.lstat(part, dir_fd=fd)
+                created.append(Made(where, st.st_dev, st.st_ino))
+            except OSError as e:
+                raise PathError(f"{_show(where)} cannot be read ({e.strerror})") from None
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_uid != 0:
+                    raise PathError(
+                        f"{_show(where)} is a symlink owned by uid {st.st_uid}, not root: it is not followed"
+                    )
+                links += 1
+                if links > MAX_LINKS:
+                    raise PathError(f"{_show(path)} has too many symlinks on the way")
+                target = os.readlink(part, dir_fd=fd)
+                todo = [p for p in target.split("/") if p] + todo
+                if target.startswith("/"):
+                    real = []
+                    os.close(fd)
+                    fd = os.open("/", _DIR_FLAGS)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise PathError(f"{_show(where)} is not a directory")
+            if root := _kernels_tree(where):
+                raise PathError(f"the socket path {_show(path)} leads under {root} (through a symlink), "
+                                "which is the kernel's")  # fmt: skip
+            _check_dir(where, st)
+            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            got = os.fstat(nfd)
+            if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
+                os.close(nfd)
+                raise PathError(f"{_show(where)} changed while it was looked at: try again")
+            os.close(fd)
+            fd = nfd
+            real.append(part)
+        return _Dir(fd, "/" + "/".join(real), created)
+    except BaseException:
+        os.close(fd)
+        _remove_dirs(created)
+        raise
+
+
+def _reopen(real: list[str]) -> int:
+    """A directory already walked (and checked), opened again from the root."""
+    fd = os.open("/", _DIR_FLAGS)
+    for part in real:
+        nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+def _check_dir(where: str, st: os.stat_result) -> None:
+    if st.st_uid != 0:
+        raise PathError(f"{_show(where)} is owned by uid {st.st_uid}, not root: its owner could swap what is "
+                        "under it")  # fmt: skip
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise PathError(f"{_show(where)} is writable by others without the sticky bit: anyone could swap what "
+                        "is under it")  # fmt: skip
+
+
+def _open_lock(d: _Dir, name: str, shown: str) -> tuple[int, bool]:
+    """(fd, created): our lock file `name` in d, or PathError if something else has that name."""
+    try:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, flags, 0o600, dir_fd=d.fd), True
     except FileExistsError:
         pass
     except OSError as e:  # no space, no inodes, read-only
-        raise _unusable(f"create the lock file {_show(lock_path)}", e) from None
+        raise _unusable(f"create the lock file {_show(shown)}", e) from None
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=d.fd)
     except OSError as e:
-        raise PathError(f"{_show(lock_path)} exists and is not sockwatch's lock file ({e.strerror})") from None
+        raise PathError(f"{_show(shown)} exists and is not sockwatch's lock file ({e.strerror})") from None
     st = os.fstat(fd)
     if (
         not stat.S_ISREG(st.st_mode)
@@ -147,8 +220,18 @@ def _open_lock(lock_path: str) -> tuple[int, bool]:
         or not _LOCK_CONTENT.fullmatch(os.pread(fd, 17, 0))
     ):
         os.close(fd)
-        raise PathError(f"{_show(lock_path)} exists and is not sockwatch's lock file: it was left alone")
+        raise PathError(f"{_show(shown)} exists and is not sockwatch's lock file: it was left alone")
     return fd, False
+
+
+def _in(d: _Dir, name: str) -> str:
+    """A path to `name` in d through d's fd (the kernel resolves /proc/self/fd/N to the
+    directory held, not to whatever its old path names now): for bind and connect,
+    which take no directory fd."""
+    via = f"/proc/self/fd/{d.fd}/{name}"
+    if len(os.fsencode(via)) > MAX_UNIX_PATH:
+        raise PathError(f"the socket's file name {_show(name)} is too long for a unix socket")
+    return via
 
 
 def _live(path: str) -> bool:
@@ -167,29 +250,36 @@ def _live(path: str) -> bool:
 
 @dataclass
 class Claim:
-    """The socket path, held: the listening socket, the lock, and what we created."""
+    """The socket path, held: the listening socket, the lock, the directory (open), and
+    what we created."""
 
     path: str
     listener: socket.socket
     lock_fd: int
-    created_dirs: list[str] = field(default_factory=list)
+    created_dirs: list[Made] = field(default_factory=list)
     ino: tuple[int, int] = (0, 0)
+    dir_fd: int = -1
 
     def release(self) -> None:
         """Remove what is ours (socket, lock file, directories we made) and nothing else."""
         self.listener.close()
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self.ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        if self.lock_fd >= 0:
-            # holding the lock: no agent can be starting on this path right now
+        name = os.path.basename(self.path)
+        if self.dir_fd >= 0:
             try:
-                os.unlink(self.path + ".lock")
+                st = os.lstat(name, dir_fd=self.dir_fd)
+                if (st.st_dev, st.st_ino) == self.ino:
+                    os.unlink(name, dir_fd=self.dir_fd)
             except FileNotFoundError:
                 pass
+            if self.lock_fd >= 0:
+                # holding the lock: no agent can be starting on this path right now
+                try:
+                    os.unlink(name + ".lock", dir_fd=self.dir_fd)
+                except FileNotFoundError:
+                    pass
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+        if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
         _remove_dirs(self.created_dirs)
@@ -197,20 +287,17 @@ class Claim:
 
 def claim(path: str) -> Claim:
     """Bind the agent's socket at path (validated), or raise PathError / AgentRunning /
-    PathUnusable, leaving nothing of ours behind."""
+    PathUnusable, leaving nothing of ours behind. Every step after the directory walk is
+    relative to the directory it opened."""
     path = validate(path)
-    _check_parents(path)
-    created = _make_dirs(os.path.dirname(path))
-    try:
-        _check_parents(path)  # again: a directory someone made in our place meanwhile may be a link
-    except BaseException:
-        _remove_dirs(created)
-        raise
+    name = os.path.basename(path)
+    d = _open_dir(path)
     lock_path = path + ".lock"
     try:
-        lock_fd, created_lock = _open_lock(lock_path)
+        lock_fd, created_lock = _open_lock(d, name + ".lock", lock_path)
     except BaseException:
-        _remove_dirs(created)
+        os.close(d.fd)
+        _remove_dirs(d.created)
         raise
     locked = False
     try:
@@ -223,20 +310,20 @@ def claim(path: str) -> Claim:
                 raise AgentRunning(f"another sockwatch agent (pid {holder}) is serving {path}") from None
             raise
         try:
-            st = os.lstat(path)
+            st = os.lstat(name, dir_fd=d.fd)
         except FileNotFoundError:
             st = None
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
                 raise PathError(f"{_show(path)} exists and is not a socket: it was left alone")
-            if _live(path):
+            if _live(_in(d, name)):
                 raise PathError(f"{_show(path)} is another program's live socket: it was left alone")
             if created_lock:
                 raise PathError(
                     f"{_show(path)} is a socket nobody listens on, with no sockwatch lock beside it: "
                     "remove it if it is yours"
                 )
-            os.unlink(path)  # left by an agent that died: its lock file is here and free
+            os.unlink(name, dir_fd=d.fd)  # left by an agent that died: its lock file is here and free
         try:
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
@@ -245,7 +332,7 @@ def claim(path: str) -> Claim:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            s.bind(path)
+            s.bind(_in(d, name))
         except OSError as e:  # no inode left, read-only
             s.close()
             raise _unusable(f"create the socket {_show(path)}", e) from None
@@ -254,22 +341,27 @@ def claim(path: str) -> Claim:
             raise
         finally:
             os.umask(old)
-        st = os.lstat(path)
+        st = os.lstat(name, dir_fd=d.fd)
         s.listen(64)
         s.setblocking(False)
-        return Claim(path, s, lock_fd, created, (st.st_dev, st.st_ino))
+        return Claim(path, s, lock_fd, d.created, (st.st_dev, st.st_ino), d.fd)
     except BaseException:
         if locked and created_lock:
-            os.unlink(lock_path)  # ours and still locked by us: nobody else uses it
+            os.unlink(name + ".lock", dir_fd=d.fd)  # ours and still locked by us: nobody else uses it
         os.close(lock_fd)
-        _remove_dirs(created)
+        os.close(d.fd)
+        _remove_dirs(d.created)
         raise
 
 
-def _remove_dirs(created: list[str]) -> None:
-    """Remove the directories we made, deepest first, while they are empty."""
-    for d in reversed(created):
+def _remove_dirs(created: list[Made]) -> None:
+    """Remove the directories we made, deepest first, while they are empty and still
+    the ones we made (not another directory put in their place)."""
+    for m in reversed(created):
         try:
-            os.rmdir(d)
+            st = os.lstat(m.path)
+            if (st.st_dev, st.st_ino) != (m.dev, m.ino):
+                break
+            os.rmdir(m.path)
         except OSError:
             break

@@ -7,6 +7,7 @@ import platform
 
 import typer
 
+from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_ENV
 
 
@@ -48,11 +49,44 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
     return out
 
 
-def doctor() -> None:
-    """Check what this machine offers sockwatch: root, bpf(), bcc, cgroup v2, kernel
-    headers, and that every hook loads and attaches here (each for an instant).
+def _agent_report(socket_path: str | None) -> list[str]:
+    """What a running agent says of itself: its sk_lookup hook's reach (the namespace
+    cap) and every note its answers carry (hooks missing, losses, caps reached)."""
+    import json
 
-    Says what to do about each gap. Exit status 3 if anything is missing.
+    from sockwatch.agent import client
+    from sockwatch.agent.protocol import DEFAULT_SOCKET
+    from sockwatch.render import printable
+
+    where = socket_path or DEFAULT_SOCKET
+    try:
+        answer = client.request("status", socket_path)
+    except client.AgentError as e:
+        return [f"-- agent      {printable(str(e))}"]
+    if answer is None:
+        return [f"-- agent      none answers at {where}"]
+    try:
+        st = json.loads(answer[1])
+        lk, notes = st.get("lookup"), st.get("partial") or []
+        out = [f"ok agent      answers at {where}: {int(st['sockets'])} sockets, {int(st['namespaces'])} namespaces"]
+        if isinstance(lk, dict):
+            over = int(lk.get("namespaces_over_cap", 0))
+            out.append(f"{'!!' if over else 'ok'} sk_lookup   hooked in {int(lk['namespaces_hooked'])} namespaces "
+                       f"(--max-lookup-namespaces {int(lk['namespaces_cap'])}"
+                       f"{f'; {over} over it, not hooked' if over else ''})")  # fmt: skip
+        out += [f"!! note       {printable(str(n))[:300]}" for n in notes[:10]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ["!! agent      its status answer is malformed"]
+    return out
+
+
+def doctor(socket_path: opt.Socket = None) -> None:
+    """Check what this machine offers sockwatch: root, bpf(), bcc, cgroup v2, kernel
+    headers, and that every hook loads and attaches here (each for an instant); then
+    what a running agent says it lacks (a hook refused, its namespace cap reached).
+
+    Says what to do about each gap. Exit status 3 if anything is missing here (an
+    agent's notes are reported, not counted).
 
     Example:
 
@@ -79,5 +113,9 @@ def doctor() -> None:
         typer.echo("  -- kprobes, fentry/fexit, BPF LSM         not used: sockwatch relies only on stable hooks")
     else:
         typer.echo("hooks: not probed until the problems above are fixed")
+    if os.geteuid() == 0 or socket_path is not None:
+        typer.echo("running agent:")
+        for line in _agent_report(socket_path):
+            typer.echo(f"  {line}")
     if bad:
         raise typer.Exit(EXIT_ENV)

@@ -381,3 +381,39 @@ def test_a_symlinked_parent_is_followed_only_if_roots_and_never_into_the_kernels
     # and through serve: one sentence, exit 2
     r = serve(f"{theirs}/agent.sock")
     assert r.returncode == 2 and "not followed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_directory_another_user_could_swap_is_refused_and_a_swap_after_the_walk_changes_nothing(scratch):
+    """The walk refuses a directory whose owner is not root, or that others may write
+    without the sticky bit; and once walked, the directory is held: renaming it away and
+    putting someone's file in its place leaves that file alone when the agent goes."""
+    from sockwatch.agent import sockpath
+
+    theirs = os.path.join(scratch, "theirs")
+    os.mkdir(theirs)
+    os.chown(theirs, 65534, 65534)
+    open_ = os.path.join(scratch, "open")
+    os.mkdir(open_)
+    os.chmod(open_, 0o777)
+    sticky = os.path.join(scratch, "sticky")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)  # as /tmp: others may write, not rename what is not theirs
+    with pytest.raises(sockpath.PathError, match="owned by uid 65534, not root"):
+        sockpath.claim(f"{theirs}/sub/agent.sock")
+    with pytest.raises(sockpath.PathError, match="writable by others without the sticky bit"):
+        sockpath.claim(f"{open_}/agent.sock")
+    assert os.listdir(theirs) == [] and os.listdir(open_) == []
+    c = sockpath.claim(f"{sticky}/mine/agent.sock")  # made by the walk, 0700
+    try:
+        os.rename(os.path.join(sticky, "mine"), os.path.join(sticky, "moved"))
+        os.mkdir(os.path.join(sticky, "mine"))
+        with open(os.path.join(sticky, "mine", "agent.sock.lock"), "w") as f:
+            f.write("someone's\n")
+        with open(os.path.join(sticky, "mine", "agent.sock"), "w") as f:
+            f.write("precious")
+        assert stat.S_ISSOCK(os.lstat(os.path.join(sticky, "moved", "agent.sock")).st_mode)
+    finally:
+        c.release()
+    assert sorted(os.listdir(os.path.join(sticky, "mine"))) == ["agent.sock", "agent.sock.lock"]
+    assert open(os.path.join(sticky, "mine", "agent.sock")).read() == "precious"
+    assert os.listdir(os.path.join(sticky, "moved")) == []  # ours went from where they really were

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 
+from tests.conftest import sockwatch_cmd
 from tests.kernel.conftest import AgentProc
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -44,6 +45,9 @@ def test_namespaces_made_by_nobody_are_hooked_up_to_the_cap(fresh_agent):
         m = re.search(r"^sockwatch_lookup_namespaces_over_cap (\S+)$", text, re.M)
         assert m and float(m.group(1)) == got["namespaces_over_cap"], m
         assert re.search(r"^sockwatch_lookup_namespaces_hooked 6\.0$", text, re.M)
+        doc = subprocess.run(sockwatch_cmd("doctor", "--socket", a.socket), capture_output=True, text=True, check=False)
+        over = f"hooked in 6 namespaces (--max-lookup-namespaces 6; {got['namespaces_over_cap']} over it, not hooked)"
+        assert over in doc.stdout and "--max-lookup-namespaces 6 was reached" in doc.stdout, doc.stdout
     finally:
         for p in flood:
             p.kill()

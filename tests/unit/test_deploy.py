@@ -87,7 +87,7 @@ def manifests() -> dict[str, dict]:
         return {d["kind"]: d for d in yaml.safe_load_all(f)}
 
 
-@pytest.mark.parametrize("kind", ["Namespace", "ServiceAccount", "DaemonSet", "Service"])
+@pytest.mark.parametrize("kind", ["Namespace", "ServiceAccount", "DaemonSet", "Service", "NetworkPolicy"])
 def test_manifests_validate_against_the_kubernetes_schemas(kind):
     kubernetes_validate.validate(manifests()[kind], kubernetes_validate.latest_version(), strict=True)
 
@@ -117,6 +117,22 @@ def test_the_daemonset_asks_for_what_the_agent_needs_and_no_more():
     assert env["SOCKWATCH_LISTEN"].endswith(":9847") and env["SOCKWATCH_KUBELET_LOG_DIR"] == "/host/var/log"
     assert env["SOCKWATCH_CGROUP_ROOT"] == "/host/sys/fs/cgroup"  # not the pod's own cgroup
     assert not pod["automountServiceAccountToken"]  # it never calls the API server
+
+
+def test_only_prometheus_reaches_the_metrics_on_the_pod_network():
+    """The deliberate default: the metrics name every namespace's listeners and their
+    processes, so the shipped policy admits Prometheus's pods to that port and nothing else."""
+    m = manifests()
+    np, ds = m["NetworkPolicy"], m["DaemonSet"]
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert np["spec"]["policyTypes"] == ["Ingress"] and len(np["spec"]["ingress"]) == 1
+    (rule,) = np["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert [f["podSelector"]["matchLabels"] for f in rule["from"]] == [{"app.kubernetes.io/name": "prometheus"}]
+    assert "ipBlock" not in str(rule)  # no address range opened beside it
+    ports = {p["name"] for p in ds["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert "metrics" in ports
 
 
 def test_the_service_monitor_scrapes_the_service():
