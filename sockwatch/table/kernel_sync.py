@@ -12,6 +12,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from sockwatch import containers, ports
 from sockwatch.kernel import procscan, sockdiag
@@ -38,6 +39,16 @@ CONNECTION_STATES = sockdiag.ALL_STATES & ~sockdiag.LISTEN_ONLY  # what sync_con
 
 def _names_inside(indexes: set[int], ns_fd: int) -> dict[int, str]:
     return in_netns(ns_fd, functools.partial(device_names, indexes))
+
+
+@dataclass
+class _Compared:
+    """What a read of the (IP, port) tables did."""
+
+    added: list[SockRow] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)  # cookies whose kernel fields differed unexpectedly
+    removed: list[int] = field(default_factory=list)  # cookies the kernel no longer had (unreported ends)
+    moved: bool = False  # anything changed, expected or not
 
 
 class KernelSync(Owners):
@@ -179,28 +190,29 @@ class KernelSync(Owners):
         self.stats.namespaces_gone += len(gone)
         return len(dead)
 
-    def read_unhooked(self, drain: Callable[[], object] = lambda: None) -> list[SockRow]:
-        """UDP sockets and TCP listeners as the kernel has them now, read when a view asks
-        (one sock_diag dump of each per namespace: the hook that would see them close runs
-        for every socket, so it is attached only while someone streams). Bind and connect
-        events keep their owners and the stream; this read is the table's truth for what
-        they cannot see: a sendto() that bound a port, a close, a disconnect. Rows it adds
-        have no owner until fix_owners looks in /proc (as ss -p does). `drain` applies
-        the events that arrived during the dump first (see reconcile). Returns the rows
-        added."""
+    def _compare_ip_port_tables(self, protocols: tuple[int, ...], drain: Callable[[], object]) -> _Compared:
+        """Make the rows the kernel keys by (IP, port) — UDP sockets and TCP listeners of
+        `protocols` — the kernel's: one sock_diag dump of each per namespace. `drain`
+        applies the events that arrived during the dump before comparing: a row an event
+        set after the dump began is newer than the dump, and a socket removed meanwhile is
+        not mistaken for one the hooks missed. A namespace whose table cannot be read
+        keeps its rows; one gone meanwhile loses them."""
         gen0 = self._gen
         self._removed_during = set()
+        out = _Compared()
         kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
         unread: set[int] = set()  # namespaces whose table could not be read: their rows stay
+        gone_ns: set[int] = set()
         try:
             with self.registry.reading():
                 for ns in list(self.registry.by_cookie.values()):
                     try:
                         diag = self.registry.diag(ns)
-                        dumps = (sockdiag.dump_all(diag, (IPPROTO_UDP,), sockdiag.ALL_STATES),
-                                 sockdiag.dump_all(diag, (IPPROTO_TCP,), sockdiag.LISTEN_ONLY))  # fmt: skip
+                        dumps = [sockdiag.dump_all(diag, (proto,), sockdiag.LISTEN_ONLY if proto == IPPROTO_TCP
+                                                   else sockdiag.ALL_STATES) for proto in protocols]  # fmt: skip
                     except NamespaceGone:
-                        continue  # forget_dead_namespaces takes its rows
+                        gone_ns.add(ns.cookie)
+                        continue
                     except OSError as e:
                         log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
                         unread.add(ns.cookie)
@@ -208,45 +220,61 @@ class KernelSync(Owners):
                     for dump in dumps:
                         for d in dump:
                             kernel[d.cookie] = (d, ns)
+            if gone_ns:
+                for c in [c for c, r in self.rows.items() if r.netns_cookie in gone_ns]:
+                    self._remove(c)
+                    out.moved = True
             drain()
             removed_meanwhile = self._removed_during
         finally:
             self._removed_during = None
         rows = self.rows
-        added: list[SockRow] = []
-        changed = 0
         for cookie, (d, ns) in kernel.items():
             row = rows.get(cookie)
             if row is None:
                 if cookie in removed_meanwhile:
                     continue  # closed while we were dumping
                 row = rows[cookie] = row_from_diag(d, ns, self._unnamed)
+                if d.protocol == IPPROTO_TCP:
+                    row.flags |= R_NO_CALLBACKS  # a listen() no hook saw: its end comes from a read too
                 self._by_ip_port.add(cookie)
                 self._order.add(row)
                 self._touch(cookie)
-                if d.protocol == IPPROTO_TCP:
-                    row.flags |= R_NO_CALLBACKS  # a listen() no hook saw: its end comes from a read too
                 self._changed.setdefault(cookie, None)
-                added.append(row)
+                out.added.append(row)
             elif row.gen <= gen0:
-                self.pending.pop(cookie, None)
+                pending = self.pending.pop(cookie, None)
                 if self._take_kernel_fields(row, d):
-                    changed += 1
+                    out.moved = True
+                    if not pending:  # fields an event never carries are expected to differ until read
+                        out.changed.append(cookie)
             elif not row.inode:
                 row.inode = d.inode
                 self._touch(cookie)
         gone = [
             c for c in self._by_ip_port
             if c not in kernel and (r := rows[c]).visible and r.gen <= gen0 and r.netns_cookie not in unread
-            and (r.protocol == IPPROTO_UDP or r.state == TcpState.LISTEN)
+            and r.protocol in protocols and (r.protocol == IPPROTO_UDP or r.state == TcpState.LISTEN)
         ]  # fmt: skip
         for c in gone:
+            if not self.pending.get(c, set()) & {NEED_ORPHAN}:  # its end was not reported by design: not a repair
+                out.removed.append(c)
             self._remove(c)
-        self.stats.kernel_reads += 1
-        self.stats.autobound_udp += sum(1 for r in added if r.protocol == IPPROTO_UDP and not r.is_connection)
-        if added or changed or gone:
+        if out.added or gone or out.moved:
             self._listeners = None
             self.version += 1
+        return out
+
+    def read_unhooked(self, drain: Callable[[], object] = lambda: None) -> list[SockRow]:
+        """UDP sockets and TCP listeners as the kernel has them now, read when a view asks
+        (the hook that would see them close runs for every socket, so it is attached only
+        while someone streams). Bind and connect events keep their owners and the stream;
+        this read is the table's truth for what they cannot see: a sendto() that bound a
+        port, a close, a disconnect. Rows it adds have no owner until fix_owners looks in
+        /proc (as ss -p does). Returns the rows added."""
+        added = self._compare_ip_port_tables((IPPROTO_TCP, IPPROTO_UDP), drain).added
+        self.stats.kernel_reads += 1
+        self.stats.autobound_udp += sum(1 for r in added if r.protocol == IPPROTO_UDP and not r.is_connection)
         return added
 
     def reconcile(
@@ -255,93 +283,28 @@ class KernelSync(Owners):
         protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP),
         repair: bool = True,
     ) -> dict[str, int]:
-        """Compare every namespace's kernel table of `protocols` with ours, repair and
-        count differences.
-
-        `drain` applies the events that arrived during the dump before comparing: a row
-        an event set after the dump began is newer than the dump, and a socket removed
-        meanwhile is not mistaken for one the hooks missed. With repair=False the kernel
-        is the only source for those protocols (a hook for them is missing): what it
-        changes is a read, counted apart from repairs.
-        """
+        """The same read as read_unhooked, after looking for new and dead namespaces,
+        with what differed counted as repairs (the hooks should have told it), owners
+        for the rows it added, and a check that every owner still holds its sockets.
+        With repair=False the kernel is the only source for those protocols (a hook for
+        them is missing): what it changes is a read, counted apart from repairs.
+        (Connections are not compared: sync_connections reads them whole when asked.)"""
         t0 = time.monotonic()
-        gen0 = self._gen
-        self._removed_during = set()
-        try:
-            self.registry.refresh()
-            self.forget_dead_namespaces()  # neither dumped nor kept
-            gone: set[int] = set()
-            kernel: dict[int, tuple[sockdiag.DiagSock, Namespace]] = {}
-            with self.registry.reading():
-                for ns in list(self.registry.by_cookie.values()):
-                    try:
-                        self.registry.diag(ns)
-                    except NamespaceGone:
-                        gone.add(ns.cookie)
-                        continue
-                    for proto in protocols:  # TCP: listeners only (sync_connections keeps the rest)
-                        states = sockdiag.LISTEN_ONLY if proto == IPPROTO_TCP else sockdiag.ALL_STATES
-                        for d in self._dump(ns, (proto,), states):
-                            kernel[d.cookie] = (d, ns)
-            for c in [c for c, r in self.rows.items() if r.netns_cookie in gone]:
-                self._remove(c)
-            drain()
-            removed_meanwhile = self._removed_during
-        finally:
-            self._removed_during = None
-        added: list[SockRow] = []
-        counts: Counter = Counter()
-        fixed: list[int] = []
-        for cookie, (d, ns) in kernel.items():
-            row = self.rows.get(cookie)
-            if row is None:
-                if cookie in removed_meanwhile:
-                    continue  # closed while we were dumping
-                row = row_from_diag(d, ns, self._unnamed)
-                self.rows[cookie] = row
-                self._by_ip_port.add(cookie)  # (UDP sockets and listeners only)
-                self._order.add(row)
-                self._touch(cookie)
-                self._changed.setdefault(cookie, None)
-                added.append(row)
-                counts["added"] += 1
-                fixed.append(cookie)
-            elif row.gen <= gen0:
-                pending = self.pending.pop(cookie, None)
-                # fields an event never carries are expected to differ until read
-                if self._take_kernel_fields(row, d) and not pending:
-                    counts["changed"] += 1
-                    fixed.append(cookie)
-            elif not row.inode:
-                row.inode = d.inode
-                self._touch(cookie)
-        for cookie, row in list(self.rows.items()):
-            if cookie in kernel or not row.visible or row.gen > gen0 or row.protocol not in protocols:
-                continue
-            if is_connection_row(row):
-                continue  # sync_connections' (below)
-            if self.pending.get(cookie, set()) & {NEED_ORPHAN}:
-                pass  # its end was not reported by design: not a repair
-            else:
-                counts["removed"] += 1
-                fixed.append(cookie)
-            self._remove(cookie)
-        for row in added:
-            if row.protocol == IPPROTO_TCP:
-                row.flags |= R_NO_CALLBACKS
-        self._listeners = None
-        self._fill_owners(added)  # (connections are not compared: sync_connections reads them whole when asked)
+        self.registry.refresh()
+        self.forget_dead_namespaces()  # neither dumped nor kept
+        c = self._compare_ip_port_tables(protocols, drain)
+        counts = Counter({"added": len(c.added), "changed": len(c.changed), "removed": len(c.removed)})
+        self._fill_owners(c.added)
         self.stats.owners_moved += self.verify_holders()  # expected: no hook sees fds passed
-        self.version += 1
         if repair:
-            self.stats.repaired_cookies.extend(fixed)
-            self.stats.repairs.update(counts)
+            self.stats.repaired_cookies.extend([r.cookie for r in c.added] + c.changed + c.removed)
+            self.stats.repairs.update(+counts)
             self.stats.reconciles += 1
             self.stats.last_reconcile_s = time.monotonic() - t0
             self.stats.last_reconcile_at = time.monotonic()
         else:
             self.stats.kernel_reads += 1
-        return dict(counts)
+        return dict(+counts)
 
     def connections_stale(self, generation: int | None, now: float | None = None) -> bool:
         """Whether the connection rows may differ from the kernel's: the hooks' generation
@@ -359,8 +322,8 @@ class KernelSync(Owners):
         if not self.connections_stale(generation, now):
             return 0
         t0 = now
-        # Keys of the last read: only sockets whose shown fields differ are decoded. The
-        # first read (and one after a reconcile, which also checks nothing drifted) is whole.
+        # Keys of the last read: only sockets whose shown fields differ are decoded (the
+        # first read, and one after a bootstrap, decode all).
         read = sockdiag.ChangedRead(self._connection_keys if self._connection_keys is not None else frozenset())
         kernel: list[tuple[sockdiag.DiagSock, Namespace]] = []
         with self.registry.reading():
