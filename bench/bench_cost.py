@@ -1,21 +1,23 @@
-"""What `sockwatch serve` costs the host: the same workloads with and without the agent,
-interleaved in one run, with the ratios the always-on cost issue sets.
+"""What `sockwatch serve` costs the host, paired (bench/paired.py's method): C load
+generators in short slices alternately in a cgroup the agent hooks and in one it does
+not, while one agent runs throughout; each pair of adjacent slices gives one ratio.
 
   tcp_crr     TCP connect/accept/close cycles/s, one process, SO_LINGER 0   (loss <= 5%)
   udp_sendto  unconnected sendto() of 64-byte datagrams                      (loss <= 3%)
   udp_send    connected send() of 64-byte datagrams                          (loss <= 2%)
   udp_churn   socket(), sendto() (autobind), close()                         (reported)
 
-Each round runs every workload without the agent, then starts `sockwatch serve`, runs
-them again, and stops it (odd rounds in the other order). Workloads run in a network
-namespace of the benchmark's own, pinned to CPU 0; the agent runs wherever the kernel
-puts it. Then, with the agent running: its CPU while tcp_crr is paced at 10,000
-cycles/s, and its memory before and after --churn-seconds of that churn.
+(nginx, the C loops closing by FIN and the kernel's floor beside them are
+bench_traffic.py's; the per-namespace sk_lookup hook is the same on both sides here and
+is bench_lookup.py's and bench_dns.py's.) The workloads run in a network namespace of
+the benchmark's own, pinned to CPU 0. Then, with an agent hooked host-wide: its CPU
+while tcp_crr is paced at 10,000 cycles/s, and its memory before and after
+--churn-seconds of that churn.
 
-Everything it creates (namespace, processes, the agent, the compiled load generator)
-is removed by id at the end. Results: bench/results/cost.json.
+Everything it creates (namespace, cgroups, processes, agents, the compiled load
+generator) is removed by id at the end. Results: bench/results/cost.json.
 
-  sudo .venv/bin/python bench/bench_cost.py --repeat 5 --seconds 2
+  sudo .venv/bin/python bench/bench_cost.py --pairs 21 --seconds 1
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import time
 import uuid
 
 from common import parse_as_root
+from paired import Cgroups, HookedAgent, in_cgroup, run_pairs, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SW = [sys.executable, "-m", "sockwatch"]
@@ -66,9 +68,10 @@ class Bench:
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
         subprocess.run(["ip", "-n", self.ns, "link", "set", "lo", "up"], check=True)
 
-    def run(self, mode: str, seconds: float | None = None, rate: float = 0) -> float:
+    def run(self, mode: str, seconds: float | None = None, rate: float = 0, cgroup: str | None = None) -> float:
         cmd = ["ip", "netns", "exec", self.ns, *self.pin, self.loadgen, mode, "127.0.0.1", "9000"]
-        r = subprocess.run([*cmd, str(seconds or self.seconds), str(rate)], check=True, capture_output=True, text=True)
+        cmd += [str(seconds or self.seconds), str(rate)]
+        r = subprocess.run(in_cgroup(cgroup, cmd) if cgroup else cmd, check=True, capture_output=True, text=True)
         return float(json.loads(r.stdout)["rate"])
 
     def start_agent(self) -> int:
@@ -108,14 +111,10 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def summarize(xs: list[float]) -> dict:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "runs": xs}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=5, help="rounds with and without the agent (>= 5 for figures)")
-    ap.add_argument("--seconds", type=float, default=2.0, help="length of each workload run")
+    ap.add_argument("--pairs", type=int, default=21, help="pairs of slices per workload (>= 15 for figures)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="length of one slice")
     ap.add_argument("--paced-rate", type=float, default=10_000, help="tcp_crr cycles/s for the agent-CPU figure")
     ap.add_argument("--paced-seconds", type=float, default=20.0)
     ap.add_argument("--churn-seconds", type=float, default=60.0, help="churn before the memory figure (600 = 10 min)")
@@ -124,29 +123,31 @@ def main() -> int:
     args = parse_as_root(ap)
     workloads = [w for w in args.workloads.split(",") if w]
     unknown = [w for w in workloads if w not in WORKLOADS]
-    if unknown or not 1 <= args.repeat <= 100 or not 0.2 <= args.seconds <= 60:
+    if unknown or not 6 <= args.pairs <= 1000 or not 0.2 <= args.seconds <= 60:
         names = ",".join(WORKLOADS)
-        print(f"bench: --workloads from {names}; --repeat 1..100; --seconds 0.2..60", file=sys.stderr)
+        print(f"bench: --workloads from {names}; --pairs 6..1000; --seconds 0.2..60", file=sys.stderr)
         return 2
 
     b = Bench(args.seconds)
-    without: dict[str, list[float]] = {w: [] for w in workloads}
-    with_agent: dict[str, list[float]] = {w: [] for w in workloads}
-    result: dict = {}
-    lost_in_rounds = 0  # events the ring refused while the workloads ran at full speed
+    cg: Cgroups | None = None
+    result: dict = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "seconds_per_slice": args.seconds,
+        "workloads": {},
+    }
     try:
         b.setup()
-        for rnd in range(args.repeat):
-            order = ["without", "with"] if rnd % 2 == 0 else ["with", "without"]
-            for mode in order:
-                if mode == "with":
-                    b.start_agent()
-                for w in workloads:
-                    (with_agent if mode == "with" else without)[w].append(b.run(w))
-                if mode == "with":
-                    lost_in_rounds += b.status()["bpf"]["ringbuf_full"]
-                    b.stop_agent()
-            print(f"round {rnd + 1}/{args.repeat} done", file=sys.stderr)
+        cg = Cgroups.make()
+        hooked = HookedAgent(cg)
+        try:
+            sides = cg
+            for w in workloads:  # (the sides' slices run in turn: one port serves both)
+                ratios = run_pairs(lambda side, w=w: b.run(w, cgroup=sides.side(side)), args.pairs, w)
+                result["workloads"][w] = {**summary(ratios), "target": WORKLOADS[w]}
+            lost_in_pairs = hooked.status()["bpf"]["ringbuf_full"]
+        finally:
+            hooked.stop()
 
         pid = b.start_agent()
         time.sleep(1)
@@ -166,43 +167,28 @@ def main() -> int:
         rss1 = proc_rss_mib(pid)
         st = b.status()
         b.stop_agent()
-
-        result = {
-            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
-            "seconds_per_run": args.seconds,
-            "repeat": args.repeat,
-            "workloads": {},
-            "agent": {
-                "paced_rate": round(paced),
-                "cpu_percent_paced": round(100 * cpu_paced, 2),
-                "cpu_percent_idle_after": round(100 * cpu_idle, 2),
-                "rss_mib_start": round(rss0, 1),
-                "rss_mib_after_churn": round(rss1, 1),
-                "churn_seconds": args.churn_seconds,
-                "rss_growth_percent": round(100 * (rss1 - rss0) / rss0, 1),
-                "events_lost": st["bpf"]["ringbuf_full"],
-                "events_lost_full_speed": lost_in_rounds,
-                "status_after_paced": st_paced["last_minute"],
-                "coalesced": st["tracker"]["coalesced"],
-                "events": st["bpf"]["events"],
-            },
+        result["agent"] = {
+            "paced_rate": round(paced),
+            "cpu_percent_paced": round(100 * cpu_paced, 2),
+            "cpu_percent_idle_after": round(100 * cpu_idle, 2),
+            "rss_mib_start": round(rss0, 1),
+            "rss_mib_after_churn": round(rss1, 1),
+            "churn_seconds": args.churn_seconds,
+            "rss_growth_percent": round(100 * (rss1 - rss0) / rss0, 1),
+            "events_lost": st["bpf"]["ringbuf_full"],
+            "events_lost_full_speed": lost_in_pairs,
+            "status_after_paced": st_paced["last_minute"],
+            "coalesced": st["tracker"]["coalesced"],
+            "events": st["bpf"]["events"],
         }
-        head = f"{'workload':<12} {'without (min/median)':>24} {'with (min/median)':>24} {'ratio':>7} {'loss':>7}"
-        print(f"\n{head}  target")
+        print(f"\n{'workload':<12} {'cost (median)':>14} {'IQR':>18} {'95% CI':>18}  target")
         ok = True
-        for w in workloads:
-            a, z = summarize(without[w]), summarize(with_agent[w])
-            ratio = z["median"] / a["median"]
-            loss = 1 - ratio
-            allowed = WORKLOADS[w]
-            verdict = "" if allowed is None else (f"<= {allowed:.0%} " + ("met" if loss <= allowed else "MISSED"))
-            ok = ok and (allowed is None or loss <= allowed)
-            result["workloads"][w] = {"without": a, "with": z, "ratio_of_medians": round(ratio, 4), "target": allowed}
-            print(
-                f"{w:<12} {a['min']:>11.0f}/{a['median']:<12.0f} {z['min']:>11.0f}/{z['median']:<12.0f} "
-                f"{ratio:>7.3f} {loss:>7.1%}  {verdict}"
-            )
+        for w, r in result["workloads"].items():
+            allowed, cost = r["target"], r["cost_median"]
+            verdict = "" if allowed is None else (f"<= {allowed:.0%} " + ("met" if cost <= allowed else "MISSED"))
+            ok = ok and (allowed is None or cost <= allowed)
+            (lo, hi), (c0, c1) = r["cost_iqr"], r["cost_ci95"]
+            print(f"{w:<12} {cost:>14.1%} {lo:>+8.1%}..{hi:<+8.1%} {c0:>+8.1%}..{c1:<+8.1%}  {verdict}")
         ag = result["agent"]
         print(
             f"\nagent CPU at {ag['paced_rate']} tcp cycles/s: {ag['cpu_percent_paced']}% of one core (target <= 10%); "
@@ -211,7 +197,7 @@ def main() -> int:
         print(
             f"agent memory: {ag['rss_mib_start']} MiB at start, {ag['rss_mib_after_churn']} MiB after "
             f"{args.churn_seconds:.0f}s of churn ({ag['rss_growth_percent']:+}%; target within 10%); "
-            f"events lost: {ag['events_lost']} (paced), {ag['events_lost_full_speed']} (full-speed rounds)"
+            f"events lost: {ag['events_lost']} (paced), {ag['events_lost_full_speed']} (full-speed slices)"
         )
         result["targets_met"] = ok
         os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
@@ -220,6 +206,8 @@ def main() -> int:
         print(f"results: {args.json_out}")
     finally:
         b.cleanup()
+        if cg is not None:
+            cg.remove()
     return 0
 
 

@@ -77,7 +77,7 @@ def main() -> int:
 
     from bcc import BPF  # type: ignore[import-not-found]
 
-    from sockwatch.kernel import bpfload, lookup, prereq
+    from sockwatch.kernel import bpfload, lookup, prereq, syscalls
     from sockwatch.kernel.links import Links
     from sockwatch.kernel.netns import cookie_of_netns
 
@@ -131,7 +131,7 @@ def main() -> int:
         empty = BPF(text="int sw_empty(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
         empty_fn = empty.load_func("sw_empty", lookup.BPF_PROG_TYPE_SK_LOOKUP, attach_type=lookup.BPF_SK_LOOKUP)
         fds = [hook.link(cookie_of_netns(nsfds[0]), nsfds[0]), bpfload.attach_one(b, miss, -1),
-               bpfload.link_create(empty_fn.fd, nsfds[1], lookup.BPF_SK_LOOKUP)]  # fmt: skip
+               syscalls.link_create(empty_fn.fd, nsfds[1], lookup.BPF_SK_LOOKUP)]  # fmt: skip
         try:
             got = run_triples(measure, args.pairs, "unbound")
         finally:

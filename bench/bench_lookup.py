@@ -1,9 +1,10 @@
-"""What the socket-lookup hook costs a flood: the same workload with nothing attached,
-with an empty sk_lookup program (the kernel's own dispatch: the floor any sk_lookup
-program pays), with sockwatch's kfree_skb program alone (what a drop costs it), and
-with sockwatch's (sw_lookup counting lookups and UDP peers, plus
-sw_lookup_miss on kfree_skb), and with sockwatch's built as `serve --max-udp-peers 0`
-builds them, interleaved, min and median of --repeat runs.
+"""What the socket-lookup hook costs a flood, paired (bench/paired.py's method): the
+same workload in short slices in turn with sockwatch's programs attached (sw_lookup
+counting lookups and UDP peers, plus sw_lookup_miss on kfree_skb), with an empty
+sk_lookup program (the kernel's own dispatch: the floor any sk_lookup program pays),
+and with nothing, the order rotating, so that each triple of adjacent slices gives
+sockwatch's cost, the floor's, and sockwatch's over the floor's. The programs go on and
+off between slices (a link made or closed: microseconds, outside the timed slice).
 
   udp_sendto  a C sender's unconnected 64-byte datagrams to an unconnected socket that
               never reads: every datagram is dropped at its full queue, so the miss
@@ -14,10 +15,11 @@ builds them, interleaved, min and median of --repeat runs.
 
 The programs are sockwatch's own, compiled and attached by the same code `serve` uses,
 to a namespace of the benchmark's own only (no agent runs: the host's other namespaces
-are untouched). Everything it creates (namespace, links, programs, the compiled load
-generator) is removed at the end. Results: bench/results/lookup.json.
+are untouched). --no-peers builds them as `serve --max-udp-peers 0` does. Everything it
+creates (namespace, links, programs, the compiled load generator) is removed at the
+end. Results: bench/results/lookup.json.
 
-  sudo .venv/bin/python bench/bench_lookup.py --repeat 7 --seconds 2
+  sudo .venv/bin/python bench/bench_lookup.py --triples 21 --seconds 1
   sudo .venv/bin/python bench/bench_lookup.py --profile sockwatch --workload udp_read
 
 --profile CONFIG runs one workload under `perf record` on the sender's CPU instead, with
@@ -31,24 +33,27 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 
 from common import host, parse_as_root, write_result
+from paired import run_triples, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CONFIGS = ("none", "empty sk_lookup", "kfree_skb alone", "sockwatch", "sockwatch, no peers")
+CONFIGS = ("none", "empty sk_lookup", "kfree_skb alone", "sockwatch")  # (--profile's choices)
+SIDE_CONFIG = {"hooked": "sockwatch", "floor": "empty sk_lookup", "plain": "none"}
 TARGETS = {"udp_sendto": 0.03, "udp_read": 0.03, "tcp_crr": 0.05}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=7, help="rounds (>= 5 for figures)")
-    ap.add_argument("--seconds", type=float, default=2.0, help="length of each run")
+    ap.add_argument("--triples", type=int, default=21, help="triples of slices per workload (>= 15 for figures)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="length of one slice")
+    ap.add_argument("--no-peers", action="store_true", help="sockwatch's programs as --max-udp-peers 0 builds them")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "lookup.json"))
     ap.add_argument("--profile", choices=CONFIGS, help="profile one config with perf instead of comparing")
     ap.add_argument("--workload", choices=list(TARGETS), default="udp_read", help="the workload --profile runs")
@@ -56,8 +61,8 @@ def main() -> int:
     if args.profile and shutil.which("perf") is None:
         print("bench: --profile needs perf (Debian's linux-perf)", file=sys.stderr)
         return 2
-    if not 1 <= args.repeat <= 100 or not 0.2 <= args.seconds <= 60:
-        print("bench: --repeat 1..100; --seconds 0.2..60", file=sys.stderr)
+    if not 6 <= args.triples <= 1000 or not 0.2 <= args.seconds <= 60:
+        print("bench: --triples 6..1000; --seconds 0.2..60", file=sys.stderr)
         return 2
 
     from bcc import BPF
@@ -70,21 +75,20 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="sw-lookup-")
     loadgen = os.path.join(tmp, "loadgen")
     pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
-    b = b_np = empty = None
+    b = empty = None
     nsfd = -1
-    results: dict[str, dict[str, list[float]]] = {w: {c: [] for c in CONFIGS} for w in TARGETS}
+    out: dict = {"host": host("bench/bench_lookup.py"), "seconds_per_slice": args.seconds,
+                 "peers": not args.no_peers, "workloads": {}}  # fmt: skip
     try:
         subprocess.run(["gcc", "-O2", "-o", loadgen, os.path.join(HERE, "loadgen.c")], check=True)
         subprocess.run(["ip", "netns", "add", ns], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         nsfd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         ns_cookie = cookie_of_netns(nsfd)
-        b = bpfload.compile_programs(bpfload.Sizes(), bpfload.no_socket_reason())
+        sizes = bpfload.Sizes(max_udp_peers=0) if args.no_peers else bpfload.Sizes()
+        b = bpfload.compile_programs(sizes, bpfload.no_socket_reason())
         hook = lookup.LookupHook(b, Links())
-        b_np = bpfload.compile_programs(bpfload.Sizes(max_udp_peers=0), bpfload.no_socket_reason())
-        hook_np = lookup.LookupHook(b_np, Links())
-        for obj in (b, b_np):
-            bpfload.load_drop_sites(obj)
+        bpfload.load_drop_sites(b)
         miss = next(h for h in bpfload.HOOKS if h.func == "sw_lookup_miss")
         empty = BPF(text="int sw_empty(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
         empty_fn = empty.load_func("sw_empty", lookup.BPF_PROG_TYPE_SK_LOOKUP, attach_type=lookup.BPF_SK_LOOKUP)
@@ -106,9 +110,6 @@ def main() -> int:
             elif config == "sockwatch":
                 fds.append(hook.link(ns_cookie, nsfd))
                 fds.append(bpfload.attach_one(b, miss, -1))
-            elif config == "sockwatch, no peers":
-                fds.append(hook_np.link(ns_cookie, nsfd))
-                fds.append(bpfload.attach_one(b_np, miss, -1))
             return fds
 
         if args.profile:
@@ -119,42 +120,45 @@ def main() -> int:
                 for fd in fds:
                     os.close(fd)
 
-        for rnd in range(args.repeat):
-            for config in CONFIGS if rnd % 2 == 0 else CONFIGS[::-1]:
-                fds = attach(config)
+        rates: dict[str, dict[str, list[float]]] = {w: {side: [] for side in SIDE_CONFIG} for w in TARGETS}
+
+        def measure(workload: str) -> Callable[[str], float]:
+            def slice_(side: str) -> float:
+                fds = attach(SIDE_CONFIG[side])
                 try:
-                    for w in TARGETS:
-                        results[w][config].append(run(w))
+                    rate = run(workload)
                 finally:
                     for fd in fds:
                         os.close(fd)
-            print(f"round {rnd + 1}/{args.repeat} done", file=sys.stderr)
+                rates[workload][side].append(rate)
+                return rate
+
+            return slice_
+
+        for w, target in TARGETS.items():
+            got = run_triples(measure(w), args.triples, w)
+            out["workloads"][w] = {key: summary(ratios) for key, ratios in got.items()}
+            out["workloads"][w]["rates"] = {side: [round(x) for x in xs] for side, xs in rates[w].items()}
+            cost = out["workloads"][w]["sockwatch"]["cost_median"]
+            out["workloads"][w]["verdict"] = {"target": f"<= {target:.0%}", "met": cost <= target}
         counted = sum(c.lookups for c in hook.counts() if c.netns == ns_cookie)
     finally:
         if nsfd >= 0:
             os.close(nsfd)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
-        for prog in (b, b_np, empty):
+        for prog in (b, empty):
             if prog is not None:
                 prog.cleanup()
 
-    out: dict = {"host": host("bench/bench_lookup.py"), "seconds_per_run": args.seconds, "repeat": args.repeat,
-                 "lookups_counted_by_sockwatch": counted, "workloads": {}}  # fmt: skip
-    print(f"\n{'workload':<11} {'config':<20} {'min':>10} {'median':>10} {'vs none':>8} {'ns/op':>6}  target")
-    for w, by in results.items():
-        base = statistics.median(by["none"])
-        out["workloads"][w] = {}
-        for config, xs in by.items():
-            med = statistics.median(xs)
-            loss = 1 - med / base
-            verdict = ""
-            if config.startswith("sockwatch"):
-                verdict = f"<= {TARGETS[w]:.0%} " + ("met" if loss <= TARGETS[w] else "MISSED")
-            extra_ns = 1e9 / med - 1e9 / base  # what each operation took longer, in ns
-            out["workloads"][w][config] = {"min": min(xs), "median": med, "runs": xs, "loss": round(loss, 4),
-                                           "ns_per_op": round(extra_ns, 1)}  # fmt: skip
-            print(f"{w:<11} {config:<20} {min(xs):>10.0f} {med:>10.0f} {-loss:>+8.1%} {extra_ns:>+6.0f}  {verdict}")
+    out["lookups_counted_by_sockwatch"] = counted
+    print(f"\n{'workload':<11} {'sockwatch':>10} {'floor':>8} {'over floor':>11} {'sockwatch IQR':>18}  target")
+    for w, by in out["workloads"].items():
+        sw, fl, over = by["sockwatch"], by["floor"], by["over_floor"]
+        lo, hi = sw["cost_iqr"]
+        met = "met" if by["verdict"]["met"] else "MISSED"
+        print(f"{w:<11} {sw['cost_median']:>+10.1%} {fl['cost_median']:>+8.1%} {over['cost_median']:>+11.1%} "
+              f"{lo:>+8.1%}..{hi:<+8.1%}  {by['verdict']['target']} {met}")  # fmt: skip
     write_result(args.json_out, out)
     return 0
 

@@ -179,13 +179,13 @@ class BareSockops:
     def __init__(self, cgroups: Cgroups, side: str = "floor") -> None:
         from bcc import BPF  # type: ignore[import-not-found]
 
-        from sockwatch.kernel import bpfload
+        from sockwatch.kernel import syscalls
 
         self.bpf = BPF(text=self.SRC, cflags=["-w"])
         fn = self.bpf.load_func("so", BPF.SOCK_OPS)
         cg = os.open(cgroups.side(side), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self.link = bpfload.link_create(fn.fd, cg, 3)  # BPF_CGROUP_SOCK_OPS
+            self.link = syscalls.link_create(fn.fd, cg, 3)  # BPF_CGROUP_SOCK_OPS
         finally:
             os.close(cg)
 

@@ -20,18 +20,18 @@ from tests.kernel.test_lookup import _ours
 def test_short_lookup_benchmark(tmp_path):
     links, netns = len(_ours(None)), _netns()
     out = tmp_path / "lookup.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_lookup.py"), "--repeat", "1", "--seconds",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_lookup.py"), "--triples", "6", "--seconds",
                         "0.5", "--json-out", str(out)], check=False, capture_output=True, text=True, timeout=600,
                        cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert set(res["workloads"]) == {"udp_sendto", "udp_read", "tcp_crr"}
     for w in res["workloads"].values():
-        assert set(w) == {"none", "empty sk_lookup", "kfree_skb alone", "sockwatch", "sockwatch, no peers"}
-        assert all(c["min"] > 0 for c in w.values()), w
-    # each datagram and SYN of sockwatch's runs is a lookup it counted (a run lasts at
-    # least its 0.5 s, and its rate is per second of the run)
-    ops = sum(w["sockwatch"]["min"] * 0.5 for w in res["workloads"].values())
+        assert {"sockwatch", "floor", "over_floor", "verdict", "rates"} <= set(w)
+        assert w["sockwatch"]["pairs"] == 6 and all(x > 0 for xs in w["rates"].values() for x in xs), w
+    # each datagram and SYN of sockwatch's slices is a lookup it counted (a slice lasts at
+    # least its 0.5 s, and its rate is per second of the slice)
+    ops = sum(x * 0.5 for w in res["workloads"].values() for x in w["rates"]["hooked"])
     assert res["lookups_counted_by_sockwatch"] >= ops, (res["lookups_counted_by_sockwatch"], ops)
     # the bench's own links went with it; an agent's link to its namespace goes when the
     # agent sees the namespace gone (within seconds)
