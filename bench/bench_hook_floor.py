@@ -1,12 +1,14 @@
 """What merely attaching a sockops program costs TCP connect/accept/close, before any
 work of sockwatch's: the floor under the always-on TCP budget.
 
-Interleaved rounds of tcp_crr (bench/loadgen.c, pinned to CPU 0, in a namespace of its
-own) with no program, with a sockops program that returns at once, and with one that
-only sets the state-callback flag (what the table needs to see closes). No agent runs;
-each program is attached by a BPF link for its run and detached after.
+tcp_crr (bench/loadgen.c, pinned to CPU 0, in a namespace of its own) paired as
+bench/paired.py pairs: short slices in turn with a sockops program that only sets the
+state-callback flag (what the table needs to see closes), with one that returns at
+once, and with none, the order rotating; each triple of adjacent slices gives each
+program's cost against none and the flag's over the bare dispatch. No agent runs; each
+program is attached by a BPF link for its slice and detached after.
 
-  sudo .venv/bin/python bench/bench_hook_floor.py --repeat 9
+  sudo .venv/bin/python bench/bench_hook_floor.py --triples 21
 
 Results: bench/results/hook_floor.json.
 """
@@ -18,20 +20,20 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_cost import Bench
 from common import parse_as_root
+from paired import run_triples, summary
 
 from sockwatch.kernel import prereq, syscalls
 
 BPF_CGROUP_SOCK_OPS = 3
-VARIANTS = {
-    "sockops returning at once": "return 1;",
-    "sockops setting the state-callback flag": (
+VARIANTS = {  # the triple's sides: "hooked" is the flag's, "floor" the bare dispatch, "plain" none
+    "floor": "return 1;",
+    "hooked": (
         "if (o->op == BPF_SOCK_OPS_TCP_CONNECT_CB || o->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)"
         " bpf_sock_ops_cb_flags_set(o, o->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG); return 1;"
     ),
@@ -40,58 +42,49 @@ VARIANTS = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=9)
-    ap.add_argument("--seconds", type=float, default=1.5)
+    ap.add_argument("--triples", type=int, default=21)
+    ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--json-out", default=os.path.join(os.path.dirname(__file__), "results", "hook_floor.json"))
     args = parse_as_root(ap)
-    if not (3 <= args.repeat <= 100 and 0.2 <= args.seconds <= 60):
-        print("bench: --repeat 3..100, --seconds 0.2..60", file=sys.stderr)
+    if not (6 <= args.triples <= 1000 and 0.2 <= args.seconds <= 60):
+        print("bench: --triples 6..1000, --seconds 0.2..60", file=sys.stderr)
         return 2
     from bcc import BPF
 
     prereq.require()
-    progs = {name: BPF(text="int so(struct bpf_sock_ops *o) {" + body + "}", cflags=["-w"])
-             for name, body in VARIANTS.items()}  # fmt: skip
+    progs = {side: BPF(text="int so(struct bpf_sock_ops *o) {" + body + "}", cflags=["-w"])
+             for side, body in VARIANTS.items()}  # fmt: skip
+    fns = {side: p.load_func("so", BPF.SOCK_OPS) for side, p in progs.items()}
     cg = os.open(prereq.cgroup2_path() or "/sys/fs/cgroup", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     b = Bench(args.seconds)
-    runs: dict[str, list[float]] = {"no program": [], **{name: [] for name in VARIANTS}}
+
+    def measure(side: str) -> float:
+        link = syscalls.link_create(fns[side].fd, cg, BPF_CGROUP_SOCK_OPS) if side in fns else -1
+        try:
+            return b.run("tcp_crr")
+        finally:
+            if link >= 0:
+                os.close(link)
+
     try:
         b.setup()
-        for rnd in range(args.repeat):
-            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
-            for name in order:
-                link = -1
-                if name in progs:
-                    fn = progs[name].load_func("so", BPF.SOCK_OPS)
-                    link = syscalls.link_create(fn.fd, cg, BPF_CGROUP_SOCK_OPS)
-                try:
-                    runs[name].append(b.run("tcp_crr"))
-                finally:
-                    if link >= 0:
-                        os.close(link)
-            print(f"round {rnd + 1}/{args.repeat} done", file=sys.stderr)
+        got = run_triples(measure, args.triples, "tcp_crr")
     finally:
         b.cleanup()
         os.close(cg)
         for p in progs.values():
             p.cleanup()
-    base = statistics.median(runs["no program"])
+    names = {"sockwatch": "state-callback flag vs none", "floor": "returning at once vs none",
+             "over_floor": "state-callback flag vs returning at once"}  # fmt: skip
     result = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
-        "repeat": args.repeat,
-        "seconds_per_run": args.seconds,
-        "tcp_crr": {
-            name: {
-                "min": min(xs),
-                "median": statistics.median(xs),
-                "loss_of_medians": round(1 - statistics.median(xs) / base, 4),
-            }
-            for name, xs in runs.items()
-        },
+        "seconds_per_slice": args.seconds,
+        "tcp_crr": {names[k]: summary(v) for k, v in got.items()},
     }
     for name, r in result["tcp_crr"].items():
-        print(f"{name:42s} min {r['min']:9.0f}  median {r['median']:9.0f}  loss {r['loss_of_medians']:6.1%}")
+        lo, hi = r["cost_iqr"]
+        print(f"{name:42s} cost {r['cost_median']:+6.1%}  (IQR {lo:+.1%}..{hi:+.1%})")
     os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
     with open(args.json_out, "w") as f:
         json.dump(result, f, indent=2)
