@@ -55,10 +55,7 @@ def main() -> int:
     ap.add_argument("--udp-rate", type=float, default=2_000, help="UDP socket()+sendto()+close() per second")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds after the load before comparing with ss")
     ap.add_argument("--json-out", default=None)
-    args = parse_as_root(ap)
-    if not (1 <= args.seconds <= 3600 and 0 < args.tcp_rate <= 1e6 and 0 <= args.udp_rate <= 1e6):
-        print("bench: --seconds 1..3600, --tcp-rate 1..1e6, --udp-rate 0..1e6", file=sys.stderr)
-        return 2
+    args = parse_as_root(ap, {"seconds": (1, 3600), "tcp_rate": (1, 1e6), "udp_rate": (0, 1e6)})
     out_path = args.json_out or os.path.join(os.path.dirname(__file__), "results", "churn.json")
     b = Bench(args.seconds)
     clients: list[socket.socket] = []

@@ -120,13 +120,8 @@ def main() -> int:
     ap.add_argument("--churn-seconds", type=float, default=60.0, help="churn before the memory figure (600 = 10 min)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "cost.json"))
-    args = parse_as_root(ap)
+    args = parse_as_root(ap, {"pairs": (6, 1000), "seconds": (0.2, 60)}, {"workloads": tuple(WORKLOADS)})
     workloads = [w for w in args.workloads.split(",") if w]
-    unknown = [w for w in workloads if w not in WORKLOADS]
-    if unknown or not 6 <= args.pairs <= 1000 or not 0.2 <= args.seconds <= 60:
-        names = ",".join(WORKLOADS)
-        print(f"bench: --workloads from {names}; --pairs 6..1000; --seconds 0.2..60", file=sys.stderr)
-        return 2
 
     b = Bench(args.seconds)
     cg: Cgroups | None = None

@@ -66,10 +66,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=31, help="triples of slices")
     ap.add_argument("--seconds", type=float, default=2.0, help="one slice")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "dns.json"))
-    args = parse_as_root(ap)
-    if not 6 <= args.pairs <= 200 or not 1 <= args.seconds <= 30:
-        print("bench: --pairs 6..200; --seconds 1..30", file=sys.stderr)
-        return 2
+    args = parse_as_root(ap, {"pairs": (6, 200), "seconds": (1, 30)})
     for tool in ("unbound", "dnsperf"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is missing (scripts/bench.sh dns installs it)", file=sys.stderr)

@@ -45,10 +45,7 @@ def main() -> int:
     ap.add_argument("--triples", type=int, default=21)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--json-out", default=os.path.join(os.path.dirname(__file__), "results", "hook_floor.json"))
-    args = parse_as_root(ap)
-    if not (6 <= args.triples <= 1000 and 0.2 <= args.seconds <= 60):
-        print("bench: --triples 6..1000, --seconds 0.2..60", file=sys.stderr)
-        return 2
+    args = parse_as_root(ap, {"triples": (6, 1000), "seconds": (0.2, 60)})
     from bcc import BPF
 
     prereq.require()

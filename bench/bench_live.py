@@ -104,10 +104,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=10_000)
     ap.add_argument("--repeat", type=int, default=3, help="full-speed crr rounds each way")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "live.json"))
-    args = parse_as_root(ap)
-    if not (1000 <= args.sockets <= 200_000 and 5 <= args.seconds <= 300 and 1 <= args.repeat <= 20):
-        print("bench: --sockets 1000..200000, --seconds 5..300, --repeat 1..20", file=sys.stderr)
-        return 2
+    args = parse_as_root(ap, {"sockets": (1000, 200_000), "seconds": (5, 300), "repeat": (1, 20)})
     b = Bench(1.5)
     held_sockets: HeldSockets | None = None
     readers: list[EventsReader] = []

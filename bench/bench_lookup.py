@@ -57,12 +57,9 @@ def main() -> int:
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "lookup.json"))
     ap.add_argument("--profile", choices=CONFIGS, help="profile one config with perf instead of comparing")
     ap.add_argument("--workload", choices=list(TARGETS), default="udp_read", help="the workload --profile runs")
-    args = parse_as_root(ap)
+    args = parse_as_root(ap, {"triples": (6, 1000), "seconds": (0.2, 60)})
     if args.profile and shutil.which("perf") is None:
         print("bench: --profile needs perf (Debian's linux-perf)", file=sys.stderr)
-        return 2
-    if not 6 <= args.triples <= 1000 or not 0.2 <= args.seconds <= 60:
-        print("bench: --triples 6..1000; --seconds 0.2..60", file=sys.stderr)
         return 2
 
     from bcc import BPF

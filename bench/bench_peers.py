@@ -102,10 +102,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="each workload, per tool and round")
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "peers.json"))
-    args = parse_as_root(ap)
-    if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
-        print("bench: --rounds 1..20, --seconds 1..60", file=sys.stderr)
-        return 2
+    args = parse_as_root(ap, {"rounds": (1, 20), "seconds": (1, 60)})
     t = Traffic(args.seconds)
     tmp = tempfile.mkdtemp(prefix="sw-peers-")
     stats = bpfstats.StatsWindow()

@@ -63,10 +63,7 @@ def main() -> int:
     ap.add_argument("--sockets", type=int, default=100_000)
     ap.add_argument("--scrapes", type=int, default=60)
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "scrape.json"))
-    args = parse_as_root(ap)
-    if not (1000 <= args.sockets <= 200_000 and 5 <= args.scrapes <= 600):
-        print("bench: --sockets 1000..200000, --scrapes 5..600", file=sys.stderr)
-        return 2
+    args = parse_as_root(ap, {"sockets": (1000, 200_000), "scrapes": (5, 600)})
     b = Bench(1.0)
     held_sockets: HeldSockets | None = None
     result: dict = {}

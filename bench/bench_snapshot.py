@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "snapshot.json"))
-    args = parse_as_root(ap)
+    args = parse_as_root(ap, {"sockets": (1000, 200_000), "repeat": (3, 50), "idle_seconds": (1, 600)})
 
     ns = f"sw-bench-{uuid.uuid4().hex[:8]}"
     sock = f"/run/sockwatch-bench/{ns}/agent.sock"

@@ -219,15 +219,10 @@ def main() -> int:
         "--agent-seconds", type=float, default=10.0, help="nginx at full speed for the agent's CPU (0: skip)"
     )
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "traffic.json"))
-    args = parse_as_root(ap)
+    args = parse_as_root(ap, {"pairs": (6, 1000), "seconds": (0.2, 30)},
+                         {"workloads": WORKLOADS, "configs": ("floor", "sockwatch")})  # fmt: skip
     workloads = [w for w in args.workloads.split(",") if w]
     configs = sorted({c for c in args.configs.split(",") if c})
-    if not configs or any(c not in ("floor", "sockwatch") for c in configs):
-        print("bench: --configs from floor,sockwatch", file=sys.stderr)
-        return 2
-    if any(w not in WORKLOADS for w in workloads) or not 6 <= args.pairs <= 1000 or not 0.2 <= args.seconds <= 30:
-        print(f"bench: --workloads from {','.join(WORKLOADS)}; --pairs 6..1000; --seconds 0.2..30", file=sys.stderr)
-        return 2
     t = Traffic(args.seconds)
     result: dict = {"host": host("bench/bench_traffic.py"), "seconds_per_slice": args.seconds, "configs": {}}
     with open("/sys/devices/system/cpu/vulnerabilities/spectre_v2") as f:

@@ -58,9 +58,24 @@ def stop(p: subprocess.Popen, seconds: float = 10, sig: int = signal.SIGTERM) ->
             p.wait()
 
 
-def parse_as_root(ap: argparse.ArgumentParser) -> argparse.Namespace:
-    """The benchmark's arguments; a benchmark loads BPF and makes namespaces: root only."""
+def parse_as_root(
+    ap: argparse.ArgumentParser,
+    bounds: dict[str, tuple[float, float]] | None = None,
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> argparse.Namespace:
+    """The benchmark's arguments, checked: `bounds` (dest -> (low, high), inclusive) and
+    `choices` (dest of a comma-separated list -> what it may name); one line naming what
+    is allowed and exit 2 if not. A benchmark loads BPF and makes namespaces: root only."""
     args = ap.parse_args()
+    bad = [f"--{k.replace('_', '-')} {lo:g}..{hi:g}" for k, (lo, hi) in (bounds or {}).items()
+           if not lo <= getattr(args, k) <= hi]  # fmt: skip
+    for k, allowed in (choices or {}).items():
+        named = [x for x in getattr(args, k).split(",") if x]
+        if not named or any(x not in allowed for x in named):
+            bad.append(f"--{k.replace('_', '-')} from {','.join(allowed)}")
+    if bad:
+        print(f"bench: {'; '.join(bad)}", file=sys.stderr)
+        raise SystemExit(2)
     if os.geteuid() != 0:
         print("bench: run as root (sudo)", file=sys.stderr)
         raise SystemExit(3)
