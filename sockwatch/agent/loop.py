@@ -137,8 +137,17 @@ class Agent:
 
     def _listen_http(self, where: tuple[str, int]) -> socket.socket:
         host, port = where
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        except OSError:
+            if host:
+                raise
+            host, family = "0.0.0.0", socket.AF_INET  # ":PORT" on a host without IPv6
+            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        if not host and family == socket.AF_INET6:
+            host = "::"
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # ":PORT": IPv4 too, whatever bindv6only says
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))

@@ -150,6 +150,7 @@ def status(a: Agent) -> dict:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     runs = a.hook_runs.read(a.loaded.links)
     return {
+        "version": __version__,
         "pid": os.getpid(),
         "uptime_seconds": round(time.time() - a.started, 3),
         "load_seconds": round(a.load_seconds, 3),

@@ -64,9 +64,12 @@ def endpoint(
 
 
 def listen_address(text: str, name: str) -> tuple[str, int] | None:
-    """ADDR:PORT, [V6ADDR]:PORT (port 0: any free one), or 'off' (None)."""
+    """ADDR:PORT, [V6ADDR]:PORT, :PORT (every address, IPv4 and IPv6: host ""; port 0:
+    any free one), or 'off' (None)."""
     if text.strip().lower() == "off":
         return None
+    if text.startswith(":") and ":" not in text[1:]:
+        return "", integer(text[1:], f"{name} port", 0, 65535)
     addr, port = endpoint(text, name, lowest_port=0, scoped=True)  # (a link-local address needs its device)
     return str(addr), port
 

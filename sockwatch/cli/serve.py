@@ -23,9 +23,10 @@ def _param(key: str) -> str:
     return "socket_path" if key == "socket" else key.replace("-", "_")
 
 
-def _opt(default: object, flag: str, help: str, hidden: bool = False) -> Any:
-    """A serve flag, also read from SOCKWATCH_<FLAG> and from the config file."""
-    return typer.Option(default, flag, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"),
+def _opt(default: object, flag: str, help: str, hidden: bool = False, aliases: tuple[str, ...] = ()) -> Any:
+    """A serve flag, also read from SOCKWATCH_<FLAG> and from the config file; `aliases`:
+    the same flag under the names exporters use (node_exporter's --web.*)."""
+    return typer.Option(default, flag, *aliases, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"),
                         hidden=hidden)  # fmt: skip
 
 
@@ -83,14 +84,16 @@ def serve(
         f"127.0.0.1:{DEFAULT_METRICS_PORT}",
         "--listen",
         "Where to serve /metrics and /healthz: "
-        "ADDR:PORT ([ADDR]:PORT for IPv6; port 0 picks a free one), or 'off'. Loopback by default: "
-        "the metrics name processes and addresses.",
+        "ADDR:PORT ([ADDR]:PORT for IPv6; :PORT for every address, IPv4 and IPv6; port 0 picks a free one), "
+        "or 'off'. Loopback by default: the metrics name processes and addresses. Also --web.listen-address.",
+        aliases=("--web.listen-address",),
     ),
     web_config: str = _opt(
         "",
         "--web-config",
         "TLS and basic auth for /metrics, in the Prometheus exporters' web "
-        "config file format (tls_server_config, basic_auth_users).",
+        "config file format (tls_server_config, basic_auth_users). Also --web.config.file.",
+        aliases=("--web.config.file",),
     ),
     metrics_max_listeners: str = _opt(
         str(MAX_LISTENERS),

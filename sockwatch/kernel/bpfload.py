@@ -30,9 +30,10 @@ from sockwatch.kernel.syscalls import libbpf, link_create
 if "/usr/lib/python3/dist-packages" not in sys.path:
     sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-bpfcc
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
-if not BPF_DIR.is_dir():  # installed as a wheel: the C sources ride along as package data
-    BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+_CHECKOUT = Path(__file__).resolve().parents[2]
+BPF_DIR = _CHECKOUT / "bpf"
+if not ((_CHECKOUT / "pyproject.toml").is_file() and (BPF_DIR / "sockwatch.h").is_file()):
+    BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"  # installed from a wheel: sockwatch/bpf/
 
 # enum bpf_attach_type (uapi/linux/bpf.h)
 BPF_CGROUP_SOCK_OPS = 3

@@ -168,3 +168,18 @@ def test_signals_at_any_moment_of_start_up_leave_nothing(fresh_agent, tmp_path):
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # the killed agents' directory: the test chose it
         with contextlib.suppress(OSError):  # and its parent, if no other test's is in it
             os.rmdir(os.path.dirname(os.path.dirname(path)))
+
+
+def test_exporter_flags_and_every_address(fresh_agent):
+    """node_exporter's spelling is accepted (--web.listen-address), and :PORT listens on
+    every address, IPv4 and IPv6, as exporters do."""
+    import re
+    import urllib.request
+
+    a = fresh_agent(None, ("--web.listen-address", ":0"))
+    url = a.status()["metrics"]
+    m = re.fullmatch(r"http://\[::\]:(\d+)/metrics", url)
+    assert m, url
+    for host in ("127.0.0.1", "[::1]"):
+        with urllib.request.urlopen(f"http://{host}:{m.group(1)}/healthz", timeout=10) as r:
+            assert r.status == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -257,3 +258,15 @@ def test_another_error_while_the_cli_is_imported_is_not_hidden(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", broken)
     with pytest.raises(RuntimeError, match="a real bug"):
         entry.run()
+
+
+def test_version_and_short_help():
+    from sockwatch import __version__
+
+    v = subprocess.run(sockwatch_cmd("--version"), capture_output=True, text=True, check=False)
+    want = rf"sockwatch {re.escape(__version__)}( \(git [0-9a-f]{{12}}\))?\n"
+    assert v.returncode == 0 and re.fullmatch(want, v.stdout), v.stdout
+    assert subprocess.run(sockwatch_cmd("-V"), capture_output=True, text=True, check=False).stdout == v.stdout
+    for args in (("-h",), ("snapshot", "-h"), ("serve", "-h")):
+        h = subprocess.run(sockwatch_cmd(*args), capture_output=True, text=True, check=False)
+        assert h.returncode == 0 and "Usage:" in h.stdout, (args, h.stderr)

@@ -223,3 +223,24 @@ def test_any_yaml_shape_is_a_web_config_or_one_sentence(tmp_path, doc):
 def test_keep_and_drop_label_lists_are_strict():
     r = run("serve", "--metrics-keep-label", "netns", "--metrics-keep-label", "pid")
     assert r.returncode == 2 and "--metrics-keep-label 'pid' is not one of" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    (":9847", ("", 9847)),  # every address, IPv4 and IPv6, as node_exporter's --web.listen-address
+    (":0", ("", 0)),
+    ("0.0.0.0:9847", ("0.0.0.0", 9847)),
+    ("[::1]:9847", ("::1", 9847)),
+    ("off", None),
+])  # fmt: skip
+def test_listen_addresses_as_exporters_write_them(text, want):
+    from sockwatch.cli import args
+
+    assert args.listen_address(text, "--listen") == want
+
+
+@pytest.mark.parametrize("text", [":", ":port", ":70000", "::1:80"])
+def test_listen_addresses_refused(text):
+    from sockwatch.cli import args
+
+    with pytest.raises(args.ArgError):
+        args.listen_address(text, "--listen")
