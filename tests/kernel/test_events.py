@@ -56,6 +56,8 @@ class Stream:
                 raise AssertionError(f"stream did not show it within {timeout}s; got {self.seen[-20:]}; stderr {err}")
             try:
                 self.seen.append(self.lines.get(timeout=min(left, 0.5)))
+                while True:  # all that has come, before `done` looks again: it scans every line seen,
+                    self.seen.append(self.lines.get_nowait())  # and one look a line was quadratic after a burst
             except queue.Empty:
                 continue
         return self.seen
