@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from sockwatch import containers, metric_limits, metrics
 from sockwatch.agent import http, report, sockpath, webconfig
 from sockwatch.agent.clients import Clients
+from sockwatch.agent.notify import Notifier
 from sockwatch.agent.publisher import Publisher
 from sockwatch.agent.queries import Queries
 from sockwatch.kernel import bpfload, prereq
@@ -57,6 +58,7 @@ class Settings:
     metrics_limits: metric_limits.Limits = field(default_factory=metric_limits.Limits)
     kubelet_log_dir: str = "/var/log"  # pods/ and containers/ name Kubernetes pods and containers
     web: webconfig.WebConfig | None = None  # TLS and basic auth for the metrics port
+    web_config_path: str = ""  # where `web` was read from: read again at SIGHUP
 
 
 class Agent:
@@ -79,7 +81,7 @@ class Agent:
         self.publisher = Publisher(self.tracker, self.clients, settings.stream_cpu)
         self.queries = Queries(self)
         self.clients.handle = self.queries
-        self.clients.http = http.MetricsEndpoint(
+        self.clients.http = self.metrics_endpoint = http.MetricsEndpoint(
             self.registry,
             settings.web,
             prepare=lambda: self.prepare_answer(owners=False),  # the collector checks the owners of what it shows
@@ -94,6 +96,9 @@ class Agent:
         self.recent_losses: deque[tuple[float, int]] = deque(maxlen=64)  # (when, records the ring lost)
         self._last_lost = 0
         self._stop = False
+        self._reload = False
+        self.notifier = Notifier()
+        self._next_watchdog = 0.0
 
     # ---- start and stop ---------------------------------------------------------------
 
@@ -198,6 +203,9 @@ class Agent:
         if threading.current_thread() is threading.main_thread():  # else the front end owns signals
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
+            signal.signal(signal.SIGHUP, self._ask_reload)  # reload what can be; never the end of the agent
+        self.notifier.send(f"READY=1\nSTATUS=serving {self.settings.socket_path}; metrics "
+                           f"{self.metrics_address or 'off'}\nMAINPID={os.getpid()}")  # fmt: skip
         ep = self.clients.ep = select.epoll()
         ep.register(self.ring.fd, select.EPOLLIN)
         ep.register(self.listener.fileno(), select.EPOLLIN)
@@ -210,6 +218,9 @@ class Agent:
         next_reconcile = now + self.settings.reconcile_interval
         next_trim = now + TRIM_SECONDS
         while not self._stop:
+            if self._reload:
+                self._reload = False
+                self.reload()
             timeout = max(0.0, min(next_drain, next_second, next_reconcile, clients.next_deadline()) - time.monotonic())
             try:
                 ready = ep.poll(timeout)
@@ -242,13 +253,35 @@ class Agent:
                 # a full comparison is O(sockets): keep it under 0.5% of one CPU however large the table
                 spent = self.tracker.stats.last_reconcile_s
                 next_reconcile = time.monotonic() + max(self.settings.reconcile_interval, 200 * spent)
+        self.notifier.send("STOPPING=1")
         clients.drop_all()
         clients.ep = None
         ep.close()
 
+    def _ask_reload(self, *_: object) -> None:
+        self._reload = True
+
+    def reload(self) -> None:
+        """SIGHUP: the web config read again (a rotated certificate, new users); if it
+        does not load now, the one in use stays, and the log says why."""
+        self.notifier.send("RELOADING=1")
+        path = self.settings.web_config_path
+        if path:
+            try:
+                web = webconfig.load(path)
+            except webconfig.WebConfigError as e:
+                log.warning("SIGHUP: %s; the web config in use stays", e)
+            else:
+                self.settings.web = self.clients.web = self.metrics_endpoint.web = web
+                log.info("SIGHUP: web config %s read again", path)
+        self.notifier.send("READY=1")
+
     def _second(self, now: float) -> None:
         """What the loop does once a second."""
         assert self.loaded is not None
+        if self.notifier.watchdog is not None and now >= self._next_watchdog:
+            self.notifier.send("WATCHDOG=1")  # the loop turns: it answers within a second
+            self._next_watchdog = now + self.notifier.watchdog
         self.hook_runs.window.close_if_over(now)
         self._check_losses()
         self.tracker.forget_dead_namespaces()

@@ -216,7 +216,8 @@ def serve(
         Settings(socket_path, interval, ringbuf_pages=pages, max_lookup_keys=lookup_keys,
                  max_udp_peers=udp_peers, lookups=g["lookups"] == "on", max_lookup_namespaces=lookup_namespaces,
                  stream_cpu=stream_share, listen=where,
-                 metrics_limits=limits, kubelet_log_dir=logs, web=web)
+                 metrics_limits=limits, kubelet_log_dir=logs, web=web,
+                 web_config_path=g["web-config"])
     )  # fmt: skip
     with friendly():
         try:
