@@ -44,6 +44,7 @@ class Health:
     cpu_seconds: float = 0.0
     events: int = 0
     version: str = "0"
+    revision: str = ""
     tcp_opened: int = 0  # TCP connections the hooks saw opened (counted in the kernel, never sent)
     bpf_programs: dict[str, tuple[int, int]] = field(default_factory=dict)  # hook -> (runs, run ns), while counted
 
@@ -322,8 +323,9 @@ class SockwatchCollector(Collector):
             run_s.add_metric([hook], ns / 1e9)
         yield runs
         yield run_s
-        build = GaugeMetricFamily("sockwatch_build_info", "sockwatch's version", labels=["version"])
-        build.add_metric([h.version], 1)
+        build = GaugeMetricFamily("sockwatch_build_info", "sockwatch's version, and the git revision it was run "
+                                  "from (empty when installed)", labels=["version", "revision"])  # fmt: skip
+        build.add_metric([h.version, h.revision], 1)
         yield build
 
 

@@ -4,17 +4,20 @@ with basic auth configured, its Authorization header matter."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 from collections import Counter
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from sockwatch.agent import webconfig
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192  # bytes of request head
+GZIP_FROM = 1024  # bytes of body: smaller answers go as they are
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -81,8 +84,13 @@ class MetricsEndpoint:
         try:
             if path == "/metrics":
                 self.prepare()
-                body = generate_latest(self.registry)
-                return answer(200, body, "text/plain; version=0.0.4; charset=utf-8", extra=extra)
+                # OpenMetrics when the scraper asks for it (Accept), as exporters negotiate
+                encode, ctype = choose_encoder(webconfig.header(head, b"Accept") or "")
+                body = encode(self.registry)
+                if len(body) >= GZIP_FROM and "gzip" in (webconfig.header(head, b"Accept-Encoding") or "").lower():
+                    body = gzip.compress(body, 6)
+                    extra += b"Content-Encoding: gzip\r\n"
+                return answer(200, body, ctype, extra=extra + b"Vary: Accept, Accept-Encoding\r\n")
             if path in ("/healthz", "/readyz"):
                 ok = self.healthy()
                 return answer(200 if ok else 503, b"ok\n" if ok else b"no hook attached\n", extra=extra)

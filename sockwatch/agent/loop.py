@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from sockwatch import containers, metric_limits, metrics
 from sockwatch.agent import http, report, sockpath, webconfig
@@ -172,6 +172,9 @@ class Agent:
             lookups=self.queries.lookup_sample,
         )
         self.registry.register(self.collector)
+        # process_* (memory, CPU, file descriptors, start time) and python_info, as every exporter has
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         return s
 
     def metrics_url(self) -> str | None:

@@ -9,7 +9,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from sockwatch import __version__, metrics
+from sockwatch import __version__, metrics, revision
 from sockwatch.kernel import bpfstats, syscalls
 from sockwatch.kernel.links import Links
 
@@ -106,6 +106,7 @@ def health(a: Agent) -> metrics.Health:
         cpu_seconds=cpu_seconds(),
         events=t.events.total(),
         version=__version__,
+        revision=revision(),
         tcp_opened=c.get("tcp_opened", 0),
         bpf_programs={what: (r.runs, r.run_ns) for what, r in a.hook_runs.read(a.loaded.links).items()},
     )

@@ -183,3 +183,12 @@ def test_exporter_flags_and_every_address(fresh_agent):
     for host in ("127.0.0.1", "[::1]"):
         with urllib.request.urlopen(f"http://{host}:{m.group(1)}/healthz", timeout=10) as r:
             assert r.status == 200
+    # what every exporter has: process_* and the build's revision, OpenMetrics when asked for
+    req = urllib.request.Request(f"http://127.0.0.1:{m.group(1)}/metrics",
+                                 headers={"Accept": "application/openmetrics-text; version=1.0.0"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = r.read().decode()
+    assert text.endswith("# EOF\n")
+    assert re.search(r"^process_resident_memory_bytes \S+$", text, re.M), text[:500]
+    assert re.search(r'^sockwatch_build_info\{revision="[0-9a-f]{12}",version="[^"]+"\} 1\.0$', text, re.M)

@@ -47,3 +47,35 @@ def test_other_methods_and_garbage_are_answered_in_one_line():
     e = endpoint()
     assert status_and_body(e(b"POST /metrics HTTP/1.1\r\n\r\n"))[0] == 405
     assert status_and_body(e(b"\x00\xff\r\n\r\n"))[0] == 400
+
+
+@pytest.mark.parametrize(("accept", "encoding", "ctype"), [
+    ("", "", "text/plain; version=0.0.4; charset=utf-8"),
+    ("application/openmetrics-text; version=1.0.0,text/plain;q=0.5", "", "application/openmetrics-text"),
+    ("text/plain", "gzip, deflate", "text/plain; version=0.0.4; charset=utf-8"),
+])  # fmt: skip
+def test_metrics_are_negotiated_as_exporters_do(accept, encoding, ctype):
+    """OpenMetrics when Accept asks for it, gzip when Accept-Encoding allows it (for a
+    body worth compressing), the plain text format otherwise."""
+    import gzip
+    import re
+
+    from prometheus_client import Gauge
+
+    reg = CollectorRegistry()
+    g = Gauge("sw_test_series", "a series", ["n"], registry=reg)
+    for i in range(200):
+        g.labels(str(i)).set(i)
+    ep = http.MetricsEndpoint(reg, None, prepare=lambda: None, healthy=lambda: True, dropped=Counter())
+    head = f"GET /metrics HTTP/1.1\r\nAccept: {accept}\r\nAccept-Encoding: {encoding}\r\n\r\n".encode()
+    if not encoding and not accept.startswith("application/openmetrics"):
+        head = b"GET /metrics HTTP/1.1\r\n\r\n"
+    top, body = ep(head)
+    text = top.decode()
+    assert f"Content-Type: {ctype}" in text
+    assert ("Content-Encoding: gzip" in text) == (encoding == "gzip, deflate")
+    if "Content-Encoding: gzip" in text:
+        body = gzip.decompress(body)
+    assert int(re.search(r"Content-Length: (\d+)", text).group(1)) > 0
+    assert b'sw_test_series{n="199"} 199.0' in body
+    assert body.endswith(b"# EOF\n") == ctype.startswith("application/openmetrics")

@@ -66,6 +66,7 @@ def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
                 cpu_seconds=1.5,
                 events=1000,
                 version="0.1.0",
+                revision="0123456789ab",
                 tcp_opened=40000,
                 bpf_programs={"sockops": (120, 6000), "cgroup connect4": (0, 0)},
             ),
@@ -117,7 +118,7 @@ def test_bind_counters_ports_and_health():
     assert v("sockwatch_events_lost_total", {"reason": "stream"}) == 7
     assert v("sockwatch_kernel_reads_total") == 12
     assert v("sockwatch_programs_attached") == 10
-    assert v("sockwatch_build_info", {"version": "0.1.0"}) == 1
+    assert v("sockwatch_build_info", {"version": "0.1.0", "revision": "0123456789ab"}) == 1
     assert v("sockwatch_tcp_connections_opened_total") == 40000
     assert v("sockwatch_bpf_program_runs_total", {"hook": "sockops"}) == 120
     assert v("sockwatch_bpf_program_run_seconds_total", {"hook": "sockops"}) == 6e-6
