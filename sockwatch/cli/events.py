@@ -20,7 +20,9 @@ from sockwatch.render import printable_cell
 
 def events(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-    kind: Annotated[list[str], typer.Option("--kind", "-k", help=f"Only these: {', '.join(EVENT_KINDS)}.")] = [],  # noqa: B006
+    kind: Annotated[
+        list[str], typer.Option("--kind", "-k", metavar="KIND", help=f"Only these: {', '.join(EVENT_KINDS)}.")
+    ] = [],  # noqa: B006
     protocol: opt.Proto = [],  # noqa: B006
     port: opt.Port = [],  # noqa: B006
     addr: opt.Addr = [],  # noqa: B006

@@ -21,18 +21,23 @@ if TYPE_CHECKING:
 
 
 def explain(
-    protocol: Annotated[str, typer.Argument(help="tcp or udp.", show_default=False)],
-    destination: Annotated[str, typer.Argument(help="Where the packet goes: ADDR:PORT ([ADDR]:PORT for IPv6).")],
+    protocol: Annotated[str, typer.Argument(metavar="PROTOCOL", help="tcp or udp.", show_default=False)],
+    destination: Annotated[
+        str, typer.Argument(metavar="DESTINATION", help="Where the packet goes: ADDR:PORT ([ADDR]:PORT for IPv6).")
+    ],
     source: Annotated[
         str,
         typer.Option(
-            "--from", help="Where it comes from, ADDR:PORT: connections and connected UDP sockets match on it."
+            "--from",
+            metavar="ADDR:PORT",
+            help="Where it comes from, ADDR:PORT: connections and connected UDP sockets match on it.",
         ),
     ] = "",
     netns: Annotated[
         str,
         typer.Option(
             "--netns",
+            metavar="NETNS",
             help="The namespace it arrives in: a name from ip netns "
             "list, a pid or an inode (default: sockwatch's own).",
         ),
@@ -41,6 +46,7 @@ def explain(
         str,
         typer.Option(
             "--dev",
+            metavar="DEV",
             help="The device it arrives on (sockets bound with SO_BINDTODEVICE take only theirs); "
             "without it, an answer that depends on the device gives each case.",
         ),

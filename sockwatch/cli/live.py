@@ -17,9 +17,15 @@ from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
 
 
 def live(
-    refresh: Annotated[str, typer.Option("--refresh", help="Seconds between redraws, 0.1 to 60.")] = "1",
-    view: Annotated[str, typer.Option("--view", help="listeners, connections, processes, events, peers")] = "listeners",
-    filter_text: Annotated[str, typer.Option("--filter", help="As the / key: proto=udp port=53 ...")] = "",
+    refresh: Annotated[
+        str, typer.Option("--refresh", metavar="SECONDS", help="Seconds between redraws, 0.1 to 60.")
+    ] = "1",
+    view: Annotated[
+        str, typer.Option("--view", metavar="VIEW", help="listeners, connections, processes, events, peers")
+    ] = "listeners",
+    filter_text: Annotated[
+        str, typer.Option("--filter", metavar="FILTER", help="As the / key: proto=udp port=53 ...")
+    ] = "",
     socket_path: opt.Socket = None,
 ) -> None:
     """A top-like, full-screen view of every socket on the host, live.

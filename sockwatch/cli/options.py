@@ -16,18 +16,27 @@ import typer
 from sockwatch import filters as flt
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 
-Proto = Annotated[list[str], typer.Option("--proto", "-p", help="tcp or udp.")]
-Port = Annotated[list[str], typer.Option("--port", help="Local or remote port, or a range: 8000-8100.")]
-Addr = Annotated[list[str], typer.Option("--addr", help="Local or remote address or CIDR: 10.0.0.0/8, ::1.")]
-State = Annotated[list[str], typer.Option("--state", help="ss's state names: listen, estab, unconn, time-wait...")]
-Pid = Annotated[list[str], typer.Option("--pid", help="Owner's process id.")]
+Proto = Annotated[list[str], typer.Option("--proto", "-p", metavar="tcp|udp", help="tcp or udp.")]
+Port = Annotated[
+    list[str], typer.Option("--port", metavar="PORT[-PORT]", help="Local or remote port, or a range: 8000-8100.")
+]
+Addr = Annotated[
+    list[str], typer.Option("--addr", metavar="ADDR[/LEN]", help="Local or remote address or CIDR: 10.0.0.0/8, ::1.")
+]
+State = Annotated[
+    list[str], typer.Option("--state", metavar="STATE", help="ss's state names: listen, estab, unconn, time-wait...")
+]
+Pid = Annotated[list[str], typer.Option("--pid", metavar="PID", help="Owner's process id.")]
 Netns = Annotated[
-    list[str], typer.Option("--netns", help="Network namespace: a name (ip netns list), a pid, or an inode.")
+    list[str],
+    typer.Option("--netns", metavar="NETNS", help="Network namespace: a name (ip netns list), a pid, or an inode."),
 ]
 Socket = Annotated[
     str | None,
     typer.Option(
-        "--socket", help=f"The agent's socket; an error if no agent answers there. [default: {DEFAULT_SOCKET}]"
+        "--socket",
+        metavar="PATH",
+        help=f"The agent's socket; an error if no agent answers there. [default: {DEFAULT_SOCKET}]",
     ),
 ]
 

@@ -17,7 +17,7 @@ from sockwatch.render import printable_cell
 
 def ports(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object: namespaces and pressure.")] = False,
-    top: Annotated[str, typer.Option("--top", help="Show this many destinations, 1 to 100000.")] = "20",
+    top: Annotated[str, typer.Option("--top", metavar="N", help="Show this many destinations, 1 to 100000.")] = "20",
     protocol: opt.Proto = [],  # noqa: B006
     addr: opt.Addr = [],  # noqa: B006
     netns: opt.Netns = [],  # noqa: B006

@@ -23,11 +23,21 @@ def _param(key: str) -> str:
     return "socket_path" if key == "socket" else key.replace("-", "_")
 
 
+# what each flag's value is, as --help shows it
+METAVARS = {
+    "--config": "FILE", "--socket": "PATH", "--reconcile-interval": "SECONDS", "--max-udp": "N",
+    "--ringbuf-pages": "PAGES", "--max-lookup-keys": "N", "--max-udp-peers": "N", "--max-lookup-namespaces": "N",
+    "--lookups": "on|off", "--listen": "[ADDR]:PORT|off", "--web-config": "FILE", "--metrics-max-listeners": "N",
+    "--metrics-max-destinations": "N", "--metrics-max-lookups": "N", "--metrics-drop-label": "LABEL",
+    "--metrics-keep-label": "LABEL", "--cgroup-root": "DIR", "--kubelet-log-dir": "DIR", "--stream-cpu": "PERCENT",
+}  # fmt: skip
+
+
 def _opt(default: object, flag: str, help: str, hidden: bool = False, aliases: tuple[str, ...] = ()) -> Any:
     """A serve flag, also read from SOCKWATCH_<FLAG> and from the config file; `aliases`:
     the same flag under the names exporters use (node_exporter's --web.*)."""
     return typer.Option(default, flag, *aliases, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"),
-                        hidden=hidden)  # fmt: skip
+                        hidden=hidden, metavar=METAVARS[flag])  # fmt: skip
 
 
 def serve(

@@ -31,7 +31,9 @@ def snapshot(
             "seen, from the agent's sk_lookup hook.",
         ),
     ] = False,
-    top: Annotated[str, typer.Option("--top", help="With --lookups or --peers: this many, 1 to 10000.")] = "100",
+    top: Annotated[
+        str, typer.Option("--top", metavar="N", help="With --lookups or --peers: this many, 1 to 10000.")
+    ] = "100",
     protocol: opt.Proto = [],  # noqa: B006 (typer's list defaults are not shared state)
     port: opt.Port = [],  # noqa: B006
     addr: opt.Addr = [],  # noqa: B006

@@ -16,7 +16,9 @@ from sockwatch.render import printable
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable."),
     reconcile: bool = typer.Option(False, "--reconcile", help="Compare with the kernel now, then report."),
-    socket_path: str = typer.Option(None, "--socket", help=f"The agent's socket. [default: {DEFAULT_SOCKET}]"),
+    socket_path: str = typer.Option(
+        None, "--socket", metavar="PATH", help=f"The agent's socket. [default: {DEFAULT_SOCKET}]"
+    ),
     bpf_stats: int = typer.Option(
         0,
         "--bpf-stats",

@@ -270,3 +270,14 @@ def test_version_and_short_help():
     for args in (("-h",), ("snapshot", "-h"), ("serve", "-h")):
         h = subprocess.run(sockwatch_cmd(*args), capture_output=True, text=True, check=False)
         assert h.returncode == 0 and "Usage:" in h.stdout, (args, h.stderr)
+
+
+@pytest.mark.parametrize("command", ["snapshot", "live", "events", "ports", "explain", "serve", "status", "doctor"])
+def test_every_option_says_what_its_value_is(command):
+    """Placeholders name the value (PORT, SECONDS, ADDR:PORT), not a Python type."""
+    r = subprocess.run(sockwatch_cmd(command, "--help"), capture_output=True, text=True, check=False,
+                       env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    typed = [line for line in r.stdout.splitlines()
+             if re.match(r"│\s+-", line) and re.search(r"<(str|int|float|bool|list)", line)]  # fmt: skip
+    assert not typed, typed
