@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import typer
 from typer._click.core import ParameterSource
 
+from sockwatch import logs as log_lines
 from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 from sockwatch.cli import args
@@ -30,6 +30,7 @@ METAVARS = {
     "--lookups": "on|off", "--listen": "[ADDR]:PORT|off", "--web-config": "FILE", "--metrics-max-listeners": "N",
     "--metrics-max-destinations": "N", "--metrics-max-lookups": "N", "--metrics-drop-label": "LABEL",
     "--metrics-keep-label": "LABEL", "--cgroup-root": "DIR", "--kubelet-log-dir": "DIR", "--stream-cpu": "PERCENT",
+    "--log-level": "debug|info|warn|error", "--log-format": "text|logfmt|json",
 }  # fmt: skip
 
 
@@ -149,7 +150,16 @@ def serve(
         "subscribes, 1 to 100; past it, records are skipped for the stream and subscribers are "
         "told how many.",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does."),
+    log_level: str = _opt(
+        "warn", "--log-level", "What to log: debug, info, warn or error. Also --log.level.", aliases=("--log.level",)
+    ),
+    log_format: str = _opt(
+        "text",
+        "--log-format",
+        "How log lines look: text (sockwatch: message), logfmt or json, as exporters write them. Also --log.format.",
+        aliases=("--log.format",),
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does (--log-level info)."),
 ) -> None:
     """Run the agent: load the BPF programs once, keep the socket table live, and
     answer local queries on a root-only unix socket.
@@ -180,6 +190,7 @@ def serve(
         "metrics-max-lookups": metrics_max_lookups,
         "metrics-drop-label": metrics_drop_label, "metrics-keep-label": metrics_keep_label,
         "cgroup-root": cgroup_root, "kubelet-log-dir": kubelet_log_dir, "stream-cpu": stream_cpu,
+        "log-level": log_level, "log-format": log_format,
     }  # fmt: skip
     try:
         if config:
@@ -201,6 +212,15 @@ def serve(
         if g["lookups"] not in ("on", "off"):
             raise args.ArgError(f"--lookups must be on or off, not {g['lookups'][:20]!r}")
         stream_share = args.integer(g["stream-cpu"], "--stream-cpu", 1, 100) / 100
+        level = "info" if verbose and g["log-level"] == "warn" else g["log-level"]
+        if level not in log_lines.LEVELS:
+            raise args.ArgError(
+                f"--log-level must be one of {', '.join(log_lines.LEVELS)}, not {g['log-level'][:20]!r}"
+            )
+        if g["log-format"] not in log_lines.FORMATS:
+            raise args.ArgError(
+                f"--log-format must be one of {', '.join(log_lines.FORMATS)}, not {g['log-format'][:20]!r}"
+            )
         where = args.listen_address(g["listen"], "--listen")
         limits = Limits(
             listeners=args.integer(g["metrics-max-listeners"], "--metrics-max-listeners", 0, 100_000),
@@ -221,7 +241,7 @@ def serve(
         raise fail(str(e), code=EXIT_USAGE) from None
     if pages & (pages - 1):
         raise fail(f"--ringbuf-pages {pages} is not a power of two", "use 256, 1024, 4096, ...", EXIT_USAGE)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="sockwatch: %(message)s")
+    log_lines.setup(level, g["log-format"])
     agent = Agent(
         Settings(socket_path, interval, ringbuf_pages=pages, max_lookup_keys=lookup_keys,
                  max_udp_peers=udp_peers, lookups=g["lookups"] == "on", max_lookup_namespaces=lookup_namespaces,
