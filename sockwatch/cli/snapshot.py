@@ -78,12 +78,14 @@ def snapshot(
                 header = client.stream("snapshot", sys.stdout.fileno(), socket_path, filters=f.to_wire())
                 if header is not None:
                     _say_if_partial(header)
+                    _say_if_none(header.get("rows"), f)
                     return
             else:
                 answer = client.request("snapshot", socket_path, filters=f.to_wire())
                 if answer is not None:
-                    _print_rows_from_json(answer[1])
+                    shown = _print_rows_from_json(answer[1])
                     _say_if_partial(answer[0])
+                    _say_if_none(shown, f)
                     return
         from sockwatch.kernel import prereq
         from sockwatch.table import Tracker
@@ -102,6 +104,14 @@ def snapshot(
             from sockwatch.render import print_table
 
             print_table(rows)
+        _say_if_none(len(rows), f)
+
+
+def _say_if_none(rows: object, f: object) -> None:
+    """One line on stderr when nothing matched (stdout stays what it is: [] or the table's head)."""
+    if rows == 0:
+        filtered = not getattr(f, "empty", True)
+        sys.stderr.write(f"sockwatch: no socket matched{' the filters' if filtered else ''}\n")
 
 
 def _counted(op: str, both: bool, top: str, f: object, as_json: bool, standalone: bool,
@@ -134,7 +144,7 @@ def _counted(op: str, both: bool, top: str, f: object, as_json: bool, standalone
     _say_if_partial(answer[0])
 
 
-def _print_rows_from_json(body: bytes) -> None:
+def _print_rows_from_json(body: bytes) -> int:
     from sockwatch.model import SockRow
     from sockwatch.render import print_table
 
@@ -143,6 +153,7 @@ def _print_rows_from_json(body: bytes) -> None:
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise client.AgentError("the agent's answer is malformed: its rows do not parse") from None
     print_table(rows)
+    return len(rows)
 
 
 def _say_if_partial(header: dict) -> None:

@@ -281,3 +281,10 @@ def test_every_option_says_what_its_value_is(command):
     typed = [line for line in r.stdout.splitlines()
              if re.match(r"│\s+-", line) and re.search(r"<(str|int|float|bool|list)", line)]  # fmt: skip
     assert not typed, typed
+
+
+def test_nothing_matched_is_said_on_stderr_and_stdout_stays_clean():
+    for extra, out in (([], ""), (["--json"], "[]\n")):
+        r = subprocess.run(sockwatch_cmd("snapshot", "--standalone", "--proto", "udp", "--port", "1", *extra),
+                           capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
+        assert (r.returncode, r.stdout, r.stderr) == (0, out, "sockwatch: no socket matched the filters\n")
