@@ -28,7 +28,7 @@ from sockwatch.cli import events as event_text
 from sockwatch.cli.options import parse_filter_text
 from sockwatch.containers import Container
 from sockwatch.filters import FilterError, Filters
-from sockwatch.render import endpoint, printable_cell
+from sockwatch.render import UNKNOWN, endpoint, printable_cell
 
 VIEWS = ("listeners", "connections", "processes", "events", "peers")
 VIEW_TITLES = {
@@ -343,14 +343,14 @@ class Live(App[None]):
                 "STATE": "CLOSED" if note else r["state"],
                 "LOCAL": local,
                 "REMOTE": remote,
-                "PID": "" if r["pid"] is None else str(r["pid"]),
-                "COMM": printable_cell(r["comm"] or ""),
+                "PID": UNKNOWN if r["pid"] is None else str(r["pid"]),
+                "COMM": printable_cell(r["comm"]) if r["comm"] else UNKNOWN,
                 "NETNS": str(r["netns"]),
-                "UID": "" if r["uid"] is None else str(r["uid"]),
-                "INODE": "" if r["inode"] is None else str(r["inode"]),
+                "UID": UNKNOWN if r["uid"] is None else str(r["uid"]),
+                "INODE": UNKNOWN if r["inode"] is None else str(r["inode"]),
                 "COOKIE": str(r["cookie"]),
                 "AGE": _age(r.get("born_ns", 0)),
-                "CONTAINER": printable_cell(Container.label_of(r.get("container"))),
+                "CONTAINER": printable_cell(Container.label_of(r.get("container"))) or UNKNOWN,
             }
             table.add_row(*(Text(cells[n], style=style) for n in names))
 
@@ -360,10 +360,10 @@ class Live(App[None]):
         table.clear()
         for p in (self.data or {}).get("processes", []):
             table.add_row(
-                "" if p["pid"] is None else str(p["pid"]),
+                UNKNOWN if p["pid"] is None else str(p["pid"]),
                 printable_cell(p["comm"] or ("(TIME-WAIT: no owner)" if p["time_wait"] == p["total"] else "(unknown)")),
                 str(p["total"]), str(p["listeners"]), str(p["connections"]), str(p["udp"]), str(p["time_wait"]),
-                ",".join(map(str, p["ports"])), printable_cell(Container.label_of(p.get("container"))),
+                ",".join(map(str, p["ports"])), printable_cell(Container.label_of(p.get("container"))) or UNKNOWN,
             )  # fmt: skip
 
     def draw_peers(self, table: DataTable) -> None:

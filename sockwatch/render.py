@@ -45,6 +45,9 @@ def endpoint(addr: object, port: int, family: int, device: str | None = None) ->
     return f"{host}%{printable_cell(device)}:{port}" if device else f"{host}:{port}"
 
 
+UNKNOWN = "-"  # one spelling for "not known" in every table and the event stream
+
+
 def cells(r: SockRow) -> tuple[str, ...]:
     remote = endpoint(r.remote_address, r.remote_port, r.family) if r.is_connection else "*"
     proto = f"{r.proto_name}{r.family}"
@@ -54,12 +57,12 @@ def cells(r: SockRow) -> tuple[str, ...]:
         r.state_name,
         endpoint(r.local_address, r.local_port, r.family, r.device_label),
         remote,
-        "" if r.pid is None else str(r.pid),
-        printable_cell(r.comm or ""),
-        "" if r.uid is None else str(r.uid),
-        "" if r.inode is None else str(r.inode),
+        UNKNOWN if r.pid is None else str(r.pid),
+        printable_cell(r.comm) if r.comm else UNKNOWN,
+        UNKNOWN if r.uid is None else str(r.uid),
+        UNKNOWN if r.inode is None else str(r.inode),
         str(r.cookie),
-        printable_cell(r.container.label) if r.container is not None else "",
+        printable_cell(r.container.label) if r.container is not None and r.container.label else UNKNOWN,
     )
 
 

@@ -15,7 +15,7 @@ from sockwatch.agent.protocol import EVENT_KINDS
 from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
 from sockwatch.containers import Container
-from sockwatch.render import printable_cell
+from sockwatch.render import UNKNOWN, printable_cell
 
 
 def events(
@@ -100,7 +100,7 @@ def _describe(e: dict) -> str:
         answer = "RST" if e["protocol"] == "tcp" else "ICMP port unreachable"
         return (f"{t} MISS      {e['protocol']:<3} port {e['local_port']}: {e['misses']} packets found no socket "
                 f"({answer}), to {', '.join(e['addresses'])}  netns {e['netns']}")  # fmt: skip
-    who = f"{e['pid']}/{e['comm']}" if e.get("pid") is not None else "-"
+    who = f"{e['pid']}/{e['comm']}" if e.get("pid") is not None else UNKNOWN
     where = _ep(e["local_address"], e["local_port"])
     if e.get("remote_address"):
         where += " -> " + _ep(e["remote_address"], e["remote_port"])
