@@ -121,3 +121,13 @@ def test_the_terminal_table_escapes_process_names_and_reads_no_markup():
     print_table([SockRow.from_dict(ROW | {"comm": "[bold red]x[/]\x1b]0;pwned\x07"})], out)
     text = out.getvalue()
     assert "\x1b]0;pwned" not in text and "[bold red]x[/]" in text and "\\x1b]0;pwned" in text
+
+
+def test_what_is_not_known_is_one_dash_in_the_table():
+    from sockwatch.model import SockRow
+    from sockwatch.render import UNKNOWN, cells
+
+    row = SockRow.from_dict(ROW | {"pid": None, "comm": None, "uid": None, "inode": None, "container": None})
+    got = cells(row)
+    assert UNKNOWN == "-" and got[5:9] == ("-", "-", "-", "-") and got[-1] == "-", got
+    assert "" not in got
