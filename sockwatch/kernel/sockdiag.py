@@ -196,10 +196,12 @@ def dump_changed(sock: socket.socket, protocol: int, family: int, states: int, r
     while True:
         data = sock.recv(1 << 20)
         end, last, length = _messages_end(data, protocol, family)
+        keys = _keys_of_run(data, end, length) if end and length else None
+        if keys is None and length:  # not one run after all: walked message by message, every length checked
+            end, last, length = _messages_end(data, protocol, family, fast=False)
         if end:
-            keys = _keys_of_run(data, end, length) if length else None
             if keys is None:
-                keys, length = _keys_one_by_one(data, end), 0
+                keys = _keys_one_by_one(data, end)
             for k in keys.difference(read.known):
                 read.changed.append(_from_key(k, protocol, fam, read.cache))
                 read.fresh += 1
@@ -213,13 +215,13 @@ def dump_changed(sock: socket.socket, protocol: int, family: int, states: int, r
             return
 
 
-def _messages_end(data: bytes, protocol: int, family: int) -> tuple[int, bool, int]:
+def _messages_end(data: bytes, protocol: int, family: int, fast: bool = True) -> tuple[int, bool, int]:
     """(where a buffer's socket messages end, whether the dump ends with them, the
-    length of every message when they look like one run of it else 0). An
-    NLMSG_ERROR that ends the dump is raised."""
+    length of every message when they look like one run of it else 0; fast=False:
+    never guessed, every message walked). An NLMSG_ERROR that ends the dump is raised."""
     hs = _NLMSGHDR.size
     end = len(data)
-    if end >= hs:
+    if fast and end >= hs:
         length, mtype = _LEN_TYPE.unpack_from(data, 0)
         if mtype == SOCK_DIAG_BY_FAMILY and length >= _NO_ATTRS and not length % 4:
             # one length throughout is likely: the run's last message is checked here, all of them in _keys_of_run

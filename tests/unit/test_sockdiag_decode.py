@@ -191,3 +191,23 @@ def test_a_changed_read_agrees_with_a_whole_dump_however_the_kernel_cuts_its_buf
     again = sockdiag.ChangedRead(read.seen)
     sockdiag.dump_changed(Peer(*chunks), 6, socket.AF_INET6, 0xFFF, again)  # type: ignore[arg-type]
     assert again.changed == [] and again.gone() == set() and again.seen == read.seen
+
+
+def test_a_buffer_that_only_looks_like_one_run_is_walked_and_a_malformed_one_refused():
+    lo = bytes([127, 0, 0, 1])
+
+    def m(cookie, **kw):
+        return diag_msg(socket.AF_INET, 1, 4000 + cookie, 443, lo, lo, cookie, 0, 10 + cookie, **kw)
+
+    # 96 + 100 + 92 + 96 bytes: the first and the last are 96 long, and 384 is 4 x 96
+    odd = m(1) + m(2, tail=bytes(4)) + m(3, attrs=False, tail=bytes(4)) + m(4)
+    assert len(odd) == 384 and len(m(1)) == 96
+    read = sockdiag.ChangedRead(frozenset())
+    sockdiag.dump_changed(Peer(odd, done()), 6, socket.AF_INET, 0xFFF, read)  # type: ignore[arg-type]
+    assert sorted((d.cookie, d.inode) for d in read.changed) == [(1, 11), (2, 12), (3, 13), (4, 14)]
+    # the same shape with a zero length inside: refused, not walked forever
+    broken = bytearray(odd)
+    struct.pack_into("=I", broken, 96, 0)
+    with pytest.raises(sockdiag.SockDiagError):
+        sockdiag.dump_changed(Peer(bytes(broken), done()), 6, socket.AF_INET, 0xFFF,  # type: ignore[arg-type]
+                              sockdiag.ChangedRead(frozenset()))  # fmt: skip
