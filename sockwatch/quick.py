@@ -57,10 +57,8 @@ def snapshot_json(argv: list[str]) -> bool:
         sys.exit(0)
     if header is None:
         return False  # no agent: the CLI reads the kernel itself
-    partial = header.get("partial")
-    if isinstance(partial, list) and partial:
-        from sockwatch.render import printable
+    if header.get("partial"):
+        from sockwatch.render import say_partial
 
-        for why in partial[:10]:
-            sys.stderr.write(f"sockwatch: note: {printable(str(why))[:300]}\n")
+        say_partial(header)
     return True

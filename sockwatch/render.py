@@ -27,6 +27,14 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def say_partial(header: dict) -> None:
+    """An answer's notes of what it may lack, one line each on stderr (at most 10)."""
+    partial = header.get("partial")
+    if isinstance(partial, list) and partial:
+        for why in partial[:10]:
+            sys.stderr.write(f"sockwatch: note: {printable(str(why))[:300]}\n")
+
+
 def printable_cell(text: str) -> str:
     """printable, on one line."""
     return text.translate(_CELL_CONTROLS)

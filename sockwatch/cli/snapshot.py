@@ -157,9 +157,6 @@ def _print_rows_from_json(body: bytes) -> int:
 
 
 def _say_if_partial(header: dict) -> None:
-    from sockwatch.render import printable
+    from sockwatch.render import say_partial
 
-    partial = header.get("partial")
-    if isinstance(partial, list) and partial:
-        for why in partial[:10]:
-            sys.stderr.write(f"sockwatch: note: {printable(str(why))[:300]}\n")
+    say_partial(header)

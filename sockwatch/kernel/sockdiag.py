@@ -92,6 +92,12 @@ def open_diag_socket() -> socket.socket:
 _PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 
 
+def _ask_dump(sock: socket.socket, protocol: int, family: int, states: int) -> None:
+    """Ask for every socket of (protocol, family) in `states` (the answer is read after)."""
+    req = _REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
+
+
 def dump(
     sock: socket.socket,
     protocol: int,
@@ -103,9 +109,7 @@ def dump(
     """Every socket of (protocol, family) in the namespace of `sock`. attrs: also read
     the attributes after each message (IPV6_V6ONLY), which a table dump does without."""
     cache = cache or AddrCache()
-    req = _REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
-    seq = 1
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req)
+    _ask_dump(sock, protocol, family, states)
     msg_unpack = _MSG.unpack_from
     hdr_unpack = _NLMSGHDR.unpack_from
     hdr_size = _NLMSGHDR.size
@@ -190,8 +194,7 @@ def dump_changed(sock: socket.socket, protocol: int, family: int, states: int, r
     read of 100,000 connections where a few changed decodes those few. A buffer of
     messages of one length (the common case: sockets of one kind carry the same
     attributes) is cut into keys by struct, in C; any other, message by message."""
-    req = _REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
+    _ask_dump(sock, protocol, family, states)
     fam = _FAMILY[family]
     while True:
         data = sock.recv(1 << 20)

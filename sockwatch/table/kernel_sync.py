@@ -55,6 +55,7 @@ class KernelSync(Owners):
     def __init__(self, registry: NamespaceRegistry | None = None, resolver: containers.Resolver | None = None) -> None:
         super().__init__(registry, resolver)
         self._connection_keys: set[bytes] | None = None  # what the last connection read saw (None: read whole)
+        self._unnamed: set[int] | None = None  # rows that may be bound to a device not yet named (None: all)
         # what sync_connections last read: the hooks' generation then, and the moment its
         # first timewait socket ends (no hook sees that end: the clock does)
         self._synced_generation: int | None = None

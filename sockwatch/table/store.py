@@ -81,7 +81,6 @@ class Store:
         # cookies of the rows keyed by (IP, port): UDP sockets and TCP listeners (few; the
         # per-query kernel read compares these, not the connections)
         self._by_ip_port: set[int] = set()
-        self._unnamed: set[int] | None = None  # rows that may be bound to a device not yet named (None: all)
         self.pending: dict[int, set[str]] = {}  # cookie -> reasons
         self.pending_tries: Counter = Counter()
         self.stats = Stats()
