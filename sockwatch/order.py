@@ -15,6 +15,9 @@ from operator import attrgetter, not_
 
 from sockwatch.model import SockRow, sort_key
 
+# A row whose cookie is a multiple of this is marked (the whole-table JSON's blocks end
+# after marked rows): kept with the order so a look finds the ends without a pass in Python.
+MARK_EVERY = 251
 REMOVALS_BY_BISECTION = 256  # past this, one pass by cookie beats a list deletion per row
 MOVES_PER_RESORT = 8
 _cookie = attrgetter("cookie")  # more than 1/8 of the table moved: sorting whole is cheaper than placing each
@@ -24,6 +27,7 @@ class SortedRows:
     def __init__(self) -> None:
         self._rows: list[SockRow] = []
         self._cookies: list[int] = []  # the rows' cookies, in the same order (views that key on them)
+        self._marks = bytearray()  # 1 where the row's cookie is a multiple of MARK_EVERY, else 0
         self._added: dict[int, SockRow] = {}  # cookie -> row to place (the last row given for it)
         self._removed: dict[int, tuple] = {}  # cookie -> the key it had when the list was made
         self._rekeyed = False  # a row in the list has a new key: it is found by cookie, not by bisection
@@ -78,10 +82,11 @@ class SortedRows:
         if self.broken:
             self._rows = sorted(visible(), key=sort_key)
             self._cookies = list(map(_cookie, self._rows))
+            self._marks = marks_of(self._cookies)
             self.broken = False
         elif self._added or self._removed:
-            self._rows, self._cookies = place(
-                self._rows, self._cookies, self._removed, list(self._added.values()), self._rekeyed
+            self._rows, self._cookies, self._marks = place(
+                self._rows, self._cookies, self._marks, self._removed, list(self._added.values()), self._rekeyed
             )
         self._clear()
         return self._rows
@@ -90,39 +95,54 @@ class SortedRows:
         """The cookies of the list rows() last returned, in its order (the caller's to read)."""
         return self._cookies
 
+    def marks(self) -> bytearray:
+        """Which rows of that list are marked (MARK_EVERY), byte by byte (the caller's to read)."""
+        return self._marks
+
+
+def marks_of(cookies: list[int]) -> bytearray:
+    return bytearray(map(not_, map(MARK_EVERY.__rmod__, cookies)))
+
 
 def place(
     ordered: list[SockRow],
     cookies: list[int],
+    marks: bytearray,
     removed: dict[int, tuple],
     added: list[SockRow],
     rekeyed: bool = False,
-) -> tuple[list[SockRow], list[int]]:
-    """`ordered` (sorted by sort_key; changed in place) and its `cookies` without the rows
-    of `removed` (cookie -> the key it was sorted under; a cookie not in the list is
-    skipped) and with `added` in their places. rekeyed: some row in `ordered` has a new
-    key, so the list is not sorted by the keys its rows have now: rows are found by cookie."""
+) -> tuple[list[SockRow], list[int], bytearray]:
+    """`ordered` (sorted by sort_key; changed in place), its `cookies` and `marks`
+    without the rows of `removed` (cookie -> the key it was sorted under; a cookie not in
+    the list is skipped) and with `added` in their places. rekeyed: some row in
+    `ordered` has a new key, so the list is not sorted by the keys its rows have now:
+    rows are found by cookie."""
     if rekeyed or len(removed) > REMOVALS_BY_BISECTION:
         keep = list(map(not_, map(removed.__contains__, cookies)))
         ordered, cookies = list(compress(ordered, keep)), list(compress(cookies, keep))
+        marks = bytearray(compress(marks, keep))
     else:
         for cookie, key in removed.items():
             i = bisect_left(ordered, key, key=sort_key)
             if i < len(ordered) and cookies[i] == cookie:
-                del ordered[i], cookies[i]
+                del ordered[i], cookies[i], marks[i]
     if not added:
-        return ordered, cookies
+        return ordered, cookies, marks
     added.sort(key=sort_key)
     out: list[SockRow] = []
     out_cookies: list[int] = []
+    out_marks = bytearray()
     at = 0
     for r in added:
         i = bisect_left(ordered, sort_key(r), lo=at, key=sort_key)
         out += ordered[at:i]
         out_cookies += cookies[at:i]
+        out_marks += marks[at:i]
         out.append(r)
         out_cookies.append(r.cookie)
+        out_marks.append(not r.cookie % MARK_EVERY)
         at = i
     out += ordered[at:]
     out_cookies += cookies[at:]
-    return out, out_cookies
+    out_marks += marks[at:]
+    return out, out_cookies, out_marks

@@ -184,8 +184,8 @@ class Queries:
             touched = t.take_touched()
             if self._json_version < 0:
                 touched = None  # nothing kept to reuse
-            rows, cookies = t.ordered()
-            self._json_chunks = self._json.chunks(rows, touched, cookies)
+            rows, cookies, marks = t.ordered()
+            self._json_chunks = self._json.chunks(rows, touched, cookies, marks)
             self._json_version = t.version
         return self._json_chunks
 

@@ -2,7 +2,7 @@
 went or changed, only their blocks are rendered again (rendering all 100,000 rows
 costs ~0.25 s; the blocks' bytes are what one cached answer held before).
 
-A block ends after a row whose cookie is a multiple of BLOCK_END, so its ends come from
+A block ends after a row whose cookie is a multiple of order.MARK_EVERY (a marked row), so its ends come from
 the rows themselves, not from positions: a row added or removed changes the one block
 it falls in, not every block after it. A block is known by its rows' cookies; a row
 changed in place is told by the table (Tracker.take_touched)."""
@@ -10,12 +10,12 @@ changed in place is told by the table (Tracker.take_touched)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import compress
-from operator import attrgetter, not_
+from operator import attrgetter
 
 from sockwatch.model import SockRow, row_json
+from sockwatch.order import MARK_EVERY, marks_of
 
-BLOCK_END = 251  # ~250 rows (~60 KiB) a block
+BLOCK_END = MARK_EVERY  # ~250 rows (~60 KiB) a block
 _cookie = attrgetter("cookie")
 
 
@@ -28,17 +28,27 @@ class TableJson:
         self._blocks = {}
 
     def chunks(
-        self, rows: Sequence[SockRow], touched: set[int] | None, cookies: list[int] | None = None
+        self,
+        rows: Sequence[SockRow],
+        touched: set[int] | None,
+        cookies: list[int] | None = None,
+        marks: bytes | bytearray | None = None,
     ) -> list[bytes]:
         """model.render_json(rows) as chunks to send in turn. `touched`: cookies of rows
-        changed since the last call (None: any may have). `cookies`: the rows' cookies
-        in order, if the caller keeps them (else each row is read for it)."""
+        changed since the last call (None: any may have). `cookies` and `marks`: the
+        rows' cookies and marks in order (order.SortedRows), if the caller keeps them
+        (else each row is read for them: a pass over the table in Python)."""
         old = self._blocks if touched is not None else {}
         new: dict[tuple[int, ...], bytes] = {}
         if cookies is None:
             cookies = list(map(_cookie, rows))
-        # (in C: this walks every row of the table on each change)
-        ends = list(compress(range(1, len(cookies) + 1), map(not_, map(BLOCK_END.__rmod__, cookies))))
+        if marks is None:
+            marks = marks_of(cookies)
+        ends = []
+        at = marks.find(1)
+        while at >= 0:  # (bytes.find, in C: ~400 calls at 100,000 rows)
+            ends.append(at + 1)
+            at = marks.find(1, at + 1)
         if not ends or ends[-1] != len(rows):
             ends.append(len(rows))
         out = [b"["]

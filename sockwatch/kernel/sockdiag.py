@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import queue
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP
 
@@ -40,6 +43,7 @@ _REQ = struct.Struct("=BBBBI48s")
 # cookie (two host-order u32 = one little-endian u64 here), expires, rqueue, wqueue, uid, inode
 _MSG = struct.Struct("<BBBBHH16s16sIQIIIII")
 _FAMILY: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 6}
+T = TypeVar("T")
 
 
 class SockDiagError(OSError):
@@ -170,12 +174,13 @@ def cookie_of_key(key: bytes) -> int:
 
 
 @dataclass(slots=True)
-class ChangedRead:
+class ChangedRead(Generic[T]):
     """One connection read, against the keys of the last (`known`): what differs."""
 
     known: set[bytes] | frozenset[bytes]
     seen: set[bytes] = field(default_factory=set)  # every key read (the next read's `known`)
-    changed: list[DiagSock] = field(default_factory=list)  # new, or something shown differs
+    # new, or something shown differs: each with the tag of the socket it was read through
+    changed: list[tuple[DiagSock, T]] = field(default_factory=list)
     timewait_ms: int = -1  # the soonest end of a timewait socket read, in ms from now (-1: none)
     fresh: int = 0  # keys read that were not known
     cache: AddrCache = field(default_factory=AddrCache)
@@ -185,37 +190,105 @@ class ChangedRead:
         if len(self.known) - (len(self.seen) - self.fresh) == 0:
             return set()  # every key known before was read again
         out = {cookie_of_key(k) for k in self.known - self.seen}
-        out.difference_update(d.cookie for d in self.changed)
+        out.difference_update(d.cookie for d, _tag in self.changed)
         return out
 
 
-def dump_changed(sock: socket.socket, protocol: int, family: int, states: int, read: ChangedRead) -> None:
-    """Like dump(), adding to `read` only the sockets whose key is not in read.known: a
+# Readers at once: two cores' worth. Each namespace's dump walks the host's whole TCP
+# hash (it is shared), so with several namespaces their walks overlap on two cores.
+READERS = 2
+_Framed = tuple[Any, int, bytes, int, int]  # (tag, family, data, where its sockets end, their length or 0)
+
+
+def dump_changed(
+    socks: Sequence[tuple[T, socket.socket]], protocol: int, families: tuple[int, ...], states: int,
+    read: ChangedRead[T],
+) -> None:  # fmt: skip
+    """Like dump() for each of `families` through each socket (its namespace's), adding
+    to `read` (with the socket's tag) only the sockets whose key is not in read.known: a
     read of 100,000 connections where a few changed decodes those few. A buffer of
     messages of one length (the common case: sockets of one kind carry the same
-    attributes) is cut into keys by struct, in C; any other, message by message."""
-    _ask_dump(sock, protocol, family, states)
-    fam = _FAMILY[family]
-    while True:
-        data = sock.recv(1 << 20)
-        end, last, length = _messages_end(data, protocol, family)
-        keys = _keys_of_run(data, end, length) if end and length else None
-        if keys is None and length:  # not one run after all: walked message by message, every length checked
-            end, last, length = _messages_end(data, protocol, family, fast=False)
-        if end:
-            if keys is None:
-                keys = _keys_one_by_one(data, end)
-            for k in keys.difference(read.known):
-                read.changed.append(_from_key(k, protocol, fam, read.cache))
-                read.fresh += 1
-            read.seen |= keys
-            if length:  # distinct (timer, expiry) pairs in C first: an idle connection's are all alike
-                pairs = set(_uniform(length)[2].iter_unpack(memoryview(data)[:end]))
-                read.timewait_ms = _soonest(read.timewait_ms, (e for t, e in pairs if t == TIMER_TIMEWAIT))
+    attributes) is cut into keys by struct, in C; any other, message by message.
+
+    Threads of their own receive: the kernel builds each buffer inside recv() with the
+    GIL released, so cutting one buffer here hides behind the kernel building the next,
+    and two namespaces' walks run on two cores. The first error ends the read and is
+    raised here once every reader has stopped (no socket is left mid-dump)."""
+    todo: queue.SimpleQueue[tuple[T, socket.socket]] = queue.SimpleQueue()
+    for tagged in socks:
+        todo.put(tagged)
+    got: queue.SimpleQueue[_Framed | BaseException | None] = queue.SimpleQueue()
+    stop = threading.Event()
+    args = (todo, protocol, families, states, got, stop)
+    readers = [threading.Thread(target=_receive, args=args, name="sockdiag-read", daemon=True)
+               for _ in range(min(READERS, len(socks)))]  # fmt: skip
+    for r in readers:
+        r.start()
+    try:
+        running = len(readers)
+        while running:
+            item = got.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
             else:
-                read.timewait_ms = _soonest(read.timewait_ms, _timewait_one_by_one(data, end))
-        if last:
-            return
+                tag, family, data, end, length = item
+                _take(tag, family, data, end, length, protocol, read)
+    finally:
+        stop.set()
+        for r in readers:
+            r.join()
+
+
+def _receive(
+    todo: queue.SimpleQueue[tuple[T, socket.socket]], protocol: int, families: tuple[int, ...], states: int,
+    out: queue.SimpleQueue[_Framed | BaseException | None], stop: threading.Event,
+) -> None:  # fmt: skip
+    """A reading thread: socket by socket from `todo` until it is empty or `stop` is set,
+    each buffer framed; an error is passed on and ends this reader; None: it ended."""
+    try:
+        while not stop.is_set():
+            try:
+                tag, sock = todo.get_nowait()
+            except queue.Empty:
+                return
+            for family in families:
+                _ask_dump(sock, protocol, family, states)
+                while True:
+                    data = sock.recv(1 << 20)
+                    end, last, length = _messages_end(data, protocol, family)
+                    if length and not _one_run(data, end, length):  # only looked like one: every length checked
+                        end, last, length = _messages_end(data, protocol, family, fast=False)
+                    if end:
+                        out.put((tag, family, data, end, length))
+                    if last:
+                        break
+    except BaseException as e:  # the asking thread raises it
+        out.put(e)
+    finally:
+        out.put(None)
+
+
+def _take(tag: T, family: int, data: bytes, end: int, length: int, protocol: int, read: ChangedRead[T]) -> None:
+    """One framed buffer into `read`: its new keys decoded, every key kept, the soonest
+    timewait end."""
+    if length:
+        _heads, cut, timers = _uniform(length)
+        view = memoryview(data)[:end]
+        keys = set(map(b"".join, cut.iter_unpack(view)))
+    else:
+        keys = _keys_one_by_one(data, end)
+    fam = _FAMILY[family]
+    for k in keys.difference(read.known):
+        read.changed.append((_from_key(k, protocol, fam, read.cache), tag))
+        read.fresh += 1
+    read.seen |= keys
+    if length:  # distinct (timer, expiry) pairs in C first: an idle connection's are all alike
+        pairs = set(timers.iter_unpack(view))
+        read.timewait_ms = _soonest(read.timewait_ms, (e for t, e in pairs if t == TIMER_TIMEWAIT))
+    else:
+        read.timewait_ms = _soonest(read.timewait_ms, _timewait_one_by_one(data, end))
 
 
 def _messages_end(data: bytes, protocol: int, family: int, fast: bool = True) -> tuple[int, bool, int]:
@@ -246,13 +319,9 @@ def _messages_end(data: bytes, protocol: int, family: int, fast: bool = True) ->
     return off, False, 0
 
 
-def _keys_of_run(data: bytes, end: int, length: int) -> set[bytes] | None:
-    """The keys of data[:end] if every message there is a socket's of `length` bytes."""
-    view = memoryview(data)[:end]
-    heads, keys, _tw = _uniform(length)
-    if set(heads.iter_unpack(view)) != {(length, SOCK_DIAG_BY_FAMILY)}:
-        return None
-    return set(map(b"".join, keys.iter_unpack(view)))
+def _one_run(data: bytes, end: int, length: int) -> bool:
+    """Whether every message in data[:end] is a socket's of `length` bytes."""
+    return set(_uniform(length)[0].iter_unpack(memoryview(data)[:end])) == {(length, SOCK_DIAG_BY_FAMILY)}
 
 
 def _keys_one_by_one(data: bytes, end: int) -> set[bytes]:

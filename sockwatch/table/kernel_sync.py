@@ -325,22 +325,22 @@ class KernelSync(Owners):
         t0 = now
         # Keys of the last read: only sockets whose shown fields differ are decoded (the
         # first read, and one after a bootstrap, decode all).
-        read = sockdiag.ChangedRead(self._connection_keys if self._connection_keys is not None else frozenset())
-        kernel: list[tuple[sockdiag.DiagSock, Namespace]] = []
+        read: sockdiag.ChangedRead[Namespace] = sockdiag.ChangedRead(
+            self._connection_keys if self._connection_keys is not None else frozenset()
+        )
         with self.registry.reading():
-            for ns in list(self.registry.by_cookie.values()):
-                at = len(read.changed)
-                try:
-                    sock = self.registry.diag(ns)
-                    for family in (socket.AF_INET, socket.AF_INET6):
-                        sockdiag.dump_changed(sock, IPPROTO_TCP, family, CONNECTION_STATES, read)
-                except NamespaceGone:
-                    del read.changed[at:]
-                    continue
-                except OSError as e:
-                    log.warning("sock_diag in netns %s failed: %s", ns.inode, e)
-                    return 0  # keep what we have; the next view asks again
-                kernel.extend((d, ns) for d in read.changed[at:])
+            socks = []
+            try:
+                for ns in list(self.registry.by_cookie.values()):
+                    try:
+                        socks.append((ns, self.registry.diag(ns)))
+                    except NamespaceGone:
+                        continue
+                sockdiag.dump_changed(socks, IPPROTO_TCP, (socket.AF_INET, socket.AF_INET6), CONNECTION_STATES, read)
+            except OSError as e:
+                log.warning("sock_diag read of connections failed: %s", e)
+                return 0  # keep what we have; the next view asks again
+        kernel = read.changed
         gone = read.gone() if self._connection_keys is not None else None
         tw_next = read.timewait_ms / 1000 if read.timewait_ms >= 0 else math.inf
         changed = self._apply_connection_changes(kernel, gone, time.monotonic_ns(), self.recent_owners, tw_next)

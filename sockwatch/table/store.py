@@ -170,10 +170,11 @@ class Store:
             self._changed.clear()
         return self._tally
 
-    def ordered(self) -> tuple[list[SockRow], list[int]]:
-        """The visible rows in order and their cookies, as kept (to read, not to change)."""
+    def ordered(self) -> tuple[list[SockRow], list[int], bytearray]:
+        """The visible rows in order, their cookies and marks (order.MARK_EVERY), as kept
+        (to read, not to change)."""
         rows = self._order.rows(self.visible)
-        return rows, self._order.cookies()
+        return rows, self._order.cookies(), self._order.marks()
 
     def snapshot(self, filters: Filters | None = None) -> list[SockRow]:
         """Visible rows in the kernel's grouping; sorted once per table version."""

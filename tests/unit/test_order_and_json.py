@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sockwatch import events as E
 from sockwatch.agent.tablejson import BLOCK_END, TableJson
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, render_json, sort_key
-from sockwatch.order import MOVES_PER_RESORT, SortedRows, place
+from sockwatch.order import MARK_EVERY, MOVES_PER_RESORT, SortedRows, marks_of, place
 from tests.unit.test_tracker_events import OWNERS, Ns, diag, ev, tracker
 
 STATES = [TcpState.ESTABLISHED, TcpState.FIN_WAIT2, TcpState.TIME_WAIT, TcpState.CLOSE, TcpState.SYN_SENT]
@@ -42,6 +42,15 @@ OPS = st.lists(
 @example(start=[1, 2, 3], ops=[("remove", 3, 1, TcpState.ESTABLISHED), ("change", 2, 6, TcpState.ESTABLISHED)])
 @given(start=st.lists(st.integers(1, 40), unique=True, max_size=30), ops=OPS)
 def test_sorted_rows_are_the_tables_rows_sorted_after_any_changes(start, ops):
+    def marked(cookie: int) -> int:  # every third cookie a multiple of MARK_EVERY: marks come and go too
+        return cookie * MARK_EVERY if cookie % 3 == 0 else cookie
+
+    def same_marks() -> bool:
+        cookies = order.cookies()
+        return order.marks() == marks_of(cookies) and sum(order.marks()) == sum(c % 3 == 0 for c in cookies)
+
+    start = [marked(c) for c in start]
+    ops = [(op, marked(c), port, state) for op, c, port, state in ops]
     table = {c: row(c, c % 7 + 1) for c in start}
     order = SortedRows()
     assert order.rows(lambda: [r for r in table.values() if r.visible]) == sorted(table.values(), key=sort_key)
@@ -62,10 +71,10 @@ def test_sorted_rows_are_the_tables_rows_sorted_after_any_changes(start, ops):
         if op == "look":
             assert order.rows(lambda: [r for r in table.values() if r.visible]) == sorted(
                 (r for r in table.values() if r.visible), key=sort_key)  # fmt: skip
-            assert order.cookies() == [r.cookie for r in order.rows(list)]
+            assert order.cookies() == [r.cookie for r in order.rows(list)] and same_marks()
     assert order.rows(lambda: [r for r in table.values() if r.visible]) == sorted(
         (r for r in table.values() if r.visible), key=sort_key)  # fmt: skip
-    assert order.cookies() == [r.cookie for r in order.rows(list)]
+    assert order.cookies() == [r.cookie for r in order.rows(list)] and same_marks()
 
 
 def test_placing_many_rows_sorts_whole_and_a_few_are_bisected():
@@ -81,8 +90,10 @@ def test_placing_many_rows_sorts_whole_and_a_few_are_bisected():
     left = rows[10 + len(rows) // MOVES_PER_RESORT + 64 :]
     assert order.rows(lambda: left) == left
     new = row(5000, 1000)
-    got, cookies = place(rows[:3], [r.cookie for r in rows[:3]], {rows[1].cookie: sort_key(rows[1])}, [new])
+    first = [r.cookie for r in rows[:3]]
+    got, cookies, marks = place(rows[:3], first, marks_of(first), {rows[1].cookie: sort_key(rows[1])}, [new])
     assert got == sorted([rows[0], rows[2], new], key=sort_key) and cookies == [r.cookie for r in got]
+    assert marks == marks_of(cookies)
 
 
 def test_table_json_is_render_json_and_renders_only_blocks_that_changed():
@@ -123,9 +134,9 @@ def test_the_trackers_snapshot_and_json_match_a_whole_sort_and_render(steps, lis
         want = sorted(t.visible(), key=sort_key)
         got = t.snapshot()
         assert got == want
-        rows, cookies = t.ordered()
-        assert rows == want and cookies == [r.cookie for r in want]
-        assert b"".join(tj.chunks(rows, t.take_touched(), cookies)) == render_json(want)
+        rows, cookies, marks = t.ordered()
+        assert rows == want and cookies == [r.cookie for r in want] and marks == marks_of(cookies)
+        assert b"".join(tj.chunks(rows, t.take_touched(), cookies, marks)) == render_json(want)
 
     check()
     kernel: dict[int, list] = {}  # cookie -> [port, state, inode]

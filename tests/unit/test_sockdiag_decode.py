@@ -37,6 +37,11 @@ def error(err: int) -> bytes:
     return struct.pack("=IHHII", 36, sockdiag.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -err) + b"\0" * 16
 
 
+def at(*chunks: bytes) -> list[tuple[str, Peer]]:
+    """One socket to read through, tagged "ns"."""
+    return [("ns", Peer(*chunks))]
+
+
 class Peer:
     """Plays the kernel's side of one dump: what it was asked, what it answers."""
 
@@ -112,11 +117,11 @@ def test_a_changed_read_decodes_only_what_a_row_shows_differently():
                         expires=expires, queues=queues)  # fmt: skip
 
     first = sockdiag.ChangedRead(frozenset())
-    sockdiag.dump_changed(Peer(conn(1) + conn(2), conn(3, state=6, inode=0, expires=900), done()),  # type: ignore[arg-type]
-                          6, socket.AF_INET, 0xFFF, first)  # fmt: skip
-    assert sorted(d.cookie for d in first.changed) == [1, 2, 3] and first.gone() == set()
+    sockdiag.dump_changed(at(conn(1) + conn(2), conn(3, state=6, inode=0, expires=900), done()),  # type: ignore[arg-type]
+                          6, (socket.AF_INET,), 0xFFF, first)  # fmt: skip
+    assert sorted(d.cookie for d, _ in first.changed) == [1, 2, 3] and first.gone() == set()
     assert first.timewait_ms == 900
-    one = next(d for d in first.changed if d.cookie == 1)
+    one = next(d for d, _ in first.changed if d.cookie == 1)
     assert (one.local_port, one.remote_address, one.state, one.inode) == (
         4001,
         ipaddress.ip_address("127.0.0.2"),
@@ -128,25 +133,25 @@ def test_a_changed_read_decodes_only_what_a_row_shows_differently():
     # clock ran (not decoded, but still the soonest end); 4: new; 5 in the next buffer: its inode changed
     second = sockdiag.ChangedRead(first.seen)
     sockdiag.dump_changed(
-        Peer(conn(1, queues=(5, 9)) + conn(3, state=6, inode=0, expires=400) + conn(4), conn(5), done()),  # type: ignore[arg-type]
+        at(conn(1, queues=(5, 9)) + conn(3, state=6, inode=0, expires=400) + conn(4), conn(5), done()),  # type: ignore[arg-type]
         6,
-        socket.AF_INET,
+        (socket.AF_INET,),
         0xFFF,
         second,
     )
-    assert sorted(d.cookie for d in second.changed) == [4, 5] and second.gone() == {2}
+    assert sorted(d.cookie for d, _ in second.changed) == [4, 5] and second.gone() == {2}
     assert second.timewait_ms == 400
     third = sockdiag.ChangedRead(second.seen)
-    sockdiag.dump_changed(Peer(conn(1), conn(5, inode=11), error(0)), 6, socket.AF_INET, 0xFFF, third)  # type: ignore[arg-type]
-    assert [d.cookie for d in third.changed] == [5] and third.gone() == {3, 4}  # 5 changed, not gone
+    sockdiag.dump_changed(at(conn(1), conn(5, inode=11), error(0)), 6, (socket.AF_INET,), 0xFFF, third)  # type: ignore[arg-type]
+    assert [d.cookie for d, _ in third.changed] == [5] and third.gone() == {3, 4}  # 5 changed, not gone
     assert third.timewait_ms == -1
 
     with pytest.raises(sockdiag.SockDiagError):
-        sockdiag.dump_changed(Peer(error(errno.EPERM)), 6, socket.AF_INET, 0xFFF, sockdiag.ChangedRead(frozenset()))  # type: ignore[arg-type]
+        sockdiag.dump_changed(at(error(errno.EPERM)), 6, (socket.AF_INET,), 0xFFF, sockdiag.ChangedRead(frozenset()))  # type: ignore[arg-type]
     short = conn(1)[:40]
     short = struct.pack("=I", 80) + short[4:]  # says 80 bytes, brings 40
     with pytest.raises(sockdiag.SockDiagError):
-        sockdiag.dump_changed(Peer(short), 6, socket.AF_INET, 0xFFF, sockdiag.ChangedRead(frozenset()))  # type: ignore[arg-type]
+        sockdiag.dump_changed(at(short), 6, (socket.AF_INET,), 0xFFF, sockdiag.ChangedRead(frozenset()))  # type: ignore[arg-type]
 
 
 def _mixed(n: int) -> list[bytes]:
@@ -182,14 +187,14 @@ def test_a_changed_read_agrees_with_a_whole_dump_however_the_kernel_cuts_its_buf
         msgs = msgs[:1]
     whole = list(sockdiag.dump(Peer(*chunks), 6, socket.AF_INET6))  # type: ignore[arg-type]
     read = sockdiag.ChangedRead(frozenset())
-    sockdiag.dump_changed(Peer(*chunks), 6, socket.AF_INET6, 0xFFF, read)  # type: ignore[arg-type]
+    sockdiag.dump_changed(at(*chunks), 6, (socket.AF_INET6,), 0xFFF, read)  # type: ignore[arg-type]
     fields = ("state", "local_address", "local_port", "remote_address", "remote_port", "cookie", "uid", "inode")
-    assert sorted(tuple(getattr(d, f) for f in fields) for d in read.changed) == sorted(
+    assert sorted(tuple(getattr(d, f) for f in fields) for d, _ in read.changed) == sorted(
         tuple(getattr(d, f) for f in fields) for d in whole)  # fmt: skip
     tws = [d.expires_ms for d in whole if d.timewait]
     assert read.timewait_ms == (min(tws) if tws else -1)
     again = sockdiag.ChangedRead(read.seen)
-    sockdiag.dump_changed(Peer(*chunks), 6, socket.AF_INET6, 0xFFF, again)  # type: ignore[arg-type]
+    sockdiag.dump_changed(at(*chunks), 6, (socket.AF_INET6,), 0xFFF, again)  # type: ignore[arg-type]
     assert again.changed == [] and again.gone() == set() and again.seen == read.seen
 
 
@@ -203,11 +208,38 @@ def test_a_buffer_that_only_looks_like_one_run_is_walked_and_a_malformed_one_ref
     odd = m(1) + m(2, tail=bytes(4)) + m(3, attrs=False, tail=bytes(4)) + m(4)
     assert len(odd) == 384 and len(m(1)) == 96
     read = sockdiag.ChangedRead(frozenset())
-    sockdiag.dump_changed(Peer(odd, done()), 6, socket.AF_INET, 0xFFF, read)  # type: ignore[arg-type]
-    assert sorted((d.cookie, d.inode) for d in read.changed) == [(1, 11), (2, 12), (3, 13), (4, 14)]
+    sockdiag.dump_changed(at(odd, done()), 6, (socket.AF_INET,), 0xFFF, read)  # type: ignore[arg-type]
+    assert sorted((d.cookie, d.inode) for d, _ in read.changed) == [(1, 11), (2, 12), (3, 13), (4, 14)]
     # the same shape with a zero length inside: refused, not walked forever
     broken = bytearray(odd)
     struct.pack_into("=I", broken, 96, 0)
     with pytest.raises(sockdiag.SockDiagError):
-        sockdiag.dump_changed(Peer(bytes(broken), done()), 6, socket.AF_INET, 0xFFF,  # type: ignore[arg-type]
+        sockdiag.dump_changed(at(bytes(broken), done()), 6, (socket.AF_INET,), 0xFFF,  # type: ignore[arg-type]
                               sockdiag.ChangedRead(frozenset()))  # fmt: skip
+
+
+def test_a_changed_read_of_two_namespaces_and_families_tags_each_socket_and_leaves_no_thread():
+    import threading
+
+    def v4(cookie):
+        lo, peer = bytes([127, 0, 0, 1]), bytes([127, 0, 0, 2])
+        return diag_msg(socket.AF_INET, 1, 4000 + cookie, 443, lo, peer, cookie, 0, 11)
+
+    def v6(cookie):
+        return diag_msg(socket.AF_INET6, 1, 4000 + cookie, 443, bytes(15) + b"\1", bytes(15) + b"\2", cookie, 0, 12,
+                        v6only=False)  # fmt: skip
+
+    a, b = Peer(v4(1), done(), v6(2) + done()), Peer(v4(3) + v4(4) + done(), done())
+    read: sockdiag.ChangedRead[str] = sockdiag.ChangedRead(frozenset())
+    sockdiag.dump_changed([("a", a), ("b", b)], 6, (socket.AF_INET, socket.AF_INET6), 0xFFF, read)  # type: ignore[list-item]
+    assert sorted((d.cookie, d.family, str(d.local_address), tag) for d, tag in read.changed) == [
+        (1, 4, "127.0.0.1", "a"), (2, 6, "::1", "a"), (3, 4, "127.0.0.1", "b"), (4, 4, "127.0.0.1", "b")]  # fmt: skip
+    for p in (a, b):
+        assert [r[16] for r in p.sent] == [socket.AF_INET, socket.AF_INET6]  # one ask per family, in turn
+        assert p.chunks == []  # each dump read to its end
+    # one namespace's second dump fails: raised here, once no reader is left
+    with pytest.raises(sockdiag.SockDiagError):
+        failing = [("a", Peer(v4(1) + done(), error(errno.EPERM))), ("b", Peer(done(), done()))]
+        sockdiag.dump_changed(failing, 6, (socket.AF_INET, socket.AF_INET6), 0xFFF,  # type: ignore[arg-type]
+                              sockdiag.ChangedRead(frozenset()))  # fmt: skip
+    assert not [t for t in threading.enumerate() if t.name == "sockdiag-read"]
