@@ -19,8 +19,9 @@ from sockwatch.model import SockRow, sort_key
 # after marked rows): kept with the order so a look finds the ends without a pass in Python.
 MARK_EVERY = 251
 REMOVALS_BY_BISECTION = 256  # past this, one pass by cookie beats a list deletion per row
-MOVES_PER_RESORT = 8
-_cookie = attrgetter("cookie")  # more than 1/8 of the table moved: sorting whole is cheaper than placing each
+INSERTS_IN_PLACE = 16  # up to this many new rows are inserted (a memmove each); past it, the lists are made anew
+MOVES_PER_RESORT = 8  # more than 1/8 of the table moved: sorting whole is cheaper than placing each
+_cookie = attrgetter("cookie")
 
 
 class SortedRows:
@@ -129,6 +130,13 @@ def place(
     if not added:
         return ordered, cookies, marks
     added.sort(key=sort_key)
+    if len(added) <= INSERTS_IN_PLACE:
+        for r in added:
+            i = bisect_left(ordered, sort_key(r), key=sort_key)
+            ordered.insert(i, r)
+            cookies.insert(i, r.cookie)
+            marks.insert(i, not r.cookie % MARK_EVERY)
+        return ordered, cookies, marks
     out: list[SockRow] = []
     out_cookies: list[int] = []
     out_marks = bytearray()

@@ -24,8 +24,7 @@ import os
 import re
 import socket
 import stat
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections import namedtuple
 
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the NUL
 _FORBIDDEN = ("/proc", "/sys", "/dev")
@@ -90,22 +89,19 @@ MAX_LINKS = 40  # as the kernel's own path walk
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class Made(NamedTuple):
-    """A directory the walk created: removed again only if it is still that one."""
-
-    path: str
-    dev: int
-    ino: int
+# A directory the walk created: removed again only if it is still that one. (Plain
+# classes here: the client imports this module on every run, and dataclasses cost ~7 ms.)
+Made = namedtuple("Made", "path dev ino")
 
 
-@dataclass
 class _Dir:
     """The socket's directory, held open: everything after the walk is done relative to
     this fd, so nothing can swap a component of the path in between."""
 
-    fd: int
-    real: str  # where it is, symlinks resolved
-    created: list[Made] = field(default_factory=list)  # what the walk made, outermost first
+    def __init__(self, fd: int, real: str, created: list[Made]) -> None:
+        self.fd = fd
+        self.real = real  # where it is, symlinks resolved
+        self.created = created  # what the walk made, outermost first
 
 
 def _open_dir(path: str) -> _Dir:
@@ -248,17 +244,18 @@ def _live(path: str) -> bool:
         s.close()
 
 
-@dataclass
 class Claim:
     """The socket path, held: the listening socket, the lock, the directory (open), and
     what we created."""
 
-    path: str
-    listener: socket.socket
-    lock_fd: int
-    created_dirs: list[Made] = field(default_factory=list)
-    ino: tuple[int, int] = (0, 0)
-    dir_fd: int = -1
+    def __init__(self, path: str, listener: socket.socket, lock_fd: int, created_dirs: list[Made],
+                 ino: tuple[int, int], dir_fd: int) -> None:  # fmt: skip
+        self.path = path
+        self.listener = listener
+        self.lock_fd = lock_fd
+        self.created_dirs = created_dirs
+        self.ino = ino
+        self.dir_fd = dir_fd
 
     def release(self) -> None:
         """Remove what is ours (socket, lock file, directories we made) and nothing else."""

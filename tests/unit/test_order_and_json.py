@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sockwatch import events as E
 from sockwatch.agent.tablejson import BLOCK_END, TableJson
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState, render_json, sort_key
-from sockwatch.order import MARK_EVERY, MOVES_PER_RESORT, SortedRows, marks_of, place
+from sockwatch.order import INSERTS_IN_PLACE, MARK_EVERY, MOVES_PER_RESORT, SortedRows, marks_of, place
 from tests.unit.test_tracker_events import OWNERS, Ns, diag, ev, tracker
 
 STATES = [TcpState.ESTABLISHED, TcpState.FIN_WAIT2, TcpState.TIME_WAIT, TcpState.CLOSE, TcpState.SYN_SENT]
@@ -94,6 +94,14 @@ def test_placing_many_rows_sorts_whole_and_a_few_are_bisected():
     got, cookies, marks = place(rows[:3], first, marks_of(first), {rows[1].cookie: sort_key(rows[1])}, [new])
     assert got == sorted([rows[0], rows[2], new], key=sort_key) and cookies == [r.cookie for r in got]
     assert marks == marks_of(cookies)
+    # few new rows are inserted where they go; many make the lists anew: the same result
+    for n in (1, INSERTS_IN_PLACE, INSERTS_IN_PLACE + 1, 200):
+        base = rows[::7]
+        new_rows = [row(MARK_EVERY * (10_000 + i), 1000 + 3 * i) for i in range(n)]
+        first = [r.cookie for r in base]
+        got, cookies, marks = place(list(base), first, marks_of(first), {}, list(new_rows))
+        assert got == sorted(base + new_rows, key=sort_key) and cookies == [r.cookie for r in got]
+        assert marks == marks_of(cookies) and sum(marks) >= n
 
 
 def test_table_json_is_render_json_and_renders_only_blocks_that_changed():
