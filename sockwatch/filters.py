@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from sockwatch.model import PROTO_NUMBERS, STATE_NUMBERS, SockRow
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
+# ss's src/dst: an address or CIDR (None: any) and a port range (None: any)
+Endpoint = tuple[Net | None, tuple[int, int] | None]
 
 
 class FilterError(ValueError):
@@ -52,6 +55,11 @@ class Filters:
     states: frozenset[int] = frozenset()
     pids: frozenset[int] = frozenset()
     netns: frozenset[int] = frozenset()
+    # ss's sport/dport/src/dst: one end only (local: s, remote: d)
+    sports: tuple[tuple[int, int], ...] = ()
+    dports: tuple[tuple[int, int], ...] = ()
+    srcs: tuple[Endpoint, ...] = ()
+    dsts: tuple[Endpoint, ...] = ()
     extra: tuple[Callable[[SockRow], bool], ...] = field(default=(), compare=False)
 
     def to_wire(self) -> dict:
@@ -65,11 +73,19 @@ class Filters:
             "state": sorted(inv_state[s] for s in self.states),
             "pid": sorted(self.pids),
             "netns": sorted(self.netns),
+            # only when given: an agent from before them refuses keys it does not know
+            **({"sport": [f"{a}-{b}" for a, b in self.sports]} if self.sports else {}),
+            **({"dport": [f"{a}-{b}" for a, b in self.dports]} if self.dports else {}),
+            **({"src": [endpoint_text(e) for e in self.srcs]} if self.srcs else {}),
+            **({"dst": [endpoint_text(e) for e in self.dsts]} if self.dsts else {}),
         }
 
     def match(self, row: SockRow) -> bool:
         addrs = (row.local_address,) if row.remote_address is None else (row.local_address, row.remote_address)
-        return self._match(row.protocol, row.state, row.pid, row.netns, (row.local_port, row.remote_port), addrs)
+        if not self._match(row.protocol, row.state, row.pid, row.netns, (row.local_port, row.remote_port), addrs):
+            return False
+        return not self._ends or self._match_ends(row.local_address, row.local_port, row.remote_address,
+                                                  row.remote_port)  # fmt: skip
 
     def match_event(self, e: dict) -> bool:
         """The same rule over a streamed event's own fields (`live` filters what the
@@ -83,8 +99,31 @@ class Filters:
                 continue
         ports = tuple(p for p in (e.get("local_port"), e.get("remote_port")) if isinstance(p, int))
         state = STATE_NUMBERS.get(str(e["state"])) if e.get("state") else None
-        return self._match(PROTO_NUMBERS.get(str(e.get("protocol", "")).lower(), 0), state, e.get("pid"),
-                           e.get("netns"), ports, tuple(addrs))  # fmt: skip
+        if not self._match(PROTO_NUMBERS.get(str(e.get("protocol", "")).lower(), 0), state, e.get("pid"),
+                           e.get("netns"), ports, tuple(addrs)):  # fmt: skip
+            return False
+        if not self._ends:
+            return True
+        local, remote = (_address(e.get(k)) for k in ("local_address", "remote_address"))
+        lport, rport = (p if isinstance(p, int) else None for p in (e.get("local_port"), e.get("remote_port")))
+        if local is None or lport is None:
+            return False
+        return self._match_ends(local, lport, remote, rport)
+
+    @property
+    def _ends(self) -> bool:
+        return bool(self.sports or self.dports or self.srcs or self.dsts)
+
+    def _match_ends(self, local: Addr, lport: int, remote: Addr | None, rport: int | None) -> bool:
+        """ss's sport/dport/src/dst: each of one end (an end not connected is port 0, no address)."""
+        rport = rport or 0
+        if self.sports and not any(lo <= lport <= hi for lo, hi in self.sports):
+            return False
+        if self.dports and not any(lo <= rport <= hi for lo, hi in self.dports):
+            return False
+        if self.srcs and not any(_at(local, lport, e) for e in self.srcs):
+            return False
+        return not self.dsts or any(_at(remote, rport, e) for e in self.dsts)
 
     def _match(self, protocol: int, state: int | None, pid: object, netns: object, ports: tuple[int | None, ...],
                addrs: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]) -> bool:  # fmt: skip
@@ -102,7 +141,34 @@ class Filters:
 
     @property
     def empty(self) -> bool:
-        return not (self.protocols or self.ports or self.networks or self.states or self.pids or self.netns)
+        return not (self.protocols or self.ports or self.networks or self.states or self.pids or self.netns
+                    or self._ends)  # fmt: skip
+
+
+def _address(v: object) -> Addr | None:
+    try:
+        return ipaddress.ip_address(v) if isinstance(v, str) else None
+    except ValueError:
+        return None
+
+
+def _at(addr: Addr | None, port: int, e: Endpoint) -> bool:
+    net, ports = e
+    if ports is not None and not ports[0] <= port <= ports[1]:
+        return False
+    return net is None or (addr is not None and _in(addr, net))
+
+
+def endpoint_text(e: Endpoint) -> str:
+    net, ports = e
+    return ("*" if net is None else str(net)) + ("" if ports is None else f" port {ports[0]}-{ports[1]}")
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """'NET', '*', 'NET port LO-HI' or '* port LO-HI' (ssfilter's and the wire's form)."""
+    addr, sep, port = text.strip().partition(" port ")
+    net = None if addr.strip() == "*" else parse_network(addr)
+    return net, parse_port(port) if sep else None
 
 
 def _in(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, net: Net) -> bool:
@@ -161,6 +227,10 @@ def build(
     state: Iterable[str] = (),
     pid: Iterable[str | int] = (),
     netns: Iterable[str | int] = (),
+    sport: Iterable[str] = (),
+    dport: Iterable[str] = (),
+    src: Iterable[str] = (),
+    dst: Iterable[str] = (),
 ) -> Filters:
     """Parse every filter or raise FilterError naming the first bad one."""
     return Filters(
@@ -170,10 +240,14 @@ def build(
         states=frozenset(parse_state(s) for s in state),
         pids=frozenset(_number(p, "pid", 1, PID_MAX) for p in pid),
         netns=frozenset(_number(n, "netns", 1, NETNS_MAX) for n in netns),
+        sports=tuple(parse_port(p) for p in sport),
+        dports=tuple(parse_port(p) for p in dport),
+        srcs=tuple(parse_endpoint(e) for e in src),
+        dsts=tuple(parse_endpoint(e) for e in dst),
     )
 
 
-WIRE_KEYS = ("protocol", "port", "addr", "state", "pid", "netns")
+WIRE_KEYS = ("protocol", "port", "addr", "state", "pid", "netns", "sport", "dport", "src", "dst")
 
 
 def from_wire(d: object) -> Filters:

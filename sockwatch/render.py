@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from sockwatch.model import IPPROTO_UDP, SockRow, TcpState, fmt_addr
 
@@ -15,6 +15,8 @@ GROUPS = (
 )
 COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "INODE", "COOKIE", "CONTAINER")
 NUMERIC = ("PID", "UID", "INODE", "COOKIE")
+# what the table shows without -e (as ss: the socket and its process; -e adds the rest)
+NARROW = 7
 
 
 # C0 controls, DEL and C1 controls (ESC sequences, CSI 0x9b, ...) shown as \xNN
@@ -74,42 +76,55 @@ def cells(r: SockRow) -> tuple[str, ...]:
     )
 
 
-def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout) -> None:
+def print_table(rows: Iterable[SockRow], out: TextIO = sys.stdout, extended: bool = False,
+                header: bool = True) -> None:  # fmt: skip
+    """The table, grouped as the kernel looks sockets up. Nothing is ever cut: on a
+    terminal it is drawn only if it fits the width, else (and off a terminal) it is
+    aligned text whose long lines the terminal wraps, as ss's do. extended: every
+    column (ss -e); header=False: one line per socket, no titles (ss -H)."""
+    n = len(COLUMNS) if extended else NARROW
+    columns = COLUMNS[:n]
     by_group: dict[str, list[tuple[str, ...]]] = {g: [] for g, _ in GROUPS}
     for r in rows:
-        by_group[group_of(r)].append(cells(r))
-    rich_ok = out.isatty() and sum(len(v) for v in by_group.values()) <= 2000
-    if rich_ok:
+        by_group[group_of(r)].append(cells(r)[:n])
+    all_rows = [c for g, _ in GROUPS for c in by_group[g]]
+    widths = [max([len(h)] + [len(c[i]) for c in all_rows]) for i, h in enumerate(columns)]
+    if header and out.isatty() and len(all_rows) <= 2000:
         from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
 
         console = Console(file=out)
-        for g, title in GROUPS:
-            if not by_group[g]:
-                continue
-            t = Table(title=f"{title} ({len(by_group[g])})", title_justify="left", box=None, header_style="bold")
-            for name in COLUMNS:
-                t.add_column(name, no_wrap=True, justify="right" if name in NUMERIC else "left")
-            for row in by_group[g]:
-                t.add_row(*(Text(c) for c in row))  # Text: no markup is read from a process name
-            console.print(t)
-            console.print()
-        return
-    all_rows = [c for g, _ in GROUPS for c in by_group[g]]
-    widths = [max([len(h)] + [len(c[i]) for c in all_rows]) for i, h in enumerate(COLUMNS)]
+        if sum(widths) + 2 * (len(widths) - 1) <= console.width:
+            _rich_table(console, by_group, columns)
+            return
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     first = True
     for g, title in GROUPS:
         if not by_group[g]:
             continue
-        if not first:
-            out.write("\n")
+        if header:
+            if not first:
+                out.write("\n")
+            out.write(f"# {title} ({len(by_group[g])})\n")
+            out.write(fmt.format(*columns).rstrip() + "\n")
         first = False
-        out.write(f"# {title} ({len(by_group[g])})\n")
-        out.write(fmt.format(*COLUMNS).rstrip() + "\n")
         for row in by_group[g]:
             out.write(fmt.format(*row).rstrip() + "\n")
+
+
+def _rich_table(console: Any, by_group: dict[str, list[tuple[str, ...]]], columns: tuple[str, ...]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    for g, title in GROUPS:
+        if not by_group[g]:
+            continue
+        t = Table(title=f"{title} ({len(by_group[g])})", title_justify="left", box=None, header_style="bold")
+        for name in columns:
+            t.add_column(name, no_wrap=True, justify="right" if name in NUMERIC else "left")
+        for row in by_group[g]:
+            t.add_row(*(Text(c) for c in row))  # Text: no markup is read from a process name
+        console.print(t)
+        console.print()
 
 
 def _owners(sockets: list[dict]) -> str:

@@ -31,7 +31,7 @@ from sockwatch.agent.clients import Clients
 from sockwatch.agent.notify import Notifier
 from sockwatch.agent.publisher import Publisher
 from sockwatch.agent.queries import Queries
-from sockwatch.kernel import bpfload, prereq
+from sockwatch.kernel import bpfload, prereq, syscalls
 from sockwatch.kernel.ringbuf import RingReader
 from sockwatch.model import IPPROTO_TCP
 from sockwatch.table import Tracker
@@ -104,6 +104,7 @@ class Agent:
 
     def start(self) -> None:
         prereq.require()  # before creating anything: a refused start leaves nothing behind
+        syscalls.one_malloc_arena()
         self.claim = sockpath.claim(self.settings.socket_path)
         self.listener = self.claim.listener
         if self.settings.listen is not None:

@@ -16,7 +16,8 @@ import typer
 from sockwatch import filters as flt
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 
-Proto = Annotated[list[str], typer.Option("--proto", "-p", metavar="tcp|udp", help="tcp or udp.")]
+# (no -p: ss and lsof users read -p as "show processes")
+Proto = Annotated[list[str], typer.Option("--proto", metavar="tcp|udp", help="tcp or udp.")]
 Port = Annotated[
     list[str], typer.Option("--port", metavar="PORT[-PORT]", help="Local or remote port, or a range: 8000-8100.")
 ]
@@ -68,11 +69,25 @@ def netns_inode(text: str) -> int:
 
 
 def build_filters(
-    protocol: list[str], port: list[str], addr: list[str], state: list[str], pid: list[str], netns: list[str]
+    protocol: list[str],
+    port: list[str],
+    addr: list[str],
+    state: list[str],
+    pid: list[str],
+    netns: list[str],
+    ss_words: list[str] | None = None,
 ) -> flt.Filters:
+    """The options' filters, and ss's filter words (ssfilter) after them: ANDed."""
+    from sockwatch import ssfilter
+
+    ss = ssfilter.parse(ss_words) if ss_words else {k: [] for k in ssfilter.KEYS}
+    if state and ss["state"]:
+        raise flt.FilterError("give states one way: --state/-l, or ss's 'state'/'exclude' words")
     return flt.build(
-        protocol=protocol, port=port, addr=addr, state=state, pid=pid, netns=[str(netns_inode(n)) for n in netns]
-    )
+        protocol=protocol, port=port + ss["port"], addr=addr, state=state + ss["state"], pid=pid,
+        netns=[str(netns_inode(n)) for n in netns], sport=ss["sport"], dport=ss["dport"], src=ss["src"],
+        dst=ss["dst"],
+    )  # fmt: skip
 
 
 FILTER_WORDS = {"proto": "protocol", "port": "port", "addr": "addr", "state": "state", "pid": "pid", "netns": "netns"}

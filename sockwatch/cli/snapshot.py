@@ -12,6 +12,8 @@ from sockwatch.agent import client
 from sockwatch.cli import options as opt
 from sockwatch.cli.errors import friendly
 
+SS = "ss's options"
+
 
 def snapshot(
     as_json: Annotated[bool, typer.Option("--json", help="A JSON array of objects, one per socket.")] = False,
@@ -42,6 +44,42 @@ def snapshot(
     netns: opt.Netns = [],  # noqa: B006
     standalone: opt.Standalone = False,
     socket_path: opt.Socket = None,
+    tcp: Annotated[bool, typer.Option("--tcp", "-t", help="TCP sockets (as ss -t).", rich_help_panel=SS)] = False,
+    udp: Annotated[bool, typer.Option("--udp", "-u", help="UDP sockets (as ss -u).", rich_help_panel=SS)] = False,
+    listening: Annotated[
+        bool,
+        typer.Option(
+            "--listening", "-l", help="Listening sockets: TCP LISTEN, UDP UNCONN (as ss -l).", rich_help_panel=SS
+        ),
+    ] = False,
+    _all: Annotated[
+        bool,
+        typer.Option(
+            "--all", "-a", help="Every state: sockwatch's default (ss shows connections only).", rich_help_panel=SS
+        ),
+    ] = False,
+    _numeric: Annotated[
+        bool, typer.Option("--numeric", "-n", help="Numbers, not names: always so.", rich_help_panel=SS)
+    ] = False,
+    _processes: Annotated[
+        bool, typer.Option("--processes", "-p", help="Owners: always shown.", rich_help_panel=SS)
+    ] = False,
+    extended: Annotated[
+        bool,
+        typer.Option("--extended", "-e", help="Also uid, inode, cookie and container (as ss -e).", rich_help_panel=SS),
+    ] = False,
+    no_header: Annotated[
+        bool, typer.Option("--no-header", "-H", help="One line per socket, no titles (as ss -H).", rich_help_panel=SS)
+    ] = False,
+    ss_filter: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[FILTER]",
+            show_default=False,
+            help="ss's filter words: state NAME, exclude NAME, sport/dport [OP] :PORT, src/dst ADDR[:PORT], "
+            "and, ( A or B ). Quote parentheses.",
+        ),
+    ] = None,
 ) -> None:
     """Print every TCP and UDP socket on the host, in every network namespace, grouped
     the way the kernel looks them up.
@@ -53,11 +91,16 @@ def snapshot(
 
     Asks a running `sockwatch serve` when there is one (owners from the hooks);
     otherwise reads the kernel directly (sock_diag and one /proc scan). Filters
-    combine with AND; a repeated option matches any of its values.
+    combine with AND; a repeated option matches any of its values. ss's flags and
+    filter words work too (a subset of ss's language: anything else is refused).
 
     Examples:
 
         sockwatch snapshot --proto udp --port 53
+
+        sockwatch snapshot -tl sport = :443
+
+        sockwatch snapshot -t state established '( dport = :ssh or sport = :ssh )'
 
         sockwatch snapshot --state listen --addr 127.0.0.0/8 --json
 
@@ -68,7 +111,9 @@ def snapshot(
         sockwatch snapshot --peers --port 53 --json
     """
     with friendly():
-        f = opt.build_filters(protocol, port, addr, state, pid, netns)
+        protocol = protocol + ["tcp"] * tcp + ["udp"] * udp
+        state = state + ["listen", "unconn"] * listening
+        f = opt.build_filters(protocol, port, addr, state, pid, netns, ss_filter)
         if lookups or peers:
             _counted("lookups" if lookups else "peers", peers and lookups, top, f, as_json, standalone, socket_path)
             return
@@ -83,7 +128,7 @@ def snapshot(
             else:
                 answer = client.request("snapshot", socket_path, filters=f.to_wire())
                 if answer is not None:
-                    shown = _print_rows_from_json(answer[1])
+                    shown = _print_rows_from_json(answer[1], extended, not no_header)
                     _say_if_partial(answer[0])
                     _say_if_none(shown, f)
                     return
@@ -103,7 +148,7 @@ def snapshot(
         else:
             from sockwatch.render import print_table
 
-            print_table(rows)
+            print_table(rows, extended=extended, header=not no_header)
         _say_if_none(len(rows), f)
 
 
@@ -144,7 +189,7 @@ def _counted(op: str, both: bool, top: str, f: object, as_json: bool, standalone
     _say_if_partial(answer[0])
 
 
-def _print_rows_from_json(body: bytes) -> int:
+def _print_rows_from_json(body: bytes, extended: bool, header: bool) -> int:
     from sockwatch.model import SockRow
     from sockwatch.render import print_table
 
@@ -152,7 +197,7 @@ def _print_rows_from_json(body: bytes) -> int:
         rows = [SockRow.from_dict(d) for d in json.loads(body)]
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise client.AgentError("the agent's answer is malformed: its rows do not parse") from None
-    print_table(rows)
+    print_table(rows, extended=extended, header=header)
     return len(rows)
 
 

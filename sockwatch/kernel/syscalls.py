@@ -92,6 +92,19 @@ def madvise(start: int, length: int, advice: int) -> bool:
     return bool(libc().madvise(start, length, advice) == 0)
 
 
+M_ARENA_MAX = -8
+
+
+def one_malloc_arena() -> None:
+    """Every thread allocates from the main heap (glibc only): the agent's only other
+    threads are a connection read's receivers, and an arena of their own would keep
+    the pages their buffers used resident between reads."""
+    try:
+        libc().mallopt(M_ARENA_MAX, 1)
+    except AttributeError:
+        pass
+
+
 def malloc_trim() -> None:
     """Give freed heap back to the kernel (glibc only; elsewhere nothing to do)."""
     try:
