@@ -10,9 +10,6 @@ import typer
 
 from sockwatch.agent.client import AgentError
 from sockwatch.filters import FilterError
-from sockwatch.kernel.abi import AbiMismatch
-from sockwatch.kernel.prereq import PrereqError
-from sockwatch.kernel.sockdiag import SockDiagError
 
 EXIT_USAGE = 2
 EXIT_ENV = 3  # the machine lacks something
@@ -32,13 +29,6 @@ def friendly() -> Iterator[None]:
         yield
     except FilterError as e:
         raise fail(str(e), "see --help for the filter syntax", EXIT_USAGE) from None
-    except PrereqError as e:
-        raise fail(e.what, e.fix, EXIT_ENV) from None
-    except AbiMismatch as e:
-        raise fail(str(e), code=EXIT_ENV) from None
-    except SockDiagError as e:
-        raise fail(e.strerror or str(e), "load the kernel's socket diagnostics (modprobe tcp_diag udp_diag)",
-                   EXIT_ENV) from None  # fmt: skip
     except AgentError as e:
         raise fail(str(e)) from None
     except BrokenPipeError:
@@ -48,9 +38,28 @@ def friendly() -> Iterator[None]:
     except PermissionError as e:
         raise fail(f"permission denied: {e.filename or e}", "run sockwatch as root (sudo)", EXIT_ENV) from None
     except Exception as e:
-        # the loader is imported only by the commands that load BPF: if it is not loaded,
-        # nothing raised its LoadError (and a command that only asks the agent starts faster)
-        bpfload = sys.modules.get("sockwatch.kernel.bpfload")
-        if bpfload is not None and isinstance(e, bpfload.LoadError):
-            raise fail(e.what, e.fix, EXIT_ENV) from None
-        raise
+        # the kernel modules are imported only by the commands that read the kernel: one
+        # not loaded raised nothing (and a command that only asks the agent, or --help,
+        # starts without them)
+        failure = _kernel_failure(e)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _kernel_failure(e: Exception) -> typer.Exit | None:
+    """The one sentence for an error of the kernel's modules, or None: not theirs."""
+    prereq = sys.modules.get("sockwatch.kernel.prereq")
+    if prereq is not None and isinstance(e, prereq.PrereqError):
+        return fail(e.what, e.fix, EXIT_ENV)
+    abi = sys.modules.get("sockwatch.kernel.abi")
+    if abi is not None and isinstance(e, abi.AbiMismatch):
+        return fail(str(e), code=EXIT_ENV)
+    sockdiag = sys.modules.get("sockwatch.kernel.sockdiag")
+    if sockdiag is not None and isinstance(e, sockdiag.SockDiagError):
+        return fail(e.strerror or str(e), "load the kernel's socket diagnostics (modprobe tcp_diag udp_diag)",
+                    EXIT_ENV)  # fmt: skip
+    bpfload = sys.modules.get("sockwatch.kernel.bpfload")
+    if bpfload is not None and isinstance(e, bpfload.LoadError):
+        return fail(e.what, e.fix, EXIT_ENV)
+    return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -74,6 +73,8 @@ def live(
 
                 def hard() -> None:
                     if mode == "in-process":
+                        import shutil
+
                         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
                     os._exit(128 + signum)
 

@@ -8,12 +8,9 @@ from typing import Any
 import typer
 from typer._click.core import ParameterSource
 
-from sockwatch import logs as log_lines
-from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 from sockwatch.cli import args
 from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail, friendly
-from sockwatch.kernel import prereq
 from sockwatch.metric_limits import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from sockwatch.metric_limits import DROPPABLE, MAX_DESTINATIONS, MAX_LISTENERS, MAX_LOOKUPS, Limits
 
@@ -177,9 +174,11 @@ def serve(
 
         sudo sockwatch serve --config /etc/sockwatch/sockwatch.toml
     """
-    from sockwatch.agent import webconfig  # (ssl, tomllib: not for every command's start-up)
+    from sockwatch import logs as log_lines  # (these: not for every command's start-up, --help's included)
+    from sockwatch.agent import sockpath, webconfig
     from sockwatch.agent.loop import Agent, Settings
     from sockwatch.cli import config as cfg
+    from sockwatch.kernel import prereq
 
     given = {
         "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,
