@@ -47,6 +47,8 @@ class Health:
     revision: str = ""
     tcp_opened: int = 0  # TCP connections the hooks saw opened (counted in the kernel, never sent)
     bpf_programs: dict[str, tuple[int, int]] = field(default_factory=dict)  # hook -> (runs, run ns), while counted
+    web_config_reloads: dict[str, int] | None = None  # "ok"/"failed" -> count; None: no web config
+    web_config_last_ok: bool = True  # the last time the web config was read again, it loaded
 
 
 @dataclass
@@ -313,6 +315,14 @@ class SockwatchCollector(Collector):
                                      "TCP connections the hooks saw opened (connect and accept)")  # fmt: skip
         opened.add_metric([], h.tcp_opened)
         yield opened
+        if h.web_config_reloads is not None:
+            reloads = CounterMetricFamily("sockwatch_web_config_reloads", "Times the web config was read again "
+                                          "(its files changed, or SIGHUP), by result", labels=["result"])  # fmt: skip
+            for result in ("ok", "failed"):
+                reloads.add_metric([result], h.web_config_reloads.get(result, 0))
+            yield reloads
+            yield _gauge("sockwatch_web_config_last_reload_successful", "Whether the web config last read again "
+                         "loaded (0: the one before stays in use)", int(h.web_config_last_ok))  # fmt: skip
         counted = "counted by the kernel only while BPF stats are on (kernel.bpf_stats_enabled, or status --bpf-stats)"
         runs = CounterMetricFamily("sockwatch_bpf_program_runs", f"Runs of each hook's BPF programs, {counted}",
                                    labels=["hook"])  # fmt: skip

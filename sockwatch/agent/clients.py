@@ -37,6 +37,7 @@ from sockwatch.agent.protocol import MAX_REQUEST, encode_header
 log = logging.getLogger(__name__)
 
 REQUEST_SECONDS = 5.0  # to send one request line
+KEEPALIVE_SECONDS = 150.0  # a scraper's connection, idle between scrapes (intervals are up to 2 minutes)
 ANSWER_SECONDS = 60.0  # to read one whole answer (a 100,000-row snapshot is ~30 MB)
 MAX_CLIENTS = 64  # on the UNIX socket (root's)
 MAX_HTTP = 64  # on the metrics port
@@ -64,6 +65,9 @@ class Client:
     http: bool = False  # a scraper on the metrics port, not a local query
     source: str = ""  # a scraper's address
     accepted: float = 0.0
+    keep: bool = False  # a scraper's connection stays open once this answer is sent
+    served: int = 0  # answers sent on this connection
+    cert_checked: bool = False  # TLS: the client certificate's SANs were checked
 
 
 Handler = Callable[[bytes, Client], list[bytes]]
@@ -72,14 +76,14 @@ Handler = Callable[[bytes, Client], list[bytes]]
 class Clients:
     """Every connected client, by file descriptor, in the loop's epoll."""
 
-    def __init__(self, web: webconfig.WebConfig | None) -> None:
+    def __init__(self, web: webconfig.Watched | None) -> None:
         self.web = web
         self.by_fd: dict[int, Client] = {}
         self.dropped: Counter[str] = Counter()  # why clients were dropped
         self.ep: select.epoll | None = None  # the loop's, while it runs
         self.poll = 0  # the loop's round
         self.handle: Handler = lambda _line, _c: [encode_header(False, error="not ready")]
-        self.http: Callable[[bytes], list[bytes]] = lambda _head: http.answer(503, b"not ready\n")
+        self.http: Callable[[bytes], tuple[list[bytes], bool]] = lambda _head: (http.answer(503, b"not ready\n"), False)
         self.on_drop: Callable[[Client], None] = lambda _c: None  # a subscriber leaves
         self.charge_stream: Callable[[float], None] = lambda _s: None  # sending to subscribers is the stream's CPU
 
@@ -104,7 +108,7 @@ class Clients:
             source = str(peer[0]) if is_http and isinstance(peer, tuple) else ""
             if is_http and not self._room_for(source):
                 self.dropped["too_many"] += 1
-                if self.web is None or self.web.tls is None:  # (a TLS client would read no HTTP)
+                if self.web is None or self.web.cfg.tls is None:  # (a TLS client would read no HTTP)
                     with contextlib.suppress(OSError):
                         conn.send(b"".join(http.answer(503, b"the metrics port is busy answering\n")))
                 conn.close()
@@ -115,9 +119,10 @@ class Clients:
                     conn.send(encode_header(False, error=f"the agent is serving {MAX_CLIENTS} clients already"))
                 conn.close()
                 continue
-            if is_http and self.web is not None and self.web.tls is not None:
+            web = self.web.current() if is_http and self.web is not None else None  # (read again if its files changed)
+            if web is not None and web.tls is not None:
                 # the handshake happens in the first reads, in the loop like any other I/O
-                conn = self.web.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                conn = web.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             now = time.monotonic()
             c = Client(conn, now + REQUEST_SECONDS, poll=self.poll, http=is_http, source=source, accepted=now)
             self.by_fd[conn.fileno()] = c
@@ -171,16 +176,17 @@ class Clients:
             self.drop(c)
             return
         if not chunk:
-            self.drop(c)  # closed without a whole request
+            self.drop(c)  # closed without a whole request (or, kept alive, with no other)
             return
+        if isinstance(c.sock, ssl.SSLSocket) and not c.cert_checked:  # the handshake is done: who is it?
+            c.cert_checked = True
+            if self.web is not None and not self.web.cfg.client_allowed(c.sock.getpeercert()):
+                self.dropped["client_certificate"] += 1
+                self.drop(c)
+                return
         c.inbuf += chunk
         if c.http:
-            end = http.head_end(c.inbuf)
-            if end >= 0:
-                self.answer(c, self.http(bytes(c.inbuf[:end])))
-            elif len(c.inbuf) > http.MAX_REQUEST:
-                self.dropped["oversized"] += 1
-                self.answer(c, http.answer(431, b"request header too large\n"))
+            self._http_request(c)
             return
         line, newline, _ = c.inbuf.partition(b"\n")
         if newline:
@@ -189,9 +195,24 @@ class Clients:
             self.dropped["oversized"] += 1
             self.answer(c, [encode_header(False, error=f"request longer than {MAX_REQUEST} bytes")])
 
-    def answer(self, c: Client, chunks: list[bytes]) -> None:
+    def _http_request(self, c: Client) -> None:
+        """A scraper's next request, if its head has come whole (what follows it stays
+        for the next: a pipelined request)."""
+        end = http.head_end(c.inbuf)
+        if end >= 0:
+            head = bytes(c.inbuf[:end])
+            del c.inbuf[: http.head_length(c.inbuf, end)]
+            chunks, keep = self.http(head)
+            self.answer(c, chunks, keep)
+        elif len(c.inbuf) > http.MAX_REQUEST:
+            self.dropped["oversized"] += 1
+            self.answer(c, http.answer(431, b"request header too large\n"))
+
+    def answer(self, c: Client, chunks: list[bytes], keep: bool = False) -> None:
         assert self.ep is not None
-        c.inbuf.clear()
+        if not c.http:
+            c.inbuf.clear()
+        c.keep = keep
         c.out = deque(memoryview(b) for b in chunks if b)
         c.deadline = time.monotonic() + ANSWER_SECONDS
         self.ep.modify(c.sock.fileno(), select.EPOLLOUT)
@@ -229,7 +250,10 @@ class Clients:
                 c.out[0] = c.out[0][n:]
         if c.sub is None:
             if not c.out:
-                self.drop(c)  # answered: the end of the body is the end of the connection
+                if c.keep:  # answered, and the scraper keeps the connection for its next scrape
+                    self._next_request(c)
+                else:
+                    self.drop(c)  # answered: the end of the body is the end of the connection
             return
         c.sub.queued -= sent
         if sent:
@@ -238,6 +262,16 @@ class Clients:
             want = select.EPOLLIN | (select.EPOLLOUT if c.out else 0)
             with contextlib.suppress(OSError):
                 self.ep.modify(c.sock.fileno(), want)
+
+    def _next_request(self, c: Client) -> None:
+        assert self.ep is not None
+        c.keep = False
+        c.served += 1
+        c.deadline = time.monotonic() + (KEEPALIVE_SECONDS if not c.inbuf else REQUEST_SECONDS)
+        with contextlib.suppress(OSError):
+            self.ep.modify(c.sock.fileno(), select.EPOLLIN)
+        if c.inbuf:
+            self._http_request(c)  # (one was sent before this answer ended)
 
     def drop(self, c: Client) -> None:
         if c.sub is not None:
@@ -258,5 +292,8 @@ class Clients:
 
     def expire(self, now: float) -> None:
         for c in [c for c in self.by_fd.values() if c.deadline <= now]:
-            self.dropped["slow_subscriber" if c.sub else "slow_reader" if c.out else "idle"] += 1
+            if c.served and not c.out and not c.inbuf:  # a kept-alive scraper that did not come back: routine
+                self.dropped["keepalive_idle"] += 1
+            else:
+                self.dropped["slow_subscriber" if c.sub else "slow_reader" if c.out else "idle"] += 1
             self.drop(c)

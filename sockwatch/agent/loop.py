@@ -58,7 +58,8 @@ class Settings:
     metrics_limits: metric_limits.Limits = field(default_factory=metric_limits.Limits)
     kubelet_log_dir: str = "/var/log"  # pods/ and containers/ name Kubernetes pods and containers
     web: webconfig.WebConfig | None = None  # TLS and basic auth for the metrics port
-    web_config_path: str = ""  # where `web` was read from: read again at SIGHUP
+    web_config_path: str = ""  # where `web` was read from: read again when it changes, and at SIGHUP
+    telemetry_path: str = "/metrics"  # where the metrics are served (--web.telemetry-path)
 
 
 class Agent:
@@ -77,16 +78,19 @@ class Agent:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector: metrics.SockwatchCollector | None = None
         self.claim: sockpath.Claim | None = None
-        self.clients = Clients(settings.web)
+        # the web config in use, read again when its files change (and at SIGHUP)
+        self.web = webconfig.Watched(settings.web_config_path, settings.web) if settings.web is not None else None
+        self.clients = Clients(self.web)
         self.publisher = Publisher(self.tracker, self.clients, settings.stream_cpu)
         self.queries = Queries(self)
         self.clients.handle = self.queries
         self.clients.http = self.metrics_endpoint = http.MetricsEndpoint(
             self.registry,
-            settings.web,
+            self.web,
             prepare=lambda: self.prepare_answer(owners=False),  # the collector checks the owners of what it shows
             healthy=lambda: self.loaded is not None and bool(len(self.loaded.links)),
             dropped=self.clients.dropped,
+            path=settings.telemetry_path,
         )
         self.cost = report.CostWindow()
         self.hook_runs = report.HookRuns()  # the kernel's run counts, on only while asked
@@ -182,7 +186,7 @@ class Agent:
         if not self.metrics_address:
             return None
         tls = self.settings.web is not None and self.settings.web.tls is not None
-        return f"{'https' if tls else 'http'}://{self.metrics_address}/metrics"
+        return f"{'https' if tls else 'http'}://{self.metrics_address}{self.settings.telemetry_path}"
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -269,15 +273,8 @@ class Agent:
         """SIGHUP: the web config read again (a rotated certificate, new users); if it
         does not load now, the one in use stays, and the log says why."""
         self.notifier.send("RELOADING=1")
-        path = self.settings.web_config_path
-        if path:
-            try:
-                web = webconfig.load(path)
-            except webconfig.WebConfigError as e:
-                log.warning("SIGHUP: %s; the web config in use stays", e)
-            else:
-                self.settings.web = self.clients.web = self.metrics_endpoint.web = web
-                log.info("SIGHUP: web config %s read again", path)
+        if self.web is not None:
+            self.web.reload("SIGHUP")
         self.notifier.send("READY=1")
 
     def _second(self, now: float) -> None:

@@ -109,6 +109,8 @@ def health(a: Agent) -> metrics.Health:
         revision=revision(),
         tcp_opened=c.get("tcp_opened", 0),
         bpf_programs={what: (r.runs, r.run_ns) for what, r in a.hook_runs.read(a.loaded.links).items()},
+        web_config_reloads=dict(a.web.reloads) if a.web is not None else None,
+        web_config_last_ok=a.web.last_ok if a.web is not None else True,
     )
 
 
@@ -180,5 +182,6 @@ def status(a: Agent) -> dict:
         "metrics": a.metrics_url(),
         "stream_skipped": a.publisher.skipped,
         "clients_dropped": dict(a.clients.dropped),
+        **({"web_config_reloads": dict(a.web.reloads)} if a.web is not None else {}),
         "partial": partial(a),
     }

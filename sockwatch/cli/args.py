@@ -89,3 +89,13 @@ def directory(text: str, name: str) -> str:
     if os.path.lexists(text) and not os.path.isdir(text):
         raise ArgError(f"{name} {shown(text)} is not a directory")
     return text
+
+
+_URL_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]{0,200}")
+
+
+def url_path(text: str, name: str) -> str:
+    """An HTTP path: begins with /, URL characters only, not /healthz (taken)."""
+    if not _URL_PATH.fullmatch(text) or "//" in text or text in ("/healthz", "/readyz"):
+        raise ArgError(f"{name} {shown(text)} is not a path such as /metrics (and not /healthz or /readyz)")
+    return text

@@ -25,6 +25,7 @@ METAVARS = {
     "--config": "FILE", "--socket": "PATH", "--reconcile-interval": "SECONDS", "--max-udp": "N",
     "--ringbuf-pages": "PAGES", "--max-lookup-keys": "N", "--max-udp-peers": "N", "--max-lookup-namespaces": "N",
     "--lookups": "on|off", "--listen": "[ADDR]:PORT|off", "--web-config": "FILE", "--metrics-max-listeners": "N",
+    "--telemetry-path": "PATH",
     "--metrics-max-destinations": "N", "--metrics-max-lookups": "N", "--metrics-drop-label": "LABEL",
     "--metrics-keep-label": "LABEL", "--cgroup-root": "DIR", "--kubelet-log-dir": "DIR", "--stream-cpu": "PERCENT",
     "--log-level": "debug|info|warn|error", "--log-format": "text|logfmt|json",
@@ -99,9 +100,16 @@ def serve(
     web_config: str = _opt(
         "",
         "--web-config",
-        "TLS and basic auth for /metrics, in the Prometheus exporters' web "
-        "config file format (tls_server_config, basic_auth_users). Also --web.config.file.",
+        "TLS, basic auth and a rate limit for /metrics, in the Prometheus exporters' web config file format "
+        "(exporter-toolkit's: tls_server_config, basic_auth_users, http_server_config, rate_limit), read again when "
+        "it or a file it names changes. Also --web.config.file.",
         aliases=("--web.config.file",),
+    ),
+    telemetry_path: str = _opt(
+        "/metrics",
+        "--telemetry-path",
+        "The path the metrics are served at. Also --web.telemetry-path.",
+        aliases=("--web.telemetry-path",),
     ),
     metrics_max_listeners: str = _opt(
         str(MAX_LISTENERS),
@@ -184,7 +192,7 @@ def serve(
         "socket": socket_path, "reconcile-interval": reconcile_interval, "max-udp": max_udp,
         "ringbuf-pages": ringbuf_pages, "max-lookup-keys": max_lookup_keys, "max-udp-peers": max_udp_peers,
         "lookups": lookups, "max-lookup-namespaces": max_lookup_namespaces,
-        "listen": listen, "web-config": web_config,
+        "listen": listen, "web-config": web_config, "telemetry-path": telemetry_path,
         "metrics-max-listeners": metrics_max_listeners, "metrics-max-destinations": metrics_max_destinations,
         "metrics-max-lookups": metrics_max_lookups,
         "metrics-drop-label": metrics_drop_label, "metrics-keep-label": metrics_keep_label,
@@ -236,6 +244,7 @@ def serve(
         if g["cgroup-root"]:
             os.environ[prereq.CGROUP_ROOT_ENV] = args.directory(g["cgroup-root"], "--cgroup-root")
         web = webconfig.load(g["web-config"]) if g["web-config"] else None
+        path = args.url_path(g["telemetry-path"], "--telemetry-path")
     except (sockpath.PathError, args.ArgError, cfg.ConfigError, webconfig.WebConfigError) as e:
         raise fail(str(e), code=EXIT_USAGE) from None
     if pages & (pages - 1):
@@ -246,7 +255,7 @@ def serve(
                  max_udp_peers=udp_peers, lookups=g["lookups"] == "on", max_lookup_namespaces=lookup_namespaces,
                  stream_cpu=stream_share, listen=where,
                  metrics_limits=limits, kubelet_log_dir=logs, web=web,
-                 web_config_path=g["web-config"])
+                 web_config_path=g["web-config"], telemetry_path=path)
     )  # fmt: skip
     with friendly():
         try:

@@ -157,14 +157,16 @@ def test_the_exposition_passes_promtool_and_health_answers(metrics_agent, netns,
     with socket.create_connection((host, int(port)), timeout=2) as s:
         s.sendall(b"GET /healthz HTTP/1.1\nHost: x\n\n")
         assert s.recv(100).startswith(b"HTTP/1.1 200"), "no answer to a request with bare LFs"
-    # pipelined requests: the first is answered with "Connection: close", then the
-    # connection ends (RFC 9112 9.3.2: the client sends the others again), at once
+    # pipelined requests on a kept-alive connection: each answered in turn, and the
+    # connection ends after the one that asks to close it, at once
     with socket.create_connection((host, int(port)), timeout=2) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        s.sendall(ask + b"\r\n" + ask + b"\r\n" + ask + b"Connection: close\r\n\r\n")
         got = b""
         while chunk := s.recv(4096):
             got += chunk
-        assert got.count(b"HTTP/1.1 ") == 1 and b"Connection: close\r\n" in got and got.endswith(b"ok\n"), got
+        assert got.count(b"HTTP/1.1 200") == 3 and got.count(b"Connection: keep-alive\r\n") == 2, got
+        assert got.count(b"Connection: close\r\n") == 1 and got.endswith(b"ok\n"), got
     assert get(base + "/healthz") == b"ok\n"
 
 
@@ -199,5 +201,104 @@ def test_tls_and_basic_auth_from_a_web_config_with_a_real_prometheus(tmp_path):
             until(base, 'up{job="sockwatch"}', lambda r: len(r) == 1 and r[0]["value"][1] == "1")
             until(base, "sockwatch_programs_attached", lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 7)
         assert a.status()["clients_dropped"].get("unauthorized", 0) >= 1
+    finally:
+        a.stop()
+
+
+def signed(tmp_path, name: str) -> None:
+    """A server certificate for 127.0.0.1, `name`.crt/.key, signed by ca.crt (made once)."""
+    ca_key, ca = tmp_path / "ca.key", tmp_path / "ca.crt"
+    if not ca.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "2", "-subj", "/CN=sockwatch test CA", "-keyout", str(ca_key), "-out", str(ca)],
+                       check=True, capture_output=True)  # fmt: skip
+    key, csr, crt = (tmp_path / f"{name}.{x}" for x in ("key", "csr", "crt"))
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt)],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+def served_certificate(url: str, cafile: str) -> bytes:
+    host, port = urllib.parse.urlparse(url).netloc.rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=cafile)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as s,
+    ):
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def scraper_ports(port: int) -> set[int]:
+    """Local ports of the established connections to the metrics port (Prometheus's)."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", "dport", "=", f":{port}"], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return {int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines()}
+
+
+def test_exporter_conventions_keep_alive_telemetry_path_and_a_web_config_read_again(tmp_path):
+    """With a real Prometheus over TLS: the metrics at --web.telemetry-path, one kept-alive
+    connection for scrape after scrape, and the web config read again while the agent
+    runs: a rotated certificate is served to the next connection, and a user taken out
+    of the file is refused at the next scrape, with no restart and no SIGHUP."""
+    signed(tmp_path, "a")
+    one, two = (bcrypt.hashpw(p, bcrypt.gensalt(4)).decode() for p in (b"one", b"two"))
+    web = tmp_path / "web.yml"
+
+    def config(cert: str, users: str) -> None:
+        web.write_text(f"tls_server_config:\n  cert_file: {cert}.crt\n  key_file: {cert}.key\n"
+                       f"basic_auth_users:\n{users}")  # fmt: skip
+
+    config("a", f"  prom: '{one}'\n  other: '{two}'\n")
+    a = AgentProc(socket=str(tmp_path / "a.sock"),
+                  extra=("--web.config.file", str(web), "--web.telemetry-path", "/sw/metrics"))  # fmt: skip
+    try:
+        url = a.status()["metrics"]
+        assert url.startswith("https://127.0.0.1:") and url.endswith("/sw/metrics"), url
+        port = int(urllib.parse.urlparse(url).port or 0)
+        ca = str(tmp_path / "ca.crt")
+        first = served_certificate(url, ca)
+        job = (f"    scheme: https\n    metrics_path: /sw/metrics\n    tls_config:\n      ca_file: {ca}\n"
+               "    basic_auth:\n      username: prom\n      password: one\n")  # fmt: skip
+        with running_prometheus(tmp_path, urllib.parse.urlparse(url).netloc, job) as base:
+            until(base, 'up{job="sockwatch"}', lambda r: len(r) == 1 and r[0]["value"][1] == "1")
+            ports = scraper_ports(port)
+            until(base, "count_over_time(up[30s])", lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 5)
+            assert len(ports) == 1 and scraper_ports(port) == ports  # five scrapes later: the same connection
+            # a rotated certificate (same names, new files), then a user taken out: read again, no restart
+            signed(tmp_path, "b")
+            config("b", f"  prom: '{one}'\n  other: '{two}'\n")
+            deadline = time.monotonic() + 10
+            while served_certificate(url, ca) == first:
+                assert time.monotonic() < deadline, "the rotated certificate was not served"
+                time.sleep(0.3)
+            config("b", f"  other: '{two}'\n")
+            until(base, 'up{job="sockwatch"}', lambda r: len(r) == 1 and r[0]["value"][1] == "0")
+        st = a.status()
+        assert st["clients_dropped"].get("unauthorized", 0) >= 1
+        assert st.get("web_config_reloads", {}).get("ok", 0) >= 2, st.get("web_config_reloads")
     finally:
         a.stop()

@@ -16,8 +16,8 @@ def endpoint(healthy: bool = True) -> http.MetricsEndpoint:
     return http.MetricsEndpoint(reg, None, prepare=lambda: None, healthy=lambda: healthy, dropped=Counter())
 
 
-def status_and_body(chunks: list[bytes]) -> tuple[int, bytes, dict[str, str]]:
-    raw = b"".join(chunks)
+def status_and_body(answer: tuple[list[bytes], bool]) -> tuple[int, bytes, dict[str, str]]:
+    raw = b"".join(answer[0])
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:])
@@ -70,7 +70,7 @@ def test_metrics_are_negotiated_as_exporters_do(accept, encoding, ctype):
     head = f"GET /metrics HTTP/1.1\r\nAccept: {accept}\r\nAccept-Encoding: {encoding}\r\n\r\n".encode()
     if not encoding and not accept.startswith("application/openmetrics"):
         head = b"GET /metrics HTTP/1.1\r\n\r\n"
-    top, body = ep(head)
+    (top, body), _keep = ep(head)
     text = top.decode()
     assert f"Content-Type: {ctype}" in text
     assert ("Content-Encoding: gzip" in text) == (encoding == "gzip, deflate")
@@ -79,3 +79,42 @@ def test_metrics_are_negotiated_as_exporters_do(accept, encoding, ctype):
     assert int(re.search(r"Content-Length: (\d+)", text).group(1)) > 0
     assert b'sw_test_series{n="199"} 199.0' in body
     assert body.endswith(b"# EOF\n") == ctype.startswith("application/openmetrics")
+
+
+@pytest.mark.parametrize("head, keep", [
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", True),  # HTTP/1.1: persistent by default
+    (b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n", False),
+    (b"GET /metrics HTTP/1.1\r\nConnection: Keep-Alive, Close\r\n\r\n", False),
+    (b"GET /metrics HTTP/1.0\r\n\r\n", False),  # HTTP/1.0: only when asked
+    (b"GET /metrics HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"GET /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\n", False),  # a body is not read: no next request
+    (b"GET /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", True),
+    (b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", False),
+    (b"GET /nope HTTP/1.1\r\n\r\n", True),  # a 404 is an answer like another
+    (b"POST /metrics HTTP/1.1\r\n\r\n", False),
+    (b"\x00\xff\r\n\r\n", False),
+])  # fmt: skip
+def test_which_connections_stay_open(head, keep):
+    e = endpoint()
+    chunks, kept = e(head)
+    assert kept is keep
+    assert f"Connection: {'keep-alive' if keep else 'close'}\r\n".encode() in chunks[0]
+
+
+def test_an_unhealthy_answer_closes_and_the_telemetry_path_moves():
+    assert endpoint(healthy=False)(b"GET /healthz HTTP/1.1\r\n\r\n")[1] is False
+    reg = CollectorRegistry()
+    Gauge("sockwatch_test", "a sample", registry=reg).set(1)
+    e = http.MetricsEndpoint(reg, None, prepare=lambda: None, healthy=lambda: True, dropped=Counter(),
+                             path="/x/metrics")  # fmt: skip
+    assert status_and_body(e(b"GET /x/metrics HTTP/1.1\r\n\r\n"))[0] == 200
+    code, body, _ = status_and_body(e(b"GET /metrics HTTP/1.1\r\n\r\n"))
+    assert code == 404 and b"/x/metrics" in body
+
+
+def test_the_rate_limit_is_a_token_bucket():
+    b = http.Bucket(0.5, 2)
+    t = b.at
+    assert [b.take(t), b.take(t), b.take(t)] == [True, True, False]  # the burst, then none
+    assert b.take(t + 0.4) is False and b.take(t + 0.6) is True  # one more every 0.5 s
+    assert [b.take(t + 10), b.take(t + 10), b.take(t + 10)] == [True, True, False]  # never above the burst

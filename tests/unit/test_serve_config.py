@@ -7,6 +7,7 @@ import base64
 import os
 import ssl
 import subprocess
+import time
 
 import bcrypt
 import pytest
@@ -144,7 +145,15 @@ def test_web_config_tls_and_users(tmp_path):
     [
         ("tls_server_config:\n  cert_file: c.pem\n", "needs cert_file and key_file"),
         ("tls_server_config:\n  cert_file: nope.pem\n  key_file: nope.pem\n", "cannot load"),
-        ("tls_server_config:\n  cert: c.pem\n", "tls_server_config takes"),
+        ("tls_server_config:\n  cert: c.pem\n", "needs cert_file and key_file (or cert and key)"),
+        ("tls_server_config:\n  certfile: c.pem\n", "tls_server_config takes"),
+        ("tls_server_config:\n  cert: x\n  cert_file: c.pem\n  key_file: k.pem\n", "cert or cert_file, not both"),
+        ("tls_server_config:\n  cipher_suites: TLS_AES_128_GCM_SHA256\n", "cipher_suites is a list of strings"),
+        ("tls_server_config:\n  prefer_server_cipher_suites: yes please\n", "is true or false"),
+        ("rate_limit:\n  interval: fast\n  burst: 1\n", "interval is a duration"),
+        ("rate_limit:\n  interval: 1s\n  burst: -1\n", "burst is a whole number"),
+        ("rate_limit:\n  interval: 1s\n", "needs a burst of 1 or more"),
+        ("rate_limit:\n  every: 1s\n", "rate_limit takes interval and burst"),
         ("basic_auth_users:\n  prom: plaintext\n", "is not a bcrypt hash"),
         ("basic_auth_users: [a]\n", "maps user names to bcrypt hashes"),
         ("tls_config: {}\n", "unknown section 'tls_config'"),
@@ -203,7 +212,7 @@ def test_any_file_is_settings_or_one_sentence(tmp_path, text):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.dictionaries(
-        st.sampled_from(["tls_server_config", "basic_auth_users", "x"]),
+        st.sampled_from(["tls_server_config", "basic_auth_users", "rate_limit", "http_server_config", "x"]),
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.text(max_size=20),
             lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3),
@@ -244,3 +253,82 @@ def test_listen_addresses_refused(text):
 
     with pytest.raises(args.ArgError):
         args.listen_address(text, "--listen")
+
+
+def tls_text(c: str, k: str, more: str = "") -> str:
+    return f"tls_server_config:\n  cert_file: {c}\n  key_file: {k}\n{more}"
+
+
+@pytest.mark.parametrize(("more", "needle"), [
+    ("  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "is not one of Go's secure suites"),
+    ("  curve_preferences: [CurveP256, X25519]\n", "takes one curve"),
+    ("  curve_preferences: [P-256]\n", "takes one curve"),
+    ("  client_auth_type: RequireAnyClientCert\n", "needs client_ca_file (or client_ca)"),
+    ("  client_allowed_sans: [a]\n", "client_allowed_sans needs client_auth_type"),
+    ("  client_auth_type: Sometimes\n", "client_auth_type is one of"),
+])  # fmt: skip
+def test_the_rest_of_exporter_toolkits_tls_schema_is_checked(tmp_path, more, needle):
+    c, k = cert(tmp_path)
+    with pytest.raises(webconfig.WebConfigError) as e:
+        webconfig.load(write(tmp_path, tls_text(c, k, more), name="web.yml"))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_exporter_toolkits_whole_schema_loads(tmp_path):
+    """Every key exporter-toolkit documents: ciphers by Go's names, server preference,
+    a curve, inline PEM for the certificate, key and client CA, RequireAnyClientCert
+    with allowed SANs, and a rate limit."""
+    c, k = cert(tmp_path)
+    pem = {n: (tmp_path / f).read_text() for n, f in (("cert", c), ("key", k))}
+    indent = "\n".join
+
+    def block(text: str) -> str:
+        return "|\n" + indent("    " + line for line in text.strip().splitlines())
+
+    text = (f"tls_server_config:\n  cert: {block(pem['cert'])}\n  key: {block(pem['key'])}\n"
+            f"  client_ca: {block(pem['cert'])}\n  client_auth_type: RequireAnyClientCert\n"
+            "  client_allowed_sans: [127.0.0.1, scraper.example]\n"
+            "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_AES_128_GCM_SHA256]\n"
+            "  prefer_server_cipher_suites: false\n  curve_preferences: [CurveP256]\n"
+            "  min_version: TLS12\n  max_version: TLS13\n"
+            "http_server_config:\n  http2: false\n"
+            "rate_limit:\n  interval: 1m30s\n  burst: 5\n")  # fmt: skip
+    w = webconfig.load(write(tmp_path, text, name="web.yml"))
+    assert w.tls is not None and w.tls.verify_mode == ssl.CERT_REQUIRED
+    assert not w.tls.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    tls12 = {x["name"] for x in w.tls.get_ciphers() if x["protocol"] == "TLSv1.2"}
+    assert tls12 == {"ECDHE-ECDSA-AES128-GCM-SHA256"}
+    assert w.rate == (90.0, 5) and w.allowed_sans == {"127.0.0.1", "scraper.example"}
+    assert w.files == (str(tmp_path / "web.yml"),)  # inline PEM: only the file itself to watch
+    assert w.client_allowed({"subjectAltName": (("IP Address", "127.0.0.1"),)})
+    assert not w.client_allowed({"subjectAltName": (("DNS", "evil.example"),)}) and not w.client_allowed(None)
+    assert not os.listdir("/proc/self/fd") or all(
+        not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:sockwatch") for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}"))  # fmt: skip
+    assert webconfig.load(write(tmp_path, "rate_limit:\n  interval: 0\n  burst: 0\n", name="w2.yml")).rate == (0.0, 0)
+
+
+def test_the_web_config_is_read_again_when_its_files_change(tmp_path):
+    c, k = cert(tmp_path)
+    path = write(tmp_path, tls_text(c, k), name="web.yml")
+    watched = webconfig.Watched(path, webconfig.load(path))
+    first = watched.cfg
+    assert watched.current(time.monotonic() + 5) is first  # nothing changed: the same
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    write(tmp_path, tls_text(c, k, f"basic_auth_users:\n  prom: '{hashed}'\n"), name="web.yml")
+    now = time.monotonic() + 10
+    assert watched.current(now) is not first and watched.cfg.users and watched.reloads["ok"] == 1
+    assert watched.current(now + 0.5) is watched.cfg  # at most once a second
+    # a rotated certificate (the config file unchanged) is a change too
+    cert(tmp_path)
+    kept = watched.cfg
+    now += 5
+    assert watched.current(now) is not kept and watched.reloads["ok"] == 2
+    # a file that no longer loads, or that would turn TLS off: the one in use stays
+    for text in ("tls_server_config:\n  cert_file: gone.pem\n  key_file: gone.pem\n", "basic_auth_users: {}\n"):
+        kept = watched.cfg
+        write(tmp_path, text, name="web.yml")
+        now += 5
+        assert watched.current(now) is kept
+    assert watched.reloads["failed"] == 2
+    assert watched.reload("SIGHUP") is False and watched.cfg is kept
