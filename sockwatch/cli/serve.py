@@ -87,7 +87,7 @@ def serve(
         "on",
         "--lookups",
         "The sk_lookup hook in every network namespace (lookups, closed ports probed, UDP peers): on or off. "
-        "It costs UDP floods most (README: Benchmarks).",
+        "It costs UDP floods most (docs/benchmarks.md).",
     ),
     listen: str = _opt(
         f"127.0.0.1:{DEFAULT_METRICS_PORT}",
