@@ -92,7 +92,7 @@ def main() -> int:
         inode = os.stat(f"/run/netns/{b.ns}").st_ino
         r = subprocess.run([*SW, "snapshot", "--json", "--netns", str(inode), "--socket", b.sock],
                            capture_output=True, check=True, text=True)  # fmt: skip
-        ours = {oracle.key_of(x) for x in json.loads(r.stdout)}  # (proto, local, remote, state, inode)
+        ours = {oracle.key_of(x) for x in json.loads(r.stdout)["sockets"]}  # (proto, local, remote, state, inode)
         theirs = {s.key for s in oracle.ss(b.ns)}
         st = b.status()
         time.sleep(3)

@@ -144,7 +144,7 @@ def main() -> int:
 
         # the agent's own answer has every socket (and ss agrees on the count)
         answer = subprocess.run([*SW, "snapshot", "--json", "--socket", sock], check=True, capture_output=True)
-        rows = json.loads(answer.stdout)
+        rows = json.loads(answer.stdout)["sockets"]
         ss_out = subprocess.run(["ss", "-N", ns, "-tanH"], check=True, capture_output=True, text=True).stdout
         ss_rows = ss_out.count("\n")
         inode = os.stat(f"/run/netns/{ns}").st_ino  # (the agent's table is the host's: count this namespace's)

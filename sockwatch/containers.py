@@ -117,6 +117,12 @@ class Container:
         }
 
 
+def is_container(c: Container | None) -> bool:
+    """Whether a process's cgroup names a container, pod or service (a cgroup alone, a
+    login session's, is not one: its JSON is null, as for no cgroup at all)."""
+    return c is not None and bool(c.label)
+
+
 def cgroup_path(text: str) -> str | None:
     """The path that says most about a process, from /proc/PID/cgroup: the first line
     with a container's shape, else the cgroup v2 path, else v1's name=systemd path."""

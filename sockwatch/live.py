@@ -28,7 +28,7 @@ from sockwatch.cli import events as event_text
 from sockwatch.cli.options import parse_filter_text
 from sockwatch.containers import Container
 from sockwatch.filters import FilterError, Filters
-from sockwatch.render import UNKNOWN, endpoint, printable_cell
+from sockwatch.render import UNKNOWN, endpoint, family_digit, printable_cell
 
 VIEWS = ("listeners", "connections", "processes", "events", "peers")
 VIEW_TITLES = {
@@ -339,7 +339,7 @@ class Live(App[None]):
             local = endpoint(r["local_address"], r["local_port"], fam, r.get("device"))
             remote = endpoint(r["remote_address"], r["remote_port"], fam) if r["remote_address"] else "*"
             cells = {
-                "PROTO": f"{r['protocol']}{fam}",
+                "PROTO": f"{r['protocol']}{family_digit(fam)}",
                 "STATE": "CLOSED" if note else r["state"],
                 "LOCAL": local,
                 "REMOTE": remote,

@@ -17,6 +17,7 @@ from typing import Any
 from sockwatch import demux
 from sockwatch.filters import Filters
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, PROTO_NAMES, SockRow, TcpState
+from sockwatch.schema import FAMILY_NAMES
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 UDP_UNCONNECTED = 7  # the table's state for a UDP socket with no peer (TCP_CLOSE)
@@ -116,7 +117,7 @@ def destinations(counts: Iterable[Destination], rows: Iterable[SockRow], f: Filt
         out.append({
             "netns": d.netns,
             "protocol": PROTO_NAMES.get(d.protocol, str(d.protocol)),
-            "family": d.family,
+            "family": FAMILY_NAMES[d.family],
             "address": str(d.address),
             "port": d.port,
             "lookups": d.lookups,
@@ -157,7 +158,7 @@ def peers(found: Iterable[Peer], rows: Iterable[SockRow], f: Filters) -> list[di
             continue
         out.append({
             "netns": p.netns,
-            "family": p.family,
+            "family": FAMILY_NAMES[p.family],
             "local_address": str(p.local_address),
             "local_port": p.local_port,
             "remote_address": str(p.remote_address),

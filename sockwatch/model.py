@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from sockwatch.containers import Container
+from sockwatch.containers import Container, is_container
+from sockwatch.schema import FAMILY_NAMES, family_number
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -129,16 +130,15 @@ class SockRow:
         return (self.netns, self.protocol, self.local_address, self.local_port)
 
     def as_dict(self) -> dict:
+        remote = self.remote_address is not None and self.is_connection and self.remote_port != 0
         return {
             "protocol": self.proto_name,
-            "family": self.family,
+            "family": FAMILY_NAMES[self.family],
             "state": self.state_name,
             "local_address": fmt_addr(self.local_address),
             "local_port": self.local_port,
-            "remote_address": fmt_addr(self.remote_address)
-            if self.remote_address is not None and self.is_connection
-            else None,
-            "remote_port": self.remote_port if self.is_connection else 0,
+            "remote_address": fmt_addr(self.remote_address) if remote else None,  # type: ignore[arg-type]
+            "remote_port": self.remote_port if remote else None,  # no peer: both null
             "pid": self.pid,
             "comm": self.comm,
             "uid": self.uid,
@@ -146,7 +146,9 @@ class SockRow:
             "cookie": self.cookie,
             "netns": self.netns,
             "owner_source": self.owner_source,
-            "container": self.container.as_dict() if self.container is not None else None,
+            "container": self.container.as_dict()
+            if self.container is not None and is_container(self.container)
+            else None,
             "device": self.device_label,
         }
 
@@ -164,12 +166,12 @@ class SockRow:
         return cls(
             cookie=d["cookie"],
             protocol=PROTO_NUMBERS[d["protocol"]],
-            family=d["family"],
+            family=family_number(d["family"]),
             state=STATE_NUMBERS.get(d["state"], 0),
             local_address=ipaddress.ip_address(d["local_address"]),
             local_port=d["local_port"],
             remote_address=ipaddress.ip_address(remote) if remote else None,
-            remote_port=d["remote_port"],
+            remote_port=d["remote_port"] or 0,
             netns=d["netns"],
             inode=d["inode"],
             pid=d["pid"],
@@ -240,15 +242,15 @@ def row_json(r: SockRow) -> str:
     head = _head_json.get((r.protocol, r.family, r.state))
     if head is None:
         head = _cached(_head_json, (r.protocol, r.family, r.state), lambda: (
-            f'{{"protocol":{json.dumps(r.proto_name)},"family":{r.family},"state":{json.dumps(r.state_name)},'
+            f'{{"protocol":{json.dumps(r.proto_name)},"family":"{FAMILY_NAMES[r.family]}",'
+            f'"state":{json.dumps(r.state_name)},'
             '"local_address":'))  # fmt: skip
     la = _addr_json.get(r.local_address)
     if la is None:
         la = _cached(_addr_json, r.local_address, lambda: json.dumps(fmt_addr(r.local_address)))
-    ra = "null"
-    rport = 0
+    ra = rport = "null"  # no peer: both null
     if r.remote_address is not None and r.remote_port != 0:
-        rport = r.remote_port
+        rport = str(r.remote_port)
         ra = _addr_json.get(r.remote_address)  # type: ignore[assignment]
         if ra is None:
             ra = _cached(_addr_json, r.remote_address, lambda: json.dumps(fmt_addr(r.remote_address)))  # type: ignore[arg-type]
@@ -260,8 +262,8 @@ def row_json(r: SockRow) -> str:
         source = _cached(_str_json, r.owner_source, lambda: json.dumps(r.owner_source))
     c = _container_json.get(r.container)
     if c is None:
-        c = _cached(_container_json, r.container,
-                    lambda: json.dumps(r.container.as_dict(), separators=(",", ":")))  # type: ignore[union-attr]  # fmt: skip
+        c = _cached(_container_json, r.container, lambda: json.dumps(
+            r.container.as_dict() if is_container(r.container) else None, separators=(",", ":")))  # type: ignore[union-attr]  # fmt: skip
     pid, uid, inode = r.pid, r.uid, r.inode
     return (
         f'{head}{la},"local_port":{r.local_port},"remote_address":{ra},"remote_port":{rport},'

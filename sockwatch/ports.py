@@ -127,7 +127,7 @@ def entry(key: tuple, used: int, time_wait: int, available: int) -> dict:
         "protocol": proto,
         "local_address": fmt_addr(local),
         "remote_address": fmt_addr(remote) if remote is not None else None,
-        "remote_port": rport,
+        "remote_port": rport if remote is not None else None,
         "used": used,
         "time_wait": time_wait,
         "available": available,

@@ -48,11 +48,18 @@ def group_of(row: SockRow) -> str:
     return "listen" if row.state == TcpState.LISTEN else "conn"
 
 
-def endpoint(addr: object, port: int, family: int, device: str | None = None) -> str:
-    """As ss prints it: 10.0.0.1:80, [::1]:80, and bound to a device 0.0.0.0%eth0:80."""
+def endpoint(addr: object, port: int, family: int | str, device: str | None = None) -> str:
+    """As ss prints it: 10.0.0.1:80, [::1]:80, and bound to a device 0.0.0.0%eth0:80
+    (`family`: 4/6, or "ipv4"/"ipv6" as the JSON has it)."""
     a = fmt_addr(addr)  # type: ignore[arg-type]
-    host = f"[{a}]" if family == 6 else a
+    host = f"[{a}]" if family in (6, "ipv6") else a
     return f"{host}%{printable_cell(device)}:{port}" if device else f"{host}:{port}"
+
+
+def family_digit(family: object) -> str:
+    """4 or 6, as tables print a protocol with its family (tcp4, udp6), from 4/6 or the
+    JSON's "ipv4"/"ipv6"."""
+    return {4: "4", 6: "6", "ipv4": "4", "ipv6": "6"}.get(family, "?")  # type: ignore[call-overload]
 
 
 UNKNOWN = "-"  # one spelling for "not known" in every table and the event stream
@@ -149,7 +156,7 @@ def print_lookups(report: dict, out: TextIO = sys.stdout) -> None:
     dests = report["destinations"]
     if not report["matched"]:
         out.write("no socket lookups counted yet (TCP SYNs, UDP datagrams to unconnected sockets)\n")
-    rows = [(str(d["netns"]), f"{d['protocol']}{d['family']}", endpoint(d["address"], d["port"], d["family"]),
+    rows = [(str(d["netns"]), d["protocol"] + family_digit(d["family"]), endpoint(d["address"], d["port"], d["family"]),
              str(d["lookups"]), str(d["misses"]), _owners(d["sockets"]) + (" (reuseport)" if d["reuseport"] else ""))
             for d in dests]  # fmt: skip
     if dests:

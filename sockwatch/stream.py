@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sockwatch import events as ev
-from sockwatch.containers import Container
+from sockwatch.containers import Container, is_container
 from sockwatch.events import Event
 from sockwatch.model import (
     IPPROTO_TCP,
@@ -39,6 +39,7 @@ from sockwatch.model import (
     TcpState,
     fmt_addr,
 )
+from sockwatch.schema import FAMILY_NAMES, SCHEMA_VERSION
 
 MAX_BOUND = 65536  # TCP sockets bound but not yet listening or connecting, remembered
 
@@ -125,10 +126,10 @@ class StreamEvent:
         s = self.sock
         state = "null" if self.kind == "bind_fail" else f'"{STATE_NAMES.get(self.state, self.state)}"'
         line = (
-            f'{{"time":{self.ts_ns / 1e9 + wall_offset:.6f},"kind":"{self.kind}",'
-            f'"protocol":"{PROTO_NAMES.get(s.protocol, s.protocol)}","family":{s.family},"state":{state},'
-            f'"local_address":"{s.local}","local_port":{s.local_port},'
-            f'"remote_address":{_json_str(s.remote)},"remote_port":{s.remote_port},'
+            f'{{"schema_version":{SCHEMA_VERSION},"time":{self.ts_ns / 1e9 + wall_offset:.6f},"kind":"{self.kind}",'
+            f'"protocol":"{PROTO_NAMES.get(s.protocol, s.protocol)}","family":"{FAMILY_NAMES.get(s.family)}",'
+            f'"state":{state},"local_address":"{s.local}","local_port":{s.local_port},'
+            f'"remote_address":{_json_str(s.remote)},"remote_port":{"null" if s.remote is None else s.remote_port},'
             f'"pid":{_num(s.pid)},"comm":{_json_str(s.comm)},"uid":{_num(s.uid)},'
             f'"cookie":{s.cookie},"netns":{s.netns},"container":{_container_json(container)}'
         )
@@ -153,7 +154,7 @@ class StreamEvent:
 
 @functools.lru_cache(maxsize=4096)
 def _container_json(c: Container | None) -> str:
-    return "null" if c is None else json.dumps(c.as_dict(), separators=(",", ":"))
+    return json.dumps(c.as_dict(), separators=(",", ":")) if c is not None and is_container(c) else "null"
 
 
 def _num(n: int | None) -> str:
@@ -178,13 +179,16 @@ def lost_line(events: int, wall_time: float, reason: str) -> bytes:
     reason "ring": the hooks found the ring full (the table itself is resynced);
     "stream": the agent's stream work hit its CPU budget and skipped them (the table
     has them)."""
-    return f'{{"time":{wall_time:.6f},"kind":"lost","events":{events},"reason":"{reason}"}}\n'.encode()
+    return (
+        f'{{"schema_version":{SCHEMA_VERSION},"time":{wall_time:.6f},"kind":"lost","events":{events},'
+        f'"reason":"{reason}"}}\n'
+    ).encode()
 
 
 def miss_line(wall_time: float, netns: int, protocol: int, port: int, misses: int, addresses: list[str]) -> bytes:
     """Said to subscribers each second a port's lookups found no socket (the sender got
     RST or ICMP port unreachable): how many, and to which local addresses."""
-    return (json.dumps({"time": round(wall_time, 6), "kind": "miss", "netns": netns,
+    return (json.dumps({"schema_version": SCHEMA_VERSION, "time": round(wall_time, 6), "kind": "miss", "netns": netns,
                         "protocol": "tcp" if protocol == 6 else "udp", "local_address": addresses[0],
                         "local_port": port, "misses": misses, "addresses": addresses[:16]},
                        separators=(",", ":")) + "\n").encode()  # fmt: skip

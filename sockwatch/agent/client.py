@@ -17,8 +17,10 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 
+from sockwatch import __version__
 from sockwatch.agent import sockpath
 from sockwatch.agent.protocol import DEFAULT_SOCKET, MAX_HEADER, ProtocolError, encode_request, parse_header
+from sockwatch.schema import SCHEMA_VERSION
 
 ANSWER_TIMEOUT = 120.0  # seconds without a byte from the agent before giving up
 
@@ -88,6 +90,10 @@ def _read_header(s: socket.socket) -> tuple[dict, bytes]:
         header = parse_header(line)
     except ProtocolError as e:
         raise AgentError(str(e)) from None
+    if header.get("schema_version") != SCHEMA_VERSION:
+        theirs = str(header.get("agent_version") or "before 0.1.0")[:40]
+        raise AgentError(f"the agent (sockwatch {theirs!r}) answers in another JSON schema than this "
+                         f"sockwatch ({__version__}): restart the agent with this version")  # fmt: skip
     if not header["ok"]:
         raise AgentError(f"the agent refused the request: {header['error'][:300]!r}")
     return header, rest

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 
+from sockwatch import __version__
+from sockwatch.schema import SCHEMA_VERSION, timestamp
+
 # (no dataclasses or typing here: `snapshot --json` imports this module on every run, and
 # they cost ~9 ms of its start)
 TYPE_CHECKING = False
@@ -76,7 +79,10 @@ def encode_request(op: str, **args: object) -> bytes:
 
 
 def encode_header(ok: bool, **info: object) -> bytes:
-    return json.dumps({"ok": ok, **info}).encode() + b"\n"
+    """Every answer's first line: its JSON schema's version (a CLI of another refuses the
+    answer in one sentence), when it was taken, and the agent's version."""
+    return json.dumps({"ok": ok, "schema_version": SCHEMA_VERSION, "timestamp": timestamp(),
+                       "agent_version": __version__, **info}).encode() + b"\n"  # fmt: skip
 
 
 def _loads(line: bytes, what: str) -> Any:

@@ -15,6 +15,7 @@ from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
 from sockwatch.filters import shown
 from sockwatch.model import PROTO_NUMBERS, STATE_NAMES
+from sockwatch.schema import FAMILY_NAMES, stamped
 
 if TYPE_CHECKING:
     from sockwatch import demux
@@ -111,7 +112,7 @@ def explain(
                            "reason": v.reason, "answer": v.answer or None,
                            "sockets": [s.cookie for s in v.sockets]} for d, v in verdict.by_device.items()],
         }  # fmt: skip
-        sys.stdout.write(json.dumps(out, indent=2) + "\n" if as_json else _text(out))
+        sys.stdout.write(json.dumps(stamped(out), indent=2) + "\n" if as_json else _text(out))
 
 
 def _read(inode: int, proto: int, dev: str) -> tuple[list, dict[int, str], int]:
@@ -169,12 +170,12 @@ def _sock(s: demux.Sock, owner: dict | None, names: dict[int, str]) -> dict:
     return {
         "cookie": s.cookie,
         "protocol": PROTO_NAMES.get(s.protocol, str(s.protocol)),
-        "family": s.family,
+        "family": FAMILY_NAMES[s.family],
         "state": STATE_NAMES.get(s.state, str(s.state)),
         "local_address": fmt_addr(s.local),
         "local_port": s.port,
         "remote_address": fmt_addr(s.remote) if s.remote is not None else None,
-        "remote_port": s.remote_port,
+        "remote_port": s.remote_port if s.remote is not None else None,
         "v6only": s.v6only,
         "bound_dev": s.bound_dev,
         "device": names.get(s.bound_dev, str(s.bound_dev)) if s.bound_dev else None,
@@ -185,7 +186,7 @@ def _sock(s: demux.Sock, owner: dict | None, names: dict[int, str]) -> dict:
 
 def _text(out: dict) -> str:
     from sockwatch.containers import Container
-    from sockwatch.render import endpoint, printable_cell
+    from sockwatch.render import endpoint, family_digit, printable_cell
 
     p = out["packet"]
     fam = 6 if ":" in p["destination"] else 4
@@ -203,6 +204,6 @@ def _text(out: dict) -> str:
         label = printable_cell(Container.label_of(s.get("container")))
         where = endpoint(s["local_address"], s["local_port"], s["family"], s.get("device"))
         lines.append(f"=> {'one of: ' if len(out['sockets']) > 1 and not out['by_device'] else ''}socket {s['cookie']} "
-                     f"{s['protocol']}{s['family']} {where} {s['state']}, {who}"
+                     f"{s['protocol']}{family_digit(s['family'])} {where} {s['state']}, {who}"
                      + (f" [{label}]" if label else ""))  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -25,7 +25,10 @@ Addr = Annotated[
     list[str], typer.Option("--addr", metavar="ADDR[/LEN]", help="Local or remote address or CIDR: 10.0.0.0/8, ::1.")
 ]
 State = Annotated[
-    list[str], typer.Option("--state", metavar="STATE", help="ss's state names: listen, estab, unconn, time-wait...")
+    list[str],
+    typer.Option(
+        "--state", metavar="STATE", help="ss's state names as the JSON has them, any case: LISTEN, ESTAB, TIME-WAIT..."
+    ),
 ]
 Pid = Annotated[list[str], typer.Option("--pid", metavar="PID", help="Owner's process id.")]
 Netns = Annotated[

@@ -13,6 +13,7 @@ from sockwatch.cli import args
 from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
 from sockwatch.render import printable_cell
+from sockwatch.schema import stamped
 
 
 def ports(
@@ -48,7 +49,7 @@ def ports(
         if answer is not None:
             try:
                 report = json.loads(answer[1])
-                text = json.dumps(report, indent=2) if as_json else _table(report, shown)
+                text = json.dumps(stamped(report, answer[0]), indent=2) if as_json else _table(report, shown)
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 raise client.AgentError("the agent's ports answer is malformed") from None
         else:
@@ -61,7 +62,7 @@ def ports(
             t.bootstrap()
             rows, ranges = t.snapshot(f), t.port_ranges()
             report = ports_report(rows, ranges)
-            text = json.dumps(report, indent=2) if as_json else _table(report, shown)
+            text = json.dumps(stamped(report), indent=2) if as_json else _table(report, shown)
         sys.stdout.write(printable_cell(text).replace("\\x0a", "\n") + "\n")
 
 

@@ -16,7 +16,9 @@ SS = "ss's options"
 
 
 def snapshot(
-    as_json: Annotated[bool, typer.Option("--json", help="A JSON array of objects, one per socket.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document: schema_version, timestamp, partial, sockets.")
+    ] = False,
     lookups: Annotated[
         bool,
         typer.Option(
@@ -119,9 +121,17 @@ def snapshot(
             return
         if not standalone:
             if as_json:
+                from sockwatch.schema import SNAPSHOT_END, snapshot_head
+
                 sys.stdout.flush()
-                header = client.stream("snapshot", sys.stdout.fileno(), socket_path, filters=f.to_wire())
+
+                def begin(h: dict) -> None:  # the document's head, once the agent has answered
+                    client.write_all(sys.stdout.fileno(), snapshot_head(h))
+
+                header = client.stream("snapshot", sys.stdout.fileno(), socket_path, on_header=begin,
+                                       filters=f.to_wire())  # fmt: skip
                 if header is not None:
+                    client.write_all(sys.stdout.fileno(), SNAPSHOT_END)
                     _say_if_partial(header)
                     _say_if_none(header.get("rows"), f)
                     return
@@ -143,8 +153,9 @@ def snapshot(
         rows = tracker.snapshot(f)
         if as_json:
             from sockwatch.model import render_json
+            from sockwatch.schema import SNAPSHOT_END, snapshot_head
 
-            client.write_all(sys.stdout.fileno(), render_json(rows))
+            client.write_all(sys.stdout.fileno(), snapshot_head() + render_json(rows) + SNAPSHOT_END)
         else:
             from sockwatch.render import print_table
 
@@ -179,7 +190,9 @@ def _counted(op: str, both: bool, top: str, f: object, as_json: bool, standalone
     try:
         report = json.loads(answer[1])
         if as_json:
-            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+            from sockwatch.schema import stamped
+
+            sys.stdout.write(json.dumps(stamped(report, answer[0]), indent=2) + "\n")
         elif op == "lookups":
             print_lookups(report)
         else:

@@ -11,6 +11,7 @@ from sockwatch.agent import client
 from sockwatch.agent.protocol import DEFAULT_SOCKET, MAX_BPF_STATS_SECONDS
 from sockwatch.cli.errors import fail, friendly
 from sockwatch.render import printable
+from sockwatch.schema import stamped
 
 
 def status(
@@ -51,7 +52,7 @@ def status(
     try:
         if before is not None:
             st["bpf_programs_window"] = _window(before["bpf_programs"], st["bpf_programs"], time.monotonic() - t0)
-        text = json.dumps(st, indent=2) if as_json else _lines(st)
+        text = json.dumps(stamped(st), indent=2) if as_json else _lines(st)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise fail("the agent's status answer is malformed") from None
     typer.echo(text if as_json else printable(text))

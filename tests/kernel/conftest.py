@@ -232,7 +232,7 @@ def snapshot(*args: str, socket: str | None = None) -> list[dict]:
     extra = ["--socket", socket] if socket else ["--standalone"]
     r = subprocess.run(sockwatch_cmd("snapshot", "--json", *extra, *args), check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return json.loads(r.stdout)["sockets"]
 
 
 def compare_with_ss(ns: Netns, socket: str | None, expect_pid: int | None = None) -> list[dict]:

@@ -246,7 +246,7 @@ def test_sockets_a_sendto_bound_are_read_with_their_owners_and_cost_no_record(ne
         sockwatch_cmd("snapshot", "--json", "--netns", str(netns.inode), "--socket", a.socket),
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    rows = {row["cookie"]: row for row in json.loads(r.stdout)}
+    rows = {row["cookie"]: row for row in json.loads(r.stdout)["sockets"]}
     assert {m["cookie"] for m in made} <= set(rows), len(set(rows))
     assert all(rows[m["cookie"]]["pid"] == c.pid and rows[m["cookie"]]["owner_source"] == "proc" for m in made)
     assert not r.stderr, r.stderr  # nothing partial
@@ -345,7 +345,7 @@ def test_a_namespace_inode_nothing_has_is_said_not_an_empty_answer(agent, netns)
     # a namespace made just now is found, not refused (the agent looks again first)
     r = subprocess.run(sockwatch_cmd("snapshot", "--json", "--netns", str(netns.inode), "--socket", agent.socket),
                        capture_output=True, text=True, check=False)  # fmt: skip
-    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+    assert r.returncode == 0 and json.loads(r.stdout)["sockets"] == [], r.stderr
 
 
 def test_a_symlinked_parent_is_followed_only_if_roots_and_never_into_the_kernels_trees(scratch):

@@ -90,8 +90,8 @@ def test_pods_and_containers_are_named_on_every_view(tmp_path, netns, child_fact
                 dock = rows[47311]["container"]
                 assert (dock["runtime"], dock["id"], dock["pod_name"]) == ("docker", docker_id, None)
 
-                r = subprocess.run(sockwatch_cmd("snapshot", "--socket", agent.socket, "--netns", str(netns.inode)),
-                                   capture_output=True, text=True, check=True)  # fmt: skip
+                wide = sockwatch_cmd("snapshot", "-e", "--socket", agent.socket, "--netns", str(netns.inode))
+                r = subprocess.run(wide, capture_output=True, text=True, check=True)  # (-e: the CONTAINER column)
                 assert "shop/cart-7d9f/app" in r.stdout and f"docker:{docker_id[:12]}" in r.stdout, r.stdout
 
                 body = urllib.request.urlopen(agent.status()["metrics"], timeout=10).read().decode()

@@ -109,8 +109,8 @@ def test_ipv6_and_dual_stack_listener_takes_ipv4(netns, mode, child_factory, fin
     v6 = c.do(op="tcp_connect", family=6, addr="::1", port=8444)
     rows = check(netns, mode, c)
     accepted = next(r for r in rows if r["cookie"] == v4["accepted"]["cookie"])
-    assert accepted["family"] == 6 and accepted["local_address"] == "::ffff:127.0.0.1"
-    assert any(r["cookie"] == v6["cookie"] and r["family"] == 6 for r in rows)
+    assert accepted["family"] == "ipv6" and accepted["local_address"] == "::ffff:127.0.0.1"
+    assert any(r["cookie"] == v6["cookie"] and r["family"] == "ipv6" for r in rows)
     finish(rows)
 
 
@@ -234,4 +234,4 @@ def test_the_quick_snapshot_is_the_clis_byte_for_byte(agent, child_factory, netn
         if quick_out == full_out:
             break
     assert quick_out == full_out
-    assert any(r["local_port"] == 7431 for r in json.loads(quick_out))
+    assert any(r["local_port"] == 7431 for r in json.loads(quick_out)["sockets"])

@@ -51,7 +51,7 @@ def test_a_built_wheel_installs_and_runs_the_agent(tmp_path):
         assert status["version"] == __version__ and not status["hooks_missing"], status
         snap = subprocess.run([sw, "snapshot", "--json", "--socket", sock], cwd=work, capture_output=True, text=True,
                               check=True)  # fmt: skip
-        assert isinstance(json.loads(snap.stdout), list)
+        assert isinstance(json.loads(snap.stdout)["sockets"], list)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:

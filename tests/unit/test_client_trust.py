@@ -15,8 +15,8 @@ import pytest
 from tests.conftest import sockwatch_cmd
 
 ROW = {
-    "cookie": 7, "protocol": "tcp", "family": 4, "state": "LISTEN", "local_address": "127.0.0.1",
-    "local_port": 80, "remote_address": None, "remote_port": 0, "netns": 4026531840, "inode": 1,
+    "cookie": 7, "protocol": "tcp", "family": "ipv4", "state": "LISTEN", "local_address": "127.0.0.1",
+    "local_port": 80, "remote_address": None, "remote_port": None, "netns": 4026531840, "inode": 1,
     "pid": 1, "comm": "evil\x1b]0;pwned\x07\x1b[2J", "uid": 0, "owner_source": "hook",
 }  # fmt: skip
 
@@ -84,8 +84,10 @@ def test_a_bad_socket_path_is_one_sentence(bad):
         b"not json\n",
         b"[1, 2]\n",
         b'{"ok": "yes"}\n',
-        b'{"ok": true}\n{"rows": [',
-        b'{"ok": true}\n[{"cookie": "x"}]',
+        b'{"ok": true, "schema_version": 1}\n{"rows": [',
+        b'{"ok": true, "schema_version": 1}\n[{"cookie": "x"}]',
+        b'{"ok": true}\n[]',  # an agent of another version: said so, in one sentence
+        b'{"ok": true, "schema_version": 99, "agent_version": "\\u001b[2J9.9"}\n[]',
         b"[" * 100000 + b"\n",
         b"",
     ],
@@ -98,11 +100,11 @@ def test_malformed_answers_are_one_clear_error(fake_agent, answer):
 
 
 def test_strings_from_the_wire_reach_the_terminal_escaped(fake_agent):
-    path = fake_agent(b'{"ok": true}\n' + json.dumps([ROW]).encode())
+    path = fake_agent(b'{"ok": true, "schema_version": 1}\n' + json.dumps([ROW]).encode())
     r = run("snapshot", "--socket", path)
     assert r.returncode == 0, r
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "evil\\x1b]0;pwned\\x07" in r.stdout
-    refusal = fake_agent(b'{"ok": false, "error": "no\\u001b[2J"}\n')
+    refusal = fake_agent(b'{"ok": false, "schema_version": 1, "error": "no\\u001b[2J"}\n')
     r = run("snapshot", "--socket", refusal)
     assert r.returncode == 4 and "\x1b" not in r.stderr, r
 

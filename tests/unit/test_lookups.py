@@ -190,7 +190,7 @@ def test_a_miss_line_is_json_the_events_text_can_say() -> None:
     from sockwatch.cli import events
 
     e = json.loads(stream.miss_line(1700000000.5, 4026531840, IPPROTO_TCP, 8081, 4, ["127.0.0.1", "::1"]))
-    assert e == {"time": 1700000000.5, "kind": "miss", "netns": 4026531840, "protocol": "tcp",
+    assert e == {"schema_version": 1, "time": 1700000000.5, "kind": "miss", "netns": 4026531840, "protocol": "tcp",
                  "local_address": "127.0.0.1", "local_port": 8081, "misses": 4,
                  "addresses": ["127.0.0.1", "::1"]}  # fmt: skip
     text = events.describe(e)

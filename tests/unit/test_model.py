@@ -54,8 +54,8 @@ def test_json_has_the_documented_keys_and_ss_state_names():
         "cookie",
         "netns",
     }
-    assert (d["protocol"], d["family"], d["state"], d["local_address"]) == ("udp", 6, "UNCONN", "::ffff:127.0.0.1")
-    assert (d["remote_address"], d["remote_port"]) == (None, 0)
+    assert (d["protocol"], d["family"], d["state"], d["local_address"]) == ("udp", "ipv6", "UNCONN", "::ffff:127.0.0.1")
+    assert (d["remote_address"], d["remote_port"]) == (None, None)  # no peer: both null
 
 
 def test_from_dict_inverts_as_dict():

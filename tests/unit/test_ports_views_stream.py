@@ -275,7 +275,7 @@ def test_a_line_is_the_json_a_reader_parses():
     assert got["state"] is None and got["holders"][0]["pid"] == 7 and got["holders"][0]["state"] == "LISTEN"
     assert got["time"] == 1000.0 and got["bind"] == "asked"
     line = json.loads(stream.lost_line(5, 12.5, "stream"))
-    assert line == {"time": 12.5, "kind": "lost", "events": 5, "reason": "stream"}
+    assert line == {"schema_version": 1, "time": 12.5, "kind": "lost", "events": 5, "reason": "stream"}
 
 
 def test_a_tcp_release_of_a_socket_seen_born_is_not_a_second_close():
