@@ -51,4 +51,8 @@ app.command("doctor")(doctor.doctor)
 
 def main() -> None:
     """The command (sockwatch.entry.run calls it, under its Ctrl-C handler)."""
+    import sys
+
+    if sys.argv[1:2] == ["serve"]:
+        sys.argv[2:] = serve.exporter_spellings(sys.argv[2:])
     app()

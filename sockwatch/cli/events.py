@@ -21,7 +21,14 @@ from sockwatch.render import UNKNOWN, printable_cell
 def events(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     kind: Annotated[
-        list[str], typer.Option("--kind", "-k", metavar="KIND", help=f"Only these: {', '.join(EVENT_KINDS)}.")
+        list[str],
+        typer.Option(
+            "--kind",
+            "-k",
+            metavar="KIND",
+            help=f"Only these: {', '.join(EVENT_KINDS)}.",
+            autocompletion=opt.completer(EVENT_KINDS),
+        ),
     ] = [],  # noqa: B006
     protocol: opt.Proto = [],  # noqa: B006
     port: opt.Port = [],  # noqa: B006

@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 
 def explain(
-    protocol: Annotated[str, typer.Argument(metavar="PROTOCOL", help="tcp or udp.", show_default=False)],
+    protocol: Annotated[str, typer.Argument(metavar="tcp|udp", help="tcp or udp.", show_default=False)],
     destination: Annotated[
-        str, typer.Argument(metavar="DESTINATION", help="Where the packet goes: ADDR:PORT ([ADDR]:PORT for IPv6).")
+        str, typer.Argument(metavar="ADDR:PORT", help="Where the packet goes: ADDR:PORT ([ADDR]:PORT for IPv6).")
     ],
     source: Annotated[
         str,

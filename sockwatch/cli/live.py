@@ -20,7 +20,13 @@ def live(
         str, typer.Option("--refresh", metavar="SECONDS", help="Seconds between redraws, 0.1 to 60.")
     ] = "1",
     view: Annotated[
-        str, typer.Option("--view", metavar="VIEW", help="listeners, connections, processes, events, peers")
+        str,
+        typer.Option(
+            "--view",
+            metavar="VIEW",
+            help="listeners, connections, processes, events, peers",
+            autocompletion=opt.completer(("listeners", "connections", "processes", "events", "peers")),
+        ),
     ] = "listeners",
     filter_text: Annotated[
         str, typer.Option("--filter", metavar="FILTER", help="As the / key: proto=udp port=53 ...")
@@ -34,7 +40,7 @@ def live(
     counts sockets by protocol and state, ephemeral ports per namespace, events per
     second and losses.
 
-    Keys: 1-4 or Tab switch views, / filters (snapshot's filter language), s sorts, r
+    Keys: 1-5 or Tab switch views, / filters (snapshot's filter language), s sorts, r
     reverses, p or Space pauses, ? helps, q or Ctrl-C quits.
 
     Asks the running agent (only the rows on screen travel), or starts one in this

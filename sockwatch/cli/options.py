@@ -16,8 +16,26 @@ import typer
 from sockwatch import filters as flt
 from sockwatch.agent.protocol import DEFAULT_SOCKET
 
+
+def completer(values: tuple[str, ...] | list[str]):  # type: ignore[no-untyped-def]
+    """Shell completion of a choice's values (sockwatch --install-completion)."""
+
+    def complete(incomplete: str) -> list[str]:
+        # in the case it was begun in (the shell keeps only what starts as typed; any case is taken)
+        lower = incomplete.islower()
+        return [v.lower() if lower else v for v in values if v.lower().startswith(incomplete.lower())]
+
+    return complete
+
+
+STATES = ("LISTEN", "ESTAB", "UNCONN", "SYN-SENT", "SYN-RECV", "FIN-WAIT-1", "FIN-WAIT-2", "TIME-WAIT", "CLOSE-WAIT",
+          "LAST-ACK", "CLOSING", "BOUND")  # fmt: skip
+
 # (no -p: ss and lsof users read -p as "show processes")
-Proto = Annotated[list[str], typer.Option("--proto", metavar="tcp|udp", help="tcp or udp.")]
+Proto = Annotated[
+    list[str],
+    typer.Option("--proto", metavar="tcp|udp", help="tcp or udp.", autocompletion=completer(("tcp", "udp"))),
+]
 Port = Annotated[
     list[str], typer.Option("--port", metavar="PORT[-PORT]", help="Local or remote port, or a range: 8000-8100.")
 ]
@@ -27,7 +45,10 @@ Addr = Annotated[
 State = Annotated[
     list[str],
     typer.Option(
-        "--state", metavar="STATE", help="ss's state names as the JSON has them, any case: LISTEN, ESTAB, TIME-WAIT..."
+        "--state",
+        metavar="STATE",
+        help="ss's state names as the JSON has them, any case: LISTEN, ESTAB, TIME-WAIT...",
+        autocompletion=completer(STATES),
     ),
 ]
 Pid = Annotated[list[str], typer.Option("--pid", metavar="PID", help="Owner's process id.")]

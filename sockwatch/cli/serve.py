@@ -32,11 +32,42 @@ METAVARS = {
 }  # fmt: skip
 
 
-def _opt(default: object, flag: str, help: str, hidden: bool = False, aliases: tuple[str, ...] = ()) -> Any:
-    """A serve flag, also read from SOCKWATCH_<FLAG> and from the config file; `aliases`:
-    the same flag under the names exporters use (node_exporter's --web.*)."""
-    return typer.Option(default, flag, *aliases, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"),
-                        hidden=hidden, metavar=METAVARS[flag])  # fmt: skip
+# --help groups the flags in panels (at 80 columns a single list of 20 is ~230 lines)
+PANELS = {
+    "--config": "Where it answers", "--socket": "Where it answers", "--listen": "Where it answers",
+    "--web-config": "Where it answers", "--telemetry-path": "Where it answers",
+    "--metrics-max-listeners": "Metrics", "--metrics-max-destinations": "Metrics", "--metrics-max-lookups": "Metrics",
+    "--metrics-drop-label": "Metrics", "--metrics-keep-label": "Metrics",
+    "--log-level": "Logs", "--log-format": "Logs",
+}  # fmt: skip
+
+
+# The same flags under the names exporters use (node_exporter's --web.*, --log.*): taken
+# as the flag itself before parsing (listed as aliases, --help would cut both at 80 columns)
+EXPORTER_SPELLINGS = {
+    "--web.listen-address": "--listen", "--web.config.file": "--web-config",
+    "--web.telemetry-path": "--telemetry-path", "--log.level": "--log-level", "--log.format": "--log-format",
+}  # fmt: skip
+
+
+def exporter_spellings(argv: list[str]) -> list[str]:
+    """`sockwatch serve ...` arguments with the exporters' spellings (--web.listen-address
+    :9847, --log.level=debug) as sockwatch's own flags; anything after `--` left alone."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        if a == "--":
+            return out + argv[i:]
+        name, eq, value = a.partition("=")
+        out.append(EXPORTER_SPELLINGS.get(name, name) + eq + value if name in EXPORTER_SPELLINGS else a)
+    return out
+
+
+def _opt(default: object, flag: str, help: str, hidden: bool = False) -> Any:
+    """A serve flag, also read from SOCKWATCH_<FLAG> and from the config file (said once in
+    the command's help, not per flag: the names would be cut at 80 columns)."""
+    return typer.Option(default, flag, help=help, envvar="SOCKWATCH_" + flag[2:].upper().replace("-", "_"),
+                        show_envvar=False, hidden=hidden, metavar=METAVARS[flag],
+                        rich_help_panel=PANELS.get(flag, "Tables and hooks"))  # fmt: skip
 
 
 def serve(
@@ -95,7 +126,6 @@ def serve(
         "Where to serve /metrics and /healthz: "
         "ADDR:PORT ([ADDR]:PORT for IPv6; :PORT for every address, IPv4 and IPv6; port 0 picks a free one), "
         "or 'off'. Loopback by default: the metrics name processes and addresses. Also --web.listen-address.",
-        aliases=("--web.listen-address",),
     ),
     web_config: str = _opt(
         "",
@@ -103,13 +133,11 @@ def serve(
         "TLS, basic auth and a rate limit for /metrics, in the Prometheus exporters' web config file format "
         "(exporter-toolkit's: tls_server_config, basic_auth_users, http_server_config, rate_limit), read again when "
         "it or a file it names changes. Also --web.config.file.",
-        aliases=("--web.config.file",),
     ),
     telemetry_path: str = _opt(
         "/metrics",
         "--telemetry-path",
         "The path the metrics are served at. Also --web.telemetry-path.",
-        aliases=("--web.telemetry-path",),
     ),
     metrics_max_listeners: str = _opt(
         str(MAX_LISTENERS),
@@ -155,14 +183,11 @@ def serve(
         "subscribes, 1 to 100; past it, records are skipped for the stream and subscribers are "
         "told how many.",
     ),
-    log_level: str = _opt(
-        "warn", "--log-level", "What to log: debug, info, warn or error. Also --log.level.", aliases=("--log.level",)
-    ),
+    log_level: str = _opt("warn", "--log-level", "What to log: debug, info, warn or error. Also --log.level."),
     log_format: str = _opt(
         "text",
         "--log-format",
         "How log lines look: text (sockwatch: message), logfmt or json, as exporters write them. Also --log.format.",
-        aliases=("--log.format",),
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the agent does (--log-level info)."),
 ) -> None:
@@ -173,6 +198,10 @@ def serve(
     through BPF links: when the agent exits, however it exits, the kernel detaches it
     all. A kernel that refuses one hook runs without it (degraded, and every answer
     says so). One agent per socket path.
+
+    Every flag is also an environment variable, SOCKWATCH_ and the flag's name
+    (SOCKWATCH_RECONCILE_INTERVAL), and a key of --config's file (reconcile-interval);
+    flags win over variables, variables over the file.
 
     Examples:
 

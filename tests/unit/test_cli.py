@@ -290,3 +290,20 @@ def test_nothing_matched_is_said_on_stderr_and_stdout_stays_clean():
                            capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
         assert (r.returncode, r.stderr) == (0, "sockwatch: no socket matched the filters\n")
         assert (json.loads(r.stdout)["sockets"] if extra else r.stdout) == ([] if extra else out)
+
+
+@pytest.mark.parametrize("words, want", [
+    ("sockwatch snapshot --state TI", ["TIME-WAIT"]),
+    ("sockwatch snapshot --state l", ["listen", "last-ack"]),
+    ("sockwatch events --kind bi", ["bind", "bind_fail"]),
+    ("sockwatch live --view co", ["connections"]),
+    ("sockwatch ports --proto u", ["udp"]),
+])  # fmt: skip
+def test_shell_completion_offers_the_values_of_a_choice(words, want):
+    """What `sockwatch --install-completion` installs asks the program itself: the values
+    of --state, --kind, --view and --proto complete."""
+    env = {**os.environ, "_SOCKWATCH_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - 1)}  # fmt: skip
+    installed = os.path.join(os.path.dirname(sys.executable), "sockwatch")  # the command as installed: its name
+    r = subprocess.run([installed], capture_output=True, text=True, check=False, timeout=60, env=env)
+    assert r.stdout.split() == want, r

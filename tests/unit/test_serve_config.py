@@ -332,3 +332,17 @@ def test_the_web_config_is_read_again_when_its_files_change(tmp_path):
         assert watched.current(now) is kept
     assert watched.reloads["failed"] == 2
     assert watched.reload("SIGHUP") is False and watched.cfg is kept
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--web.listen-address", ":9847"], ["--listen", ":9847"]),
+    (["--web.listen-address=:9847", "--log.level=debug"], ["--listen=:9847", "--log-level=debug"]),
+    (["--web.config.file", "w.yml", "--web.telemetry-path", "/m", "--log.format", "json"],
+     ["--web-config", "w.yml", "--telemetry-path", "/m", "--log-format", "json"]),
+    (["--socket", "--web.listen-address"], ["--socket", "--listen"]),  # (click then says what is missing)
+    (["--", "--log.level"], ["--", "--log.level"]),
+])  # fmt: skip
+def test_the_exporters_spellings_are_sockwatchs_flags(argv, want):
+    from sockwatch.cli import serve
+
+    assert serve.exporter_spellings(argv) == want
