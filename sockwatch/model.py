@@ -93,6 +93,11 @@ class SockRow:
     container: Container | None = None  # the owner's cgroup, container and pod, set with the owner
     bound_dev: int = 0  # SO_BINDTODEVICE's ifindex (in its namespace); 0: any device
     device: str | None = None  # that device's name, once read; None: not bound (or not named yet)
+    # Recv-Q and Send-Q as ss prints them, for what the kernel keys by (IP, port), read at
+    # each query: a listener's accept queue and its backlog, a UDP socket's bytes queued.
+    # None for a connection (they move with every packet; `ss -tn` shows them).
+    recv_q: int | None = None
+    send_q: int | None = None
 
     @property
     def proto_name(self) -> str:
@@ -150,6 +155,8 @@ class SockRow:
             if self.container is not None and is_container(self.container)
             else None,
             "device": self.device_label,
+            "recv_q": self.recv_q,
+            "send_q": self.send_q,
         }
 
     @property
@@ -180,6 +187,8 @@ class SockRow:
             owner_source=d.get("owner_source"),
             container=Container.from_dict(d["container"]) if d.get("container") is not None else None,
             device=d.get("device"),
+            recv_q=d.get("recv_q"),
+            send_q=d.get("send_q"),
         )
 
 
@@ -264,12 +273,13 @@ def row_json(r: SockRow) -> str:
     if c is None:
         c = _cached(_container_json, r.container, lambda: json.dumps(
             r.container.as_dict() if is_container(r.container) else None, separators=(",", ":")))  # type: ignore[union-attr]  # fmt: skip
-    pid, uid, inode = r.pid, r.uid, r.inode
+    pid, uid, inode, rq, sq = r.pid, r.uid, r.inode, r.recv_q, r.send_q
     return (
         f'{head}{la},"local_port":{r.local_port},"remote_address":{ra},"remote_port":{rport},'
         f'"pid":{"null" if pid is None else int(pid)},"comm":{comm},"uid":{"null" if uid is None else int(uid)},'
         f'"inode":{"null" if inode is None else int(inode)},"cookie":{int(r.cookie)},"netns":{int(r.netns)},'
-        f'"owner_source":{source},"container":{c},"device":{_device_json(r)}}}'
+        f'"owner_source":{source},"container":{c},"device":{_device_json(r)},'
+        f'"recv_q":{"null" if rq is None else int(rq)},"send_q":{"null" if sq is None else int(sq)}}}'
     )
 
 

@@ -13,8 +13,9 @@ GROUPS = (
     ("listen", "TCP listeners, keyed by (local IP, local port)"),
     ("conn", "TCP connections, keyed by the 4-tuple"),
 )
-COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "INODE", "COOKIE", "CONTAINER")
-NUMERIC = ("PID", "UID", "INODE", "COOKIE")
+COLUMNS = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM", "RECV-Q", "SEND-Q", "UID", "INODE", "COOKIE",
+           "CONTAINER")  # fmt: skip
+NUMERIC = ("PID", "RECV-Q", "SEND-Q", "UID", "INODE", "COOKIE")
 # what the table shows without -e (as ss: the socket and its process; -e adds the rest)
 NARROW = 7
 
@@ -76,6 +77,8 @@ def cells(r: SockRow) -> tuple[str, ...]:
         remote,
         UNKNOWN if r.pid is None else str(r.pid),
         printable_cell(r.comm) if r.comm else UNKNOWN,
+        UNKNOWN if r.recv_q is None else str(r.recv_q),
+        UNKNOWN if r.send_q is None else str(r.send_q),
         UNKNOWN if r.uid is None else str(r.uid),
         UNKNOWN if r.inode is None else str(r.inode),
         str(r.cookie),

@@ -68,6 +68,10 @@ class DiagSock:
     # a timewait socket (TIME-WAIT, or a FIN-WAIT-2 orphan past its timeout): it goes when
     # its timer ends, and no hook sees that
     timewait: bool = False
+    # idiag_rqueue/wqueue: a listener's accept queue and its limit (the backlog); a UDP
+    # socket's bytes queued to read and to send (what ss prints as Recv-Q and Send-Q)
+    rqueue: int = 0
+    wqueue: int = 0
 
 
 class AddrCache:
@@ -133,7 +137,7 @@ def dump(
                 _raise_error(data, off + hdr_size, protocol, family)
                 return
             if mtype == SOCK_DIAG_BY_FAMILY:
-                (_f, state, timer, _r, sport, dport, src, dst, dev, cookie, expires, _rq, _wq, uid, inode) = msg_unpack(
+                (_f, state, timer, _r, sport, dport, src, dst, dev, cookie, expires, rq, wq, uid, inode) = msg_unpack(
                     data, off + hdr_size
                 )
                 v6only = False
@@ -154,6 +158,8 @@ def dump(
                     dev,
                     v6only,
                     timer == TIMER_TIMEWAIT,
+                    rq,
+                    wq,
                 )
             if length < hdr_size:
                 raise SockDiagError(errno.EPROTO, "malformed netlink message")

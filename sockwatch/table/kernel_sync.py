@@ -252,6 +252,9 @@ class KernelSync(Owners):
             elif not row.inode:
                 row.inode = d.inode
                 self._touch(cookie)
+            if (row.recv_q, row.send_q) != (d.rqueue, d.wqueue):  # as read now: a queue is not a change to repair
+                row.recv_q, row.send_q = d.rqueue, d.wqueue
+                self._touch(cookie)
         gone = [
             c for c in self._by_ip_port
             if c not in kernel and (r := rows[c]).visible and r.gen <= gen0 and r.netns_cookie not in unread

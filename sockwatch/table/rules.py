@@ -12,6 +12,7 @@ from sockwatch.kernel import sockdiag
 from sockwatch.kernel.netns import Namespace
 from sockwatch.model import (
     IPPROTO_TCP,
+    IPPROTO_UDP,
     OWNER_HOOK,
     R_ACTIVE,
     SockRow,
@@ -62,6 +63,7 @@ def row_from_diag(d: sockdiag.DiagSock, ns: Namespace, unnamed: set[int] | None 
     if d.bound_dev and unnamed is not None:
         unnamed.add(d.cookie)
     connected = d.remote_port != 0
+    keyed_by_ip_port = d.protocol == IPPROTO_UDP or d.state == TcpState.LISTEN  # (queues: see SockRow)
     return SockRow(
         cookie=d.cookie,
         protocol=d.protocol,
@@ -76,6 +78,8 @@ def row_from_diag(d: sockdiag.DiagSock, ns: Namespace, unnamed: set[int] | None 
         uid=d.uid,
         netns_cookie=ns.cookie,
         bound_dev=d.bound_dev,
+        recv_q=d.rqueue if keyed_by_ip_port else None,
+        send_q=d.wqueue if keyed_by_ip_port else None,
     )
 
 

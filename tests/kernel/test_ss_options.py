@@ -127,3 +127,45 @@ def test_nothing_is_cut_in_an_80_column_terminal(netns, sockets, flags):
         assert ("COOKIE" in flat) == bool(flags)
     finally:
         t.close()
+
+
+QUEUES = """
+import socket, sys
+l = socket.socket(); l.bind(("127.0.0.1", 7801)); l.listen(3)
+waiting = [socket.create_connection(("127.0.0.1", 7801)) for _ in range(2)]  # never accepted
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 7802))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for n in (100, 200, 300):
+    s.sendto(b"x" * n, ("127.0.0.1", 7802))  # never read
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("flags", [["--standalone"], []], ids=["standalone", "agent"])
+def test_queues_are_ss_recv_q_and_send_q(netns, agent, flags):
+    """A listener's accept queue and its backlog, a UDP socket's bytes waiting: what ss
+    prints as Recv-Q and Send-Q, in the JSON and the -e table; a connection's: not known."""
+    import sys
+
+    p = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", QUEUES], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout and p.stdout.readline().strip() == "ready"
+        ss = subprocess.run(["ip", "netns", "exec", netns.name, "ss", "-Hln", "-tu"], check=True, capture_output=True,
+                            text=True).stdout  # fmt: skip
+        theirs = {int(f[4].rsplit(":", 1)[1]): (int(f[2]), int(f[3])) for f in map(str.split, ss.splitlines())}
+        assert theirs[7801] == (2, 3) and theirs[7802][0] > 600, ss  # (the kernel counts each datagram's buffer)
+        where = flags or ["--socket", agent.socket]
+        rows = snapshot("--netns", str(netns.inode), socket=None if flags else agent.socket)
+        ours = {r["local_port"]: (r["recv_q"], r["send_q"]) for r in rows if r["state"] in ("LISTEN", "UNCONN")}
+        assert ours[7801] == theirs[7801] and ours[7802] == theirs[7802], (ours, theirs)
+        assert all((r["recv_q"], r["send_q"]) == (None, None) for r in rows if r["state"] == "ESTAB")
+        table = subprocess.run(sockwatch_cmd("snapshot", "-e", "-H", "--netns", str(netns.inode), *where),
+                               check=True, capture_output=True, text=True).stdout  # fmt: skip
+        line = next(line for line in table.splitlines() if "127.0.0.1:7801" in line and "LISTEN" in line)
+        assert line.split()[7:9] == ["2", "3"], line  # RECV-Q SEND-Q, after COMM
+    finally:
+        if p.stdin:
+            p.stdin.close()
+        p.wait(10)
