@@ -307,3 +307,18 @@ def test_shell_completion_offers_the_values_of_a_choice(words, want):
     installed = os.path.join(os.path.dirname(sys.executable), "sockwatch")  # the command as installed: its name
     r = subprocess.run([installed], capture_output=True, text=True, check=False, timeout=60, env=env)
     assert r.stdout.split() == want, r
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], []])
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_the_quick_top_level_help_is_the_full_apps_byte_for_byte(args, columns):
+    """`sockwatch --help` lists the commands from an app without their options (typer
+    builds them all first otherwise): the same text, the same exit code."""
+    env = {**os.environ, "COLUMNS": columns}
+    installed = os.path.join(os.path.dirname(sys.executable), "sockwatch")  # (its usage line names it so)
+    quick = subprocess.run([installed, *args], capture_output=True, text=True, check=False, timeout=60, env=env)
+    whole = f"import sys; from sockwatch.cli import app; sys.argv[:] = ['sockwatch', *{args!r}]; app()"
+    full = subprocess.run([sys.executable, "-c", whole], capture_output=True, text=True, check=False, timeout=60,
+                          env=env)  # fmt: skip
+    assert (quick.returncode, quick.stdout, quick.stderr) == (full.returncode, full.stdout, full.stderr)
+    assert "snapshot" in quick.stdout + quick.stderr
