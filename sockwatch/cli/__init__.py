@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import typer
@@ -9,14 +10,14 @@ import typer
 from sockwatch.cli import doctor, events, explain, live, ports, serve, snapshot, status
 
 
-def _typer() -> typer.Typer:
+def _typer(markup: str = "markdown") -> typer.Typer:
     return typer.Typer(
         name="sockwatch",
         context_settings={"help_option_names": ["-h", "--help"]},
         help="Which socket, and which process, owns each port and connection, live, from stable BPF hooks.",
         no_args_is_help=True,
         add_completion=True,
-        rich_markup_mode="markdown",  # paragraphs rewrap to the terminal; indented examples stay
+        rich_markup_mode=markup,  # type: ignore[arg-type]  # markdown: paragraphs rewrap, indented examples stay
         pretty_exceptions_enable=False,
     )
 
@@ -58,10 +59,11 @@ def _listing() -> typer.Typer:
     """The app as `sockwatch --help` shows it: each command by its name and help alone.
     typer builds every command's options before it prints the list (~15 ms of a
     ~150 ms start); the list needs none of them (a test holds the two outputs equal)."""
-    listing = _typer()
+    listing = _typer("rich")  # (the list's first lines hold no markup: the same text, without markdown-it's parse)
     listing.callback()(_root)
     for name, fn in COMMANDS.items():
-        listing.command(name, help=fn.__doc__)(_nothing)
+        first = inspect.cleandoc(fn.__doc__ or "").split("\n\n", 1)[0]
+        listing.command(name, help=" ".join(first.split()))(_nothing)  # (the list shows the first paragraph)
     return listing
 
 
