@@ -67,6 +67,16 @@ def _listing() -> typer.Typer:
     return listing
 
 
+def _one(command: str) -> typer.Typer:
+    """The app as `sockwatch COMMAND --help` shows it: that command whole, the others by
+    name (a command's help shows no other; typer would build them all)."""
+    one = _typer()
+    one.callback()(_root)
+    for name, fn in COMMANDS.items():
+        one.command(name)(fn if name == command else _nothing)
+    return one
+
+
 def _nothing() -> None:
     pass
 
@@ -79,6 +89,9 @@ def main() -> None:
     completing = any(k.startswith("_") and k.endswith("_COMPLETE") for k in os.environ)  # (the shell asks: all of it)
     if sys.argv[1:] in ([], ["-h"], ["--help"]) and not completing:
         _listing()()
+        return
+    if len(sys.argv) == 3 and sys.argv[1] in COMMANDS and sys.argv[2] in ("-h", "--help") and not completing:
+        _one(sys.argv[1])()
         return
     if sys.argv[1:2] == ["serve"]:
         sys.argv[2:] = serve.exporter_spellings(sys.argv[2:])

@@ -309,11 +309,16 @@ def test_shell_completion_offers_the_values_of_a_choice(words, want):
     assert r.stdout.split() == want, r
 
 
-@pytest.mark.parametrize("args", [["--help"], ["-h"], []])
+HELPS = [["--help"], ["-h"], [], *([c, "--help"] for c in ("live", "snapshot", "events", "ports", "explain", "serve",
+                                                             "status", "doctor")), ["serve", "-h"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", HELPS, ids=" ".join)
 @pytest.mark.parametrize("columns", ["80", "200"])
-def test_the_quick_top_level_help_is_the_full_apps_byte_for_byte(args, columns):
-    """`sockwatch --help` lists the commands from an app without their options (typer
-    builds them all first otherwise): the same text, the same exit code."""
+def test_the_quick_help_is_the_full_apps_byte_for_byte(args, columns):
+    """`sockwatch --help` lists the commands from an app without their options, and
+    `sockwatch CMD --help` builds that command alone (typer builds them all otherwise):
+    the same text, the same exit code."""
     env = {**os.environ, "COLUMNS": columns}
     installed = os.path.join(os.path.dirname(sys.executable), "sockwatch")  # (its usage line names it so)
     quick = subprocess.run([installed, *args], capture_output=True, text=True, check=False, timeout=60, env=env)
@@ -321,4 +326,5 @@ def test_the_quick_top_level_help_is_the_full_apps_byte_for_byte(args, columns):
     full = subprocess.run([sys.executable, "-c", whole], capture_output=True, text=True, check=False, timeout=60,
                           env=env)  # fmt: skip
     assert (quick.returncode, quick.stdout, quick.stderr) == (full.returncode, full.stdout, full.stderr)
-    assert "snapshot" in quick.stdout + quick.stderr
+    shown = f"Usage: sockwatch {args[0]} [OPTIONS]" if args and not args[0].startswith("-") else "snapshot"
+    assert shown in quick.stdout + quick.stderr  # (the help it is: a command's own, or the list)
