@@ -35,18 +35,16 @@ def snapshot_json(argv: list[str]) -> bool:
     if not simple:
         return False
     from sockwatch.agent import client
-    from sockwatch.schema import SNAPSHOT_END, snapshot_head
 
     begun = False
 
-    def begin(header: dict) -> None:
+    def begin(_header: dict) -> None:
         nonlocal begun
         begun = True
-        client.write_all(sys.stdout.fileno(), snapshot_head(header))
 
     sys.stdout.flush()
     try:
-        header = client.stream("snapshot", sys.stdout.fileno(), path, on_header=begin, filters=NO_FILTERS)
+        header = client.stream_snapshot(sys.stdout.fileno(), path, NO_FILTERS, on_header=begin)
     except client.AgentError as e:
         if not begun:
             return False
@@ -59,7 +57,6 @@ def snapshot_json(argv: list[str]) -> bool:
         sys.exit(0)
     if header is None:
         return False  # no agent: the CLI reads the kernel itself
-    client.write_all(sys.stdout.fileno(), SNAPSHOT_END)
     if header.get("partial"):
         from sockwatch.render import say_partial
 

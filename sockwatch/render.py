@@ -60,7 +60,10 @@ def endpoint(addr: object, port: int, family: int | str, device: str | None = No
 def family_digit(family: object) -> str:
     """4 or 6, as tables print a protocol with its family (tcp4, udp6), from 4/6 or the
     JSON's "ipv4"/"ipv6"."""
-    return {4: "4", 6: "6", "ipv4": "4", "ipv6": "6"}.get(family, "?")  # type: ignore[call-overload]
+    from sockwatch.schema import FAMILY_NUMBERS  # (the JSON's names: one vocabulary)
+
+    n = family if family in (4, 6) else FAMILY_NUMBERS.get(family) if isinstance(family, str) else None
+    return "?" if n is None else str(n)
 
 
 UNKNOWN = "-"  # one spelling for "not known" in every table and the event stream

@@ -1,6 +1,6 @@
 """What every JSON document sockwatch prints shares: its schema's version and when it was
 taken, and one spelling of an address family (as the metrics' `family` label has it).
-The schemas themselves are in schemas/, one per output; tests validate real output
+The schemas themselves are in docs/schemas/, one per output; tests validate real output
 against them."""
 
 from __future__ import annotations

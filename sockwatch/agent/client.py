@@ -164,6 +164,25 @@ def stream(
     return header
 
 
+def stream_snapshot(
+    out_fd: int, path: str | None, filters: dict, on_header: Callable[[dict], None] | None = None
+) -> dict | None:
+    """`snapshot --json` from the agent: the document's head (schema_version, its
+    timestamp, what it may lack), the agent's array of sockets as it comes, the end.
+    None: no agent at the default path (nothing written)."""
+    from sockwatch.schema import SNAPSHOT_END, snapshot_head
+
+    def begin(header: dict) -> None:
+        if on_header is not None:
+            on_header(header)
+        write_all(out_fd, snapshot_head(header))
+
+    header = stream("snapshot", out_fd, path, on_header=begin, filters=filters)
+    if header is not None:
+        write_all(out_fd, SNAPSHOT_END)
+    return header
+
+
 MAX_LINE = 1 << 20  # one streamed event; anything longer is not the agent's
 
 

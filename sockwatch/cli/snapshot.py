@@ -121,17 +121,9 @@ def snapshot(
             return
         if not standalone:
             if as_json:
-                from sockwatch.schema import SNAPSHOT_END, snapshot_head
-
                 sys.stdout.flush()
-
-                def begin(h: dict) -> None:  # the document's head, once the agent has answered
-                    client.write_all(sys.stdout.fileno(), snapshot_head(h))
-
-                header = client.stream("snapshot", sys.stdout.fileno(), socket_path, on_header=begin,
-                                       filters=f.to_wire())  # fmt: skip
+                header = client.stream_snapshot(sys.stdout.fileno(), socket_path, f.to_wire())
                 if header is not None:
-                    client.write_all(sys.stdout.fileno(), SNAPSHOT_END)
                     _say_if_partial(header)
                     _say_if_none(header.get("rows"), f)
                     return
