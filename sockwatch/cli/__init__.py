@@ -5,9 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-import typer
+from sockwatch.cli.lazyrich import import_rich_utils
 
-from sockwatch.cli import doctor, events, explain, live, ports, serve, snapshot, status
+import_rich_utils()  # before typer is imported: see lazyrich
+
+import typer  # noqa: E402
+
+from sockwatch.cli import doctor, events, explain, live, ports, serve, snapshot, status  # noqa: E402
 
 
 def _typer(markup: str = "markdown") -> typer.Typer:

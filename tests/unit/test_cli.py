@@ -322,9 +322,25 @@ def test_the_quick_help_is_the_full_apps_byte_for_byte(args, columns):
     env = {**os.environ, "COLUMNS": columns}
     installed = os.path.join(os.path.dirname(sys.executable), "sockwatch")  # (its usage line names it so)
     quick = subprocess.run([installed, *args], capture_output=True, text=True, check=False, timeout=60, env=env)
-    whole = f"import sys; from sockwatch.cli import app; sys.argv[:] = ['sockwatch', *{args!r}]; app()"
+    whole = (f"import sys, rich.markdown, rich.traceback; from sockwatch.cli import app; "  # (none deferred: lazyrich)
+             f"sys.argv[:] = ['sockwatch', *{args!r}]; app()")  # fmt: skip
     full = subprocess.run([sys.executable, "-c", whole], capture_output=True, text=True, check=False, timeout=60,
                           env=env)  # fmt: skip
     assert (quick.returncode, quick.stdout, quick.stderr) == (full.returncode, full.stdout, full.stderr)
     shown = f"Usage: sockwatch {args[0]} [OPTIONS]" if args and not args[0].startswith("-") else "snapshot"
     assert shown in quick.stdout + quick.stderr  # (the help it is: a command's own, or the list)
+
+
+def test_the_command_list_imports_no_markdown_parser():
+    """typer.rich_utils' markdown and traceback imports wait for their first use (lazyrich):
+    the list is not markdown, and a command's help in markdown still renders as markdown."""
+    code = ("import sys; sys.argv[:] = ['sockwatch', *sys.argv[1:]]\n"
+            "from sockwatch.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('markdown_it', 'rich.traceback') if m in sys.modules), file=sys.stderr)")  # fmt: skip
+    listed = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=False,
+                            timeout=60)  # fmt: skip
+    assert listed.stderr.strip() == "[]", listed.stderr
+    one = subprocess.run([sys.executable, "-c", code, "snapshot", "--help"], capture_output=True, text=True,
+                         check=False, timeout=60)  # fmt: skip
+    assert one.stderr.strip() == "['markdown_it']", one.stderr
