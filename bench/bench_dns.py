@@ -121,7 +121,7 @@ def main() -> int:
 
         nsfds.append(os.open(f"/run/netns/{names['hooked']}", os.O_RDONLY | os.O_CLOEXEC))
         nsfds.append(os.open(f"/run/netns/{names['floor']}", os.O_RDONLY | os.O_CLOEXEC))
-        b = bpfload.compile_programs(bpfload.Sizes(), bpfload.no_socket_reason())
+        b = bpfload.compile_programs(bpfload.Sizes(), bpfload.drop_reasons())
         hook = lookup.LookupHook(b, Links())
         bpfload.load_drop_sites(b)
         miss = next(h for h in bpfload.HOOKS if h.func == "sw_lookup_miss")

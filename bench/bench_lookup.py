@@ -83,7 +83,7 @@ def main() -> int:
         nsfd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         ns_cookie = cookie_of_netns(nsfd)
         sizes = bpfload.Sizes(max_udp_peers=0) if args.no_peers else bpfload.Sizes()
-        b = bpfload.compile_programs(sizes, bpfload.no_socket_reason())
+        b = bpfload.compile_programs(sizes, bpfload.drop_reasons())
         hook = lookup.LookupHook(b, Links())
         bpfload.load_drop_sites(b)
         miss = next(h for h in bpfload.HOOKS if h.func == "sw_lookup_miss")

@@ -151,3 +151,4 @@ static __always_inline void local_from_sock(struct sw_event *e, struct bpf_sock 
 #include "lifecycle.bpf.c"
 #include "bind.bpf.c"
 #include "lookup.bpf.c"
+#include "drops.bpf.c"

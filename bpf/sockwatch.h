@@ -43,7 +43,8 @@
 #define SW_C_PEERS_NEW      4 /* peers added to udp_peers (less those present = evicted) */
 #define SW_C_TCP_CHANGES    5 /* TCP connections opened, or changing state: the table's generation */
 #define SW_C_TCP_OPENED     6 /* TCP connections opened (connect, accept) */
-#define SW_C_MAX            7
+#define SW_C_DROPS_UNCOUNTED 7 /* a socket's drop that found socket_drops full: not counted by reason */
+#define SW_C_MAX            8
 
 /* Index of the config array, written by user space (0 is unused). */
 #define SW_CFG_CONNECT_OWNER   1 /* 1: sockops cannot read the task (before 6.2): cgroup connect4/6
@@ -169,6 +170,13 @@ struct sw_peer_cached {
 struct sw_lookup_slot {
 	__u32 index;          /* its lookup_cache slot, which holds its key until the next lookup */
 	__u32 armed;          /* 1 from the lookup until a drop for no socket takes it */
+};
+
+/* A socket and a kernel drop reason: socket_drops' key (drops.bpf.c). */
+struct sw_drop_key {
+	__u64 cookie;         /* socket cookie, host order */
+	__u32 reason;         /* enum skb_drop_reason, this kernel's numbering */
+	__u32 pad;
 };
 
 #endif

@@ -30,13 +30,14 @@ from sockwatch.containers import Container
 from sockwatch.filters import FilterError, Filters
 from sockwatch.render import UNKNOWN, endpoint, family_digit, printable_cell
 
-VIEWS = ("listeners", "connections", "processes", "events", "peers")
+VIEWS = ("listeners", "connections", "processes", "events", "peers", "drops")
 VIEW_TITLES = {
     "listeners": "Listeners+UDP by (IP, port)",
     "connections": "Connections by 4-tuple",
     "processes": "Processes",
     "events": "Events",
     "peers": "UDP peers of unconnected sockets (most packets first)",
+    "drops": "Sockets that dropped packets (most first), by the kernel's reason",
 }
 HIGHLIGHT_SECONDS = 2.0
 FETCH_TIMEOUT = 10.0  # a screenful; the header says so when the agent is slower
@@ -45,7 +46,8 @@ EVENTS_KEPT = 2000
 HELP = """\
 sockwatch live: keys
 
-1 2 3 4 5, Tab  listeners+UDP, connections, processes, events, UDP peers
+1 2 3 4 5 6     listeners+UDP, connections, processes, events, UDP peers,
+ or Tab         drops
 /               filter, in snapshot's language: proto=udp port=53
                 addr=10.0.0.0/8 state=listen pid=123 netns=blue
                 (or --port 53 ...); an empty filter clears it
@@ -106,6 +108,7 @@ class Live(App[None]):
         Binding("3", "view('processes')", "processes"),
         Binding("4", "view('events')", "events"),
         Binding("5", "view('peers')", "peers"),
+        Binding("6", "view('drops')", "drops"),
         Binding("s", "sort(1)", "sort"),
         Binding("S", "sort(-1)", "sort back", show=False),
         Binding("r", "reverse", "reverse", show=False),
@@ -253,6 +256,8 @@ class Live(App[None]):
             self.draw_processes(table)
         elif self.view_name == "peers":
             self.draw_peers(table)
+        elif self.view_name == "drops":
+            self.draw_drops(table)
         else:
             self.draw_rows(table)
 
@@ -302,7 +307,9 @@ class Live(App[None]):
             t.append(f"  filter: {printable_cell(self.filter_text)}", style="cyan")
         if self.view_name == "peers" and (self.data or {}).get("peers_note"):
             t.append("  " + printable_cell(self.data["peers_note"]), style="yellow")  # type: ignore[index]
-        if self.view_name not in ("processes", "events", "peers"):
+        if self.view_name == "drops" and (self.data or {}).get("drops_note"):
+            t.append("  " + printable_cell(self.data["drops_note"]), style="yellow")  # type: ignore[index]
+        if self.view_name not in ("processes", "events", "peers", "drops"):
             t.append(f"  sort {self.sort}{' reversed' if self.reverse else ''}")
         if self.error:
             t.append(f"  {printable_cell(self.error)}", style="bold red")
@@ -380,6 +387,23 @@ class Live(App[None]):
                 endpoint(p["remote_address"], p["remote_port"], fam),
                 str(p["packets"]), f"{ago:.0f}s ago", "" if owner.get("pid") is None else str(owner["pid"]),
                 printable_cell(owner.get("comm") or ("(no socket)" if not p["sockets"] else "")), str(p["netns"]),
+            )  # fmt: skip
+
+    def draw_drops(self, table: DataTable) -> None:
+        names = ("PROTO", "SOCKET", "DROPS", "REASONS", "QUEUE", "PID", "COMM", "NETNS")
+        self._columns(table, names)
+        table.clear()
+        for d in (self.data or {}).get("drops", []):
+            q = d.get("queue")
+            queue = "" if not q else (f"accept {q['used']}/{q['limit']}" if q["kind"] == "accept"
+                                      else f"rcvbuf {q['used']}/{q['limit']} B")  # fmt: skip
+            reasons = ", ".join(f"{k} {v}" for k, v in d["reasons"].items())
+            if d.get("earlier"):
+                reasons = (reasons + ", " if reasons else "") + f"before sockwatch {d['earlier']}"
+            table.add_row(
+                d["protocol"] + family_digit(d["family"]), endpoint(d["local_address"], d["local_port"], d["family"]),
+                str(d["drops"]), printable_cell(reasons), queue, "" if d["pid"] is None else str(d["pid"]),
+                printable_cell(d["comm"] or ""), str(d["netns"]),
             )  # fmt: skip
 
     def draw_events(self, table: DataTable) -> None:

@@ -21,9 +21,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sockwatch import ports
+from sockwatch.drops import Drops
 from sockwatch.lookups import Destination
 from sockwatch.metric_limits import Limits
-from sockwatch.model import PROTO_NAMES, STATE_NAMES, SockRow, fmt_addr
+from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, PROTO_NAMES, STATE_NAMES, SockRow, fmt_addr
 from sockwatch.render import printable_cell
 from sockwatch.tally import Tally
 
@@ -64,6 +65,15 @@ class LookupSample:
     over_cap: int = 0  # namespaces not hooked: --max-lookup-namespaces reached
 
 
+@dataclass
+class DropSample:
+    """Each socket's drops, read at scrape time (sockwatch.drops), and the drops the
+    hook could not count by reason (its map was full)."""
+
+    sockets: list[tuple[SockRow, Drops]]
+    uncounted: int = 0
+
+
 Family = GaugeMetricFamily | CounterMetricFamily
 
 
@@ -98,8 +108,10 @@ class SockwatchCollector(Collector):
         limits: Limits | None = None,
         fix_owners: Callable[[list[SockRow]], object] = lambda rows: None,
         lookups: Callable[[], LookupSample | None] = lambda: None,
+        drops: Callable[[], DropSample | None] = lambda: None,
     ) -> None:
         self.lookups = lookups
+        self.drops = drops
         self.tally = tally
         self.port_ranges = port_ranges
         self.bind_failures = bind_failures
@@ -130,6 +142,7 @@ class SockwatchCollector(Collector):
             ("ports", self._ports),
             ("health", self._health),
             ("lookups", self._lookups),
+            ("drops", self._drops),
         ):
             try:
                 yield from list(build(capped))  # whole: a source failing half-way adds nothing
@@ -188,6 +201,32 @@ class SockwatchCollector(Collector):
             if accepted.get(r.cookie):
                 conns.add([str(r.netns), fmt_addr(r.local_address), str(r.local_port)], accepted[r.cookie])
         yield conns.metric()
+        yield from self._queues(shown)
+
+    def _queues(self, shown: list[SockRow]) -> Iterator[Metric]:
+        """What fills before a socket drops, as read for this scrape (sock_diag): each
+        listener's accept queue and its backlog, each UDP socket's receive memory and
+        SO_RCVBUF (the same listeners as sockwatch_listener_info)."""
+        labels = ["netns", "address", "port"]
+        fams = [self._family(GaugeMetricFamily, name, doc, labels) for name, doc in (
+            ("sockwatch_listen_queue_length", "Connections waiting in each TCP listener's accept queue"),
+            ("sockwatch_listen_queue_limit", "Each TCP listener's accept queue limit (its listen() backlog, capped "
+                                             "by net.core.somaxconn)"),
+            ("sockwatch_udp_receive_memory_bytes", "Memory queued to each unconnected UDP socket, as the kernel "
+                                                   "charges it against the buffer (ss -m's r)"),
+            ("sockwatch_udp_receive_buffer_bytes", "Each unconnected UDP socket's receive buffer (SO_RCVBUF, ss -m's "
+                                                   "rb): a datagram that would pass it is dropped"),
+        )]  # fmt: skip
+        for r in shown:
+            where = [str(r.netns), fmt_addr(r.local_address), str(r.local_port)]
+            if r.protocol == IPPROTO_TCP and r.recv_q is not None and r.send_q is not None:
+                fams[0].add(where, r.recv_q)
+                fams[1].add(where, r.send_q)
+            elif r.protocol == IPPROTO_UDP and r.rmem is not None and r.rmem >= 0 and r.rcvbuf is not None:
+                fams[2].add(where, r.rmem)
+                fams[3].add(where, r.rcvbuf)
+        for fam in fams:
+            yield fam.metric()
 
     def _binds(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
         ok = self._family(CounterMetricFamily, "sockwatch_binds",
@@ -281,6 +320,22 @@ class SockwatchCollector(Collector):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], v)
             yield c
+
+    def _drops(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
+        got = self.drops()
+        if got is None:
+            return
+        fam = self._family(CounterMetricFamily, "sockwatch_socket_drops",
+                           "Packets a socket was handed and dropped, by the kernel's drop reason (TCP_LISTEN_OVERFLOW, "
+                           "SOCKET_RCVBUFF, SOCKET_BACKLOG, SOCKET_FILTER, PROTO_MEM, NOT_SPECIFIED) since sockwatch "
+                           "watched the socket", ["netns", "protocol", "address", "port", "reason"])  # fmt: skip
+        items = [([str(r.netns), r.proto_name, fmt_addr(r.local_address), str(r.local_port), reason], float(n))
+                 for r, d in got.sockets for reason, n in d.reasons.items()]  # fmt: skip
+        yield self._top(fam, capped, items, lambda lb: [lb[0], lb[1], "other", "other", lb[4]])
+        c = CounterMetricFamily("sockwatch_socket_drops_uncounted",
+                                "Drops not counted by socket and reason: the drop map was full")  # fmt: skip
+        c.add_metric([], got.uncounted)
+        yield c
 
     def _health(self, capped: GaugeMetricFamily) -> Iterator[Metric]:
         h = self.health()

@@ -98,6 +98,11 @@ class SockRow:
     # None for a connection (they move with every packet; `ss -tn` shows them).
     recv_q: int | None = None
     send_q: int | None = None
+    # The same read's SK_MEMINFO (sockwatch.drops): packets the socket dropped (sk_drops),
+    # and a UDP socket's receive memory in use and its limit (SO_RCVBUF). None: not read.
+    drops: int | None = None
+    rmem: int | None = None
+    rcvbuf: int | None = None
 
     @property
     def proto_name(self) -> str:

@@ -203,3 +203,37 @@ def print_peers(report: dict, out: TextIO = sys.stdout) -> None:
     if t.get("udp_peers_evicted"):
         out.write(f"\n{t['udp_peers_evicted']} peers were evicted, least recently seen first "
                   f"(--max-udp-peers {t['udp_peers_capacity']})\n")  # fmt: skip
+
+
+def print_drops(report: dict, out: TextIO = sys.stdout) -> None:
+    """`snapshot --drops`: sockets that dropped packets, most first, by the kernel's reason."""
+    socks = report["sockets"]
+    if not socks:
+        out.write("no socket has dropped a packet (receive buffer, accept queue, backlog, filter, memory)\n")
+    rows = []
+    for d in socks:
+        owner = f"{d['pid']}/{d['comm'] or ''}" if d.get("pid") is not None else UNKNOWN
+        reasons = ", ".join(f"{k} {v}" for k, v in d["reasons"].items())
+        if d["earlier"]:
+            reasons = (reasons + ", " if reasons else "") + f"before sockwatch {d['earlier']}"
+        rows.append((str(d["netns"]), d["protocol"] + family_digit(d["family"]),
+                     endpoint(d["local_address"], d["local_port"], d["family"]) + (
+                         " " + endpoint(d["remote_address"], d["remote_port"], d["family"])
+                         if d["remote_address"] else ""),
+                     printable_cell(owner), str(d["drops"]), _queue_cell(d["queue"]), reasons or "-"))  # fmt: skip
+    if socks:
+        _aligned(f"Packets dropped by the socket they reached ({len(socks)} of {report['matched']})",
+                 ("NETNS", "PROTO", "SOCKET", "OWNER", "DROPS", "QUEUE", "REASONS"), rows, out)  # fmt: skip
+    if report.get("reasons_missing"):
+        out.write(f"\n{report['reasons_missing']}\n")
+    if report.get("uncounted"):
+        out.write(f"\n{report['uncounted']} drops not counted by reason (the drop map was full)\n")
+
+
+def _queue_cell(q: dict | None) -> str:
+    """A listener's accept queue against its backlog (3/128), a UDP socket's receive
+    memory against its buffer (1664/2304 B); '-' for a connection."""
+    if not q:
+        return "-"
+    unit = "" if q["kind"] == "accept" else " B"
+    return f"{q['used']}/{q['limit']}{unit}"

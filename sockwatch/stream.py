@@ -194,6 +194,19 @@ def miss_line(wall_time: float, netns: int, protocol: int, port: int, misses: in
                        separators=(",", ":")) + "\n").encode()  # fmt: skip
 
 
+def drop_line(wall_time: float, row: dict, drops: int, reasons: dict[str, int]) -> bytes:
+    """Said to subscribers each second a socket dropped packets it was handed: how many
+    since the last line, by the kernel's reason, with the socket (`row`: as the drops
+    view has it: sockwatch.drops.report)."""
+    return (json.dumps({"schema_version": SCHEMA_VERSION, "time": round(wall_time, 6), "kind": "drop",
+                        "netns": row["netns"], "protocol": row["protocol"], "family": row["family"],
+                        "state": row["state"], "local_address": row["local_address"], "local_port": row["local_port"],
+                        "remote_address": row["remote_address"], "remote_port": row["remote_port"],
+                        "cookie": row["cookie"], "pid": row["pid"], "comm": row["comm"], "container": row["container"],
+                        "drops": drops, "reasons": reasons, "queue": row["queue"]},
+                       separators=(",", ":")) + "\n").encode()  # fmt: skip
+
+
 def lifetime(e: Event, born_ns: int, active: bool) -> dict:
     """A TCP connection's totals at its close, as tcplife reports them, but in payload
     bytes: the kernel's counters also count the SYN and FIN sequence numbers, which the

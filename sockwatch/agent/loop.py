@@ -175,6 +175,7 @@ class Agent:
             limits=self.settings.metrics_limits,
             fix_owners=self.tracker.fix_owners,
             lookups=self.queries.lookup_sample,
+            drops=self.queries.drop_sample,
         )
         self.registry.register(self.collector)
         # process_* (memory, CPU, file descriptors, start time) and python_info, as every exporter has
@@ -293,6 +294,8 @@ class Agent:
         self.publisher.second()
         if streaming and self.loaded.lookup is not None:
             self.publisher.misses(self.loaded.lookup.counts(), self.queries.inode_of)
+        if streaming:
+            self.publisher.drops(self.queries.socket_drops())  # (the read above gave each socket's sk_drops)
         if self.collector is not None:
             self.tracker.tally()  # follow changes each second, so that a scrape finds few
         self.queries.forget_cache(now)

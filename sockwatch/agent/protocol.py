@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 DEFAULT_SOCKET = os.environ.get("SOCKWATCH_SOCKET", "/run/sockwatch/agent.sock")
 MAX_REQUEST = 64 * 1024
 MAX_HEADER = 64 * 1024
-OPS = ("snapshot", "status", "events", "view", "ports", "lookups", "peers")
-VIEWS = ("all", "listeners", "connections", "processes", "peers")
+OPS = ("snapshot", "status", "events", "view", "ports", "lookups", "peers", "drops")
+VIEWS = ("all", "listeners", "connections", "processes", "peers", "drops")
 SORTS = ("local", "remote", "state", "protocol", "pid", "comm", "age", "netns")
-EVENT_KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close", "miss")
+EVENT_KINDS = ("bind", "bind_fail", "listen", "connect", "accept", "state", "close", "miss", "drop")
 MAX_LIMIT = 10_000
 FIELDS = ("op", "filters", "reconcile", "kinds", "view", "sort", "reverse", "offset", "limit", "bpf_stats")
 MAX_BPF_STATS_SECONDS = 300

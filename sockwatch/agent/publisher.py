@@ -20,6 +20,8 @@ from sockwatch import events as ev
 from sockwatch import filters as flt
 from sockwatch import lookups, stream
 from sockwatch.agent.clients import Client, Clients, Subscription
+from sockwatch.drops import Drops
+from sockwatch.drops import report as drop_report
 from sockwatch.model import IPPROTO_UDP, SockRow
 from sockwatch.table import Tracker
 from sockwatch.table.rules import Change
@@ -45,6 +47,7 @@ class Publisher:
         self._hooks = False
         self._by_port: tuple[int, dict[tuple, list[SockRow]]] = (-1, {})
         self._misses_seen: dict[tuple[int, int, int], int] | None = None  # for the miss lines
+        self._drops_seen: dict[int, dict[str, int]] | None = None  # for the drop lines: cookie -> reason -> n
         clients.on_drop = self.forget
         clients.charge_stream = self.charge
 
@@ -59,6 +62,7 @@ class Publisher:
         if not self.subscribers:
             self.describer = stream.Describer()
             self._misses_seen = None  # misses from before the stream are not streamed
+            self._drops_seen = None
         c.sub = Subscription(f, frozenset(kinds))
         self.subscribers.add(c)
         self._update_gate()
@@ -231,6 +235,30 @@ class Publisher:
                 if sub is None or (sub.kinds and "miss" not in sub.kinds):
                     continue
                 if sub.filters.empty or sub.filters.match(row):
+                    self.clients.queue(c, [line])
+
+    def drops(self, found: Iterable[tuple[SockRow, Drops]]) -> None:
+        """Once a second while someone subscribes: each socket that dropped packets since
+        the last second, one `drop` line (how many, by reason), as `miss` lines are."""
+        rows = {r.cookie: (r, d) for r, d in found}
+        now = {c: dict(d.reasons) for c, (_r, d) in rows.items()}
+        seen, self._drops_seen = self._drops_seen, now
+        if seen is None:
+            return
+        wall = time.time()
+        for cookie, reasons in sorted(now.items()):
+            before = seen.get(cookie, {})
+            grew = {k: v - before.get(k, 0) for k, v in reasons.items() if v > before.get(k, 0)}
+            if not grew:
+                continue
+            r, d = rows[cookie]
+            shown = drop_report([(r, d)], flt.Filters())[0]
+            line = stream.drop_line(wall, shown, sum(grew.values()), grew)
+            for c in list(self.subscribers):
+                sub = c.sub
+                if sub is None or (sub.kinds and "drop" not in sub.kinds):
+                    continue
+                if sub.filters.empty or sub.filters.match(r):
                     self.clients.queue(c, [line])
 
     def lost(self, events: int) -> None:

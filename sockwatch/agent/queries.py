@@ -12,14 +12,14 @@ from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from sockwatch import drops, lookups, metrics, tally, views
 from sockwatch import filters as flt
-from sockwatch import lookups, metrics, tally, views
 from sockwatch.agent import report
 from sockwatch.agent.clients import Client
 from sockwatch.agent.protocol import ProtocolError, Request, encode_header, parse_request
 from sockwatch.agent.tablejson import TableJson
 from sockwatch.kernel import bpfload
-from sockwatch.model import render_json
+from sockwatch.model import IPPROTO_TCP, SockRow, render_json
 
 if TYPE_CHECKING:
     from sockwatch.agent.loop import Agent
@@ -40,6 +40,8 @@ class Queries:
         self._json_version = -1
         self._json_chunks: list[bytes] = []
         self._json_used = 0.0
+        self.ledger = drops.Ledger()
+        self._hook_cookies: set[int] = set()  # sockets the drop hook counted that the table has
 
     def __call__(self, line: bytes, c: Client | None = None) -> list[bytes]:
         """One request's answer; never raises for anything a client can send."""
@@ -55,6 +57,7 @@ class Queries:
                 "status": self._status,
                 "lookups": self._lookups,
                 "peers": self._peers,
+                "drops": self._drops,
             }[req.op]
             return handler(req, f, c)
         except (ProtocolError, flt.FilterError) as e:
@@ -119,6 +122,14 @@ class Queries:
         body = {"peers": shown[: req.limit], "matched": len(shown), "totals": self.lookup_totals(present)}
         return [encode_header(True, partial=report.partial(self.a)), to_json(body)]
 
+    def _drops(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
+        self.a.prepare_answer()
+        found = self.socket_drops()
+        shown = drops.report(found, f)
+        body = {"sockets": shown[: req.limit], "matched": len(shown), "reasons_missing": self.drops_missing(),
+                "uncounted": self.a.loaded.counters().get("drops_uncounted", 0) if self.a.loaded else 0}  # fmt: skip
+        return [encode_header(True, partial=report.partial(self.a)), to_json(body)]
+
     def _status(self, req: Request, f: flt.Filters, c: Client | None) -> list[bytes]:
         self.a.drain()
         self.a.tracker.resolve_pending()  # what waits for a read is read when asked: status asks too
@@ -146,16 +157,23 @@ class Queries:
         by: Counter[tuple[int, int]] = Counter()
         for (_netns, proto, _family, state), n in a.tracker.tally().counts.items():
             by[(proto, state)] += n
-        peers = req.view == "peers"
-        answer = views.view(a.tracker.snapshot(), f, "listeners" if peers else req.view, req.sort, req.reverse,
-                            0 if peers else req.offset, 0 if peers else req.limit, fix_owners=a.tracker.fix_owners,
+        own = req.view in ("peers", "drops")  # windows of their own, not of the table's rows
+        answer = views.view(a.tracker.snapshot(), f, "listeners" if own else req.view, req.sort, req.reverse,
+                            0 if own else req.offset, 0 if own else req.limit, fix_owners=a.tracker.fix_owners,
                             whole=by)  # fmt: skip
         assert a.loaded is not None
-        if peers:  # the live peers view: a window of the peers, most packets first
+        if req.view == "peers":  # the live peers view: a window of the peers, most packets first
             found = lookups.peers(self.peers()[0], a.tracker.visible(), f) if a.loaded.lookup is not None else []
             answer["selected"] = len(found)
             answer["peers"] = found[req.offset : req.offset + req.limit]
             answer["peers_note"] = self.lookup_missing()
+        elif req.view == "drops":  # the live drops view: sockets that dropped packets, most first
+            shown = drops.report(self.socket_drops(), f)
+            page = shown[req.offset : req.offset + req.limit]
+            a.tracker.fix_owners([a.tracker.rows[d["cookie"]] for d in page if d["cookie"] in a.tracker.rows])
+            answer["selected"] = len(shown)
+            answer["drops"] = page
+            answer["drops_note"] = self.drops_missing()
         c = a.last_counters or a.loaded.counters()
         answer["agent"] = {
             "pid": os.getpid(),
@@ -201,6 +219,47 @@ class Queries:
             return "this agent runs with --lookups off: lookups, misses and UDP peers are not counted"
         why = next((m.why for m in loaded.missing if m.hook is bpfload.LOOKUP_HOOK), "not attached")
         return f"this agent has no sk_lookup hook ({why}): lookups, misses and UDP peers are not counted"
+
+    def drop_sample(self) -> metrics.DropSample | None:
+        if self.a.loaded is None:
+            return None
+        return metrics.DropSample(self.socket_drops(), self.a.loaded.counters().get("drops_uncounted", 0))
+
+    def drops_missing(self) -> str:
+        """Why drops have no reasons here, or ''."""
+        loaded = self.a.loaded
+        if loaded is None or loaded.drop_counts is not None:
+            return ""
+        why = next((m.why for m in loaded.missing if m.hook is bpfload.DROP_HOOK), "not attached")
+        return f"this agent has no drop hook ({why}): each socket's drops are its total, without reasons"
+
+    def socket_drops(self) -> list[tuple[SockRow, drops.Drops]]:
+        """Each socket that dropped anything, with its row (the table brought up to date by
+        the caller): UDP sockets and listeners by sk_drops as just read, attributed
+        (drops.Ledger), and connections by the drop hook alone."""
+        a = self.a
+        assert a.loaded is not None
+        tracker = a.tracker
+        counted = a.loaded.drop_counts
+        hooked = counted.read() if counted is not None else {}
+        keyed = [r for r in tracker.keyed_by_ip_port() if r.drops is not None]
+        seen = [drops.Seen(r.cookie, r.netns, r.protocol == IPPROTO_TCP, r.drops or 0, r.born_ns > 0) for r in keyed]
+        rows = tracker.rows
+        registry = tracker.registry
+
+        def netstat(inode: int) -> drops.Netstat | None:
+            ns = registry.by_inode.get(inode)
+            try:
+                return drops.parse_netstat(registry.netstat(ns)) if ns is not None else None
+            except OSError:  # NamespaceGone included
+                return None
+
+        got = self.ledger.update(seen, hooked, netstat, [c for c in hooked if c in rows])
+        if counted is not None:  # a counted socket the table had and no longer has: its keys go
+            present = {c for c in hooked if c in rows}
+            counted.forget(self._hook_cookies - present)
+            self._hook_cookies = present
+        return [(rows[c], d) for c, d in got.items() if c in rows and (d.total or d.reasons)]
 
     def inode_of(self, cookie: int) -> int | None:
         ns = self.a.tracker.registry.by_cookie.get(cookie)

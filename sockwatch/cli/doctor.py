@@ -14,12 +14,12 @@ from sockwatch.cli.errors import EXIT_ENV
 def _probe_hooks() -> list[tuple[str, bool, str]]:
     """Compile the real programs, load each and attach it by link for an instant, the
     way `serve` does (the sk_lookup program to doctor's own network namespace)."""
-    from sockwatch.kernel import bpfload, prereq
+    from sockwatch.kernel import bpfload, drops, prereq
     from sockwatch.kernel.netns import NamespaceRegistry
 
     out: list[tuple[str, bool, str]] = []
     try:
-        b = bpfload.compile_programs(bpfload.Sizes(16, 1024, 1024), bpfload.no_socket_reason())
+        b = bpfload.compile_programs(bpfload.Sizes(16, 1024, 1024), bpfload.drop_reasons())  # (its reasons: counted)
     except bpfload.LoadError as e:
         return [("compile", False, f"{e.what}; {e.fix}")]
     except Exception as e:
@@ -37,6 +37,16 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
                 out.append((h.what, True, "loads and attaches by BPF link" + note))
             except OSError as e:
                 out.append((h.what, False, f"{e.strerror}; sockwatch runs without it: {h.effect}"))
+        loaded.drop_reasons = bpfload.drop_reasons()
+        bpfload.attach_drops(loaded)
+        if loaded.drop_counts is not None:
+            lacks = drops.missing_reasons(loaded.drop_reasons)
+            note = f" (this kernel has no {', '.join(lacks)}: such drops count as NOT_SPECIFIED)" if lacks else ""
+            out.append((bpfload.DROP_HOOK.what, True, "loads and attaches by BPF link" + note))
+        else:
+            why = next((m.why for m in loaded.missing if m.hook is bpfload.DROP_HOOK), "refused")
+            out.append((bpfload.DROP_HOOK.what, False, f"{why}; sockwatch runs without it: "
+                                                        f"{bpfload.DROP_HOOK.effect}"))  # fmt: skip
         bpfload.attach_lookup(loaded, NamespaceRegistry())
         if loaded.lookup is not None:
             out.append((bpfload.LOOKUP_HOOK.what, True, "loads and attaches by BPF link to each network namespace"))

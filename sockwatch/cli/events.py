@@ -107,6 +107,16 @@ def _describe(e: dict) -> str:
         answer = "RST" if e["protocol"] == "tcp" else "ICMP port unreachable"
         return (f"{t} MISS      {e['protocol']:<3} port {e['local_port']}: {e['misses']} packets found no socket "
                 f"({answer}), to {', '.join(e['addresses'])}  netns {e['netns']}")  # fmt: skip
+    if e["kind"] == "drop":
+        who = f"{e['pid']}/{e['comm']}" if e.get("pid") is not None else UNKNOWN
+        why = ", ".join(f"{k} {v}" for k, v in e["reasons"].items())
+        q = e.get("queue")
+        full = ""
+        if q:
+            full = (f"; accept queue {q['used']}/{q['limit']}" if q["kind"] == "accept"
+                    else f"; receive buffer {q['used']}/{q['limit']} B")  # fmt: skip
+        return (f"{t} DROP      {e['protocol']:<3} {_ep(e['local_address'], e['local_port'])}  {who}  "
+                f"netns {e['netns']}  {e['drops']} dropped: {why}{full}")  # fmt: skip
     who = f"{e['pid']}/{e['comm']}" if e.get("pid") is not None else UNKNOWN
     where = _ep(e["local_address"], e["local_port"])
     if e.get("remote_address"):

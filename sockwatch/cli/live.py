@@ -24,8 +24,8 @@ def live(
         typer.Option(
             "--view",
             metavar="VIEW",
-            help="listeners, connections, processes, events, peers",
-            autocompletion=opt.completer(("listeners", "connections", "processes", "events", "peers")),
+            help="listeners, connections, processes, events, peers, drops",
+            autocompletion=opt.completer(("listeners", "connections", "processes", "events", "peers", "drops")),
         ),
     ] = "listeners",
     filter_text: Annotated[
@@ -36,11 +36,12 @@ def live(
     """A top-like, full-screen view of every socket on the host, live.
 
     Views: listeners and UDP sockets (keyed by local IP and port), TCP connections
-    (keyed by the 4-tuple), what each process holds, and the event stream. The header
+    (keyed by the 4-tuple), what each process holds, the event stream, the peers of
+    unconnected UDP sockets, and the sockets that dropped packets. The header
     counts sockets by protocol and state, ephemeral ports per namespace, events per
     second and losses.
 
-    Keys: 1-5 or Tab switch views, / filters (snapshot's filter language), s sorts, r
+    Keys: 1-6 or Tab switch views, / filters (snapshot's filter language), s sorts, r
     reverses, p or Space pauses, ? helps, q or Ctrl-C quits.
 
     Asks the running agent (only the rows on screen travel), or starts one in this

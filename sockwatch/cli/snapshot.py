@@ -35,8 +35,17 @@ def snapshot(
             "seen, from the agent's sk_lookup hook.",
         ),
     ] = False,
+    dropped: Annotated[
+        bool,
+        typer.Option(
+            "--drops",
+            help="Instead: the sockets that dropped packets they were handed (receive buffer full, accept "
+            "queue overflow, backlog, socket filter, protocol memory), by the kernel's drop reason, with "
+            "each one's queue against its limit.",
+        ),
+    ] = False,
     top: Annotated[
-        str, typer.Option("--top", metavar="N", help="With --lookups or --peers: this many, 1 to 10000.")
+        str, typer.Option("--top", metavar="N", help="With --lookups, --peers or --drops: this many, 1 to 10000.")
     ] = "100",
     protocol: opt.Proto = [],  # noqa: B006 (typer's list defaults are not shared state)
     port: opt.Port = [],  # noqa: B006
@@ -111,13 +120,16 @@ def snapshot(
         sockwatch snapshot --lookups --proto udp
 
         sockwatch snapshot --peers --port 53 --json
+
+        sockwatch snapshot --drops --proto udp
     """
     with friendly():
         protocol = protocol + ["tcp"] * tcp + ["udp"] * udp
         state = state + ["listen", "unconn"] * listening
         f = opt.build_filters(protocol, port, addr, state, pid, netns, ss_filter)
-        if lookups or peers:
-            _counted("lookups" if lookups else "peers", peers and lookups, top, f, as_json, standalone, socket_path)
+        views = [name for name, on in (("lookups", lookups), ("peers", peers), ("drops", dropped)) if on]
+        if views:
+            _counted(views, top, f, as_json, standalone, socket_path)
             return
         if not standalone:
             if as_json:
@@ -162,22 +174,26 @@ def _say_if_none(rows: object, f: object) -> None:
         sys.stderr.write(f"sockwatch: no socket matched{' the filters' if filtered else ''}\n")
 
 
-def _counted(op: str, both: bool, top: str, f: object, as_json: bool, standalone: bool,
+HOOKED_BY = {"lookups": "its sk_lookup hook", "peers": "its sk_lookup hook", "drops": "its drop hook"}
+
+
+def _counted(views: list[str], top: str, f: object, as_json: bool, standalone: bool,
              socket_path: str | None) -> None:  # fmt: skip
-    """--lookups / --peers: what the agent's sk_lookup hook counted (only an agent has it)."""
+    """--lookups / --peers / --drops: what the agent's hooks counted (only an agent has it)."""
     from sockwatch.cli import args
     from sockwatch.cli.errors import EXIT_RUNTIME, EXIT_USAGE, fail
-    from sockwatch.render import print_lookups, print_peers
+    from sockwatch.render import print_drops, print_lookups, print_peers
 
-    if both:
-        raise fail("--lookups and --peers are two views: ask for one", code=EXIT_USAGE)
+    if len(views) > 1:
+        raise fail(f"--{views[0]} and --{views[1]} are two views: ask for one", code=EXIT_USAGE)
+    op = views[0]
     try:
         limit = args.integer(top, "--top", 1, 10_000)
     except args.ArgError as e:
         raise fail(str(e), code=EXIT_USAGE) from None
     answer = None if standalone else client.request(op, socket_path, filters=f.to_wire(), limit=limit)  # type: ignore[attr-defined]
     if answer is None:
-        raise fail(f"--{op} needs a running agent: the counts are kept by its sk_lookup hook",
+        raise fail(f"--{op} needs a running agent: the counts are kept by {HOOKED_BY[op]}",
                    "start one with 'sudo sockwatch serve'", EXIT_RUNTIME)  # fmt: skip
     try:
         report = json.loads(answer[1])
@@ -187,6 +203,8 @@ def _counted(op: str, both: bool, top: str, f: object, as_json: bool, standalone
             sys.stdout.write(json.dumps(stamped(report, answer[0]), indent=2) + "\n")
         elif op == "lookups":
             print_lookups(report)
+        elif op == "drops":
+            print_drops(report)
         else:
             print_peers(report)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):

@@ -22,8 +22,18 @@ SW_C_MISS_UNMATCHED = 3
 SW_C_PEERS_NEW = 4
 SW_C_TCP_CHANGES = 5
 SW_C_TCP_OPENED = 6
-SW_C_MAX = 7
-COUNTER_NAMES = ("ringbuf_full", "events", "lookup_full", "miss_unmatched", "peers_new", "tcp_changes", "tcp_opened")
+SW_C_DROPS_UNCOUNTED = 7
+SW_C_MAX = 8
+COUNTER_NAMES = (
+    "ringbuf_full",
+    "events",
+    "lookup_full",
+    "miss_unmatched",
+    "peers_new",
+    "tcp_changes",
+    "tcp_opened",
+    "drops_uncounted",
+)
 
 SW_CFG_CONNECT_OWNER = 1
 SW_CFG_STREAM = 2
@@ -165,7 +175,14 @@ class SwPeerCached(ctypes.Structure):
                 ("flushed_ns", ctypes.c_uint64)]  # fmt: skip
 
 
+class SwDropKey(ctypes.Structure):
+    """struct sw_drop_key: a socket_drops key."""
+
+    _fields_ = [("cookie", ctypes.c_uint64), ("reason", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 MIRRORS = {
+    "sw_drop_key": SwDropKey,
     "sw_owner_slot": SwOwnerSlot,
     "sw_bind": SwBind,
     "sw_lookup_key": SwLookupKey,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockwatch.kernel import abi, lookup, prereq, syscalls
+from sockwatch.kernel import abi, drops, lookup, prereq, syscalls
 from sockwatch.kernel.links import Link, Links, Target
 from sockwatch.kernel.netns import NamespaceGone, NamespaceRegistry
 from sockwatch.kernel.ringbuf import RingReader
@@ -116,6 +116,17 @@ def later(tcp_owners: bool = True) -> tuple[Hook, ...]:
     return tuple(h for h in HOOKS if h not in start)
 
 
+# Loaded by sockwatch itself as a BTF tracepoint program (kernel/drops.py).
+DROP_HOOK = Hook(
+    "sw_drop",
+    "TRACING",
+    drops.BPF_TRACE_RAW_TP,
+    drops.WHAT,
+    (),
+    "kfree_skb",
+    "drops are shown per socket as totals (the kernel's sk_drops), without their reasons",
+)
+
 # Attached to each network namespace, not to the cgroup (kernel/lookup.py).
 LOOKUP_HOOK = Hook("sw_lookup", "SK_LOOKUP", 36, lookup.WHAT, (), "", "lookups, misses and UDP peers are not counted")
 
@@ -162,6 +173,8 @@ class Loaded:
     streamed: list[Link] = field(default_factory=list)  # the STREAMING hooks' links, while someone streams
     map_fds: list[int] = field(default_factory=list)  # ours once bcc's module is released (release_module)
     owner_logs: abi.OwnerLogs = field(default_factory=abi.OwnerLogs)  # the owner_logs as last read
+    drop_reasons: dict[str, int] = field(default_factory=dict)  # this kernel's drop reasons' numbers
+    drop_counts: drops.DropCounts | None = None  # None: the drop hook is missing (see .missing)
 
     @property
     def unwatched(self) -> tuple[int, ...]:
@@ -324,11 +337,15 @@ def possible_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defines: tuple[str, ...] = ()) -> Any:
+def compile_programs(sizes: Sizes = Sizes(), reasons: dict[str, int] | None = None,
+                     defines: tuple[str, ...] = ()) -> Any:  # fmt: skip
     """Compile with bcc and check struct sizes; raises LoadError with a remedy.
-    `no_socket`: the NO_SOCKET drop reason's number here (no_socket_reason());
-    `defines`: more -D flags (benchmarks' variants). Callers have run prereq.require()
-    (or doctor's checks) first."""
+    `reasons`: this kernel's drop reasons' numbers (drop_reasons()); `defines`: more -D
+    flags (benchmarks' variants). Callers have run prereq.require() (or doctor's
+    checks) first."""
+    reasons = reasons or {}
+    no_socket = reasons.get("NO_SOCKET")
+    lo, hi = drops.masks(reasons)
     from bcc import BPF
 
     cflags = [
@@ -337,6 +354,8 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
         f"-DSW_MAX_LOOKUP_KEYS={sizes.max_lookup_keys}",
         f"-DSW_MAX_UDP_PEERS={max(1, sizes.max_udp_peers)}",
         f"-DSW_NCPUS={possible_cpus()}",
+        f"-DSW_DROP_MASK_LO={lo:#x}ULL",
+        f"-DSW_DROP_MASK_HI={hi:#x}ULL",
         "-w",
         *(f"-D{d}" for d in defines),
     ]
@@ -363,6 +382,7 @@ def compile_programs(sizes: Sizes = Sizes(), no_socket: int | None = None, defin
             "sw_peer_count": ctypes.sizeof(b["udp_peers"].sLeaf),
             "sw_lookup_cached": ctypes.sizeof(b["abi_lookup_cached"].Leaf),
             "sw_peer_cached": ctypes.sizeof(b["abi_peer_cached"].Leaf),
+            "sw_drop_key": ctypes.sizeof(b["abi_drop_key"].Leaf),
         }
     )
     return b
@@ -420,12 +440,20 @@ def tracepoint_id(tracepoint: str) -> int:
         raise OSError(errno.ENOENT, f"tracepoint {tracepoint} not found (is tracefs available?)") from None
 
 
-def no_socket_reason() -> int | None:
-    """NO_SOCKET's number in this kernel's drop reasons. The first tracefs read of a
-    start: the tracepoints' ids are read with it (see tracefs_texts)."""
-    fmt = "events/skb/kfree_skb/format"
-    got = tracefs_texts((fmt, *(f"events/{h.tracepoint}/id" for h in HOOKS if h.prog_type == "TRACEPOINT")))
-    return lookup.no_socket_reason(got[fmt]) if fmt in got else None
+KFREE_SKB_FORMAT = "events/skb/kfree_skb/format"
+
+
+def kfree_skb_format() -> str:
+    """skb:kfree_skb's format file ('' if unreadable). The first tracefs read of a start:
+    the tracepoints' ids are read with it (see tracefs_texts)."""
+    ids = tuple(f"events/{h.tracepoint}/id" for h in HOOKS if h.prog_type == "TRACEPOINT")
+    return tracefs_texts((KFREE_SKB_FORMAT, *ids)).get(KFREE_SKB_FORMAT, "")
+
+
+def drop_reasons() -> dict[str, int]:
+    """This kernel's drop reasons by name, with their numbers (empty where drops carry no
+    reason)."""
+    return drops.reason_numbers(kfree_skb_format())
 
 
 PERF_TYPE_TRACEPOINT = 2
@@ -459,8 +487,9 @@ def _quiet() -> Iterator[None]:
 
 def forced_lesser() -> set[str]:
     """Hooks to load as their lesser variant, as an older kernel would make sockwatch do
-    (SOCKWATCH_LESSER=sw_sockops: 6.1's sockops without owners), so that the tests run
-    those paths on any kernel. Not for production: it only takes information away."""
+    (SOCKWATCH_LESSER=sw_sockops: 6.1's sockops without owners; sw_drop: no drop hook,
+    as before 6.11), so that the tests run those paths on any kernel. Not for
+    production: it only takes information away."""
     return {f for f in os.environ.get("SOCKWATCH_LESSER", "").split(",") if f}
 
 
@@ -538,6 +567,29 @@ def attach_lookup(loaded: Loaded, registry: NamespaceRegistry) -> None:
         loaded.missing.append(Missing(LOOKUP_HOOK, getattr(e, "strerror", None) or str(e)))
 
 
+def attach_drops(loaded: Loaded) -> None:
+    """The per-socket drop hook (drops.bpf.c). Where the kernel refuses it, or names none
+    of the reasons, it is listed in .missing: each socket's drop total (sock_diag's
+    sk_drops) is still shown, without reasons."""
+    why = ""
+    if DROP_HOOK.func in forced_lesser():
+        why = "SOCKWATCH_LESSER asks for a kernel without it"
+    elif drops.masks(loaded.drop_reasons) == (0, 0):
+        why = f"this kernel's kfree_skb tracepoint names none of {', '.join(drops.REASONS)}"
+    elif not re.search(r"\brx_sk\b", kfree_skb_format()):
+        why = "this kernel's kfree_skb tracepoint does not name the socket (rx_sk: Linux 6.11 and later)"
+    if why:
+        loaded.missing.append(Missing(DROP_HOOK, why))
+        return
+    try:
+        fd = drops.attach(bytes(loaded.bpf.dump_func("sw_drop")))
+    except OSError as e:
+        loaded.missing.append(Missing(DROP_HOOK, e.strerror or str(e)))
+        return
+    loaded.links.add(fd, DROP_HOOK.what, Target("tracing", "kfree_skb"))
+    loaded.drop_counts = drops.DropCounts(loaded.bpf, loaded.drop_reasons)
+
+
 def _read(path: str) -> str:
     try:
         with open(path) as f:
@@ -552,9 +604,10 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
     .unwatched (degraded: the agent reads those from the kernel when asked); none at all
     is a LoadError. `lookups` False leaves the sk_lookup and miss programs out. Callers
     have run prereq.require() first."""
-    no_socket = no_socket_reason()
-    b = compile_programs(sizes, no_socket)
-    loaded = Loaded(bpf=b, lookups_off=not lookups)
+    reasons = drop_reasons()
+    no_socket = reasons.get("NO_SOCKET")
+    b = compile_programs(sizes, reasons)
+    loaded = Loaded(bpf=b, lookups_off=not lookups, drop_reasons=reasons)
     cg = prereq.cgroup2_path()
     assert cg is not None  # prereq.require checked it
     loaded.cgroup_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -582,6 +635,7 @@ def load_and_attach(sizes: Sizes, registry: NamespaceRegistry, lookups: bool = T
             loaded.links.add(fd, h.what, target)
         if lookups:
             attach_lookup(loaded, registry)
+        attach_drops(loaded)
         if not len(loaded.links):
             raise LoadError(
                 f"the kernel refused every sockwatch hook ({loaded.missing[0].hook.what}: {loaded.missing[0].why})",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "cgroup", "tracepoint", "raw_tracepoint" or "netns"
+    kind: str  # "cgroup", "tracepoint", "raw_tracepoint", "tracing" (tp_btf) or "netns"
     name: str  # the cgroup's path, the tracepoint, or the namespace's inode
     cookie: int = 0  # a namespace's cookie (its identity: inodes are reused)
 

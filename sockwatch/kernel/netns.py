@@ -208,6 +208,16 @@ class NamespaceRegistry:
 
         return self.using_fd(ns, lambda fd: in_netns(fd, read))
 
+    def netstat(self, ns: Namespace) -> str:
+        """/proc/net/netstat as ns counts it (the calling thread's namespace answers:
+        thread-self); NamespaceGone, or OSError from the read."""
+
+        def read() -> str:
+            with open("/proc/thread-self/net/netstat") as f:
+                return f.read()
+
+        return self.using_fd(ns, lambda fd: in_netns(fd, read))
+
     @staticmethod
     def _holders_of(ns: Namespace) -> Iterator[str]:
         """Other places ns may still be held (searched only when where it was found

@@ -29,6 +29,10 @@ NLMSG_DONE = 3
 ALL_STATES = 0xFFF
 LISTEN_ONLY = 1 << 10  # the kernel then walks the listener hash only
 INET_DIAG_SKV6ONLY = 11  # an rtattr after inet_diag_msg, on every AF_INET6 socket
+INET_DIAG_SKMEMINFO = 7  # an rtattr of u32s (SK_MEMINFO_*), sent when asked for in idiag_ext
+EXT_SKMEMINFO = 1 << (INET_DIAG_SKMEMINFO - 1)
+SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_RCVBUF, SK_MEMINFO_DROPS = 0, 1, 8
+_NO_MEMINFO = (-1, -1, -1)  # (rmem, rcvbuf, drops) not read
 _RTA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _LEN_TYPE = struct.Struct("=IH")
@@ -72,6 +76,12 @@ class DiagSock:
     # socket's bytes queued to read and to send (what ss prints as Recv-Q and Send-Q)
     rqueue: int = 0
     wqueue: int = 0
+    # SK_MEMINFO (read only when asked for, meminfo=True): the receive memory in use and
+    # its limit (SO_RCVBUF: what ss -m prints as r and rb), and the packets the socket
+    # dropped (sk_drops, ss -m's d); -1: not read
+    rmem: int = -1
+    rcvbuf: int = -1
+    drops: int = -1
 
 
 class AddrCache:
@@ -100,9 +110,10 @@ def open_diag_socket() -> socket.socket:
 _PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 
 
-def _ask_dump(sock: socket.socket, protocol: int, family: int, states: int) -> None:
-    """Ask for every socket of (protocol, family) in `states` (the answer is read after)."""
-    req = _REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
+def _ask_dump(sock: socket.socket, protocol: int, family: int, states: int, ext: int = 0) -> None:
+    """Ask for every socket of (protocol, family) in `states` (the answer is read after);
+    `ext`: the INET_DIAG_* attributes to add (bits, as idiag_ext takes them)."""
+    req = _REQ.pack(family, protocol, ext, 0, states, b"\0" * 48)
     sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
 
 
@@ -113,11 +124,13 @@ def dump(
     states: int = ALL_STATES,
     cache: AddrCache | None = None,
     attrs: bool = False,
+    meminfo: bool = False,
 ) -> Iterator[DiagSock]:
     """Every socket of (protocol, family) in the namespace of `sock`. attrs: also read
-    the attributes after each message (IPV6_V6ONLY), which a table dump does without."""
+    the attributes after each message (IPV6_V6ONLY), which a table dump does without;
+    meminfo: also the socket's memory and drops (SK_MEMINFO)."""
     cache = cache or AddrCache()
-    _ask_dump(sock, protocol, family, states)
+    _ask_dump(sock, protocol, family, states, EXT_SKMEMINFO if meminfo else 0)
     msg_unpack = _MSG.unpack_from
     hdr_unpack = _NLMSGHDR.unpack_from
     hdr_size = _NLMSGHDR.size
@@ -143,6 +156,9 @@ def dump(
                 v6only = False
                 if attrs:
                     v6only = _v6only(data, off + hdr_size + _MSG.size, off + min(length, end - off))
+                mem = _NO_MEMINFO
+                if meminfo:
+                    mem = _skmeminfo(data, off + hdr_size + _MSG.size, off + min(length, end - off))
                 yield DiagSock(
                     protocol,
                     fam,
@@ -160,6 +176,7 @@ def dump(
                     timer == TIMER_TIMEWAIT,
                     rq,
                     wq,
+                    *mem,
                 )
             if length < hdr_size:
                 raise SockDiagError(errno.EPROTO, "malformed netlink message")
@@ -404,16 +421,33 @@ def _v6only(data: bytes, off: int, end: int) -> bool:
     return False
 
 
+def _skmeminfo(data: bytes, off: int, end: int) -> tuple[int, int, int]:
+    """(rmem, rcvbuf, drops) from INET_DIAG_SKMEMINFO among the rtattrs in data[off:end],
+    or -1s where it is absent or short (bounds checked, as _v6only)."""
+    while off + _RTA.size <= end:
+        length, kind = _RTA.unpack_from(data, off)
+        if length < _RTA.size or off + length > end:
+            break
+        if kind == INET_DIAG_SKMEMINFO and length >= _RTA.size + 4 * (SK_MEMINFO_DROPS + 1):
+            base = off + _RTA.size
+            return (_U32.unpack_from(data, base + 4 * SK_MEMINFO_RMEM_ALLOC)[0],
+                    _U32.unpack_from(data, base + 4 * SK_MEMINFO_RCVBUF)[0],
+                    _U32.unpack_from(data, base + 4 * SK_MEMINFO_DROPS)[0])  # fmt: skip
+        off += (length + 3) & ~3
+    return _NO_MEMINFO
+
+
 def dump_all(
     sock: socket.socket,
     protocols: tuple[int, ...] = (IPPROTO_TCP, IPPROTO_UDP),
     states: int = ALL_STATES,
     attrs: bool = False,
+    meminfo: bool = False,
 ) -> list[DiagSock]:
     """TCP and UDP, IPv4 and IPv6, in the namespace of `sock`."""
     cache = AddrCache()
     out: list[DiagSock] = []
     for proto in protocols:
         for family in (socket.AF_INET, socket.AF_INET6):
-            out.extend(dump(sock, proto, family, states, cache=cache, attrs=attrs))
+            out.extend(dump(sock, proto, family, states, cache=cache, attrs=attrs, meminfo=meminfo))
     return out

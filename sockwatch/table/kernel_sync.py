@@ -210,7 +210,8 @@ class KernelSync(Owners):
                     try:
                         diag = self.registry.diag(ns)
                         dumps = [sockdiag.dump_all(diag, (proto,), sockdiag.LISTEN_ONLY if proto == IPPROTO_TCP
-                                                   else sockdiag.ALL_STATES) for proto in protocols]  # fmt: skip
+                                                   else sockdiag.ALL_STATES, meminfo=True)
+                                 for proto in protocols]  # fmt: skip
                     except NamespaceGone:
                         gone_ns.add(ns.cookie)
                         continue
@@ -255,6 +256,8 @@ class KernelSync(Owners):
             if (row.recv_q, row.send_q) != (d.rqueue, d.wqueue):  # as read now: a queue is not a change to repair
                 row.recv_q, row.send_q = d.rqueue, d.wqueue
                 self._touch(cookie)
+            if d.drops >= 0:  # (not shown in the table's rows: the drops view reads them)
+                row.drops, row.rmem, row.rcvbuf = d.drops, d.rmem, d.rcvbuf
         gone = [
             c for c in self._by_ip_port
             if c not in kernel and (r := rows[c]).visible and r.gen <= gen0 and r.netns_cookie not in unread

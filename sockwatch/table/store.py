@@ -157,6 +157,11 @@ class Store:
             self._visible = (self.version, rows)
         return rows
 
+    def keyed_by_ip_port(self) -> list[SockRow]:
+        """The visible UDP sockets and TCP listeners (few: no pass over the connections)."""
+        rows = self.rows
+        return [r for c in self._by_ip_port if (r := rows[c]).visible]
+
     def tally(self) -> Tally:
         """The whole-table aggregates, brought up to date with the rows changed since the
         last call (a recount after a bootstrap, or when nobody asked for a long time)."""

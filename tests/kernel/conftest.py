@@ -218,14 +218,14 @@ def observer_links() -> int:
 
 
 def expected_links(st: dict, missing: int = 0) -> int:
-    """The links an agent's status should count: its hooks but the missing ones, and one
-    sk_lookup link per namespace, every namespace it knows being hooked."""
+    """The links an agent's status should count: its hooks but the missing ones, the drop
+    hook, and one sk_lookup link per namespace, every namespace it knows being hooked."""
     from sockwatch.kernel import bpfload
 
     hooked = (st.get("lookup") or {}).get("namespaces_hooked", 0)
     assert hooked == st["namespaces"], f"{hooked} of {st['namespaces']} namespaces hooked"
     owners = not any(note.startswith("sockops") for note in st.get("hooks_lesser", []))
-    return len(bpfload.at_start(owners)) - missing + hooked + len(st.get("stream_hooks", []))
+    return len(bpfload.at_start(owners)) + 1 - missing + hooked + len(st.get("stream_hooks", []))
 
 
 def snapshot(*args: str, socket: str | None = None) -> list[dict]:

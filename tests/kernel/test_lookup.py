@@ -398,7 +398,7 @@ def test_traffic_is_delivered_the_same_with_the_hook() -> None:
         assert len(without) == 3 * (flows // 2), without
         assert not _ours(os.fstat(nsfd).st_ino), "no agent may find this namespace"
 
-        b = bpfload.compile_programs(bpfload.Sizes(16, 1024, 1024), bpfload.no_socket_reason())
+        b = bpfload.compile_programs(bpfload.Sizes(16, 1024, 1024), bpfload.drop_reasons())
         hook = LookupHook(b, Links())
         cookie = int.from_bytes(receivers[0].getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
         link = hook.link(cookie, nsfd)
