@@ -110,6 +110,12 @@ def at_start(tcp_owners: bool = True) -> tuple[Hook, ...]:
     return tuple(h for h in HOOKS if h.when == ALWAYS or (h.when == STREAMING_WITH_OWNERS and not tcp_owners))
 
 
+def links_at_start(tcp_owners: bool = True) -> int:
+    """The links an agent holds for its lifetime besides sk_lookup's (one per namespace):
+    the hooks at_start, and the drop hook (DROP_HOOK, which sockwatch loads itself)."""
+    return len(at_start(tcp_owners)) + 1
+
+
 def later(tcp_owners: bool = True) -> tuple[Hook, ...]:
     """The hooks attached only while someone streams (the rest of HOOKS)."""
     start = at_start(tcp_owners)

@@ -225,7 +225,7 @@ def expected_links(st: dict, missing: int = 0) -> int:
     hooked = (st.get("lookup") or {}).get("namespaces_hooked", 0)
     assert hooked == st["namespaces"], f"{hooked} of {st['namespaces']} namespaces hooked"
     owners = not any(note.startswith("sockops") for note in st.get("hooks_lesser", []))
-    return len(bpfload.at_start(owners)) + 1 - missing + hooked + len(st.get("stream_hooks", []))
+    return bpfload.links_at_start(owners) - missing + hooked + len(st.get("stream_hooks", []))
 
 
 def snapshot(*args: str, socket: str | None = None) -> list[dict]:

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 
+from tests import schemas
 from tests.conftest import sockwatch_cmd
 from tests.kernel.conftest import AgentProc, Netns
 
@@ -100,7 +101,9 @@ def _ss(netns: Netns) -> dict[tuple[str, str], dict[str, int]]:
 def _drops(agent: AgentProc, netns: Netns) -> dict[int, dict]:
     r = _sw("snapshot", "--drops", "--json", "--netns", str(netns.inode), "--socket", agent.socket)
     assert r.returncode == 0, r.stderr
-    return {d["cookie"]: d for d in json.loads(r.stdout)["sockets"]}
+    doc = json.loads(r.stdout)
+    schemas.check("drops", doc)
+    return {d["cookie"]: d for d in doc["sockets"]}
 
 
 def _metrics(agent: AgentProc, netns: Netns) -> dict[tuple[str, str, str, str], float]:
@@ -108,7 +111,7 @@ def _metrics(agent: AgentProc, netns: Netns) -> dict[tuple[str, str, str, str], 
     with urllib.request.urlopen(agent.status()["metrics"], timeout=30) as r:
         body = r.read().decode()
     out = {}
-    for m in re.finditer(r'^sockwatch_socket_drops_total\{([^}]*)\} (\S+)$', body, re.M):
+    for m in re.finditer(r"^sockwatch_socket_drops_total\{([^}]*)\} (\S+)$", body, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         if labels["netns"] == str(netns.inode):
             out[(labels["protocol"], labels["address"], labels["port"], labels["reason"])] = float(m.group(2))
@@ -205,6 +208,7 @@ def _check(agent: AgentProc, netns: Netns, cookies: dict, lines: list[str]) -> N
         out: dict[int, dict[str, int]] = {}
         for line in list(lines):
             e = json.loads(line)
+            schemas.check("events", e)
             assert e["kind"] == "drop" and e["netns"] == netns.inode, e
             for reason, n in e["reasons"].items():
                 out.setdefault(e["cookie"], {})[reason] = out.get(e["cookie"], {}).get(reason, 0) + n

@@ -222,7 +222,7 @@ def test_with_no_agent_it_runs_one_in_process_and_leaves_nothing(netns, child_fa
     t = terminal("--refresh", "0.3", "--filter", "port=47125")
     t.until(lambda s: "in-process agent" in s and "[1] Listeners+UDP" in s, 60)
     links, observers = _settled_links()
-    assert links == before + len(bpfload.at_start()) + observers - observers_before
+    assert links == before + bpfload.links_at_start() + observers - observers_before
     c = child_factory(netns.name)
     c.do(op="udp_bind", addr="127.0.0.1", port=47125)
     t.until(lambda s: "udp4   UNCONN  127.0.0.1:47125" in s)

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sockwatch import metrics, ports
 from sockwatch.containers import Container
+from sockwatch.drops import Drops
 from sockwatch.lookups import Destination
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
 from sockwatch.tally import Tally, shape
@@ -18,12 +19,12 @@ from sockwatch.tally import Tally, shape
 NS = 4026532000
 
 
-def row(proto, state, local, remote=None, pid=None, comm=None, cookie=0, netns=NS, container=None):
+def row(proto, state, local, remote=None, pid=None, comm=None, cookie=0, netns=NS, container=None, **kw):
     la = ipaddress.ip_address(local[0])
     return SockRow(cookie=cookie, protocol=proto, family=la.version, state=state, local_address=la,
                    local_port=local[1], remote_address=ipaddress.ip_address(remote[0]) if remote else None,
                    remote_port=remote[1] if remote else 0, netns=netns, pid=pid, comm=comm,
-                   container=container)  # fmt: skip
+                   container=container, **kw)  # fmt: skip
 
 
 TABLE = [
@@ -35,11 +36,26 @@ TABLE = [
         comm="nginx",
         cookie=1,
         container=Container("/kubepods/pod1/abc", "containerd", "a" * 64, "web", "shop", "front-0", "1"),
+        recv_q=3,
+        send_q=511,
+        drops=20,
     ),
     row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 443), ("10.0.0.9", 40000), cookie=2),
     row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 443), ("10.0.0.9", 40001), cookie=3),
     row(IPPROTO_TCP, TcpState.TIME_WAIT, ("10.0.0.1", 443), ("10.0.0.9", 40002), cookie=4),
-    row(IPPROTO_UDP, TcpState.CLOSE, ("127.0.0.53", 53), pid=2, comm="resolved", cookie=5),
+    row(
+        IPPROTO_UDP,
+        TcpState.CLOSE,
+        ("127.0.0.53", 53),
+        pid=2,
+        comm="resolved",
+        cookie=5,
+        recv_q=0,
+        send_q=0,
+        rmem=2304,
+        rcvbuf=212992,
+        drops=7,
+    ),
     row(IPPROTO_TCP, TcpState.ESTABLISHED, ("10.0.0.1", 40010), ("10.0.0.7", 5432), pid=3, comm="app", cookie=6),
 ]
 
@@ -79,9 +95,32 @@ def registry(rows=TABLE, limits=None, fail=None) -> CollectorRegistry:
                 {(NS, "127.0.0.1", "53"): 3},
                 hooked=1,
             ),
+            drops=lambda: metrics.DropSample(
+                [
+                    (rows[0], Drops(20, 0, {"TCP_LISTEN_OVERFLOW": 18, "NOT_SPECIFIED": 2})),
+                    (rows[4], Drops(7, 2, {"SOCKET_RCVBUFF": 5})),
+                ],
+                uncounted=1,
+            ),
         )
     )
     return reg
+
+
+def test_drops_by_socket_and_reason_and_the_queues():
+    v = registry().get_sample_value
+    where = {"netns": str(NS), "protocol": "tcp", "address": "0.0.0.0", "port": "443"}
+    assert v("sockwatch_socket_drops_total", where | {"reason": "TCP_LISTEN_OVERFLOW"}) == 18
+    assert v("sockwatch_socket_drops_total", where | {"reason": "NOT_SPECIFIED"}) == 2
+    udp = {"netns": str(NS), "protocol": "udp", "address": "127.0.0.53", "port": "53", "reason": "SOCKET_RCVBUFF"}
+    assert v("sockwatch_socket_drops_total", udp) == 5  # since sockwatch watched it: not the 2 before
+    assert v("sockwatch_socket_drops_uncounted_total") == 1
+    at = {"netns": str(NS), "address": "0.0.0.0", "port": "443"}
+    assert (v("sockwatch_listen_queue_length", at), v("sockwatch_listen_queue_limit", at)) == (3, 511)
+    at = {"netns": str(NS), "address": "127.0.0.53", "port": "53"}
+    assert v("sockwatch_udp_receive_memory_bytes", at) == 2304
+    assert v("sockwatch_udp_receive_buffer_bytes", at) == 212992
+    assert v("sockwatch_listen_queue_length", at) is None
 
 
 def test_sockets_by_namespace_protocol_family_and_state():
