@@ -1,6 +1,6 @@
 """What the socket-lookup hook costs a flood, paired (bench/paired.py's method): the
 same workload in short slices in turn with sockwatch's programs attached (sw_lookup
-counting lookups and UDP peers, plus sw_lookup_miss on kfree_skb), with an empty
+counting lookups and UDP peers, plus sw_lookup_miss and sw_drop on kfree_skb), with an empty
 sk_lookup program (the kernel's own dispatch: the floor any sk_lookup program pays),
 and with nothing, the order rotating, so that each triple of adjacent slices gives
 sockwatch's cost, the floor's, and sockwatch's over the floor's. The programs go on and
@@ -44,7 +44,7 @@ from paired import run_triples, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CONFIGS = ("none", "empty sk_lookup", "kfree_skb alone", "sockwatch")  # (--profile's choices)
+CONFIGS = ("none", "empty sk_lookup", "kfree_skb alone", "sockwatch without drops", "sockwatch")  # (--profile's)
 SIDE_CONFIG = {"hooked": "sockwatch", "floor": "empty sk_lookup", "plain": "none"}
 TARGETS = {"udp_sendto": 0.03, "udp_read": 0.03, "tcp_crr": 0.05}
 
@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "lookup.json"))
     ap.add_argument("--profile", choices=CONFIGS, help="profile one config with perf instead of comparing")
     ap.add_argument("--workload", choices=list(TARGETS), default="udp_read", help="the workload --profile runs")
+    ap.add_argument("--drop-hook", action="store_true",
+                    help="what the drop hook adds: its floor is sockwatch's programs without it")  # fmt: skip
     args = parse_as_root(ap, {"triples": (6, 1000), "seconds": (0.2, 60)})
     if args.profile and shutil.which("perf") is None:
         print("bench: --profile needs perf (Debian's linux-perf)", file=sys.stderr)
@@ -64,7 +66,7 @@ def main() -> int:
 
     from bcc import BPF
 
-    from sockwatch.kernel import bpfload, lookup, syscalls
+    from sockwatch.kernel import bpfload, drops, lookup, syscalls
     from sockwatch.kernel.links import Links
     from sockwatch.kernel.netns import cookie_of_netns
 
@@ -87,6 +89,7 @@ def main() -> int:
         hook = lookup.LookupHook(b, Links())
         bpfload.load_drop_sites(b)
         miss = next(h for h in bpfload.HOOKS if h.func == "sw_lookup_miss")
+        drop_code = bytes(b.dump_func("sw_drop"))
         empty = BPF(text="int sw_empty(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
         empty_fn = empty.load_func("sw_empty", lookup.BPF_PROG_TYPE_SK_LOOKUP, attach_type=lookup.BPF_SK_LOOKUP)
 
@@ -104,9 +107,11 @@ def main() -> int:
                 fds.append(syscalls.link_create(empty_fn.fd, nsfd, lookup.BPF_SK_LOOKUP))
             elif config == "kfree_skb alone":
                 fds.append(bpfload.attach_one(b, miss, -1))
-            elif config == "sockwatch":
+            elif config in ("sockwatch", "sockwatch without drops"):
                 fds.append(hook.link(ns_cookie, nsfd))
                 fds.append(bpfload.attach_one(b, miss, -1))
+                if config == "sockwatch":
+                    fds.append(drops.attach(drop_code))  # per-socket drops: runs for each dropped datagram
             return fds
 
         if args.profile:
@@ -118,10 +123,12 @@ def main() -> int:
                     os.close(fd)
 
         rates: dict[str, dict[str, list[float]]] = {w: {side: [] for side in SIDE_CONFIG} for w in TARGETS}
+        sides = SIDE_CONFIG | ({"floor": "sockwatch without drops"} if args.drop_hook else {})
+        out["floor"] = sides["floor"]
 
         def measure(workload: str) -> Callable[[str], float]:
             def slice_(side: str) -> float:
-                fds = attach(SIDE_CONFIG[side])
+                fds = attach(sides[side])
                 try:
                     rate = run(workload)
                 finally:

@@ -85,6 +85,15 @@ def _nothing() -> None:
     pass
 
 
+def _bind_app() -> typer.Typer:
+    """`sockwatch explain bind ...` as a command of its own."""
+    from sockwatch.cli.explain_bind import explain_bind
+
+    one = _typer()
+    one.command("bind")(explain_bind)
+    return one
+
+
 def main() -> None:
     """The command (sockwatch.entry.run calls it, under its Ctrl-C handler)."""
     import os
@@ -96,6 +105,9 @@ def main() -> None:
         return
     if len(sys.argv) == 3 and sys.argv[1] in COMMANDS and sys.argv[2] in ("-h", "--help") and not completing:
         _one(sys.argv[1])()
+        return
+    if sys.argv[1:3] == ["explain", "bind"]:  # a form of its own (explain's arguments are a packet's)
+        _bind_app()(args=sys.argv[3:], prog_name="sockwatch explain bind")
         return
     if sys.argv[1:2] == ["serve"]:
         sys.argv[2:] = serve.exporter_spellings(sys.argv[2:])
