@@ -28,6 +28,19 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, int v6)
 	b.port = bpf_ntohs(ctx->user_port); /* network order in the low half */
 	b.family = v6 ? AF_INET6 : AF_INET;
 	b.protocol = ctx->protocol;
+	/* the options the kernel's bind rules weigh, for `sockwatch explain bind` should it fail */
+	int on = 0;
+	if (bpf_getsockopt(ctx, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0) {
+		b.opts = SW_B_KNOWN | (on ? SW_B_REUSEADDR : 0);
+		on = 0;
+		if (bpf_getsockopt(ctx, SOL_SOCKET, SO_REUSEPORT, &on, sizeof(on)) == 0 && on)
+			b.opts |= SW_B_REUSEPORT;
+	}
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && sk->bound_dev_if) {
+		b.bound_dev = sk->bound_dev_if;
+		b.opts |= SW_B_DEVICE;
+	}
 	binding.update(&id, &b);
 	return 1;
 }
@@ -58,6 +71,10 @@ int sw_bind_exit(struct sw_sys_exit *args)
 						  b->netns_cookie, b->family, b->protocol, SW_TCP_CLOSE, 0);
 		if (e) {
 			__builtin_memset(e->remote_addr, 0, sizeof(e->remote_addr));
+			if (args->ret < 0) {
+				e->bind_opts = b->opts;
+				e->remote_addr[0] = b->bound_dev;
+			}
 			e->local_addr[0] = b->addr[0];
 			e->local_addr[1] = b->addr[1];
 			e->local_addr[2] = b->addr[2];

@@ -99,6 +99,7 @@ static __always_inline struct sw_event *event_new_at(u64 ts, u64 cookie, u8 kind
 	e->state = state;
 	e->old_state = old_state;
 	e->flags = 0;
+	e->bind_opts = 0;
 	e->local_port = 0;
 	e->remote_port = 0;
 	e->err = 0;

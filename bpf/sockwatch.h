@@ -23,6 +23,12 @@
 			    * retransmits and uid its smoothed RTT in microseconds */
 #define SW_F_PORT_ASKED 0x08 /* BIND, BIND_FAIL: bind() named a port (else the kernel chose) */
 
+/* sw_event.bind_opts (and sw_bind.opts) */
+#define SW_B_KNOWN     0x01 /* the options below were read (bpf_getsockopt) */
+#define SW_B_REUSEADDR 0x02
+#define SW_B_REUSEPORT 0x04
+#define SW_B_DEVICE    0x08 /* bound to a device: its ifindex in remote_addr[0] (host order) */
+
 /* sw_event.kind */
 #define SW_EV_BIND        1 /* post_bind (UDP): local address and port set */
 #define SW_EV_LISTEN      2 /* sockops TCP_LISTEN_CB (also covers listen without bind) */
@@ -70,7 +76,7 @@ struct sw_event {
 	__u8  state;          /* kernel TCP_* numbering after the change; UDP: 7 unconnected, 1 connected */
 	__u8  old_state;      /* SW_EV_STATE and SW_EV_RELEASE: state before */
 	__u8  flags;          /* SW_F_* */
-	__u16 pad;
+	__u16 bind_opts;      /* SW_EV_BIND_FAIL: SW_B_*, the socket's options as bind() saw them; else 0 */
 	__s32 err;            /* SW_EV_BIND_FAIL: the errno bind() returned; else 0 */
 	union {
 		char comm[SW_COMM_LEN]; /* owner's thread name, NUL padded, valid with SW_F_OWNER */
@@ -112,7 +118,10 @@ struct sw_bind {
 	__u8  family;
 	__u8  protocol;
 	__u8  posted;         /* post_bind ran: it reported the bind */
-	__u8  pad[3];
+	__u8  opts;           /* SW_B_* */
+	__u8  pad[2];
+	__u32 bound_dev;      /* SO_BINDTODEVICE's ifindex, host order; 0: none */
+	__u32 pad2;
 };
 
 /* A destination the kernel looked up a socket for (sk_lookup): what lookup_counts is

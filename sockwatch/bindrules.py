@@ -23,10 +23,12 @@ __inet6_bind):
    Addresses overlap (inet_rcv_saddr_equal, ipv6_rcv_saddr_equal) when equal, when either
    is the wildcard of a family that takes the other's packets (0.0.0.0 and a dual-stack
    ::, but not an IPV6_V6ONLY ::), when both are :: (IPV6_V6ONLY or not), and v4-mapped
-   addresses compare as IPv4. An IPv6 socket bound to a specific non-mapped address
-   keeps 127.0.0.6 (LOOPBACK4_IPV6) as its IPv4 address, which only an IPv4 socket
-   bound to 127.0.0.6 itself compares equal to. Devices overlap when either socket is
-   bound to none, or both to the same.
+   addresses compare as IPv4; an IPv6 socket bound (or connected) to a plain IPv6
+   address competes with no IPv4 socket (checked on 6.18: the LOOPBACK4_IPV6 it keeps as
+   its IPv4 address matches nothing, 127.0.0.6 and 0.0.0.0 included). A TCP bind to a
+   specific address is checked only against its own address's bind bucket and the
+   wildcard ones (inet_use_bhash2_on_bind, 6.1 on), which is the same overlap. Devices
+   overlap when either socket is bound to none, or both to the same.
 
 A TIME-WAIT socket keeps the SO_REUSEADDR and SO_REUSEPORT of the socket it was (its
 tw_reuse, tw_reuseport) and no interface reads them back: where an outcome hangs on them
@@ -43,7 +45,6 @@ from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, TcpState
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-LOOPBACK4_IPV6 = ipaddress.IPv4Address("127.0.0.6")  # an IPv6 socket's IPv4 address when it has none
 _ANY4 = ipaddress.IPv4Address(0)
 _ANY6 = ipaddress.IPv6Address(0)
 
@@ -115,6 +116,7 @@ class Context:
     unprivileged_port_start: int = 1024
     ephemeral: tuple[int, int] = (32768, 60999)
     reserved: frozenset[int] = frozenset()
+    v6: frozenset[tuple[ipaddress.IPv6Address, int, int]] | None = None  # (address, ifindex, scope); None: not known
 
 
 def _v4_of(h_family: int, local: Address, v6only: bool) -> Address | None:
@@ -127,7 +129,7 @@ def _v4_of(h_family: int, local: Address, v6only: bool) -> Address | None:
         return local.ipv4_mapped
     if local == _ANY6:
         return _ANY4
-    return LOOPBACK4_IPV6
+    return None  # a plain IPv6 address has no IPv4 equivalent (the kernel's LOOPBACK4_IPV6 never matches)
 
 
 def _mapped(family: int, local: Address) -> bool:
@@ -158,7 +160,39 @@ def overlap(fam1: int, addr1: Address, v6only1: bool, fam2: int, addr2: Address,
     if v6only2:
         return False
     b = _v4_of(fam2, addr2, v6only2)
+    if b is None:
+        return False
     return addr1 == b or _ANY4 in (addr1, b)
+
+
+def _bucket(family: int, addr: Address) -> tuple[str, Address]:
+    """A socket's bhash2 bucket address (inet_bind2_bucket_match_addr): IPv4 and
+    v4-mapped IPv6 share buckets by their IPv4 address; other IPv6 by their own."""
+    if family == 4:
+        return "4", addr
+    assert isinstance(addr, ipaddress.IPv6Address)
+    return ("4", addr.ipv4_mapped) if addr.ipv4_mapped is not None else ("6", addr)
+
+
+def _specific(b: Bind) -> bool:
+    """inet_use_bhash2_on_bind: a TCP bind to a specific address is checked against its
+    own address's bucket and the wildcard buckets only (6.1 and later)."""
+    return _bucket(b.family, b.address)[1] not in (_ANY4, _ANY6)
+
+
+def _bhash2_competes(b: Bind, h: Holder) -> bool:
+    """Whether inet_csk_get_port compares a specific TCP bind with `h`: `h` in the bind's
+    own bucket (inet_bhash2_conflict), or in a wildcard bucket that takes the bind's
+    family (inet_bhash2_addr_any_conflict: a :: bucket always, 0.0.0.0 unless the bind
+    is plain IPv6); an IPV6_V6ONLY socket never competes with an IPv4 bind."""
+    if b.family == 4 and h.v6only:
+        return False
+    mine, theirs = _bucket(b.family, b.address), _bucket(h.family, h.local)
+    if mine == theirs:
+        return True
+    if theirs == ("6", _ANY6):
+        return True
+    return theirs == ("4", _ANY4) and mine[0] == "4"
 
 
 def _fmt(h: Holder) -> str:
@@ -245,21 +279,10 @@ def _udp_conflict(b: Bind, h: Holder) -> tuple[bool | None, str]:
 def check(b: Bind, holders: Sequence[Holder], ctx: Context = Context()) -> BindVerdict:
     """The outcome of bind(b) with `holders` the namespace's sockets of b's protocol."""
     v = BindVerdict(None)
-    where = f"[{b.address}]:{b.port}" if b.family == 6 else f"{b.address}:{b.port}"
-    mapped = b.family == 6 and b.address.ipv4_mapped is not None  # type: ignore[union-attr]
-    if mapped and b.v6only:
-        v.errno = "EINVAL"
-        v.steps.append(f"{where} is IPv4-mapped, which an IPV6_V6ONLY socket cannot bind (__inet6_bind)")
-        return v
-    if ctx.local_addresses is not None and not _local(b.address, ctx.local_addresses):
-        v.errno = "EADDRNOTAVAIL"
-        v.steps.append(f"no interface in the namespace has {b.address} (inet_addr_valid_or_nonlocal; "
-                       "IP_FREEBIND or net.ipv4.ip_nonlocal_bind would allow it)")  # fmt: skip
-        return v
-    if b.port and b.port < ctx.unprivileged_port_start and not b.can_bind_service:
-        v.errno = "EACCES"
-        v.steps.append(f"port {b.port} is below net.ipv4.ip_unprivileged_port_start ({ctx.unprivileged_port_start}): "
-                       "it needs CAP_NET_BIND_SERVICE (inet_port_requires_bind_service)")  # fmt: skip
+    before = _before_the_port(b, ctx)
+    if before is not None:
+        v.errno, why = before
+        v.steps.append(why)
         return v
     if not b.port:
         v.steps.append("port 0: the kernel chooses a free port in the ephemeral range (inet_csk_find_open_port / "
@@ -280,7 +303,8 @@ def check(b: Bind, holders: Sequence[Holder], ctx: Context = Context()) -> BindV
         if b.bound_dev and h.bound_dev and b.bound_dev != h.bound_dev:
             v.steps.append(f"{_fmt(h)}: bound to another device, no conflict")
             continue
-        if not overlap(b.family, b.address, b.v6only, h.family, h.local, h.v6only):
+        if not (_bhash2_competes(b, h) if b.protocol == IPPROTO_TCP and _specific(b) else
+                overlap(b.family, b.address, b.v6only, h.family, h.local, h.v6only)):  # fmt: skip
             continue
         hit, why = rule(b, h)
         if udp and not (b.reuseaddr and h.reuseaddr):
@@ -314,6 +338,73 @@ def check(b: Bind, holders: Sequence[Holder], ctx: Context = Context()) -> BindV
     else:
         v.steps.append(f"no socket holding port {b.port} conflicts ({function})")
     return v
+
+
+EACCES_WHY = (
+    "port {port} is below net.ipv4.ip_unprivileged_port_start ({start}): it needs "
+    "CAP_NET_BIND_SERVICE (inet_port_requires_bind_service)"
+)
+NOT_LOCAL_WHY = (
+    "no interface in the namespace has {addr} (inet_addr_valid_or_nonlocal; IP_FREEBIND or "
+    "net.ipv4.ip_nonlocal_bind would allow it)"
+)
+
+
+def _before_the_port(b: Bind, ctx: Context) -> tuple[str, str] | None:
+    """The checks bind() makes before it looks at the port's owners, in each family's
+    order: (errno, why), or None. IPv4 (__inet_bind) checks the address, then the port's
+    privilege; IPv6 (__inet6_bind) the privilege first, then the address: a v4-mapped one
+    (never on an IPV6_V6ONLY socket) as IPv4, a link-local one only with a device, and
+    with a device bound, a host- or link-scoped address only if that device has it."""
+    privileged = bool(b.port) and b.port < ctx.unprivileged_port_start and not b.can_bind_service
+    eacces = ("EACCES", EACCES_WHY.format(port=b.port, start=ctx.unprivileged_port_start))
+    not_local = ("EADDRNOTAVAIL", NOT_LOCAL_WHY.format(addr=b.address))
+    if b.family == 4:
+        if ctx.local_addresses is not None and not _local(b.address, ctx.local_addresses):
+            return not_local
+        return eacces if privileged else None
+    a = b.address
+    assert isinstance(a, ipaddress.IPv6Address)
+    if a.is_multicast and b.protocol == IPPROTO_TCP:
+        return "EINVAL", f"{a} is multicast: a TCP socket cannot bind it (__inet6_bind)"
+    if privileged:
+        return eacces
+    if a.ipv4_mapped is not None:
+        if b.v6only:
+            return "EINVAL", f"{a} is IPv4-mapped, which an IPV6_V6ONLY socket cannot bind (__inet6_bind)"
+        if ctx.local_addresses is not None and not _local(a, ctx.local_addresses):
+            return not_local
+        return None
+    if a == _ANY6 or a.is_multicast:
+        return None
+    if a.is_link_local and not b.bound_dev:
+        return "EINVAL", f"{a} is link-local: binding it needs a device (SO_BINDTODEVICE or a scope id)"
+    if ctx.v6 is not None:
+        on = [(dev, scope) for addr, dev, scope in ctx.v6 if addr == a]
+        if not on:
+            return not_local
+        if b.bound_dev and not any(dev == b.bound_dev or not scope & (SCOPE_HOST | SCOPE_LINK) for dev, scope in on):
+            return "EADDRNOTAVAIL", (f"{a} is not on the socket's device, and its scope (host or link) keeps it "
+                                     "there (ipv6_chk_addr_and_flags)")  # fmt: skip
+    elif ctx.local_addresses is not None and not _local(a, ctx.local_addresses):
+        return not_local
+    return None
+
+
+SCOPE_HOST, SCOPE_LINK = 0x10, 0x20  # IFA_HOST, IFA_LINK, as /proc/net/if_inet6 shows a scope
+
+
+def v6_addresses(if_inet6: str) -> frozenset[tuple[ipaddress.IPv6Address, int, int]]:
+    """(address, ifindex, scope) for each line of /proc/net/if_inet6."""
+    out = set()
+    for line in if_inet6.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and len(parts[0]) == 32:
+            try:
+                out.add((ipaddress.IPv6Address(int(parts[0], 16)), int(parts[1], 16), int(parts[3], 16)))
+            except ValueError:
+                continue
+    return frozenset(out)
 
 
 def _local(addr: Address, local: Iterable[Network]) -> bool:

@@ -45,6 +45,12 @@ F_PRESTART = 0x02  # RELEASE of a TCP listener (one from before start has no sta
 F_LIFETIME = 0x04  # STATE to CLOSE: comm holds bytes acked/received, pid retransmits, uid srtt (µs)
 F_PORT_ASKED = 0x08  # BIND, BIND_FAIL: bind() named the port (else the kernel chose it)
 
+# bind_opts (SW_B_*): what `sockwatch explain bind` needs to replay a failed bind
+B_KNOWN = 0x01  # the options were read
+B_REUSEADDR = 0x02
+B_REUSEPORT = 0x04
+B_DEVICE = 0x08  # bound to a device: its ifindex in remote_addr's first four bytes (host order)
+
 TCP_GONE_AT_RELEASE = (TcpState.CLOSE, TcpState.LISTEN, TcpState.SYN_SENT)
 
 
@@ -66,7 +72,7 @@ class Event(NamedTuple):
     state: int  # TCP_* numbering after the change (UDP: CLOSE unconnected, ESTABLISHED connected)
     old_state: int
     flags: int
-    pad: int
+    bind_opts: int  # BIND_FAIL: B_* (the socket's options as bind() saw them)
     err: int
     comm: bytes  # NUL padded
 

@@ -22,6 +22,7 @@ import functools
 import ipaddress
 import json
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -120,6 +121,9 @@ class StreamEvent:
     errno: int = 0
     holders: list[tuple[Sock, int]] = field(default_factory=list)  # (socket, its state)
     lifetime: dict | None = None
+    explain: str | None = None  # bind_fail: the `sockwatch explain bind` command that replays it
+    bind_opts: int = 0  # bind_fail: B_* as the hook read them
+    bound_dev: int = 0  # bind_fail: the device's ifindex, with B_DEVICE
 
     def json_line(self, wall_offset: float, container: Container | None = None) -> bytes:
         """One JSON line; `container`: the owner's, looked up by the agent."""
@@ -141,6 +145,8 @@ class StreamEvent:
             holders = json.dumps([_holder(h) for h in self.holders], separators=(",", ":"))
             line += (f',"errno":"{errno.errorcode.get(self.errno, self.errno)}",'
                      f'"error":{json.dumps(os.strerror(self.errno))},"holders":{holders}')  # fmt: skip
+            if self.explain is not None:
+                line += f',"explain":{json.dumps(self.explain)}'
         life = self.lifetime
         if life is not None:
             secs = "null" if life["seconds"] is None else life["seconds"]
@@ -205,6 +211,18 @@ def drop_line(wall_time: float, row: dict, drops: int, reasons: dict[str, int]) 
                         "cookie": row["cookie"], "pid": row["pid"], "comm": row["comm"], "container": row["container"],
                         "drops": drops, "reasons": reasons, "queue": row["queue"]},
                        separators=(",", ":")) + "\n").encode()  # fmt: skip
+
+
+def explain_bind_command(s: Sock, opts: int, device: str | None) -> str:
+    """The `sockwatch explain bind` command that asks again about a failed bind: its
+    address, port and options as the hook read them, its owner's uid, its namespace."""
+    where = f"[{s.local}]:{s.local_port}" if s.family == 6 else f"{s.local}:{s.local_port}"
+    flags = [f for f, bit in (("--reuseaddr", ev.B_REUSEADDR), ("--reuseport", ev.B_REUSEPORT)) if opts & bit]
+    if device:
+        flags += ["--device", shlex.quote(device)]
+    uid = ["--uid", str(s.uid)] if s.uid is not None else []
+    return " ".join(["sockwatch", "explain", "bind", PROTO_NAMES.get(s.protocol, "tcp"), shlex.quote(where), *flags,
+                     *uid, "--netns", str(s.netns)])  # fmt: skip
 
 
 def lifetime(e: Event, born_ns: int, active: bool) -> dict:
@@ -284,6 +302,8 @@ class Describer:
         elif kind == ev.BIND_FAIL:
             out.errno = e.err
             out.bind = "asked" if e.flags & ev.F_PORT_ASKED else "port 0"
+            out.bind_opts = e.bind_opts
+            out.bound_dev = int.from_bytes(e.remote_addr[:4], "little") if e.bind_opts & ev.B_DEVICE else 0
         elif kind in (ev.LISTEN, ev.CONNECT):
             if not self.bound.pop(e.cookie, 0):
                 out.bind = "listen" if kind == ev.LISTEN else "connect"

@@ -139,8 +139,26 @@ class Publisher:
                        if r.cookie not in seen]  # fmt: skip
                 now += [(x.sock, x.state) for x in seen.values() if stream.holds(x)]
                 said.holders = stream.conflicts(now, said.sock)
+            if said.kind == "bind_fail" and said.sock.local_port:
+                said.explain = stream.explain_bind_command(said.sock, said.bind_opts, self._device(said))
             seen[e.cookie] = said
         return out
+
+    def _device(self, said: stream.StreamEvent) -> str | None:
+        """The name of the device a failed bind's socket was bound to, in its namespace."""
+        if not said.bound_dev:
+            return None
+        from sockwatch.kernel.netns import NamespaceGone, device_names, in_netns
+
+        registry = self.tracker.registry
+        ns = registry.by_inode.get(said.sock.netns)
+        if ns is None:
+            return None
+        try:
+            names = registry.using_fd(ns, lambda fd: in_netns(fd, lambda: device_names({said.bound_dev})))
+        except (NamespaceGone, OSError):
+            return None
+        return names.get(said.bound_dev)
 
     def _visible_by_port(self) -> dict[tuple, list[SockRow]]:
         """Tabled sockets by (netns, protocol, port), built once per table version (bind

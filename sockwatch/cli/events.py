@@ -141,6 +141,8 @@ def _describe(e: dict) -> str:
         if e["errno"] == "EACCES":
             held = "a port below net.ipv4.ip_unprivileged_port_start needs CAP_NET_BIND_SERVICE"
         extra.append(f"{e['errno']} ({e['error']})" + (f"; {held}" if held else ""))
+        if e.get("explain"):
+            extra.append(f"why: {e['explain']}")
     life = e.get("lifetime")
     if life:
         parts = []

@@ -135,19 +135,21 @@ def _read(inode: int, proto: int, port: int, dev: str) -> tuple[list, bindrules.
                                         d.uid))  # fmt: skip
         owners[d.cookie] = {"pid": o.pid if o else None, "comm": o.comm if o else None}
 
-    def inside() -> tuple[frozenset, int]:
+    def inside() -> tuple[str, str, int]:
         try:
             index = socket.if_nametoindex(dev) if dev else 0
         except OSError:
             raise fail(f"--device {shown(dev)}: no such device in netns {inode}", code=EXIT_USAGE) from None
-        return bindrules.local_addresses(_text_of("/proc/thread-self/net/fib_trie"),
-                                         _text_of("/proc/thread-self/net/if_inet6")), index  # fmt: skip
+        return _text_of("/proc/thread-self/net/fib_trie"), _text_of("/proc/thread-self/net/if_inet6"), index
 
-    local, index = reg.using_fd(ns, lambda fd: in_netns(fd, inside))
+    fib, inet6, index = reg.using_fd(ns, lambda fd: in_netns(fd, inside))
+    local = bindrules.local_addresses(fib, inet6)
     v = reg.sysctls(ns, ("ipv4/ip_local_port_range", "ipv4/ip_local_reserved_ports", "ipv4/ip_unprivileged_port_start"))
-    ctx = bindrules.Context(local or None, ports.parse_port_number(v["ipv4/ip_unprivileged_port_start"], "x"),
+    ctx = bindrules.Context(local if fib else None,
+                            ports.parse_port_number(v["ipv4/ip_unprivileged_port_start"], "ip_unprivileged_port_start"),
                             ports.parse_range(v["ipv4/ip_local_port_range"]),
-                            ports.parse_reserved(v["ipv4/ip_local_reserved_ports"]))  # fmt: skip
+                            ports.parse_reserved(v["ipv4/ip_local_reserved_ports"]),
+                            bindrules.v6_addresses(inet6) if inet6 else None)  # fmt: skip
     return holders, ctx, index, owners
 
 

@@ -123,7 +123,10 @@ class SwBind(ctypes.Structure):
         ("family", ctypes.c_uint8),
         ("protocol", ctypes.c_uint8),
         ("posted", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("opts", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+        ("bound_dev", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
     ]
 
 

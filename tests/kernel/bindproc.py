@@ -69,7 +69,9 @@ def hold(c):
                 s.listen(16)
             elif kind in ("connected", "time_wait"):
                 lst = listener(c["family"])
+                s.settimeout(1.0)  # a socket bound to the veth sends its SYN out there: no answer
                 s.connect(("::1" if c["family"] == 6 else "127.0.0.1", 9))
+                s.settimeout(None)
                 if c["protocol"] == "tcp":
                     a, _ = lst.accept()
                     if kind == "time_wait":  # the active close's side keeps the port in TIME-WAIT

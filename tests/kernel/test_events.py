@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import threading
@@ -108,7 +109,7 @@ def test_a_failed_bind_names_the_errno_the_failing_process_and_the_holder(agent,
     holder, failer = child_factory(netns.name), child_factory(netns.name)
     s = streams(agent.socket, "--netns", netns.name)
     lst = holder.do(op="tcp_listen", addr="0.0.0.0", port=8080)
-    got = failer.attempt(op="tcp_bind", addr="127.0.0.1", port=8080)
+    got = failer.attempt(op="tcp_bind", addr="127.0.0.1", port=8080, reuseaddr=True)
     assert got.get("errno") == EADDRINUSE, got  # what bind() really returned
     seen = s.until(lambda seen: any(e["kind"] == "bind_fail" for e in seen))
     fail = next(e for e in seen if e["kind"] == "bind_fail")
@@ -116,6 +117,12 @@ def test_a_failed_bind_names_the_errno_the_failing_process_and_the_holder(agent,
     assert (fail["pid"], fail["comm"], fail["local_address"], fail["local_port"]) == (
         failer.pid, CHILD_COMM, "127.0.0.1", 8080)  # fmt: skip
     assert [(h["pid"], h["cookie"], h["state"]) for h in fail["holders"]] == [(holder.pid, lst["cookie"], "LISTEN")]
+    # the command that asks why, with the options the failing socket had, ready to paste
+    assert fail["explain"] == f"sockwatch explain bind tcp 127.0.0.1:8080 --reuseaddr --uid 0 --netns {netns.inode}"
+    r = subprocess.run(sockwatch_cmd(*shlex.split(fail["explain"])[1:], "--json"), capture_output=True, text=True,
+                       check=False, timeout=60)  # fmt: skip
+    said = json.loads(r.stdout)
+    assert (said["errno"], [c["cookie"] for c in said["conflicts"]]) == ("EADDRINUSE", [lst["cookie"]]), said
 
 
 def _first_bind_fail_line(agent: AgentProc, netns: Netns, act: Callable[[], None]) -> str:

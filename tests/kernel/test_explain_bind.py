@@ -20,7 +20,7 @@ from tests.conftest import sockwatch_cmd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PORT = 7000
-V4 = ["0.0.0.0", "127.0.0.1", "127.0.0.2", "10.1.0.1"]
+V4 = ["0.0.0.0", "127.0.0.1", "127.0.0.2", "10.1.0.1", "127.0.0.6"]  # 127.0.0.6: an IPv6 socket's IPv4 stand-in
 V6 = ["::", "::1", "fd00::1", "::ffff:127.0.0.1"]
 
 
@@ -77,7 +77,7 @@ def _explain(netns: str, c: dict) -> dict:
     return json.loads(r.stdout)
 
 
-@settings(max_examples=int(os.environ.get("SOCKWATCH_BIND_EXAMPLES", "30")), deadline=None,
+@settings(max_examples=int(os.environ.get("SOCKWATCH_BIND_EXAMPLES", "100")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 @given(data=st.data())
 def test_explain_bind_agrees_with_the_kernel(netns_factory, data) -> None:

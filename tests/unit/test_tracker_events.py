@@ -54,7 +54,7 @@ def ev(kind, cookie, proto=IPPROTO_TCP, state=7, local=("0.0.0.0", 0), remote=No
         state=state,
         old_state=old,
         flags=flags | (E.F_OWNER if owner else 0),
-        pad=0,
+        bind_opts=0,
         err=0,
         comm=(owner[1].encode() if owner else b"").ljust(16, b"\0"),
     )
