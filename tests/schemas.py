@@ -10,7 +10,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "schemas")
-NAMES = ("common", "snapshot", "events", "ports", "explain", "status", "drops")
+NAMES = ("common", "snapshot", "events", "ports", "explain", "status", "drops", "explain-bind")
 
 
 @functools.cache

@@ -63,6 +63,9 @@ def explain(
     (RST, or ICMP port unreachable). Read from the kernel's tables now (sock_diag), with
     each socket's owner.
 
+    `sockwatch explain bind tcp|udp ADDR:PORT` asks instead whether a bind() would
+    succeed, and which sockets stand in its way (see `sockwatch explain bind --help`).
+
     Examples:
 
         sockwatch explain udp 127.0.0.53:53
@@ -70,6 +73,8 @@ def explain(
         sockwatch explain tcp 10.0.0.1:443 --from 10.0.0.9:51000 --netns blue --json
 
         sockwatch explain tcp '[fe80::1]:9103' --dev eth0
+
+        sockwatch explain bind tcp 0.0.0.0:8080 --reuseaddr
     """
     from sockwatch import demux
 

@@ -60,6 +60,7 @@ def listener(family):
 
 def hold(c):
     """A socket as spec'd; its cookie, or the errno making it met."""
+
     def go():
         s = make(c)
         try:
@@ -92,6 +93,7 @@ def hold(c):
 
 def try_bind(c):
     """bind() as spec'd: None if it succeeded (the socket is closed again), else the errno."""
+
     def go():
         s = make(c)
         try:

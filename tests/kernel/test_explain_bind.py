@@ -16,6 +16,7 @@ import sys
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests import schemas
 from tests.conftest import sockwatch_cmd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,7 +75,9 @@ def _explain(netns: str, c: dict) -> dict:
                         "--netns", netns, "--json", *(["--device", c["device"]] if c["device"] else []))  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    doc = json.loads(r.stdout)
+    schemas.check("explain-bind", doc)
+    return doc
 
 
 @settings(max_examples=int(os.environ.get("SOCKWATCH_BIND_EXAMPLES", "100")), deadline=None,

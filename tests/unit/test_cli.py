@@ -137,6 +137,12 @@ def test_status_without_agent(tmp_path):
         # a scope names a device, which the table does not show: refused, not ignored
         (["explain", "tcp", "[fe80::1%lo]:9103"], "a scoped address (%lo) is not supported"),
         (["explain", "tcp", "10.0.0.1:80", "--from", "[fe80::2%vA0]:5"], "a scoped address (%vA0) is not supported"),
+        (["explain", "bind", "sctp", "10.0.0.1:80"], "protocol 'sctp' is not tcp or udp"),
+        (["explain", "bind", "tcp", "10.0.0.1:99999"], "address port '99999' is out of range: 0 to 65535"),
+        (["explain", "bind", "udp", "10.0.0.1:53", "--uid", "-1"], "--uid"),
+        (["explain", "bind", "udp", "10.0.0.1:53", "--v6only"], "--v6only is an IPv6 socket's option"),
+        (["explain", "bind", "tcp", "[::1]:80", "--netns", "../x"], "is not a namespace name, pid or inode"),
+        (["snapshot", "--drops", "--peers"], "--peers and --drops are two views: ask for one"),
         (["snapshot", "--standalone", "--addr", "fe80::1%vA0"], "a scoped address (%DEVICE) is not supported"),
         (["snapshot", "--standalone", "--addr", "fe80::1%nonexistent"], "a scoped address (%DEVICE) is not supported"),
     ],
