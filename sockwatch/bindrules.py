@@ -31,8 +31,9 @@ __inet6_bind):
    overlap when either socket is bound to none, or both to the same.
 
 A TIME-WAIT socket keeps the SO_REUSEADDR and SO_REUSEPORT of the socket it was (its
-tw_reuse, tw_reuseport) and no interface reads them back: where an outcome hangs on them
-the verdict says so and names both outcomes.
+tw_reuse, tw_reuseport) and no system call reads them back: where an outcome hangs on
+flags not known (None), the verdict says so and names both outcomes (the command then
+reads them with a BPF iterator, kernel/sockflags.py, and asks again).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Holder:
     reuseaddr: bool | None = False
     reuseport: bool | None = False
     uid: int = 0
+    order: int | None = None  # its place on the port's hash chain (UDP), where read; None: sock_diag's order
 
 
 @dataclass(frozen=True)
@@ -317,8 +319,11 @@ def check(b: Bind, holders: Sequence[Holder], ctx: Context = Context()) -> BindV
         best = best or hit is True
     if udp and decided and len({hit for _h, hit in decided}) > 1:
         # the first competing socket in the port's chain decides (udp_lib_lport_inuse returns at
-        # it); sock_diag gives the chain's order within a family, not across the two
-        if len({h.family for h, _hit in decided}) == 1:
+        # it); sock_diag gives the chain's order within a family, the iterator (order) across
+        ordered = all(h.order is not None for h, _hit in decided)
+        if ordered:
+            decided.sort(key=lambda d: d[0].order or 0)
+        if ordered or len({h.family for h, _hit in decided}) == 1:
             first, hit = decided[0]
             worst, best = hit is not False, hit is True
             v.conflicts = [c for c in v.conflicts if c.holder is first]

@@ -91,6 +91,11 @@ def explain_bind(
         ask = bindrules.Bind(proto, addr, port, reuseaddr, reuseport, v6only, ifindex, owner,
                              can_bind_service=owner == 0)  # fmt: skip
         v = bindrules.check(ask, holders, ctx)
+        if not v.certain:  # flags no socket call reads (TIME-WAIT), or the UDP chain's order: ask the kernel
+            known = _iterated(inode, protocol.strip().lower(), port, holders)
+            if known is not None:
+                holders = known
+                v = bindrules.check(ask, holders, ctx)
         out = {
             "bind": {"protocol": protocol.strip().lower(), "address": str(addr), "port": port, "reuseaddr": reuseaddr,
                      "reuseport": reuseport, "v6only": v6only, "device": device.strip() or None, "uid": owner},
@@ -151,6 +156,31 @@ def _read(inode: int, proto: int, port: int, dev: str) -> tuple[list, bindrules.
                             ports.parse_reserved(v["ipv4/ip_local_reserved_ports"]),
                             bindrules.v6_addresses(inet6) if inet6 else None)  # fmt: skip
     return holders, ctx, index, owners
+
+
+def _iterated(inode: int, protocol: str, port: int, holders: list) -> list | None:
+    """The holders with every socket's reuse flags and chain order as a BPF iterator reads
+    them (sockflags), or None where the kernel offers no iterator (the verdict then says
+    what it cannot know)."""
+    from dataclasses import replace
+
+    from sockwatch.kernel import sockflags
+    from sockwatch.kernel.netns import NamespaceRegistry, in_netns
+
+    reg = NamespaceRegistry()
+    reg.refresh()
+    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
+    if ns is None:
+        return None
+    try:
+        flags = sockflags.read(protocol, port, lambda fn: reg.using_fd(ns, lambda fd: in_netns(fd, fn)))
+    except Exception:  # no BTF, no iterator, a refused program: the verdict says what it cannot know
+        return None
+    out = []
+    for h in holders:
+        f = flags.get(h.cookie)
+        out.append(h if f is None else replace(h, reuseaddr=f.reuseaddr, reuseport=f.reuseport, order=f.order))
+    return out
 
 
 def _text_of(path: str) -> str:
