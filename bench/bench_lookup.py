@@ -54,12 +54,14 @@ def main() -> int:
     ap.add_argument("--triples", type=int, default=21, help="triples of slices per workload (>= 15 for figures)")
     ap.add_argument("--seconds", type=float, default=1.0, help="length of one slice")
     ap.add_argument("--no-peers", action="store_true", help="sockwatch's programs as --max-udp-peers 0 builds them")
-    ap.add_argument("--json-out", default=os.path.join(HERE, "results", "lookup.json"))
+    ap.add_argument("--json-out", help="default: bench/results/lookup.json (lookup_drop_hook.json with --drop-hook)")
     ap.add_argument("--profile", choices=CONFIGS, help="profile one config with perf instead of comparing")
     ap.add_argument("--workload", choices=list(TARGETS), default="udp_read", help="the workload --profile runs")
     ap.add_argument("--drop-hook", action="store_true",
                     help="what the drop hook adds: its floor is sockwatch's programs without it")  # fmt: skip
     args = parse_as_root(ap, {"triples": (6, 1000), "seconds": (0.2, 60)})
+    if args.json_out is None:
+        args.json_out = os.path.join(HERE, "results", "lookup_drop_hook.json" if args.drop_hook else "lookup.json")
     if args.profile and shutil.which("perf") is None:
         print("bench: --profile needs perf (Debian's linux-perf)", file=sys.stderr)
         return 2

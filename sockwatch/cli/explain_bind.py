@@ -96,6 +96,9 @@ def explain_bind(
             if known is not None:
                 holders = known
                 v = bindrules.check(ask, holders, ctx)
+        if proto == PROTO_NUMBERS["tcp"] and _kernel_before((6, 5)):
+            v.notes.append("this kernel (before 6.5) does not list TCP sockets bound and not listening: "
+                           "one holding the port is not seen")  # fmt: skip
         out = {
             "bind": {"protocol": protocol.strip().lower(), "address": str(addr), "port": port, "reuseaddr": reuseaddr,
                      "reuseport": reuseport, "v6only": v6only, "device": device.strip() or None, "uid": owner},
@@ -181,6 +184,14 @@ def _iterated(inode: int, protocol: str, port: int, holders: list) -> list | Non
         f = flags.get(h.cookie)
         out.append(h if f is None else replace(h, reuseaddr=f.reuseaddr, reuseport=f.reuseport, order=f.order))
     return out
+
+
+def _kernel_before(version: tuple[int, int]) -> bool:
+    import platform
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    return m is not None and (int(m.group(1)), int(m.group(2))) < version
 
 
 def _text_of(path: str) -> str:

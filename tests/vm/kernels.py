@@ -44,7 +44,8 @@ SERIES = {"6.1": r"linux-image-(6\.1\.0-\d+-amd64)", "6.12": r"linux-image-(6\.1
 BOOT_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
                 "netfs", "9pnet", "9pnet_virtio", "9p", "inet_diag", "tcp_diag", "udp_diag", "veth")  # fmt: skip
 # a subset of the kernel tests that fits software emulation's pace (each agent start compiles)
-DEFAULT_TESTS = ("tests/kernel/test_netns.py", "tests/kernel/test_table.py", "tests/kernel/test_lookup.py")
+DEFAULT_TESTS = ("tests/kernel/test_netns.py", "tests/kernel/test_table.py", "tests/kernel/test_lookup.py",
+                 "tests/kernel/test_drops.py", "tests/kernel/test_explain_bind.py")  # fmt: skip
 # --full: the whole kernel suite but this runner's own test and the benchmarks, whose
 # figures under software emulation measure the emulator, not the kernel
 FULL_TESTS = ("tests/kernel", "--ignore=tests/kernel/test_vm.py", "--ignore=tests/kernel/test_cost_bench.py",
@@ -286,7 +287,7 @@ def test_command(tests: tuple[str, ...] | list[str], guest: bool) -> str:
     300 s each; its waits for the agent) are for this machine's pace; a guest's is ~10x
     slower (tests/conftest.py PACE)."""
     py = sys.executable
-    pace = "export SOCKWATCH_TEST_PACE=10; " if guest else ""
+    pace = "export SOCKWATCH_TEST_PACE=10 SOCKWATCH_BIND_EXAMPLES=30; " if guest else ""
     limit = "-o timeout=1800 " if guest else ""
     return (
         f"export CI=true HOME=/root PYTHONDONTWRITEBYTECODE=1; {pace}{py} -m sockwatch doctor; "
