@@ -78,8 +78,16 @@ def handle(c):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if "v6only" in c:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(c["v6only"]))
+        if c.get("rcvbuf"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, c["rcvbuf"])
         s.bind((c["addr"], c.get("port", 0)))
         return info(keep(s), s)
+    if op == "udp_flood":  # n datagrams from one socket (made and closed here)
+        s = socket.socket(fam(c.get("family", 4)), socket.SOCK_DGRAM)
+        for _ in range(c["n"]):
+            s.sendto(b"x" * c.get("size", 100), (c["addr"], c["port"]))
+        s.close()
+        return {"sent": c["n"]}
     if op == "udp_connect":
         s = socket.socket(fam(c.get("family", 4)), socket.SOCK_DGRAM)
         if "bind_addr" in c:

@@ -152,6 +152,18 @@ def test_live_shows_a_socket_come_and_go_and_its_keys_work_at_80x24(agent, netns
     s = t.until(lambda s: "[5] UDP peers" in s and f"127.0.0.1:{sender['local'][1]}" in s)
     row = next(line for line in s.splitlines() if f"127.0.0.1:{sender['local'][1]}" in line)
     assert "127.0.0.1:47126" in row and str(c.pid) in row, row
+    # 6: drops: a UDP socket that never reads, its buffer full, names the reason and its owner
+    c.do(op="udp_bind", addr="127.0.0.1", port=47127, rcvbuf=1024)
+    c.do(op="udp_flood", addr="127.0.0.1", port=47127, n=100)
+    t.keys("/")
+    t.until(lambda s: "filter (Enter applies" in s)
+    t.keys("C-u")
+    t.type("port=47127")
+    t.keys("Enter")
+    t.keys("6")
+    s = t.until(lambda s: "[6] Sockets that dropped" in s and "127.0.0.1:47127" in s and "SOCKET_RCVBUFF" in s)
+    row = next(line for line in s.splitlines() if "127.0.0.1:47127" in line)
+    assert str(c.pid) in row and "rcvbuf" in row, row
     # ? help, then q quits and the shell has its terminal back
     t.keys("?")
     t.until(lambda s: "sockwatch live: keys" in s)
