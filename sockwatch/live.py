@@ -325,7 +325,7 @@ class Live(App[None]):
         wide = self.size.width >= 120
         if self.view_name == "listeners":
             names: tuple[str, ...] = ("PROTO", "STATE", "LOCAL", "PID", "COMM", "NETNS")
-            names += ("CONTAINER", "UID", "INODE", "COOKIE") if wide else ()
+            names += ("RECV-Q", "SEND-Q", "CONTAINER", "UID", "INODE", "COOKIE") if wide else ()
         else:
             names = ("PROTO", "STATE", "LOCAL", "REMOTE", "PID", "COMM")
             names += ("NETNS", "AGE", "CONTAINER") if wide else ()
@@ -356,6 +356,8 @@ class Live(App[None]):
                 "UID": UNKNOWN if r["uid"] is None else str(r["uid"]),
                 "INODE": UNKNOWN if r["inode"] is None else str(r["inode"]),
                 "COOKIE": str(r["cookie"]),
+                "RECV-Q": UNKNOWN if r.get("recv_q") is None else str(r["recv_q"]),  # a listener's accept queue
+                "SEND-Q": UNKNOWN if r.get("send_q") is None else str(r["send_q"]),  # ... and its limit
                 "AGE": _age(r.get("born_ns", 0)),
                 "CONTAINER": printable_cell(Container.label_of(r.get("container"))) or UNKNOWN,
             }

@@ -209,7 +209,8 @@ def print_drops(report: dict, out: TextIO = sys.stdout) -> None:
     """`snapshot --drops`: sockets that dropped packets, most first, by the kernel's reason."""
     socks = report["sockets"]
     if not socks:
-        out.write("no socket has dropped a packet (receive buffer, accept queue, backlog, filter, memory)\n")
+        out.write("no socket has dropped a packet it was handed (receive buffer, accept queue, backlog, filter, "
+                  "memory)\n")
     rows = []
     for d in socks:
         owner = f"{d['pid']}/{d['comm'] or ''}" if d.get("pid") is not None else UNKNOWN
@@ -224,6 +225,13 @@ def print_drops(report: dict, out: TextIO = sys.stdout) -> None:
     if socks:
         _aligned(f"Packets dropped by the socket they reached ({len(socks)} of {report['matched']})",
                  ("NETNS", "PROTO", "SOCKET", "OWNER", "DROPS", "QUEUE", "REASONS"), rows, out)  # fmt: skip
+    missed = report.get("no_socket") or []
+    if missed:
+        out.write("\n")
+        unsocketed = [(str(c["netns"]), c["protocol"], str(c["port"]), str(c["misses"]),
+                       "open now" if c["open_now"] else "closed") for c in missed]  # fmt: skip
+        _aligned("Packets that found no socket (NO_SOCKET: RST / ICMP port unreachable), by port",
+                 ("NETNS", "PROTO", "PORT", "MISSES", "NOW"), unsocketed, out)  # fmt: skip
     if report.get("reasons_missing"):
         out.write(f"\n{report['reasons_missing']}\n")
     if report.get("uncounted"):

@@ -126,7 +126,11 @@ class Queries:
         self.a.prepare_answer()
         found = self.socket_drops()
         shown = drops.report(found, f)
-        body = {"sockets": shown[: req.limit], "matched": len(shown), "reasons_missing": self.drops_missing(),
+        # and the packets that found no socket at all (misses, from the sk_lookup hook), by port
+        missed = [] if self.lookup_missing() else lookups.closed_ports(
+            lookups.destinations(self.destinations(), self.a.tracker.visible(), f))  # fmt: skip
+        body = {"sockets": shown[: req.limit], "matched": len(shown), "no_socket": missed[: req.limit],
+                "reasons_missing": self.drops_missing(),
                 "uncounted": self.a.loaded.counters().get("drops_uncounted", 0) if self.a.loaded else 0}  # fmt: skip
         return [encode_header(True, partial=report.partial(self.a)), to_json(body)]
 

@@ -41,7 +41,8 @@ def _probe_hooks() -> list[tuple[str, bool, str]]:
         bpfload.attach_drops(loaded)
         if loaded.drop_counts is not None:
             lacks = drops.missing_reasons(loaded.drop_reasons)
-            note = f" (this kernel has no {', '.join(lacks)}: such drops count as NOT_SPECIFIED)" if lacks else ""
+            note = (f" (this kernel names no {', '.join(lacks)}: those drops are shown without that reason, a "
+                    "listener's attributed from its namespace's counters)") if lacks else ""  # fmt: skip
             out.append((bpfload.DROP_HOOK.what, True, "loads and attaches by BPF link" + note))
         else:
             why = next((m.why for m in loaded.missing if m.hook is bpfload.DROP_HOOK), "refused")

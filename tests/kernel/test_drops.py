@@ -18,6 +18,7 @@ import urllib.request
 from tests import schemas
 from tests.conftest import sockwatch_cmd
 from tests.kernel.conftest import AgentProc, Netns
+from tests.kernel.test_lookup import _ours, _until
 
 BURST = r"""
 import ctypes, json, os, socket, struct, sys, time
@@ -46,6 +47,8 @@ for _ in range(spec["full6"]):
     tx6.sendto(b"x" * 100, ("::1", 5353))
 for _ in range(spec["filtered"]):
     tx.sendto(b"x", ("127.0.0.1", 5354))
+for _ in range(spec["closed"]):  # no socket at all: misses (UdpNoPorts)
+    tx.sendto(b"x", ("127.0.0.1", 5399))
 clients = []
 for _ in range(spec["connects"]):
     c = socket.socket()
@@ -64,7 +67,7 @@ print(json.dumps(out), flush=True)
 sys.stdin.readline()
 """
 
-SPEC = {"full": 200, "full6": 120, "filtered": 37, "connects": 8, "seconds": 2.5}
+SPEC = {"full": 200, "full6": 120, "filtered": 37, "closed": 11, "connects": 8, "seconds": 2.5}
 
 
 def _sw(*args: str) -> subprocess.CompletedProcess:
@@ -99,11 +102,13 @@ def _ss(netns: Netns) -> dict[tuple[str, str], dict[str, int]]:
 
 
 def _drops(agent: AgentProc, netns: Netns) -> dict[int, dict]:
+    """The drops view's sockets by cookie; key 0: its packets that found no socket, by (protocol, port)."""
     r = _sw("snapshot", "--drops", "--json", "--netns", str(netns.inode), "--socket", agent.socket)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     schemas.check("drops", doc)
-    return {d["cookie"]: d for d in doc["sockets"]}
+    return {d["cookie"]: d for d in doc["sockets"]} | {0: {(c["protocol"], c["port"]): c["misses"]
+                                                           for c in doc["no_socket"]}}  # fmt: skip
 
 
 def _metrics(agent: AgentProc, netns: Netns) -> dict[tuple[str, str, str, str], float]:
@@ -161,6 +166,7 @@ def test_without_the_drop_hook_totals_stay_exact_and_reasons_are_not_guessed(fre
 
 
 def test_drops_per_socket_equal_the_kernels_counts(agent: AgentProc, netns: Netns) -> None:
+    _until("the new namespace hooked", lambda: _ours(netns.inode))  # (its misses count from then)
     events = subprocess.Popen(sockwatch_cmd("events", "--json", "--kind", "drop", "--netns", str(netns.inode),
                                             "--socket", agent.socket), stdout=subprocess.PIPE, text=True)  # fmt: skip
     lines: list[str] = []
@@ -203,6 +209,8 @@ def _check(agent: AgentProc, netns: Netns, cookies: dict, lines: list[str]) -> N
     assert listener["reasons"] == {"TCP_LISTEN_OVERFLOW": listener["drops"]}
     assert listener["queue"] == {"kind": "accept", "used": lq["recv_q"], "limit": lq["send_q"]}
     assert listener["pid"] is not None and listener["comm"] == "python3"[: len(listener["comm"])]
+    # and what found no socket at all: the namespace's UdpNoPorts, in the same view
+    assert got[0].get(("udp", 5399)) == nstat["UdpNoPorts"] == SPEC["closed"], got[0]
 
     want = {("udp", "127.0.0.1", "5353", named("SOCKET_RCVBUFF")): full["drops"],
             ("udp", "::1", "5353", named("SOCKET_RCVBUFF")): full6["drops"],
