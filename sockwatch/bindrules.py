@@ -23,12 +23,13 @@ __inet6_bind):
    Addresses overlap (inet_rcv_saddr_equal, ipv6_rcv_saddr_equal) when equal, when either
    is the wildcard of a family that takes the other's packets (0.0.0.0 and a dual-stack
    ::, but not an IPV6_V6ONLY ::), when both are :: (IPV6_V6ONLY or not), and v4-mapped
-   addresses compare as IPv4; an IPv6 socket bound (or connected) to a plain IPv6
-   address competes with no IPv4 socket (checked on 6.18: the LOOPBACK4_IPV6 it keeps as
-   its IPv4 address matches nothing, 127.0.0.6 and 0.0.0.0 included). A TCP bind to a
-   specific address is checked only against its own address's bind bucket and the
-   wildcard ones (inet_use_bhash2_on_bind, 6.1 on), which is the same overlap. Devices
-   overlap when either socket is bound to none, or both to the same.
+   addresses compare as IPv4. bind() to a plain IPv6 address sets IPV6_V6ONLY (__inet6_bind),
+   so such a socket competes with no IPv4 one; a socket bound to :: that connect() gave a
+   plain IPv6 address keeps LOOPBACK4_IPV6 (127.0.0.6) as its IPv4 address, which a
+   wildcard IPv4 bind, or one to 127.0.0.6, meets. A TCP bind to a specific address is
+   checked only against its own address's bind bucket and the wildcard ones
+   (inet_use_bhash2_on_bind, 6.1 on). Devices overlap when either socket is bound to
+   none, or both to the same.
 
 A TIME-WAIT socket keeps the SO_REUSEADDR and SO_REUSEPORT of the socket it was (its
 tw_reuse, tw_reuseport) and no system call reads them back: where an outcome hangs on
@@ -46,6 +47,7 @@ from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, TcpState
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK4_IPV6 = ipaddress.IPv4Address("127.0.0.6")
 _ANY4 = ipaddress.IPv4Address(0)
 _ANY6 = ipaddress.IPv6Address(0)
 
@@ -66,7 +68,6 @@ class Holder:
     reuseaddr: bool | None = False
     reuseport: bool | None = False
     uid: int = 0
-    order: int | None = None  # its place on the port's hash chain (UDP), where read; None: sock_diag's order
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,10 @@ def _v4_of(h_family: int, local: Address, v6only: bool) -> Address | None:
         return local.ipv4_mapped
     if local == _ANY6:
         return _ANY4
-    return None  # a plain IPv6 address has no IPv4 equivalent (the kernel's LOOPBACK4_IPV6 never matches)
+    # bind() to a plain IPv6 address sets IPV6_V6ONLY; a socket bound to :: that connect()
+    # gave a plain IPv6 address keeps LOOPBACK4_IPV6 as its IPv4 one (ip6_datagram_connect,
+    # tcp_v6_connect), which a wildcard IPv4 bind, or one to 127.0.0.6, meets
+    return LOOPBACK4_IPV6
 
 
 def _mapped(family: int, local: Address) -> bool:
@@ -162,8 +166,6 @@ def overlap(fam1: int, addr1: Address, v6only1: bool, fam2: int, addr2: Address,
     if v6only2:
         return False
     b = _v4_of(fam2, addr2, v6only2)
-    if b is None:
-        return False
     return addr1 == b or _ANY4 in (addr1, b)
 
 
@@ -195,6 +197,26 @@ def _bhash2_competes(b: Bind, h: Holder) -> bool:
     if theirs == ("6", _ANY6):
         return True
     return theirs == ("4", _ANY4) and mine[0] == "4"
+
+
+def _fast_reuseport_may_apply(b: Bind, holders: Sequence[Holder], conflicts: list[Conflict]) -> bool:
+    """Whether inet_csk_get_port may succeed without the conflict check: a bucket's
+    fastreuseport is reset to "strict" for a later SO_REUSEPORT socket (with its uid and
+    address) even when an earlier socket without it holds the port, and a bind matching
+    that socket then succeeds (sk_reuseport_match). The order of binds is not known: this
+    says whether such a socket is there."""
+    if any(c.holder.reuseport is True and c.holder.uid == b.uid for c in conflicts):
+        return False  # a conflict the fast path would not skip either (a listener with SO_REUSEADDR...)
+    for h in holders:
+        if h.protocol == IPPROTO_TCP and h.port == b.port and h.reuseport and h.uid == b.uid and \
+                h not in [c.holder for c in conflicts]:  # fmt: skip
+            if h.state not in (TcpState.LISTEN, TcpState.CLOSE, TcpState.BOUND_INACTIVE):
+                return True  # connect() moved it from the address it was bound to (which the bucket keeps)
+            fast = _bucket(h.family, h.local)[1]
+            mine = _bucket(b.family, b.address)[1]
+            if fast in (_ANY4, _ANY6) or fast == mine:
+                return True
+    return False
 
 
 def _fmt(h: Holder) -> str:
@@ -318,20 +340,34 @@ def check(b: Bind, holders: Sequence[Holder], ctx: Context = Context()) -> BindV
         worst = True
         best = best or hit is True
     if udp and decided and len({hit for _h, hit in decided}) > 1:
-        # the first competing socket in the port's chain decides (udp_lib_lport_inuse returns at
-        # it); sock_diag gives the chain's order within a family, the iterator (order) across
-        ordered = all(h.order is not None for h, _hit in decided)
-        if ordered:
-            decided.sort(key=lambda d: d[0].order or 0)
-        if ordered or len({h.family for h, _hit in decided}) == 1:
-            first, hit = decided[0]
+        # the first competing socket on the port's chain decides (udp_lib_lport_inuse returns at
+        # it). sock_diag gives the chain's order within a family; across families, what
+        # udp_lib_get_port's insertion tells: an IPv6 SO_REUSEPORT socket goes to the tail,
+        # every other to the head, so those come first, in an order only their binds' times tell
+        head = [d for d in decided if not (d[0].family == 6 and d[0].reuseport)]
+        tail = [d for d in decided if d[0].family == 6 and d[0].reuseport]
+        first: tuple[Holder, bool | None] | None = None
+        if not head:
+            first = tail[0]
+        elif len({h.family for h, _hit in head}) == 1 or len({hit for _h, hit in head}) == 1:
+            first = head[0]
+        if first is not None:
+            holder, hit = first
             worst, best = hit is not False, hit is True
-            v.conflicts = [c for c in v.conflicts if c.holder is first]
-            v.steps.append(f"{_fmt(first)} comes first on the port's hash chain: the kernel decides at it")
+            # in the way: none if the first shares the port; else every one that would not (the
+            # first, then the rest: closing the first alone hands the decision to the next)
+            v.conflicts = [] if hit is False else sorted(v.conflicts, key=lambda c: c.holder is not holder)
+            v.steps.append(f"{_fmt(holder)} comes first on the port's hash chain: the kernel decides at it")
         else:
             best = False
             v.notes.append("the first competing socket on the port's hash chain decides, and the chain's order "
-                           "across IPv4 and IPv6 sockets cannot be read: the outcome may differ")  # fmt: skip
+                           "across IPv4 and IPv6 sockets bound at different times cannot be read: the outcome "
+                           "may differ")  # fmt: skip
+    if not udp and worst and b.reuseport and _fast_reuseport_may_apply(b, holders, v.conflicts):
+        best = False  # the kernel may take its SO_REUSEPORT fast path and skip the check
+        v.notes.append("the kernel skips this check when the port's bucket took an SO_REUSEPORT socket of the "
+                       "same uid and address after the ones in the way (sk_reuseport_match's fast path), which "
+                       "no interface shows: then the bind succeeds")  # fmt: skip
     function = "udp_lib_lport_inuse" if udp else "inet_csk_bind_conflict"
     if worst:
         v.errno = "EADDRINUSE"

@@ -209,8 +209,9 @@ def print_drops(report: dict, out: TextIO = sys.stdout) -> None:
     """`snapshot --drops`: sockets that dropped packets, most first, by the kernel's reason."""
     socks = report["sockets"]
     if not socks:
-        out.write("no socket has dropped a packet it was handed (receive buffer, accept queue, backlog, filter, "
-                  "memory)\n")
+        out.write(
+            "no socket has dropped a packet it was handed (receive buffer, accept queue, backlog, filter, memory)\n"
+        )
     rows = []
     for d in socks:
         owner = f"{d['pid']}/{d['comm'] or ''}" if d.get("pid") is not None else UNKNOWN

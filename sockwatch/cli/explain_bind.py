@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 BOUND_INACTIVE_STATE = 1 << 13  # sock_diag's bit for TCP sockets bound and not listening (Linux 6.5)
 SYN_RECV = 3
+TCP_LISTEN = 10
+UDP_CONNECTED = 1  # a UDP socket's state once connected (TCP_ESTABLISHED)
 
 
 def explain_bind(
@@ -90,12 +92,9 @@ def explain_bind(
         holders, ctx, ifindex, names = _read(inode, proto, port, device.strip())
         ask = bindrules.Bind(proto, addr, port, reuseaddr, reuseport, v6only, ifindex, owner,
                              can_bind_service=owner == 0)  # fmt: skip
+        if any(_unread(h) for h in holders):  # what no system call or sock_diag gives: ask the kernel
+            holders = _iterated(inode, protocol.strip().lower(), port, holders) or holders
         v = bindrules.check(ask, holders, ctx)
-        if not v.certain:  # flags no socket call reads (TIME-WAIT), or the UDP chain's order: ask the kernel
-            known = _iterated(inode, protocol.strip().lower(), port, holders)
-            if known is not None:
-                holders = known
-                v = bindrules.check(ask, holders, ctx)
         if proto == PROTO_NUMBERS["tcp"] and _kernel_before((6, 5)):
             v.notes.append("this kernel (before 6.5) does not list TCP sockets bound and not listening: "
                            "one holding the port is not seen")  # fmt: skip
@@ -161,10 +160,19 @@ def _read(inode: int, proto: int, port: int, dev: str) -> tuple[list, bindrules.
     return holders, ctx, index, owners
 
 
+def _unread(h: bindrules.Holder) -> bool:
+    """A holder whose flags the reads so far leave unknown or wrong: a TIME-WAIT socket's
+    reuse flags (no descriptor), one whose owner's descriptor could not be read, and a
+    connection's IPV6_V6ONLY (sock_diag reports it for listening and unconnected sockets
+    only)."""
+    connected = h.state != TCP_LISTEN if h.protocol == PROTO_NUMBERS["tcp"] else h.state == UDP_CONNECTED
+    return h.reuseaddr is None or h.reuseport is None or (h.family == 6 and connected)
+
+
 def _iterated(inode: int, protocol: str, port: int, holders: list) -> list | None:
-    """The holders with every socket's reuse flags and chain order as a BPF iterator reads
-    them (sockflags), or None where the kernel offers no iterator (the verdict then says
-    what it cannot know)."""
+    """The holders with every socket's reuse flags as a BPF iterator reads them
+    (sockflags), or None where the kernel offers no iterator (the verdict then says what
+    it cannot know)."""
     from dataclasses import replace
 
     from sockwatch.kernel import sockflags
@@ -182,7 +190,7 @@ def _iterated(inode: int, protocol: str, port: int, holders: list) -> list | Non
     out = []
     for h in holders:
         f = flags.get(h.cookie)
-        out.append(h if f is None else replace(h, reuseaddr=f.reuseaddr, reuseport=f.reuseport, order=f.order))
+        out.append(h if f is None else replace(h, reuseaddr=f.reuseaddr, reuseport=f.reuseport, v6only=f.v6only))
     return out
 
 

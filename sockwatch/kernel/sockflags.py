@@ -1,7 +1,7 @@
-"""SO_REUSEADDR and SO_REUSEPORT of every TCP or UDP socket on one port of a namespace,
-TIME-WAIT sockets included, and the order of the kernel's hash chain they sit on: read
-by a BPF iterator (bpf_iter_tcp, bpf_iter_udp) when `explain bind` asks, never on the
-traffic's path.
+"""SO_REUSEADDR, SO_REUSEPORT and IPV6_V6ONLY of every TCP or UDP socket on one port of a
+namespace, TIME-WAIT sockets included: read by a BPF iterator (bpf_iter_tcp, bpf_iter_udp) when
+`explain bind` asks, never on the traffic's path. (The walk's order is kept too, but it
+is not the port's hash chain's: bpf_iter_udp walks the address-and-port table.)
 
 A TIME-WAIT socket keeps the reuse flags of the socket it was (tw_reuse, tw_reuseport)
 and no system call reads them back; getsockopt through a duplicate of the owner's
@@ -46,9 +46,10 @@ int sw_iter(u64 *ctx)
 	bpf_probe_read_kernel(&num, sizeof(num), sk + SW_NUM_OFF);
 	if (num != SW_PORT)
 		return 0;
-	u8 b = 0, p = 0;
+	u8 b = 0, p = 0, v = 0;
 	bpf_probe_read_kernel(&b, 1, sk + SW_REUSE_BYTE);
 	bpf_probe_read_kernel(&p, 1, sk + SW_REUSEPORT_BYTE);
+	bpf_probe_read_kernel(&v, 1, sk + SW_V6ONLY_BYTE);
 	u32 zero = 0;
 	u64 *n = port_order.lookup(&zero);
 	if (!n)
@@ -56,6 +57,7 @@ int sw_iter(u64 *ctx)
 	struct sw_flags f = {};
 	f.order = (*n)++;
 	f.flags = (((b >> SW_REUSE_SHIFT) & 0xf) ? 1 : 0) | (((p >> SW_REUSEPORT_SHIFT) & 1) << 1);
+	f.flags |= ((v >> SW_V6ONLY_SHIFT) & 1) << 2;
 	u64 cookie = bpf_get_socket_cookie(sk);
 	port_flags.update(&cookie, &f);
 	return 0;
@@ -67,7 +69,8 @@ int sw_iter(u64 *ctx)
 class Flags:
     reuseaddr: bool
     reuseport: bool
-    order: int  # its place in the walk: the hash chain's order for sockets of one port
+    v6only: bool  # skc_ipv6only: sock_diag reports it for listening and UDP sockets, not for connections
+    order: int  # its place in the walk
 
 
 class _BtfType(ctypes.Structure):
@@ -163,13 +166,15 @@ def read(protocol: str, port: int, in_namespace: Callable[[Callable[[], None]], 
     try:
         reuse = btf.member_bits("sock_common", "skc_reuse")
         reuseport = btf.member_bits("sock_common", "skc_reuseport")
+        v6only = btf.member_bits("sock_common", "skc_ipv6only")
         num = btf.member_bits("sock_common", "skc_num")
         target = btf.find(f"bpf_iter_{protocol}", BTF_KIND_FUNC)
     finally:
         btf.close()
     cflags = [f"-DSW_MAX={MAX_SOCKETS}", f"-DSW_PORT={port}", f"-DSW_NUM_OFF={num // 8}",
               f"-DSW_REUSE_BYTE={reuse // 8}", f"-DSW_REUSE_SHIFT={reuse % 8}",
-              f"-DSW_REUSEPORT_BYTE={reuseport // 8}", f"-DSW_REUSEPORT_SHIFT={reuseport % 8}", "-w"]  # fmt: skip
+              f"-DSW_REUSEPORT_BYTE={reuseport // 8}", f"-DSW_REUSEPORT_SHIFT={reuseport % 8}",
+              f"-DSW_V6ONLY_BYTE={v6only // 8}", f"-DSW_V6ONLY_SHIFT={v6only % 8}", "-w"]  # fmt: skip
     b = BPF(text=PROGRAM, cflags=cflags)
     prog = link = -1
     try:
@@ -185,7 +190,7 @@ def read(protocol: str, port: int, in_namespace: Callable[[Callable[[], None]], 
                 os.close(fd)
 
         in_namespace(walk)
-        return {int(k.value): Flags(bool(v.flags & 1), bool(v.flags & 2), int(v.order))
+        return {int(k.value): Flags(bool(v.flags & 1), bool(v.flags & 2), bool(v.flags & 4), int(v.order))
                 for k, v in b["port_flags"].items()}  # fmt: skip
     finally:
         for fd in (link, prog):

@@ -16,7 +16,7 @@ import time
 import urllib.request
 
 from tests import schemas
-from tests.conftest import sockwatch_cmd
+from tests.conftest import PACE, sockwatch_cmd
 from tests.kernel.conftest import AgentProc, Netns
 from tests.kernel.test_lookup import _ours, _until
 
@@ -172,7 +172,7 @@ def test_drops_per_socket_equal_the_kernels_counts(agent: AgentProc, netns: Netn
     lines: list[str] = []
     assert events.stdout is not None
     threading.Thread(target=lambda: lines.extend(iter(events.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
-    time.sleep(1.5)  # subscribed (the stream counts from its first second)
+    time.sleep(1.5 * PACE)  # subscribed: the stream counts drops from its first second on
     proc, cookies = _burst(netns)
     try:
         _check(agent, netns, cookies, lines)

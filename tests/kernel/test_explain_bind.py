@@ -109,11 +109,21 @@ def test_explain_bind_agrees_with_the_kernel(netns_factory, data) -> None:
         said = _explain(ns.name, cand)
         real = child.do(op="try_bind", **cand)["errno"]
         note = f"holders {[c for _k, c, _tw in held]}, candidate {cand}: said {said}, bind() got {real}"
-        event(f"{protocol} {real or 'ok'}" + (" (TIME-WAIT held)" if any(tw for _k, _c, tw in held) else ""))
-        # a TIME-WAIT socket's flags and a UDP chain's order, which no system call reads, come
-        # from the kernel's BPF iterators: the verdict is never a guess between two outcomes here
-        assert said["certain"], note
-        assert said["errno"] == real, note
+        event(
+            f"{protocol} {real or 'ok'}"
+            + (" (TIME-WAIT held)" if any(tw for _k, _c, tw in held) else "")
+            + ("" if said["certain"] else " (one of two)")
+        )
+        # a TIME-WAIT socket's flags, which no system call reads, come from the kernel's BPF
+        # iterator: TCP's verdict is never a guess between two outcomes here. UDP's may be,
+        # where two families' sockets bound at different times decide differently
+        # where two families' UDP sockets bound at different times decide differently, or TCP's
+        # SO_REUSEPORT fast path hangs on the order of binds, it names both outcomes
+        if said["certain"]:
+            assert said["errno"] == real, note
+        else:
+            assert protocol == "udp" or any("fast path" in n for n in said["notes"]), note
+            assert real in (said["errno"], said["otherwise"]), note
         if real == "EADDRINUSE" and said["conflicts"] and not any(x["state"] == "TIME-WAIT" for x in said["conflicts"]):
             for x in said["conflicts"]:  # the sockets named are the ones in the way
                 assert child.do(op="close", cookie=x["cookie"])["closed"], note
