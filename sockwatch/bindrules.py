@@ -32,9 +32,11 @@ __inet6_bind):
    none, or both to the same.
 
 A TIME-WAIT socket keeps the SO_REUSEADDR and SO_REUSEPORT of the socket it was (its
-tw_reuse, tw_reuseport) and no system call reads them back: where an outcome hangs on
-flags not known (None), the verdict says so and names both outcomes (the command then
-reads them with a BPF iterator, kernel/sockflags.py, and asks again).
+tw_reuse, tw_reuseport) and no system call reads them back: the command reads them with
+a BPF iterator (kernel/sockflags.py); flags still not known (None) make the verdict name
+both outcomes. So does TCP's SO_REUSEPORT fast path (sk_reuseport_match), which skips
+the check when the port's bind bucket last took an SO_REUSEPORT socket of the same uid
+and address, even one closed since: a history no interface shows.
 """
 
 from __future__ import annotations
@@ -199,26 +201,6 @@ def _bhash2_competes(b: Bind, h: Holder) -> bool:
     return theirs == ("4", _ANY4) and mine[0] == "4"
 
 
-def _fast_reuseport_may_apply(b: Bind, holders: Sequence[Holder], conflicts: list[Conflict]) -> bool:
-    """Whether inet_csk_get_port may succeed without the conflict check: a bucket's
-    fastreuseport is reset to "strict" for a later SO_REUSEPORT socket (with its uid and
-    address) even when an earlier socket without it holds the port, and a bind matching
-    that socket then succeeds (sk_reuseport_match). The order of binds is not known: this
-    says whether such a socket is there."""
-    if any(c.holder.reuseport is True and c.holder.uid == b.uid for c in conflicts):
-        return False  # a conflict the fast path would not skip either (a listener with SO_REUSEADDR...)
-    for h in holders:
-        if h.protocol == IPPROTO_TCP and h.port == b.port and h.reuseport and h.uid == b.uid and \
-                h not in [c.holder for c in conflicts]:  # fmt: skip
-            if h.state not in (TcpState.LISTEN, TcpState.CLOSE, TcpState.BOUND_INACTIVE):
-                return True  # connect() moved it from the address it was bound to (which the bucket keeps)
-            fast = _bucket(h.family, h.local)[1]
-            mine = _bucket(b.family, b.address)[1]
-            if fast in (_ANY4, _ANY6) or fast == mine:
-                return True
-    return False
-
-
 def _fmt(h: Holder) -> str:
     proto = "tcp" if h.protocol == IPPROTO_TCP else "udp"
     where = f"[{h.local}]:{h.port}" if h.family == 6 else f"{h.local}:{h.port}"
@@ -363,10 +345,13 @@ def check(b: Bind, holders: Sequence[Holder], ctx: Context = Context()) -> BindV
             v.notes.append("the first competing socket on the port's hash chain decides, and the chain's order "
                            "across IPv4 and IPv6 sockets bound at different times cannot be read: the outcome "
                            "may differ")  # fmt: skip
-    if not udp and worst and b.reuseport and _fast_reuseport_may_apply(b, holders, v.conflicts):
-        best = False  # the kernel may take its SO_REUSEPORT fast path and skip the check
-        v.notes.append("the kernel skips this check when the port's bucket took an SO_REUSEPORT socket of the "
-                       "same uid and address after the ones in the way (sk_reuseport_match's fast path), which "
+    if not udp and worst and b.reuseport:
+        # sk_reuseport_match: the port's bucket remembers the SO_REUSEPORT socket it last took
+        # (its uid and address), even once that socket is closed, and a bind matching it
+        # succeeds without this check. No interface shows what the bucket remembers.
+        best = False
+        v.notes.append("the kernel skips this check when the port's bind bucket last took an SO_REUSEPORT socket "
+                       "of this uid and address, even one closed since (sk_reuseport_match's fast path), which "
                        "no interface shows: then the bind succeeds")  # fmt: skip
     function = "udp_lib_lport_inuse" if udp else "inet_csk_bind_conflict"
     if worst:

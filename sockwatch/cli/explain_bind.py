@@ -19,6 +19,7 @@ from sockwatch.schema import stamped
 
 if TYPE_CHECKING:
     from sockwatch import bindrules
+    from sockwatch.kernel.netns import Namespace, NamespaceRegistry
 
 BOUND_INACTIVE_STATE = 1 << 13  # sock_diag's bit for TCP sockets bound and not listening (Linux 6.5)
 SYN_RECV = 3
@@ -120,14 +121,9 @@ def _read(inode: int, proto: int, port: int, dev: str) -> tuple[list, bindrules.
 
     from sockwatch import bindrules, ports
     from sockwatch.kernel import procscan, sockdiag, sockopts
-    from sockwatch.kernel.netns import NamespaceRegistry, in_netns
+    from sockwatch.kernel.netns import in_netns
 
-    reg = NamespaceRegistry()
-    reg.refresh()
-    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
-    if ns is None:
-        raise fail(f"no network namespace {inode} is reachable (no ip-netns name or process holds it)",
-                   code=EXIT_USAGE)  # fmt: skip
+    reg, ns = _namespace(inode)
     states = sockdiag.ALL_STATES | BOUND_INACTIVE_STATE
     with reg.reading():
         diags = [d for d in sockdiag.dump_all(reg.diag(ns), (proto,), states, attrs=True)
@@ -176,14 +172,10 @@ def _iterated(inode: int, protocol: str, port: int, holders: list) -> list | Non
     from dataclasses import replace
 
     from sockwatch.kernel import sockflags
-    from sockwatch.kernel.netns import NamespaceRegistry, in_netns
+    from sockwatch.kernel.netns import in_netns
 
-    reg = NamespaceRegistry()
-    reg.refresh()
-    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
-    if ns is None:
-        return None
     try:
+        reg, ns = _namespace(inode)
         flags = sockflags.read(protocol, port, lambda fn: reg.using_fd(ns, lambda fd: in_netns(fd, fn)))
     except Exception:  # no BTF, no iterator, a refused program: the verdict says what it cannot know
         return None
@@ -200,6 +192,19 @@ def _kernel_before(version: tuple[int, int]) -> bool:
 
     m = re.match(r"(\d+)\.(\d+)", platform.release())
     return m is not None and (int(m.group(1)), int(m.group(2))) < version
+
+
+def _namespace(inode: int) -> tuple[NamespaceRegistry, Namespace]:
+    """The namespace with this inode, and the registry that holds it open."""
+    from sockwatch.kernel.netns import NamespaceRegistry
+
+    reg = NamespaceRegistry()
+    reg.refresh()
+    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
+    if ns is None:
+        raise fail(f"no network namespace {inode} is reachable (no ip-netns name or process holds it)",
+                   code=EXIT_USAGE)  # fmt: skip
+    return reg, ns
 
 
 def _text_of(path: str) -> str:

@@ -16,16 +16,14 @@ import contextlib
 import ctypes
 import os
 import re
-import struct
 from collections.abc import Iterable
 from typing import Any
 
 from sockwatch.kernel import abi, syscalls
+from sockwatch.kernel.btf import BTF_KIND_TYPEDEF, Btf
 
-BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23  # enum bpf_attach_type
-BTF_KIND_TYPEDEF = 8
 TRACEPOINT_TYPE = b"btf_trace_kfree_skb"  # the typedef the kernel declares for a tp_btf target
 WHAT = "BTF tracepoint kfree_skb (drops per socket, by reason)"
 
@@ -65,49 +63,17 @@ def missing_reasons(numbers: dict[str, int]) -> list[str]:
 
 def _btf_id() -> int:
     """The BTF id of kfree_skb's tracepoint type in the kernel's BTF. OSError if none."""
-    lib = syscalls.libbpf()
-    lib.btf__load_vmlinux_btf.restype = ctypes.c_void_p
-    lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
-    lib.btf__find_by_name_kind.restype = ctypes.c_int32
-    lib.btf__free.argtypes = [ctypes.c_void_p]
+    btf = Btf()
     try:
-        btf = lib.btf__load_vmlinux_btf()
-    except AttributeError:
-        raise OSError(0, "this libbpf cannot read the kernel's BTF") from None
-    if not btf or btf > (2**64 - 4096):  # libbpf returns an error pointer (-errno) on failure
-        raise OSError(0, "the kernel's BTF (/sys/kernel/btf/vmlinux) could not be read")
-    try:
-        got = lib.btf__find_by_name_kind(btf, TRACEPOINT_TYPE, BTF_KIND_TYPEDEF)
+        return btf.find(TRACEPOINT_TYPE.decode(), BTF_KIND_TYPEDEF)
     finally:
-        lib.btf__free(btf)
-    if got <= 0:
-        raise OSError(0, "the kernel's BTF has no kfree_skb tracepoint type")
-    return int(got)
+        btf.close()
 
 
 def prog_load(insns: bytes, btf_id: int, name: bytes = b"sw_drop") -> int:
     """BPF_PROG_LOAD of a tp_btf program for the tracepoint whose BTF id is `btf_id`; its
     fd. OSError with the verifier's last line."""
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(0)
-    for level in (0, 1):  # again with the verifier's log only to say why
-        if level:
-            log = ctypes.create_string_buffer(1 << 16)
-        attr = ctypes.create_string_buffer(144)
-        struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_TRACING, len(insns) // 8, ctypes.addressof(code),
-                         ctypes.addressof(lic), level, len(log) if level else 0,
-                         ctypes.addressof(log) if level else 0)  # fmt: skip
-        ctypes.memmove(ctypes.addressof(attr) + 48, name[:15], len(name[:15]))  # prog_name
-        struct.pack_into("<I", attr, 68, BPF_TRACE_RAW_TP)  # expected_attach_type
-        struct.pack_into("<I", attr, 108, btf_id)  # attach_btf_id (attach_btf_obj_fd 0: vmlinux)
-        try:
-            return syscalls.bpf(BPF_PROG_LOAD, attr)
-        except OSError as e:
-            if level:
-                lines = [x for x in log.value.decode(errors="replace").splitlines() if x.strip()]
-                raise OSError(e.errno, f"the kernel would not load it ({lines[-1] if lines else e.strerror})") from None
-    raise AssertionError("unreachable")
+    return syscalls.prog_load(insns, BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP, name, btf_id)
 
 
 def attach(insns: bytes) -> int:

@@ -69,25 +69,7 @@ def patched(code: bytes, at: int, cookie: int) -> bytes:
 
 def prog_load(insns: bytes, name: bytes = b"sw_lookup") -> int:
     """BPF_PROG_LOAD of an SK_LOOKUP program; its fd. OSError with the verifier's last line."""
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(0)
-    for level in (0, 1):  # again with the verifier's log only to say why
-        if level:
-            log = ctypes.create_string_buffer(1 << 16)
-        attr = ctypes.create_string_buffer(128)
-        struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_SK_LOOKUP, len(insns) // 8, ctypes.addressof(code),
-                         ctypes.addressof(lic), level, len(log) if level else 0,
-                         ctypes.addressof(log) if level else 0)  # fmt: skip
-        ctypes.memmove(ctypes.addressof(attr) + 48, name[:15], len(name[:15]))  # prog_name
-        struct.pack_into("<I", attr, 68, BPF_SK_LOOKUP)  # expected_attach_type
-        try:
-            return syscalls.bpf(BPF_PROG_LOAD, attr)
-        except OSError as e:
-            if level:
-                lines = [x for x in log.value.decode(errors="replace").splitlines() if x.strip()]
-                raise OSError(e.errno, f"the kernel would not load it ({lines[-1] if lines else e.strerror})") from None
-    raise AssertionError("unreachable")
+    return syscalls.prog_load(insns, BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP, name)
 
 
 def no_socket_reason(fmt: str) -> int | None:

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sockwatch.kernel import syscalls
+from sockwatch.kernel.btf import BTF_KIND_FUNC, Btf
 
-BPF_PROG_LOAD, BPF_LINK_CREATE, BPF_ITER_CREATE = 5, 28, 33
+BPF_ITER_CREATE = 33
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_ITER = 28
-BTF_KIND_STRUCT, BTF_KIND_UNION, BTF_KIND_FUNC = 4, 5, 12
 MAX_SOCKETS = 4096  # sockets on one port a read keeps (the rest: flags unknown, as before)
 
 PROGRAM = r"""
@@ -73,85 +73,6 @@ class Flags:
     order: int  # its place in the walk
 
 
-class _BtfType(ctypes.Structure):
-    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size", ctypes.c_uint32)]
-
-
-class _BtfMember(ctypes.Structure):
-    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32), ("offset", ctypes.c_uint32)]
-
-
-class Btf:
-    """The kernel's own BTF, as libbpf reads it."""
-
-    def __init__(self) -> None:
-        lib = self.lib = syscalls.libbpf()
-        lib.btf__load_vmlinux_btf.restype = ctypes.c_void_p
-        lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
-        lib.btf__find_by_name_kind.restype = ctypes.c_int32
-        lib.btf__type_by_id.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-        lib.btf__type_by_id.restype = ctypes.c_void_p
-        lib.btf__name_by_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-        lib.btf__name_by_offset.restype = ctypes.c_char_p
-        lib.btf__free.argtypes = [ctypes.c_void_p]
-        self.btf = lib.btf__load_vmlinux_btf()
-        if not self.btf or self.btf > 2**64 - 4096:
-            raise OSError(0, "the kernel's BTF (/sys/kernel/btf/vmlinux) could not be read")
-
-    def close(self) -> None:
-        if self.btf:
-            self.lib.btf__free(self.btf)
-            self.btf = None
-
-    def find(self, name: str, kind: int) -> int:
-        got = self.lib.btf__find_by_name_kind(self.btf, name.encode(), kind)
-        if got <= 0:
-            raise OSError(0, f"the kernel's BTF has no {name}")
-        return int(got)
-
-    def member_bits(self, struct_name: str, member: str) -> int:
-        """The bit offset of `member` in the struct, looked for through anonymous members."""
-        found = self._bits(self.find(struct_name, BTF_KIND_STRUCT), member)
-        if found is None:
-            raise OSError(0, f"the kernel's struct {struct_name} has no {member}")
-        return found
-
-    def _bits(self, type_id: int, member: str) -> int | None:
-        addr = self.lib.btf__type_by_id(self.btf, type_id)
-        t = _BtfType.from_address(addr)
-        kind, vlen, bitfields = (t.info >> 24) & 0x1F, t.info & 0xFFFF, t.info >> 31
-        if kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
-            return None
-        for i in range(vlen):
-            m = _BtfMember.from_address(addr + ctypes.sizeof(_BtfType) + i * ctypes.sizeof(_BtfMember))
-            bit = m.offset & 0xFFFFFF if bitfields else m.offset
-            if m.name_off == 0:  # an anonymous struct or union: its members are this one's
-                inner = self._bits(m.type, member)
-                if inner is not None:
-                    return bit + inner
-            elif self.lib.btf__name_by_offset(self.btf, m.name_off) == member.encode():
-                return bit
-        return None
-
-
-def _prog_load(insns: bytes, btf_id: int) -> int:
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(1 << 16)
-    attr = ctypes.create_string_buffer(144)
-    struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_TRACING, len(insns) // 8, ctypes.addressof(code),
-                     ctypes.addressof(lic), 1, len(log), ctypes.addressof(log))  # fmt: skip
-    ctypes.memmove(ctypes.addressof(attr) + 48, b"sw_iter", 7)
-    struct.pack_into("<I", attr, 68, BPF_TRACE_ITER)
-    struct.pack_into("<I", attr, 108, btf_id)
-    try:
-        return syscalls.bpf(BPF_PROG_LOAD, attr)
-    except OSError as e:
-        lines = [x for x in log.value.decode(errors="replace").splitlines() if x.strip()]
-        why = lines[-1] if lines else e.strerror
-        raise OSError(e.errno, f"the kernel would not load the iterator ({why})") from None
-
-
 def _iter_create(link: int) -> int:
     attr = ctypes.create_string_buffer(struct.pack("<II", link, 0), 8)
     return syscalls.bpf(BPF_ITER_CREATE, attr)
@@ -178,7 +99,8 @@ def read(protocol: str, port: int, in_namespace: Callable[[Callable[[], None]], 
     b = BPF(text=PROGRAM, cflags=cflags)
     prog = link = -1
     try:
-        prog = _prog_load(bytes(b.dump_func("sw_iter")), target)
+        prog = syscalls.prog_load(bytes(b.dump_func("sw_iter")), BPF_PROG_TYPE_TRACING, BPF_TRACE_ITER, b"sw_iter",
+                                  target)  # fmt: skip
         link = syscalls.link_create(prog, 0, BPF_TRACE_ITER)
 
         def walk() -> None:

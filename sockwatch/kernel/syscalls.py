@@ -74,6 +74,36 @@ def bpf(cmd: int, attr: ctypes.Array) -> int:
     return syscall("bpf", cmd, attr, len(attr))
 
 
+BPF_PROG_LOAD = 5
+
+
+def prog_load(insns: bytes, prog_type: int, attach_type: int, name: bytes, attach_btf_id: int = 0) -> int:
+    """BPF_PROG_LOAD of instructions bcc compiled (its maps' descriptors already in them);
+    the program's fd. OSError with the verifier's last line (asked for only on failure)."""
+    import struct
+
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(0)
+    for level in (0, 1):  # again with the verifier's log only to say why
+        if level:
+            log = ctypes.create_string_buffer(1 << 16)
+        attr = ctypes.create_string_buffer(144)
+        struct.pack_into("<IIQQIIQ", attr, 0, prog_type, len(insns) // 8, ctypes.addressof(code),
+                         ctypes.addressof(lic), level, len(log) if level else 0,
+                         ctypes.addressof(log) if level else 0)  # fmt: skip
+        ctypes.memmove(ctypes.addressof(attr) + 48, name[:15], len(name[:15]))  # prog_name
+        struct.pack_into("<I", attr, 68, attach_type)  # expected_attach_type
+        struct.pack_into("<I", attr, 108, attach_btf_id)  # (attach_btf_obj_fd 0: vmlinux)
+        try:
+            return bpf(BPF_PROG_LOAD, attr)
+        except OSError as e:
+            if level:
+                lines = [x for x in log.value.decode(errors="replace").splitlines() if x.strip()]
+                raise OSError(e.errno, f"the kernel would not load it ({lines[-1] if lines else e.strerror})") from None
+    raise AssertionError("unreachable")
+
+
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     """A BPF link of the program to the target (a cgroup, a namespace, a perf event): its fd."""
     fd = libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
