@@ -238,4 +238,4 @@ def _check(agent: AgentProc, netns: Netns, cookies: dict, lines: list[str]) -> N
 
     text = _sw("snapshot", "--drops", "--netns", str(netns.inode), "--socket", agent.socket)
     assert text.returncode == 0, text.stderr
-    assert f"SOCKET_RCVBUFF {full['drops']}" in text.stdout and "127.0.0.1:8080" in text.stdout, text.stdout
+    assert f"{named('SOCKET_RCVBUFF')} {full['drops']}" in text.stdout and "127.0.0.1:8080" in text.stdout, text.stdout
