@@ -149,10 +149,6 @@ class Ledger:
         for _s, book, n in listeners:
             _add(book.attributed, NOT_SPECIFIED, n)
 
-    def forget_namespace(self, netns: int) -> None:
-        self._netstat.pop(netns, None)
-        self._hook_overflows.pop(netns, None)
-
 
 def _add(into: dict[str, int], reason: str, n: int) -> None:
     if n > 0:

@@ -19,6 +19,7 @@ from sockwatch.schema import FAMILY_NAMES, stamped
 
 if TYPE_CHECKING:
     from sockwatch import demux
+    from sockwatch.kernel.netns import Namespace, NamespaceRegistry
 
 
 def explain(
@@ -127,14 +128,9 @@ def _read(inode: int, proto: int, dev: str) -> tuple[list, dict[int, str], int]:
     import socket
 
     from sockwatch.kernel import sockdiag
-    from sockwatch.kernel.netns import NamespaceRegistry, device_names, in_netns
+    from sockwatch.kernel.netns import device_names, in_netns
 
-    reg = NamespaceRegistry()
-    reg.refresh()
-    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
-    if ns is None:
-        raise fail(f"no network namespace {inode} is reachable (no ip-netns name or process holds it)",
-                   code=EXIT_USAGE)  # fmt: skip
+    reg, ns = namespace(inode)
     with reg.reading():
         diags = sockdiag.dump_all(reg.diag(ns), (proto,), attrs=True)
     bound = {d.bound_dev for d in diags if d.bound_dev}
@@ -146,6 +142,19 @@ def _read(inode: int, proto: int, dev: str) -> tuple[list, dict[int, str], int]:
             raise fail(f"--dev {shown(dev)}: no such device in netns {inode}", code=EXIT_USAGE) from None
 
     return (diags, *reg.using_fd(ns, lambda fd: in_netns(fd, inside)))
+
+
+def namespace(inode: int) -> tuple[NamespaceRegistry, Namespace]:
+    """The namespace with this inode, and the registry that holds it open."""
+    from sockwatch.kernel.netns import NamespaceRegistry
+
+    reg = NamespaceRegistry()
+    reg.refresh()
+    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
+    if ns is None:
+        raise fail(f"no network namespace {inode} is reachable (no ip-netns name or process holds it)",
+                   code=EXIT_USAGE)  # fmt: skip
+    return reg, ns
 
 
 def _owners(diags: list) -> tuple[dict[int, dict], dict[int, bool]]:

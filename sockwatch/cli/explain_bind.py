@@ -13,6 +13,7 @@ import typer
 from sockwatch.cli import args
 from sockwatch.cli import options as opt
 from sockwatch.cli.errors import EXIT_USAGE, fail, friendly
+from sockwatch.cli.explain import namespace
 from sockwatch.filters import shown
 from sockwatch.model import PROTO_NUMBERS
 from sockwatch.schema import stamped
@@ -90,11 +91,11 @@ def explain_bind(
         from sockwatch.kernel import prereq
 
         prereq.require_root()
-        holders, ctx, ifindex, names = _read(inode, proto, port, device.strip())
+        holders, ctx, ifindex, names, where = _read(inode, proto, port, device.strip())
         ask = bindrules.Bind(proto, addr, port, reuseaddr, reuseport, v6only, ifindex, owner,
                              can_bind_service=owner == 0)  # fmt: skip
         if any(_unread(h) for h in holders):  # what no system call or sock_diag gives: ask the kernel
-            holders = _iterated(inode, protocol.strip().lower(), port, holders) or holders
+            holders = _iterated(where, protocol.strip().lower(), port, holders) or holders
         v = bindrules.check(ask, holders, ctx)
         if proto == PROTO_NUMBERS["tcp"] and _kernel_before((6, 5)):
             v.notes.append("this kernel (before 6.5) does not list TCP sockets bound and not listening: "
@@ -114,7 +115,9 @@ def explain_bind(
         sys.stdout.write(json.dumps(stamped(out), indent=2) + "\n" if as_json else _text(out))
 
 
-def _read(inode: int, proto: int, port: int, dev: str) -> tuple[list, bindrules.Context, int, dict[int, dict]]:
+def _read(
+    inode: int, proto: int, port: int, dev: str
+) -> tuple[list, bindrules.Context, int, dict[int, dict], tuple[NamespaceRegistry, Namespace]]:
     """The namespace's sockets on `port` as holders (their reuse flags read from each
     socket), what bind() checks besides them, the ifindex of `dev`, and the holders' owners."""
     import socket
@@ -123,7 +126,7 @@ def _read(inode: int, proto: int, port: int, dev: str) -> tuple[list, bindrules.
     from sockwatch.kernel import procscan, sockdiag, sockopts
     from sockwatch.kernel.netns import in_netns
 
-    reg, ns = _namespace(inode)
+    reg, ns = namespace(inode)
     states = sockdiag.ALL_STATES | BOUND_INACTIVE_STATE
     with reg.reading():
         diags = [d for d in sockdiag.dump_all(reg.diag(ns), (proto,), states, attrs=True)
@@ -153,7 +156,7 @@ def _read(inode: int, proto: int, port: int, dev: str) -> tuple[list, bindrules.
                             ports.parse_range(v["ipv4/ip_local_port_range"]),
                             ports.parse_reserved(v["ipv4/ip_local_reserved_ports"]),
                             bindrules.v6_addresses(inet6) if inet6 else None)  # fmt: skip
-    return holders, ctx, index, owners
+    return holders, ctx, index, owners, (reg, ns)
 
 
 def _unread(h: bindrules.Holder) -> bool:
@@ -165,7 +168,7 @@ def _unread(h: bindrules.Holder) -> bool:
     return h.reuseaddr is None or h.reuseport is None or (h.family == 6 and connected)
 
 
-def _iterated(inode: int, protocol: str, port: int, holders: list) -> list | None:
+def _iterated(where: tuple[NamespaceRegistry, Namespace], protocol: str, port: int, holders: list) -> list | None:
     """The holders with every socket's reuse flags as a BPF iterator reads them
     (sockflags), or None where the kernel offers no iterator (the verdict then says what
     it cannot know)."""
@@ -175,7 +178,7 @@ def _iterated(inode: int, protocol: str, port: int, holders: list) -> list | Non
     from sockwatch.kernel.netns import in_netns
 
     try:
-        reg, ns = _namespace(inode)
+        reg, ns = where
         flags = sockflags.read(protocol, port, lambda fn: reg.using_fd(ns, lambda fd: in_netns(fd, fn)))
     except Exception:  # no BTF, no iterator, a refused program: the verdict says what it cannot know
         return None
@@ -192,19 +195,6 @@ def _kernel_before(version: tuple[int, int]) -> bool:
 
     m = re.match(r"(\d+)\.(\d+)", platform.release())
     return m is not None and (int(m.group(1)), int(m.group(2))) < version
-
-
-def _namespace(inode: int) -> tuple[NamespaceRegistry, Namespace]:
-    """The namespace with this inode, and the registry that holds it open."""
-    from sockwatch.kernel.netns import NamespaceRegistry
-
-    reg = NamespaceRegistry()
-    reg.refresh()
-    ns = next((n for n in reg.by_cookie.values() if n.inode == inode), None)
-    if ns is None:
-        raise fail(f"no network namespace {inode} is reachable (no ip-netns name or process holds it)",
-                   code=EXIT_USAGE)  # fmt: skip
-    return reg, ns
 
 
 def _text_of(path: str) -> str:

@@ -18,7 +18,6 @@ import ctypes
 import ipaddress
 import itertools
 import os
-import re
 import socket
 import struct
 from collections.abc import Iterable
@@ -70,13 +69,6 @@ def patched(code: bytes, at: int, cookie: int) -> bytes:
 def prog_load(insns: bytes, name: bytes = b"sw_lookup") -> int:
     """BPF_PROG_LOAD of an SK_LOOKUP program; its fd. OSError with the verifier's last line."""
     return syscalls.prog_load(insns, BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP, name)
-
-
-def no_socket_reason(fmt: str) -> int | None:
-    """SKB_DROP_REASON_NO_SOCKET's number on this kernel, from skb:kfree_skb's format
-    file; None where drops carry no reason (before 5.17)."""
-    m = re.search(r'\{\s*(\d+),\s*"NO_SOCKET"\s*\}', fmt)
-    return int(m.group(1)) if m else None
 
 
 def drop_sites(kallsyms: str) -> list[tuple[int, int]]:

@@ -1,7 +1,6 @@
 """SO_REUSEADDR, SO_REUSEPORT and IPV6_V6ONLY of every TCP or UDP socket on one port of a
 namespace, TIME-WAIT sockets included: read by a BPF iterator (bpf_iter_tcp, bpf_iter_udp) when
-`explain bind` asks, never on the traffic's path. (The walk's order is kept too, but it
-is not the port's hash chain's: bpf_iter_udp walks the address-and-port table.)
+`explain bind` asks, never on the traffic's path.
 
 A TIME-WAIT socket keeps the reuse flags of the socket it was (tw_reuse, tw_reuseport)
 and no system call reads them back; getsockopt through a duplicate of the owner's
@@ -32,9 +31,7 @@ MAX_SOCKETS = 4096  # sockets on one port a read keeps (the rest: flags unknown,
 
 PROGRAM = r"""
 #include <uapi/linux/bpf.h>
-struct sw_flags { u64 order; u8 flags; u8 pad[7]; };
-BPF_HASH(port_flags, u64, struct sw_flags, SW_MAX);
-BPF_ARRAY(port_order, u64, 1);
+BPF_HASH(port_flags, u64, u8, SW_MAX);
 
 /* bpf_iter__tcp and bpf_iter__udp: meta, then the socket (a sock_common at its start) */
 int sw_iter(u64 *ctx)
@@ -50,14 +47,8 @@ int sw_iter(u64 *ctx)
 	bpf_probe_read_kernel(&b, 1, sk + SW_REUSE_BYTE);
 	bpf_probe_read_kernel(&p, 1, sk + SW_REUSEPORT_BYTE);
 	bpf_probe_read_kernel(&v, 1, sk + SW_V6ONLY_BYTE);
-	u32 zero = 0;
-	u64 *n = port_order.lookup(&zero);
-	if (!n)
-		return 0;
-	struct sw_flags f = {};
-	f.order = (*n)++;
-	f.flags = (((b >> SW_REUSE_SHIFT) & 0xf) ? 1 : 0) | (((p >> SW_REUSEPORT_SHIFT) & 1) << 1);
-	f.flags |= ((v >> SW_V6ONLY_SHIFT) & 1) << 2;
+	u8 f = (((b >> SW_REUSE_SHIFT) & 0xf) ? 1 : 0) | (((p >> SW_REUSEPORT_SHIFT) & 1) << 1);
+	f |= ((v >> SW_V6ONLY_SHIFT) & 1) << 2;
 	u64 cookie = bpf_get_socket_cookie(sk);
 	port_flags.update(&cookie, &f);
 	return 0;
@@ -69,8 +60,7 @@ int sw_iter(u64 *ctx)
 class Flags:
     reuseaddr: bool
     reuseport: bool
-    v6only: bool  # skc_ipv6only: sock_diag reports it for listening and UDP sockets, not for connections
-    order: int  # its place in the walk
+    v6only: bool  # skc_ipv6only: sock_diag reports it for unconnected sockets, not for connections
 
 
 def _iter_create(link: int) -> int:
@@ -112,7 +102,7 @@ def read(protocol: str, port: int, in_namespace: Callable[[Callable[[], None]], 
                 os.close(fd)
 
         in_namespace(walk)
-        return {int(k.value): Flags(bool(v.flags & 1), bool(v.flags & 2), bool(v.flags & 4), int(v.order))
+        return {int(k.value): Flags(bool(v.value & 1), bool(v.value & 2), bool(v.value & 4))
                 for k, v in b["port_flags"].items()}  # fmt: skip
     finally:
         for fd in (link, prog):

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sockwatch import lookups, metrics
 from sockwatch.filters import Filters, from_wire
-from sockwatch.kernel import lookup
+from sockwatch.kernel import drops, lookup
 from sockwatch.model import IPPROTO_TCP, IPPROTO_UDP, SockRow, TcpState
 
 A = ipaddress.ip_address
@@ -44,8 +44,8 @@ def test_a_program_without_exactly_one_marker_is_refused(code: bytes) -> None:
 
 def test_the_no_socket_reason_comes_from_the_format_file() -> None:
     fmt = 'print fmt: "...", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 4, "X" })'
-    assert lookup.no_socket_reason(fmt) == 3
-    assert lookup.no_socket_reason('print fmt: "skbaddr=%p protocol=%u location=%p"') is None
+    assert drops.reason_numbers(fmt).get("NO_SOCKET") == 3
+    assert drops.reason_numbers('print fmt: "skbaddr=%p protocol=%u location=%p"') == {}
 
 
 def test_drop_sites_span_each_function_to_the_next_symbol() -> None:
